@@ -1,0 +1,306 @@
+"""Rebuild: one stage's ops -> a forward function that returns residuals and a backward
+function (its vector-Jacobian product) that consumes them.
+
+How (the residuals cut, after DESIGN.md): the stage's ops are imported into a scratch trace
+together with ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``. That
+graph is then cut a second time: ops that depend on the cotangents are backward; the rest
+are forward, and the forward tensors the backward reads are the residuals. Two exceptions
+keep every piece compilable and small: constants and shape arithmetic (``Shape``, ``Size``,
+integer ops on them) that the backward needs are recomputed in the backward, because XLA
+needs shapes as compile-time constants and they cost nothing to recompute. The forward is
+never run again by the backward.
+
+Both pieces are kept as GraphDefs and emitted into whatever function is being traced by
+``tf.graph_util.import_graph_def`` with an ``input_map`` from the piece's inputs to the
+traced arguments and from the variable placeholders to the captured variable handles; the
+inputs' producers are not part of the piece, so no ``Placeholder`` is left for XLA to refuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from . import _tf_internal, ir
+from .errors import GradSplitError
+from .program import Program, StagePlan
+
+SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
+INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
+
+
+def is_differentiable(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex
+
+
+def stage_graph_def(program: Program, plan: StagePlan) -> graph_pb2.GraphDef:
+    """The GraphDef of the stage's ops alone; inputs from outside are left dangling."""
+    return _piece_graph_def(program.graph, plan.nodes)
+
+
+def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef:
+    members = set(nodes)
+    gd = graph_pb2.GraphDef()
+    gd.versions.CopyFrom(g.graph["versions"])
+    gd.library.CopyFrom(g.graph["library"])
+    for name in nodes:
+        nd = gd.node.add()
+        nd.CopyFrom(g.nodes[name]["node_def"])
+        for inp in ir.node_inputs(g, name):
+            if inp.startswith("^") and inp[1:] not in members:
+                continue  # ordered by the stage order already
+            nd.input.append(inp)
+        if "_class" in nd.attr:
+            keep = [
+                s for s in nd.attr["_class"].list.s
+                if s.decode().removeprefix("loc:@") in members
+            ]
+            if keep:
+                del nd.attr["_class"].list.s[:]
+                nd.attr["_class"].list.s.extend(keep)
+            else:
+                del nd.attr["_class"]
+    return gd
+
+
+@dataclass
+class StageVJP:
+    """The two pieces of one stage and how to feed them."""
+
+    forward_graph_def: graph_pb2.GraphDef
+    backward_graph_def: graph_pb2.GraphDef
+    input_keys: list[str]  # input_map keys of the forward piece, one per stage input
+    output_names: list[str]  # forward return elements, one per stage output
+    residual_names: list[str]  # forward tensors the backward reads
+    residual_specs: list[tf.TensorSpec]
+    cotangent_keys: dict[int, str]  # stage output index -> backward input_map key
+    # per stage input: backward return element, or ("cotangent", j) / ("residual", r) / None
+    input_gradients: list
+    variable_gradients: list
+    capture_keys: dict[str, object] = field(default_factory=dict)  # input_map key -> external
+    variable_keys: dict[str, int] = field(default_factory=dict)  # input_map key -> var index
+
+
+def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.TensorSpec],
+                    output_specs: list[tf.TensorSpec]) -> StageVJP:
+    """Trace the stage with its gradient and cut that graph into forward and backward."""
+    stage_gd = stage_graph_def(program, plan)
+    diff_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
+    diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
+    variables = [program.variables[i] for i in plan.variable_indices]
+    var_placeholders = {
+        ph: idx for ph, idx in program.variable_placeholders.items()
+        if idx in plan.variable_indices
+    }
+    recorded: dict = {}
+
+    def body(*args):
+        ins = args[: len(input_specs)]
+        cots = args[len(input_specs):]
+        input_map = dict(zip(plan.inputs, ins))
+        handles = {}
+        for ph, idx in var_placeholders.items():
+            handles[idx] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+            input_map[ph + ":0"] = handles[idx]
+        for ph in plan.capture_placeholders:
+            input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
+                program.other_captures[ph]
+            )
+        outs = tf.graph_util.import_graph_def(
+            stage_gd, input_map=input_map, return_elements=plan.outputs, name=""
+        )
+        ys = [outs[j] for j in diff_outputs]
+        xs = [ins[i] for i in diff_inputs] + [handles[idx] for idx in plan.variable_indices]
+        grads = [None] * len(xs)
+        if ys and xs:
+            try:
+                grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
+            except LookupError as exc:
+                raise GradSplitError(
+                    f"stage {plan.index} has an op TensorFlow cannot differentiate: {exc}. "
+                    "Move the cut so this op is not between a cut and the value, or wrap it "
+                    "in tf.stop_gradient."
+                ) from None
+        grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        recorded["ins"] = [t.op.name for t in ins]
+        recorded["cots"] = [t.op.name for t in cots]
+        recorded["outs"] = [t.name for t in outs]
+        recorded["grads"] = [None if g is None else g.name for g in grads]
+        return [t for t in list(outs) + grads if t is not None]
+
+    cot_specs = [
+        tf.TensorSpec(output_specs[j].shape, output_specs[j].dtype, name=f"gsc.cot.{j}")
+        for j in diff_outputs
+    ]
+    named_inputs = [
+        tf.TensorSpec(s.shape, s.dtype, name=f"gsc.in.{i}") for i, s in enumerate(input_specs)
+    ]
+    wrapped = tf.compat.v1.wrap_function(body, named_inputs + cot_specs)
+    graph = wrapped.graph
+    capture_kind = {}
+    for external, internal in graph.captures:
+        capture_kind[internal.op.name] = external
+    h = ir.to_networkx(graph.as_graph_def(), graph)
+    in_ph = recorded["ins"]
+    cot_ph = recorded["cots"]
+    placeholders = set(in_ph) | set(cot_ph) | set(capture_kind)
+
+    grad_names = recorded["grads"]
+    grad_ops = {ir.parse_tensor_name(n)[0] for n in grad_names if n is not None}
+    need_b = _ancestors_with(h, grad_ops)
+    from_cot = _descendants_with(h, set(cot_ph))
+    recompute = _recomputable(h, need_b - from_cot - placeholders)
+    b_core = (need_b & from_cot) - placeholders
+    f_extra = need_b - from_cot - recompute - placeholders
+    # Recompute only what the backward reaches through recomputable ops, not through
+    # forward values (those arrive as residuals).
+    backward = _ancestors_with(h.subgraph(b_core | recompute), b_core)
+    imported = {nd.name for nd in stage_gd.node}
+    f_needed = _ancestors_with(h.subgraph(f_extra | recompute), f_extra)
+    forward = (imported | f_needed) - placeholders
+
+    order = {n: i for i, n in enumerate(h.nodes)}
+    backward_nodes = sorted(backward, key=order.__getitem__)
+    forward_nodes = sorted(forward, key=order.__getitem__)
+
+    residual_names: list[str] = []
+    for node in backward_nodes:
+        for src, idx in ir.data_inputs(h, node):
+            if src in backward or src in cot_ph or src in capture_kind:
+                continue
+            name = ir.tensor_name(src, idx)
+            if name not in residual_names:
+                residual_names.append(name)
+    residual_names.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]],
+                                       ir.parse_tensor_name(t)[1]))
+    residual_specs = []
+    for name in residual_names:
+        t = graph.get_tensor_by_name(name)
+        residual_specs.append(tf.TensorSpec(t.shape, t.dtype))
+
+    def grad_source(name: str | None):
+        if name is None:
+            return None
+        op = ir.parse_tensor_name(name)[0]
+        if op in cot_ph:
+            return ("cotangent", diff_outputs[cot_ph.index(op)])
+        if name in residual_names:
+            return ("residual", residual_names.index(name))
+        return name
+
+    n_diff_in = len(diff_inputs)
+    input_gradients = [None] * len(input_specs)
+    for k, i in enumerate(diff_inputs):
+        input_gradients[i] = grad_source(grad_names[k])
+    variable_gradients = [grad_source(n) for n in grad_names[n_diff_in:]]
+    needed_returns = [s for s in input_gradients + variable_gradients if isinstance(s, str)]
+    for name in needed_returns:
+        if ir.parse_tensor_name(name)[0] not in backward:
+            raise GradSplitError(  # pragma: no cover - a gradient that ignores its cotangent
+                f"stage {plan.index}: gradient {name} does not depend on the cotangents."
+            )
+    forward_gd = _piece_graph_def(h, forward_nodes)
+    backward_gd = _piece_graph_def(h, backward_nodes)
+    variable_keys = {}
+    capture_keys = {}
+    for ph, external in capture_kind.items():
+        idx = next((i for i in plan.variable_indices
+                    if program.variables[i].handle is external), None)
+        if idx is not None:
+            variable_keys[ph + ":0"] = idx
+        else:
+            capture_keys[ph + ":0"] = external
+    return StageVJP(
+        forward_graph_def=forward_gd,
+        backward_graph_def=backward_gd,
+        input_keys=[ph + ":0" for ph in in_ph],
+        output_names=recorded["outs"],
+        residual_names=residual_names,
+        residual_specs=residual_specs,
+        cotangent_keys={diff_outputs[k]: ph + ":0" for k, ph in enumerate(cot_ph)},
+        input_gradients=input_gradients,
+        variable_gradients=variable_gradients,
+        capture_keys=capture_keys,
+        variable_keys=variable_keys,
+    )
+
+
+def _ancestors_with(g: nx.MultiDiGraph, nodes) -> set[str]:
+    found = set(nodes)
+    for node in nodes:
+        found |= nx.ancestors(g, node)
+    return found
+
+
+def _descendants_with(g: nx.MultiDiGraph, nodes) -> set[str]:
+    found = set(nodes)
+    for node in nodes:
+        found |= nx.descendants(g, node)
+    return found
+
+
+def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
+    """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants."""
+    chosen: set[str] = set()
+    for node in nx.topological_sort(h.subgraph(candidates)):
+        op = h.nodes[node]["op"]
+        preds = [src for src, _ in ir.data_inputs(h, node)]
+        outputs = h.nodes[node].get("outputs") or []
+        if op == "Const" and not preds:
+            chosen.add(node)
+        elif op in SHAPE_OPS:
+            chosen.add(node)
+        elif outputs and all(d in INTEGER_DTYPES for d, _ in outputs) and preds and all(
+            p in chosen for p in preds
+        ):
+            chosen.add(node)
+    return chosen
+
+
+def external_inputs(piece: graph_pb2.GraphDef) -> frozenset[str]:
+    """The tensors ``piece`` reads from outside itself, as ``"op:index"``."""
+    members = {nd.name for nd in piece.node}
+    found = set()
+    for nd in piece.node:
+        for inp in nd.input:
+            if inp.startswith("^"):
+                continue
+            op, index = ir.parse_tensor_name(inp)
+            if op not in members:
+                found.add(ir.tensor_name(op, index))
+    return frozenset(found)
+
+
+def emit(piece: graph_pb2.GraphDef, input_map: dict, return_elements: list[str],
+         name: str) -> list[tf.Tensor]:
+    """Import ``piece`` into the function being traced; returns its return elements.
+
+    ``input_map`` may hold more than the piece reads; only what it reads is mapped.
+    """
+    used = _external_cache.get(id(piece))
+    if used is None or used[0] is not piece:
+        used = (piece, external_inputs(piece))
+        _external_cache[id(piece)] = used
+    input_map = {k: v for k, v in input_map.items() if k in used[1]}
+    if not return_elements:
+        tf.graph_util.import_graph_def(piece, input_map=input_map, name=name)
+        return []
+    return list(tf.graph_util.import_graph_def(
+        piece, input_map=input_map, return_elements=return_elements, name=name
+    ))
+
+
+_external_cache: dict[int, tuple] = {}
+
+
+def capture_map(vjp: StageVJP, program: Program) -> dict:
+    """input_map entries for the variable handles and other captures of a piece."""
+    mapping = {}
+    for key, idx in vjp.variable_keys.items():
+        mapping[key] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+    for key, external in vjp.capture_keys.items():
+        mapping[key] = _tf_internal.capture_in_current_graph(external)
+    return mapping

@@ -1,0 +1,266 @@
+"""``gsc.split``: cut a program into stages; ``Split``: run them forward and back."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import networkx as nx
+import tensorflow as tf
+
+from . import ir
+from .capture import capture
+from .errors import GradSplitError
+from .pass_manager import run_passes
+from .program import Program
+from .rebuild import build_stage_vjp, is_differentiable
+from .stage import Stage
+
+
+def default_passes() -> list:
+    from passes.inline_calls import inline_calls
+    from passes.partition import partition
+    from passes.refresh_shapes import refresh_shapes
+    from passes.resolve_cuts import resolve_cuts
+
+    return [inline_calls, refresh_shapes, resolve_cuts, partition]
+
+
+def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool | None = None,
+          passes: Sequence | None = None) -> Split:
+    """Cut ``fn`` at ``cuts`` into ``len(cuts) + 1`` stages whose VJPs compose exactly.
+
+    Parameters
+    ----------
+    fn : tf.function, callable or keras.Model
+        Traced once with ``input_signature``; the variables it reads are found by tracing.
+    input_signature : list of tf.TensorSpec
+        A ``None`` batch dimension works.
+    cuts : list
+        One entry per cut, in data-flow order: a graph tensor (``"op:index"`` or ``"op"``),
+        a ``gsc.mark`` name, a Keras layer name, or a list of those for a cut of several
+        tensors.
+    training : bool, optional
+        When ``fn`` is a ``keras.Model``, the ``training`` flag it is called with.
+    passes : list, optional
+        The graph passes to run; default ``inline_calls, refresh_shapes, resolve_cuts,
+        partition``.
+
+    Returns
+    -------
+    Split
+
+    Raises
+    ------
+    GradSplitError
+        When a cut cannot be honoured or ``fn`` cannot be traced; nothing is left changed.
+
+    Examples
+    --------
+    >>> import numpy as np, tensorflow as tf
+    >>> import gradsplit_compiler as gsc
+    >>> W = tf.Variable(np.ones((3, 2)))
+    >>> @tf.function
+    ... def loss(x):
+    ...     y = gsc.mark(tf.tanh(x @ W), "y")
+    ...     return tf.reduce_sum(y * y)
+    >>> s = gsc.split(loss, [tf.TensorSpec([None, 3], tf.float64)], cuts=["y"])
+    >>> len(s.stages)
+    2
+    """
+    if isinstance(cuts, (str, bytes)) or not isinstance(cuts, (list, tuple)):
+        raise GradSplitError(
+            f"cuts must be a list with one entry per cut, e.g. ['y'] or [['a', 'b']]; got "
+            f"{cuts!r}."
+        )
+    program = capture(fn, input_signature, training=training)
+    program.cut_specs = list(cuts)
+    program = run_passes(program, list(passes) if passes is not None else default_passes())
+    return Split(program)
+
+
+class Split:
+    """A program cut into stages. See ``CONTRACT.md`` for the promise it keeps."""
+
+    def __init__(self, program: Program):
+        self._program = program
+        self.arg_names = list(program.arg_names)
+        self.output_names = list(program.output_names)
+        self.variables = list(program.variables)
+        self.boundaries = [list(b) for b in program.boundaries]
+        self.graph: nx.MultiDiGraph = program.graph
+        self.arg_specs = list(program.arg_specs)
+        self.stages: list[Stage] = []
+        for plan in program.stages:
+            input_specs = [self._spec(n) for n in plan.inputs]
+            output_specs = [self._spec(n) for n in plan.outputs]
+            vjp = build_stage_vjp(program, plan, input_specs, output_specs)
+            self.stages.append(Stage(program, plan, vjp, input_specs, output_specs))
+        self.output_specs = [self._spec(n) for n in self.output_names]
+        self._functions: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Split({len(self.stages)} stages, {len(self.variables)} variables)"
+
+    def _spec(self, name: str) -> tf.TensorSpec:
+        if name in self.arg_names:
+            return self.arg_specs[self.arg_names.index(name)]
+        dtype = self._program.tensor_dtype(name)
+        return tf.TensorSpec(self._program.tensor_shape(name), dtype)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _check_args(self, args: Sequence) -> list[tf.Tensor]:
+        if len(args) != len(self.arg_specs):
+            raise GradSplitError(
+                f"fn takes {len(self.arg_specs)} arguments ({', '.join(self._arg_labels())}) "
+                f"as in its input_signature; got {len(args)}."
+            )
+        tensors = []
+        for label, spec, arg in zip(self._arg_labels(), self.arg_specs, args):
+            try:
+                t = tf.convert_to_tensor(arg)
+            except (TypeError, ValueError) as exc:
+                raise GradSplitError(f"argument {label} cannot be a tensor: {exc}") from None
+            if t.dtype != spec.dtype:
+                raise GradSplitError(
+                    f"argument {label} has dtype {t.dtype.name}, but input_signature says "
+                    f"{spec.dtype.name}; cast it with tf.cast(..., tf.{spec.dtype.name})."
+                )
+            if not spec.shape.is_compatible_with(t.shape):
+                raise GradSplitError(
+                    f"argument {label} has shape {t.shape}, but input_signature says "
+                    f"{spec.shape}."
+                )
+            tensors.append(t)
+        return tensors
+
+    def _arg_labels(self) -> list[str]:
+        return [repr(ir.parse_tensor_name(n)[0]) for n in self.arg_names]
+
+    def _composed(self, kind: str, jit_compile: bool):
+        key = (kind, bool(jit_compile))
+        if key not in self._functions:
+            if kind == "value_and_gradients":
+                def body(*args):
+                    outputs, _, grads = self._emit_vjp(args, None)
+                    return outputs[0], grads
+                signature = self.arg_specs
+            else:
+                def body(args, cotangents):
+                    return self._emit_vjp(args, cotangents)
+                signature = [self.arg_specs, self.output_specs]
+            self._functions[key] = tf.function(
+                body, input_signature=signature, jit_compile=jit_compile, autograph=False
+            )
+        return self._functions[key]
+
+    def _emit_vjp(self, args, output_cotangents):
+        env = dict(zip(self.arg_names, args))
+        residuals = []
+        for stage in self.stages:
+            outs, res = stage.emit_forward([env[n] for n in stage.inputs],
+                                           f"stage{stage.index}.forward")
+            env.update(zip(stage.outputs, outs))
+            residuals.append(res)
+        outputs = [env[n] for n in self.output_names]
+        if output_cotangents is None:
+            output_cotangents = [tf.ones_like(outputs[0])]
+        cotangents: dict[str, tf.Tensor] = {}
+        for name, cot in zip(self.output_names, output_cotangents):
+            _accumulate(cotangents, name, cot)
+        grads: dict[int, tf.Tensor] = {}
+        for stage in reversed(self.stages):
+            outs = [
+                cotangents[n] if n in cotangents else tf.zeros_like(env[n])
+                for n in stage.outputs
+            ]
+            in_cots, var_grads = stage.emit_backward(
+                residuals[stage.index], outs, f"stage{stage.index}.backward"
+            )
+            for name, cot in zip(stage.inputs, in_cots):
+                if cot is not None:
+                    _accumulate(cotangents, name, cot)
+            for idx, grad in zip(stage.variable_indices, var_grads):
+                _accumulate(grads, idx, grad)
+        input_cotangents = []
+        for name, arg in zip(self.arg_names, args):
+            if name in cotangents:
+                input_cotangents.append(cotangents[name])
+            elif is_differentiable(arg.dtype):
+                input_cotangents.append(tf.zeros_like(arg))
+            else:
+                input_cotangents.append(None)
+        var_grads = [
+            grads[i] if i in grads else tf.zeros(v.shape, v.dtype)
+            for i, v in enumerate(self.variables)
+        ]
+        return outputs, input_cotangents, var_grads
+
+    def value_and_gradients(self, *args, jit_compile: bool = True):
+        """Run the stages forward and their VJPs back: ``(value, grads)``.
+
+        ``fn`` must return one scalar; ``grads`` aligns with ``self.variables`` (zeros for a
+        variable the value does not depend on). Side effects of ``fn`` happen exactly once.
+        """
+        if len(self.output_names) != 1 or self.output_specs[0].shape.rank not in (0, None):
+            shapes = ", ".join(str(s.shape) for s in self.output_specs)
+            raise GradSplitError(
+                "value_and_gradients needs fn to return a single scalar; it returns "
+                f"{len(self.output_names)} tensor(s) of shape {shapes}. Reduce the output "
+                "(e.g. tf.reduce_mean) or use split.vjp(args, output_cotangents)."
+            )
+        tensors = self._check_args(args)
+        fn = self._composed("value_and_gradients", jit_compile)
+        value, grads = _run(fn, *tensors)
+        return value, list(grads)
+
+    def vjp(self, args: Sequence, output_cotangents: Any, jit_compile: bool = True):
+        """``(outputs, input_cotangents, grads)`` for any output structure.
+
+        ``output_cotangents`` has the structure of ``fn``'s output (or is the flat list in
+        ``output_names`` order); ``input_cotangents`` align with ``args``.
+        """
+        tensors = self._check_args(list(args))
+        flat = tf.nest.flatten(output_cotangents)
+        if len(flat) != len(self.output_names):
+            raise GradSplitError(
+                f"output_cotangents has {len(flat)} tensors; fn has {len(self.output_names)} "
+                f"outputs ({', '.join(self.output_names)}). Give one cotangent per output."
+            )
+        cots = []
+        for name, spec, c in zip(self.output_names, self.output_specs, flat):
+            c = tf.convert_to_tensor(c, dtype=spec.dtype) if c is not None else None
+            if c is None:
+                c = tf.zeros(spec.shape, spec.dtype) if spec.shape.is_fully_defined() else None
+            if c is None or not spec.shape.is_compatible_with(c.shape):
+                raise GradSplitError(
+                    f"output cotangent for {name} must have shape {spec.shape}; got "
+                    f"{None if c is None else c.shape}."
+                )
+            cots.append(c)
+        fn = self._composed("vjp", jit_compile)
+        outputs, input_cotangents, grads = _run(fn, tensors, cots)
+        structured = tf.nest.pack_sequence_as(self._program.output_structure, list(outputs))
+        return structured, list(input_cotangents), list(grads)
+
+
+def _accumulate(store: dict, key, value) -> None:
+    store[key] = store[key] + value if key in store else value
+
+
+_UNSUPPORTED = re.compile(r"Detected unsupported operations.*?: (\w+) \(No registered '(\w+)'")
+
+
+def _run(fn, *args):
+    try:
+        return fn(*args)
+    except tf.errors.InvalidArgumentError as exc:
+        match = _UNSUPPORTED.search(str(exc))
+        if match:
+            raise GradSplitError(
+                f"XLA cannot compile op type {match.group(2)!r} in this program; run with "
+                "jit_compile=False, or move that op out of the differentiated path."
+            ) from None
+        raise

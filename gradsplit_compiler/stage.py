@@ -1,0 +1,116 @@
+"""``Stage``: one piece of a split program, with its forward and its vector-Jacobian product."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from .program import Program, StagePlan
+from .rebuild import StageVJP, capture_map, emit
+
+
+class Stage:
+    """One stage of a ``Split``.
+
+    Attributes
+    ----------
+    inputs, outputs : list of str
+        Graph tensor names that enter and leave the stage.
+    variables : list of tf.Variable
+        The variables this stage reads (a subset of ``split.variables``).
+    forward : tf.function
+        ``forward(*stage_inputs) -> (outputs, residuals)``.
+    backward : tf.function
+        ``backward(residuals, output_cotangents) -> (input_cotangents, variable_grads)``;
+        ``output_cotangents`` align with ``outputs`` (entries for integer outputs are
+        ignored), ``input_cotangents`` with ``inputs`` (``None`` for integer inputs) and
+        ``variable_grads`` with ``variables``. It never runs the forward again.
+    """
+
+    def __init__(self, program: Program, plan: StagePlan, vjp: StageVJP,
+                 input_specs: list[tf.TensorSpec], output_specs: list[tf.TensorSpec]):
+        self.index = plan.index
+        self.inputs = list(plan.inputs)
+        self.outputs = list(plan.outputs)
+        self.variable_indices = list(plan.variable_indices)
+        self.variables = [program.variables[i] for i in plan.variable_indices]
+        self.input_specs = input_specs
+        self.output_specs = output_specs
+        self.residual_specs = list(vjp.residual_specs)
+        self.num_ops = len(plan.nodes)
+        self._program = program
+        self._vjp = vjp
+        self.forward = tf.function(
+            self._forward_body, input_signature=input_specs, autograph=False,
+        )
+        self.backward = tf.function(
+            self._backward_body,
+            input_signature=[list(vjp.residual_specs), list(output_specs)],
+            autograph=False,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Stage({self.index}: {self.num_ops} ops, {len(self.inputs)} inputs, "
+            f"{len(self.outputs)} outputs, {len(self.variables)} variables, "
+            f"{len(self.residual_specs)} residuals)"
+        )
+
+    def _forward_body(self, *inputs):
+        return self.emit_forward(inputs, f"stage{self.index}.forward")
+
+    def _backward_body(self, residuals, cotangents):
+        return self.emit_backward(residuals, cotangents, f"stage{self.index}.backward")
+
+    def emit_forward(self, inputs: Sequence[tf.Tensor], name: str):
+        """Emit the forward into the function being traced: ``(outputs, residuals)``."""
+        vjp = self._vjp
+        input_map = dict(zip(vjp.input_keys, inputs))
+        input_map.update(capture_map(vjp, self._program))
+        fetched = [r for r in vjp.residual_names if r not in input_map]
+        got = emit(vjp.forward_graph_def, input_map, vjp.output_names + fetched, name)
+        outputs = got[: len(vjp.output_names)]
+        rest = dict(zip(fetched, got[len(vjp.output_names):]))
+        residuals = [input_map[r] if r in input_map else rest[r] for r in vjp.residual_names]
+        return outputs, residuals
+
+    def emit_backward(self, residuals: Sequence[tf.Tensor], cotangents: Sequence, name: str):
+        """Emit the VJP: ``(input_cotangents, variable_grads)``."""
+        vjp = self._vjp
+        input_map = dict(zip(vjp.residual_names, residuals))
+        for j, key in vjp.cotangent_keys.items():
+            input_map[key] = cotangents[j]
+        input_map.update(capture_map(vjp, self._program))
+        wanted = [s for s in vjp.input_gradients + vjp.variable_gradients if isinstance(s, str)]
+        wanted = list(dict.fromkeys(wanted))
+        got = dict(zip(wanted, emit(vjp.backward_graph_def, input_map, wanted, name)))
+
+        def resolve(source):
+            if source is None:
+                return None
+            if isinstance(source, str):
+                return got[source]
+            kind, j = source
+            return cotangents[j] if kind == "cotangent" else residuals[j]
+
+        input_cotangents = [resolve(s) for s in vjp.input_gradients]
+        variable_grads = []
+        for source, var in zip(vjp.variable_gradients, self.variables):
+            grad = resolve(source)
+            variable_grads.append(tf.zeros(var.shape, var.dtype) if grad is None else grad)
+        return input_cotangents, variable_grads
+
+    def compiled(self, jit_compile: bool = True):
+        """``(forward, backward)`` as their own XLA programs (what a pipeline runs)."""
+        key = bool(jit_compile)
+        cache = self.__dict__.setdefault("_compiled", {})
+        if key not in cache:
+            cache[key] = (
+                tf.function(self._forward_body, input_signature=self.input_specs,
+                            jit_compile=jit_compile, autograph=False),
+                tf.function(self._backward_body,
+                            input_signature=[list(self.residual_specs), list(self.output_specs)],
+                            jit_compile=jit_compile, autograph=False),
+            )
+        return cache[key]

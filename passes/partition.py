@@ -1,0 +1,237 @@
+"""Give every op a stage and compute what crosses each cut.
+
+Guarantees afterwards, with ``K = len(program.cuts)``:
+
+- every live op (one the outputs, the control outputs or a cut depend on) has a node
+  attribute ``stage`` in ``0..K``; dead ops and the argument and capture placeholders have
+  ``stage=None``; data never flows from a later stage to an earlier one;
+- stage ``k < K`` holds what cut ``k`` needs that no earlier stage holds; the last stage holds
+  what computes the outputs; an op that only feeds side effects (a batch-norm statistics
+  update, a print) runs in the earliest stage where its inputs are ready, so statistics
+  stay beside the layer they belong to; every stateful op is in exactly one stage;
+- constants, and reads of variables that nothing in the program writes, are copied into
+  every stage that uses them (node attribute ``stages``), so a variable is read where it is
+  used and never travels across a cut;
+- ``program.stages[k]`` lists the stage's ops, its inputs (argument tensors and outputs of
+  earlier stages), its outputs (what later stages or the caller read), its variables and
+  captures; ``program.boundaries[k]`` lists every tensor that crosses cut ``k``: the named
+  tensors plus skip connections and arguments;
+- cuts out of data-flow order, and cuts that leave a stage with nothing to do, were refused
+  with a ``GradSplitError``.
+
+Example
+-------
+>>> import tensorflow as tf
+>>> import gradsplit_compiler as gsc
+>>> from gradsplit_compiler.capture import capture
+>>> from passes.resolve_cuts import resolve_cuts
+>>> from passes.partition import partition
+>>> f = tf.function(lambda x: tf.reduce_sum(gsc.mark(tf.tanh(x), "y") * x))
+>>> program = capture(f, [tf.TensorSpec([None])])
+>>> program.cut_specs = ["y"]
+>>> program = partition(resolve_cuts(program))
+>>> program.boundaries
+[['x:0', 'gsc.mark.y.:0']]
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from gradsplit_compiler import ir
+from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.program import Program, StagePlan
+
+# Ops that do no work of their own: a stage made only of these is empty.
+TRIVIAL_OPS = {"Const", "NoOp", "Identity", "ReadVariableOp"}
+
+
+def partition(program: Program) -> Program:
+    g = program.graph
+    inputs = program.input_placeholders
+    live = _live_nodes(program) - inputs
+    producers = [[ir.parse_tensor_name(t)[0] for t in cut] for cut in program.cuts]
+    _check_cut_producers(program, producers, inputs)
+    needed = [_ancestors_with(g, ops) & live for ops in producers]
+    _check_order(program, producers, needed)
+
+    num_stages = len(program.cuts) + 1
+    stage: dict[str, int | None] = dict.fromkeys(g.nodes)
+    for k in reversed(range(len(needed))):
+        for node in needed[k]:
+            stage[node] = k
+    data_only = nx.subgraph_view(g, filter_edge=lambda u, v, key: not g[u][v][key]["control"])
+    main = _ancestors_with(data_only, {ir.parse_tensor_name(t)[0] for t in program.output_names})
+    for node in nx.topological_sort(g):
+        if node not in live or stage[node] is not None:
+            continue
+        if node in main:
+            stage[node] = num_stages - 1
+        else:
+            # Feeds only side effects: run it as early as its inputs allow.
+            preds = [stage[p] for p in g.predecessors(node) if stage.get(p) is not None]
+            stage[node] = max(preds, default=0)
+    nx.set_node_attributes(g, stage, "stage")
+    _replicate(program, stage)
+    _check_not_empty(program, stage, num_stages)
+    program.stages = [_plan(program, k) for k in range(num_stages)]
+    program.boundaries = _boundaries(program, num_stages)
+    return program
+
+
+def _live_nodes(program: Program) -> set[str]:
+    g = program.graph
+    roots = {ir.parse_tensor_name(t)[0] for t in program.output_names}
+    roots |= set(program.control_outputs)
+    roots |= {ir.parse_tensor_name(t)[0] for cut in program.cuts for t in cut}
+    roots &= set(g.nodes)
+    return _ancestors_with(g, roots)
+
+
+def _ancestors_with(g: nx.MultiDiGraph, nodes) -> set[str]:
+    found = set(nodes)
+    for node in nodes:
+        found |= nx.ancestors(g, node)
+    return found
+
+
+def _cut_label(program: Program, k: int) -> str:
+    entry = program.cut_specs[k]
+    return repr(entry)
+
+
+def _check_cut_producers(program: Program, producers, inputs) -> None:
+    for k, ops in enumerate(producers):
+        for op, tensor in zip(ops, program.cuts[k]):
+            if op in inputs:
+                raise GradSplitError(
+                    f"cut {k} ({_cut_label(program, k)}) is {tensor}, an input of fn, so the "
+                    "stage before it would be empty. Cut at a tensor that fn computes."
+                )
+
+
+def _check_order(program: Program, producers, needed) -> None:
+    for k, ops in enumerate(producers):
+        for j in range(k):
+            late = [op for op in ops if op in needed[j]]
+            if late:
+                raise GradSplitError(
+                    f"cut {j} ({_cut_label(program, j)}) is computed from cut {k} "
+                    f"({_cut_label(program, k)}): cuts must be listed in data-flow order. "
+                    f"Put {_cut_label(program, k)} before {_cut_label(program, j)}."
+                )
+
+
+def _replicable(program: Program, node: str, written: set[str]) -> bool:
+    g = program.graph
+    op = g.nodes[node]["op"]
+    data_preds = [u for u, _, a in g.in_edges(node, data=True) if not a["control"]]
+    if op == "Const":
+        return not data_preds
+    if op == "ReadVariableOp":
+        return len(data_preds) == 1 and data_preds[0] in program.variable_placeholders and (
+            data_preds[0] not in written
+        )
+    return False
+
+
+def _replicate(program: Program, stage: dict) -> None:
+    g = program.graph
+    written = program.written_resources()
+    for node in g.nodes:
+        own = stage.get(node)
+        if own is None:
+            continue
+        copies = {own}
+        if _replicable(program, node, written):
+            users = {stage[v] for _, v, a in g.out_edges(node, data=True) if not a["control"]}
+            users.discard(None)
+            has_control_users = any(a["control"] for _, _, a in g.out_edges(node, data=True))
+            copies = users | ({own} if has_control_users or not users else set())
+            g.nodes[node]["replicated"] = len(copies) > 1 or copies != {own}
+        g.nodes[node]["stages"] = sorted(copies)
+
+
+def _check_not_empty(program: Program, stage: dict, num_stages: int) -> None:
+    g = program.graph
+    busy = [False] * num_stages
+    for node, k in stage.items():
+        if k is not None and g.nodes[node]["op"] not in TRIVIAL_OPS:
+            busy[k] = True
+    for k, is_busy in enumerate(busy):
+        if is_busy:
+            continue
+        if k == 0:
+            where = f"before cut 0 ({_cut_label(program, 0)})"
+        elif k == num_stages - 1:
+            where = f"after the last cut ({_cut_label(program, k - 1)})"
+        else:
+            where = (
+                f"between cut {k - 1} ({_cut_label(program, k - 1)}) and cut {k} "
+                f"({_cut_label(program, k)})"
+            )
+        raise GradSplitError(
+            f"stage {k} would be empty: nothing is computed {where}. Remove a cut or move it "
+            "so every stage does some work."
+        )
+
+
+def _plan(program: Program, k: int) -> StagePlan:
+    g = program.graph
+    nodes = [n for n in g.nodes if k in g.nodes[n].get("stages", ())]
+    members = set(nodes)
+    inputs: list[str] = []
+    variable_indices: set[int] = set()
+    captures: set[str] = set()
+    for node in nodes:
+        for src, src_output in ir.data_inputs(g, node):
+            if src in members:
+                continue
+            if src in program.variable_placeholders:
+                variable_indices.add(program.variable_placeholders[src])
+            elif src in program.other_captures:
+                captures.add(src)
+            else:
+                name = ir.tensor_name(src, src_output)
+                if name not in inputs:
+                    inputs.append(name)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    inputs.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]], ir.parse_tensor_name(t)[1]))
+    outputs = []
+    wanted = set(program.output_names)
+    for node in nodes:
+        if g.nodes[node].get("stage") != k:
+            continue
+        for dst, src_output, _ in sorted(ir.data_consumers(g, node), key=lambda c: c[1]):
+            if k not in g.nodes[dst].get("stages", ()) and g.nodes[dst].get("stage") is not None:
+                name = ir.tensor_name(node, src_output)
+                if name not in outputs:
+                    outputs.append(name)
+        n_out = len(g.nodes[node].get("outputs") or []) or 1
+        for i in range(n_out):
+            name = ir.tensor_name(node, i)
+            if name in wanted and name not in outputs:
+                outputs.append(name)
+    outputs.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]], ir.parse_tensor_name(t)[1]))
+    return StagePlan(
+        index=k,
+        nodes=nodes,
+        inputs=inputs,
+        outputs=outputs,
+        variable_indices=sorted(variable_indices),
+        capture_placeholders=sorted(captures),
+    )
+
+
+def _boundaries(program: Program, num_stages: int) -> list[list[str]]:
+    g = program.graph
+    boundaries = []
+    for cut in range(num_stages - 1):
+        crossing: list[str] = []
+        for plan in program.stages[cut + 1:]:
+            for name in plan.inputs:
+                producer_stage = g.nodes[ir.parse_tensor_name(name)[0]].get("stage")
+                if (producer_stage is None or producer_stage <= cut) and name not in crossing:
+                    crossing.append(name)
+        boundaries.append(crossing)
+    return boundaries

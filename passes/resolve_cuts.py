@@ -1,0 +1,173 @@
+"""Resolve the caller's cut names to graph tensors.
+
+Guarantees afterwards: ``program.cuts`` holds, per cut, a non-empty list of distinct
+``"op:index"`` names of floating-point tensors of the top-level graph; no tensor is named by
+two cuts. A name may be a graph tensor (``"op:1"``, or ``"op"`` for output 0), a
+``gsc.mark`` name, or a Keras layer name (its output). Every refusal is a ``GradSplitError``
+in the caller's terms: unknown names (with up to five close names), names that could mean
+more than one tensor (with the candidates), tensors of integer, boolean or resource dtype,
+tensors inside a ``tf.cond``/``tf.while_loop`` body, and repeated cuts.
+
+Example
+-------
+>>> import tensorflow as tf
+>>> import gradsplit_compiler as gsc
+>>> from gradsplit_compiler.capture import capture
+>>> from passes.resolve_cuts import resolve_cuts
+>>> f = tf.function(lambda x: tf.reduce_sum(gsc.mark(tf.tanh(x), "y")))
+>>> program = capture(f, [tf.TensorSpec([None])])
+>>> program.cut_specs = ["y"]
+>>> resolve_cuts(program).cuts
+[['gsc.mark.y.:0']]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import networkx as nx
+
+from gradsplit_compiler import ir, keras_layers
+from gradsplit_compiler.errors import GradSplitError, unknown_name_message
+from gradsplit_compiler.mark import mark_name_of
+from gradsplit_compiler.program import Program
+
+CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
+
+
+def resolve_cuts(program: Program) -> Program:
+    if not isinstance(program.cut_specs, (list, tuple)) or not program.cut_specs:
+        raise GradSplitError(
+            f"cuts must be a non-empty list with one entry per cut, e.g. ['y']; got "
+            f"{program.cut_specs!r}."
+        )
+    g = program.graph
+    marks = _marks(g)
+    if program.keras_models and not program.keras_layers:
+        program.keras_layers = keras_layers.layer_outputs(g, program.keras_models)
+    cuts: list[list[str]] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(program.cut_specs):
+        names = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if not names:
+            raise GradSplitError(f"cut {i} is an empty list; name at least one tensor.")
+        tensors = []
+        for name in names:
+            if not isinstance(name, str):
+                raise GradSplitError(
+                    f"cut {i} entry {name!r} is a {type(name).__name__}; name tensors with "
+                    "strings ('op:index', a gsc.mark name or a Keras layer name)."
+                )
+            tensor = _resolve(program, marks, name)
+            _check_dtype(program, name, tensor)
+            if tensor in seen or tensor in tensors:
+                first = seen.get(tensor, i)
+                raise GradSplitError(
+                    f"cut {i} names {name!r} ({tensor}), which cut {first} already names; "
+                    "each tensor may be cut once. Remove the repeated entry."
+                )
+            tensors.append(tensor)
+        for t in tensors:
+            seen[t] = i
+        cuts.append(tensors)
+    program.cuts = cuts
+    return program
+
+
+def _marks(g: nx.MultiDiGraph) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = defaultdict(list)
+    for node in g.nodes:
+        name = mark_name_of(node)
+        if name is not None and g.nodes[node]["op"] == "Identity":
+            found[name].append(ir.tensor_name(node, 0))
+    return found
+
+
+def _graph_tensor(g: nx.MultiDiGraph, name: str) -> str | None:
+    op, index = ir.parse_tensor_name(name)
+    if op not in g:
+        return None
+    outputs = g.nodes[op].get("outputs") or []
+    if outputs and index >= len(outputs):
+        return None
+    return ir.tensor_name(op, index)
+
+
+def _resolve(program: Program, marks: dict[str, list[str]], name: str) -> str:
+    g = program.graph
+    meanings: dict[str, list[str]] = {}
+    if name in marks:
+        meanings["gsc.mark"] = marks[name]
+    tensor = _graph_tensor(g, name)
+    if tensor is not None:
+        meanings["graph tensor"] = [tensor]
+    if name in program.keras_layers:
+        meanings["Keras layer"] = program.keras_layers[name]
+    distinct = sorted({t for ts in meanings.values() for t in ts})
+    if len(distinct) == 1:
+        return distinct[0]
+    if len(distinct) > 1:
+        listing = "; ".join(f"{kind} -> {', '.join(ts)}" for kind, ts in meanings.items())
+        raise GradSplitError(
+            f"cut name {name!r} could mean more than one tensor: {listing}. Name the tensor "
+            "itself ('op:index'), or give each gsc.mark a name of its own."
+        )
+    body = _find_in_bodies(g, name)
+    if body is not None:
+        op, kind = body
+        raise GradSplitError(
+            f"cut {name!r} is inside the body of {kind} {op!r} (a tf.cond or "
+            "tf.while_loop); a cut may sit between control-flow ops, never inside a body. "
+            f"Cut at an input or an output of {op!r} instead."
+        )
+    candidates = list(g.nodes) + list(marks) + list(program.keras_layers)
+    raise GradSplitError(unknown_name_message("cut", name, candidates))
+
+
+def _find_in_bodies(g: nx.MultiDiGraph, name: str) -> tuple[str, str] | None:
+    functions = {f.signature.name: f for f in g.graph["library"].function}
+    op_part = ir.parse_tensor_name(name)[0]
+    for node in g.nodes:
+        op_type = g.nodes[node]["op"]
+        if op_type not in CONTROL_FLOW_OPS:
+            continue
+        for fname in _called_functions(g.nodes[node]["node_def"], functions):
+            body_nodes = _all_body_nodes(functions, fname)
+            for body_node in body_nodes:
+                marked = mark_name_of(body_node)
+                if op_part in (body_node, f"{node}/{body_node}") or marked == name:
+                    return node, op_type
+    return None
+
+
+def _called_functions(node_def, functions) -> list[str]:
+    names = []
+    for value in node_def.attr.values():
+        if value.HasField("func") and value.func.name in functions:
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func if f.name in functions)
+    return names
+
+
+def _all_body_nodes(functions, fname: str, seen: set[str] | None = None) -> list[str]:
+    seen = seen if seen is not None else set()
+    if fname in seen:
+        return []
+    seen.add(fname)
+    nodes = []
+    for nd in functions[fname].node_def:
+        nodes.append(nd.name)
+        for value in nd.attr.values():
+            if value.HasField("func") and value.func.name in functions:
+                nodes.extend(_all_body_nodes(functions, value.func.name, seen))
+    return nodes
+
+
+def _check_dtype(program: Program, name: str, tensor: str) -> None:
+    dtype = program.tensor_dtype(tensor)
+    if dtype is not None and not dtype.is_floating and not dtype.is_complex:
+        raise GradSplitError(
+            f"cut {name!r} is the tensor {tensor} of dtype {dtype.name}; a cut must carry a "
+            "floating-point tensor so a cotangent can flow back through it. Cut at a float "
+            "tensor that this value is computed from or feeds."
+        )
