@@ -62,15 +62,29 @@ def partition(program: Program) -> Program:
             stage[node] = k
     data_only = nx.subgraph_view(g, filter_edge=lambda u, v, key: not g[u][v][key]["control"])
     main = _ancestors_with(data_only, {ir.parse_tensor_name(t)[0] for t in program.output_names})
-    for node in nx.topological_sort(g):
+    order = list(nx.topological_sort(g))
+    side_only = []
+    for node in order:
         if node not in live or stage[node] is not None:
             continue
         if node in main:
             stage[node] = num_stages - 1
         else:
-            # Feeds only side effects: run it as early as its inputs allow.
-            preds = [stage[p] for p in g.predecessors(node) if stage.get(p) is not None]
-            stage[node] = max(preds, default=0)
+            side_only.append(node)
+    # An op that only feeds side effects runs as early as its placed inputs allow, so a
+    # statistics update stays in the stage of the layer it belongs to ...
+    floating = set()
+    for node in side_only:
+        placed = [stage[p] for p in g.predecessors(node) if stage.get(p) is not None]
+        if placed:
+            stage[node] = max(placed)
+        else:
+            floating.add(node)
+    # ... and one with no placed input (a read feeding that update) joins its first user.
+    for node in reversed(side_only):
+        if node in floating:
+            users = [stage[s] for s in g.successors(node) if stage.get(s) is not None]
+            stage[node] = min(users, default=num_stages - 1)
     nx.set_node_attributes(g, stage, "stage")
     _replicate(program, stage)
     _check_not_empty(program, stage, num_stages)
