@@ -6,8 +6,15 @@ Checked on TensorFlow 2.16 to 2.21. Each helper names the API it wraps; tests in
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+from tensorflow.python.eager import context as _context
 from tensorflow.python.framework import function_def_to_graph as _fdef_to_graph
+
+_SUFFIX = re.compile(r"_gsc\d+$")
 
 
 def function_body_graph_def(fdef):
@@ -24,3 +31,62 @@ def capture_in_current_graph(tensor: tf.Tensor) -> tf.Tensor:
     """``FuncGraph.capture``: the placeholder standing for eager ``tensor`` in the trace."""
     graph = tf.compat.v1.get_default_graph()
     return graph.capture(tensor)
+
+
+_fresh = itertools.count(1)
+
+
+def with_fresh_function_names(piece: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
+    """A copy of ``piece`` whose library functions (and every reference to them) carry a
+    new unique suffix.
+
+    Why: importing a library function under a name the process already knows with a
+    different body fails ("Attempting to add a duplicate function with name ... where the
+    previous and current definitions differ"), and gradient construction rewrites ``If`` /
+    ``While`` bodies under derived names, so each import gets names of its own.
+    """
+    names = {f.signature.name for f in piece.library.function}
+    suffix = f"_gsc{next(_fresh)}"
+    copy = graph_pb2.GraphDef()
+    copy.CopyFrom(piece)
+
+    def rename(name: str) -> str:
+        base = _SUFFIX.sub("", name)
+        return base + suffix if name in names else name
+
+    def fix_attr(value) -> None:
+        if value.HasField("func"):
+            value.func.name = rename(value.func.name)
+            for inner in value.func.attr.values():
+                fix_attr(inner)
+        if value.HasField("list"):
+            for func in value.list.func:
+                func.name = rename(func.name)
+
+    def fix_nodes(nodes) -> None:
+        for nd in nodes:
+            if nd.op in names:
+                nd.op = rename(nd.op)
+            for value in nd.attr.values():
+                fix_attr(value)
+
+    fix_nodes(copy.node)
+    for fdef in copy.library.function:
+        fdef.signature.name = rename(fdef.signature.name)
+        fix_nodes(fdef.node_def)
+    for grad in copy.library.gradient:
+        grad.function_name = rename(grad.function_name)
+        grad.gradient_func = rename(grad.gradient_func)
+    return copy
+
+
+def register_functions(library) -> None:
+    """``context.add_function_def``: make imported library functions callable eagerly.
+
+    ``import_graph_def`` adds them to the graph only; a piece that is imported but not
+    differentiated otherwise fails at call time with "Function ... is not defined".
+    """
+    ctx = _context.context()
+    for fdef in library.function:
+        if not ctx.has_function(fdef.signature.name):
+            ctx.add_function_def(fdef)

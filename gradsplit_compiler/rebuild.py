@@ -28,6 +28,7 @@ from . import _tf_internal, ir
 from .errors import GradSplitError
 from .program import Program, StagePlan
 
+CONTROL_FLOW_OPS = {"If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase"}
 SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
 INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
 
@@ -80,17 +81,24 @@ class StageVJP:
     # per stage input: backward return element, or ("cotangent", j) / ("residual", r) / None
     input_gradients: list
     variable_gradients: list
+    xla_compatible: bool = True
     capture_keys: dict[str, object] = field(default_factory=dict)  # input_map key -> external
     variable_keys: dict[str, int] = field(default_factory=dict)  # input_map key -> var index
 
 
 def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.TensorSpec],
-                    output_specs: list[tf.TensorSpec]) -> StageVJP:
-    """Trace the stage with its gradient and cut that graph into forward and backward."""
+                    output_specs: list[tf.TensorSpec],
+                    cotangent_outputs: list[int] | None = None) -> StageVJP:
+    """Trace the stage with its gradient and cut that graph into forward and backward.
+
+    ``cotangent_outputs`` are the indices of the stage outputs that receive a cotangent
+    (default: every floating-point output); the others are treated as constants.
+    """
     stage_gd = stage_graph_def(program, plan)
-    diff_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
+    if cotangent_outputs is None:
+        cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
+    diff_outputs = list(cotangent_outputs)
     diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
-    variables = [program.variables[i] for i in plan.variable_indices]
     var_placeholders = {
         ph: idx for ph, idx in program.variable_placeholders.items()
         if idx in plan.variable_indices
@@ -109,9 +117,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
                 program.other_captures[ph]
             )
-        outs = tf.graph_util.import_graph_def(
-            stage_gd, input_map=input_map, return_elements=plan.outputs, name=""
-        )
+        outs = emit(stage_gd, input_map, plan.outputs, name="")
         ys = [outs[j] for j in diff_outputs]
         xs = [ins[i] for i in diff_inputs] + [handles[idx] for idx in plan.variable_indices]
         grads = [None] * len(xs)
@@ -138,8 +144,18 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     named_inputs = [
         tf.TensorSpec(s.shape, s.dtype, name=f"gsc.in.{i}") for i, s in enumerate(input_specs)
     ]
-    wrapped = tf.compat.v1.wrap_function(body, named_inputs + cot_specs)
-    graph = wrapped.graph
+    # Traced as XLA traces: cond intermediates stay plain tensors (not Optionals) and loop
+    # accumulators get a fixed size, so every piece compiles on its own.
+    xla_compatible = True
+    try:
+        graph = tf.function(body, jit_compile=True, autograph=False).get_concrete_function(
+            *(named_inputs + cot_specs)).graph
+    except (ValueError, tf.errors.InvalidArgumentError) as exc:
+        if "maximum_iterations" not in str(exc):
+            raise
+        xla_compatible = False
+        graph = tf.function(body, autograph=False).get_concrete_function(
+            *(named_inputs + cot_specs)).graph
     capture_kind = {}
     for external, internal in graph.captures:
         capture_kind[internal.op.name] = external
@@ -154,14 +170,16 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     from_cot = _descendants_with(h, set(cot_ph))
     recompute = _recomputable(h, need_b - from_cot - placeholders)
     b_core = (need_b & from_cot) - placeholders
-    f_extra = need_b - from_cot - recompute - placeholders
+    # Loop accumulators (TensorLists) cannot cross from one XLA program to another: the
+    # backward recomputes the ops that make them from plain tensors.
+    b_core |= _variant_producers(h, b_core, need_b - placeholders)
+    f_extra = need_b - b_core - recompute - placeholders
     # Recompute only what the backward reaches through recomputable ops, not through
     # forward values (those arrive as residuals).
     backward = _ancestors_with(h.subgraph(b_core | recompute), b_core)
     imported = {nd.name for nd in stage_gd.node}
     f_needed = _ancestors_with(h.subgraph(f_extra | recompute), f_extra)
-    forward = (imported | f_needed) - placeholders
-
+    forward = _ancestors_with(h, imported | f_needed) - placeholders
     order = {n: i for i, n in enumerate(h.nodes)}
     backward_nodes = sorted(backward, key=order.__getitem__)
     forward_nodes = sorted(forward, key=order.__getitem__)
@@ -179,7 +197,12 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     residual_specs = []
     for name in residual_names:
         t = graph.get_tensor_by_name(name)
-        residual_specs.append(tf.TensorSpec(t.shape, t.dtype))
+        shape = t.shape
+        if t.op.type in CONTROL_FLOW_OPS and shape.rank is not None:
+            # An If's intermediate for the branch not taken has a made-up static shape
+            # (a 0 where the batch goes): keep only the rank.
+            shape = tf.TensorShape([None] * shape.rank)
+        residual_specs.append(tf.TensorSpec(shape, t.dtype))
 
     def grad_source(name: str | None):
         if name is None:
@@ -214,6 +237,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         else:
             capture_keys[ph + ":0"] = external
     return StageVJP(
+        xla_compatible=xla_compatible,
         forward_graph_def=forward_gd,
         backward_graph_def=backward_gd,
         input_keys=[ph + ":0" for ph in in_ph],
@@ -240,6 +264,25 @@ def _descendants_with(g: nx.MultiDiGraph, nodes) -> set[str]:
     for node in nodes:
         found |= nx.descendants(g, node)
     return found
+
+
+def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str]) -> set[str]:
+    """Forward ops whose ``variant`` outputs the backward reads, and what they need to be
+    recomputed from plain tensors."""
+    added: set[str] = set()
+    frontier = set(backward)
+    while frontier:
+        new = set()
+        for node in frontier:
+            for src, idx in ir.data_inputs(h, node):
+                if src in backward or src in added or src not in candidates:
+                    continue
+                outputs = h.nodes[src].get("outputs") or []
+                if idx < len(outputs) and outputs[idx][0] == tf.variant:
+                    new.add(src)
+        added |= new
+        frontier = new
+    return added
 
 
 def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
@@ -285,12 +328,13 @@ def emit(piece: graph_pb2.GraphDef, input_map: dict, return_elements: list[str],
         used = (piece, external_inputs(piece))
         _external_cache[id(piece)] = used
     input_map = {k: v for k, v in input_map.items() if k in used[1]}
-    if not return_elements:
-        tf.graph_util.import_graph_def(piece, input_map=input_map, name=name)
-        return []
-    return list(tf.graph_util.import_graph_def(
-        piece, input_map=input_map, return_elements=return_elements, name=name
-    ))
+    if piece.library.function:
+        piece = _tf_internal.with_fresh_function_names(piece)
+    result = tf.graph_util.import_graph_def(
+        piece, input_map=input_map, return_elements=return_elements or None, name=name
+    )
+    _tf_internal.register_functions(piece.library)
+    return list(result or [])
 
 
 _external_cache: dict[int, tuple] = {}

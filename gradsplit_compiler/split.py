@@ -246,6 +246,49 @@ class Split:
         return structured, list(input_cotangents), list(grads)
 
 
+    def run_stages(self, args: Sequence, output_cotangents: Any = None,
+                   jit_compile: bool = True):
+        """Drive the stages one by one, each forward and backward its own program.
+
+        What a pipeline does, and what CONTRACT.md describes for callers in other processes:
+        a dictionary from tensor names to values, each stage's ``forward`` on its inputs,
+        then each ``backward`` in reverse, summing cotangents of tensors several stages
+        read. ``output_cotangents`` defaults to 1 for a scalar ``fn``. Returns
+        ``(outputs, input_cotangents, grads)`` as ``vjp`` does.
+        """
+        tensors = self._check_args(list(args))
+        env = dict(zip(self.arg_names, tensors))
+        residuals = []
+        for stage in self.stages:
+            forward, _ = stage.compiled(jit_compile)
+            outs, res = _run(forward, *[env[n] for n in stage.inputs])
+            env.update(zip(stage.outputs, outs))
+            residuals.append(res)
+        outputs = [env[n] for n in self.output_names]
+        if output_cotangents is None:
+            output_cotangents = [tf.ones_like(outputs[0])]
+        cotangents: dict[str, tf.Tensor] = {}
+        for name, cot in zip(self.output_names, tf.nest.flatten(output_cotangents)):
+            _accumulate(cotangents, name, tf.convert_to_tensor(cot, dtype=env[name].dtype))
+        grads: dict[int, tf.Tensor] = {}
+        for stage in reversed(self.stages):
+            _, backward = stage.compiled(jit_compile)
+            outs = [cotangents.get(n, tf.zeros_like(env[n])) for n in stage.outputs]
+            in_cots, var_grads = _run(backward, residuals[stage.index], outs)
+            for name, cot in zip(stage.inputs, in_cots):
+                if cot is not None:
+                    _accumulate(cotangents, name, cot)
+            for idx, grad in zip(stage.variable_indices, var_grads):
+                _accumulate(grads, idx, grad)
+        input_cotangents = [
+            cotangents.get(n, tf.zeros_like(t) if is_differentiable(t.dtype) else None)
+            for n, t in zip(self.arg_names, tensors)
+        ]
+        var_grads = [grads.get(i, tf.zeros(v.shape, v.dtype)) for i, v in enumerate(self.variables)]
+        structured = tf.nest.pack_sequence_as(self._program.output_structure, outputs)
+        return structured, input_cotangents, var_grads
+
+
 def _accumulate(store: dict, key, value) -> None:
     store[key] = store[key] + value if key in store else value
 

@@ -113,6 +113,9 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
 
 
 def _reference_fn(tf_fn, variables, scalar: bool, jit_compile: bool):
+    # Trace fn's Python body afresh inside the reference, so under XLA its tf.cond and
+    # tf.while_loop are built for XLA, as a user's own jit-compiled training step would be.
+    tf_fn = getattr(tf_fn, "python_function", tf_fn)
     if scalar:
         def body(*args):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
