@@ -228,6 +228,19 @@ def keras_layer_outputs(graph_def, model, root_scope=None):
     return res
 
 
+def layer_names(models: list) -> set[str]:
+    """Names of every layer of ``models``, nested models included (cheap: no graph work)."""
+    names: set[str] = set()
+    stack = list(models)
+    while stack:
+        layer = stack.pop()
+        for sub in _sublayers(layer):
+            if sub.name not in names:
+                names.add(sub.name)
+                stack.append(sub)
+    return names
+
+
 def layer_outputs(g, models: list) -> dict[str, list[str]]:
     """``{layer name: [tensor, ...]}`` for every layer of ``models`` called in graph ``g``."""
     from .ir import from_networkx

@@ -166,8 +166,8 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
 
     grad_names = recorded["grads"]
     grad_ops = {ir.parse_tensor_name(n)[0] for n in grad_names if n is not None}
-    need_b = _ancestors_with(h, grad_ops)
-    from_cot = _descendants_with(h, set(cot_ph))
+    need_b = ir.ancestors(h, grad_ops)
+    from_cot = ir.descendants(h, set(cot_ph))
     recompute = _recomputable(h, need_b - from_cot - placeholders)
     b_core = (need_b & from_cot) - placeholders
     # Loop accumulators (TensorLists) cannot cross from one XLA program to another: the
@@ -176,10 +176,10 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     f_extra = need_b - b_core - recompute - placeholders
     # Recompute only what the backward reaches through recomputable ops, not through
     # forward values (those arrive as residuals).
-    backward = _ancestors_with(h.subgraph(b_core | recompute), b_core)
+    backward = ir.ancestors(h, b_core, within=b_core | recompute)
     imported = {nd.name for nd in stage_gd.node}
-    f_needed = _ancestors_with(h.subgraph(f_extra | recompute), f_extra)
-    forward = _ancestors_with(h, imported | f_needed) - placeholders
+    f_needed = ir.ancestors(h, f_extra, within=f_extra | recompute)
+    forward = ir.ancestors(h, imported | f_needed) - placeholders
     order = {n: i for i, n in enumerate(h.nodes)}
     backward_nodes = sorted(backward, key=order.__getitem__)
     forward_nodes = sorted(forward, key=order.__getitem__)
@@ -250,20 +250,6 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         capture_keys=capture_keys,
         variable_keys=variable_keys,
     )
-
-
-def _ancestors_with(g: nx.MultiDiGraph, nodes) -> set[str]:
-    found = set(nodes)
-    for node in nodes:
-        found |= nx.ancestors(g, node)
-    return found
-
-
-def _descendants_with(g: nx.MultiDiGraph, nodes) -> set[str]:
-    found = set(nodes)
-    for node in nodes:
-        found |= nx.descendants(g, node)
-    return found
 
 
 def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str]) -> set[str]:

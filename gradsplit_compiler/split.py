@@ -91,12 +91,18 @@ class Split:
         self.boundaries = [list(b) for b in program.boundaries]
         self.graph: nx.MultiDiGraph = program.graph
         self.arg_specs = list(program.arg_specs)
-        self.stages: list[Stage] = []
-        for plan in program.stages:
+        # Built last to first: a stage output gets a cotangent only when a later stage (or
+        # the caller) sends one back, so no backward multiplies zeros.
+        receives = {n for n in self.output_names if is_differentiable(self._spec(n).dtype)}
+        stages: list[Stage] = []
+        for plan in reversed(program.stages):
             input_specs = [self._spec(n) for n in plan.inputs]
             output_specs = [self._spec(n) for n in plan.outputs]
-            vjp = build_stage_vjp(program, plan, input_specs, output_specs)
-            self.stages.append(Stage(program, plan, vjp, input_specs, output_specs))
+            cotangent_outputs = [j for j, n in enumerate(plan.outputs) if n in receives]
+            vjp = build_stage_vjp(program, plan, input_specs, output_specs, cotangent_outputs)
+            receives |= {n for n, g in zip(plan.inputs, vjp.input_gradients) if g is not None}
+            stages.append(Stage(program, plan, vjp, input_specs, output_specs))
+        self.stages: list[Stage] = stages[::-1]
         self.output_specs = [self._spec(n) for n in self.output_names]
         self._functions: dict = {}
 
@@ -259,11 +265,19 @@ class Split:
         tensors = self._check_args(list(args))
         env = dict(zip(self.arg_names, tensors))
         residuals = []
-        for stage in self.stages:
-            forward, _ = stage.compiled(jit_compile)
-            outs, res = _run(forward, *[env[n] for n in stage.inputs])
-            env.update(zip(stage.outputs, outs))
-            residuals.append(res)
+        written = [self.variables[i] for i in self._program.written_variables()]
+        before = [tf.identity(v) for v in written]
+        try:
+            for stage in self.stages:
+                forward, _ = stage.compiled(jit_compile)
+                outs, res = _run(forward, *[env[n] for n in stage.inputs])
+                env.update(zip(stage.outputs, outs))
+                residuals.append(res)
+        except Exception:
+            # A stage that failed after earlier ones ran must not leave their updates.
+            for v, value in zip(written, before):
+                v.assign(value)
+            raise
         outputs = [env[n] for n in self.output_names]
         if output_cotangents is None:
             output_cotangents = [tf.ones_like(outputs[0])]

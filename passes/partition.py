@@ -52,7 +52,7 @@ def partition(program: Program) -> Program:
     live = _live_nodes(program) - inputs
     producers = [[ir.parse_tensor_name(t)[0] for t in cut] for cut in program.cuts]
     _check_cut_producers(program, producers, inputs)
-    needed = [_ancestors_with(g, ops) & live for ops in producers]
+    needed = [ir.ancestors(g, ops) & live for ops in producers]
     _check_order(program, producers, needed)
 
     num_stages = len(program.cuts) + 1
@@ -60,8 +60,8 @@ def partition(program: Program) -> Program:
     for k in reversed(range(len(needed))):
         for node in needed[k]:
             stage[node] = k
-    data_only = nx.subgraph_view(g, filter_edge=lambda u, v, key: not g[u][v][key]["control"])
-    main = _ancestors_with(data_only, {ir.parse_tensor_name(t)[0] for t in program.output_names})
+    main = ir.ancestors(g, {ir.parse_tensor_name(t)[0] for t in program.output_names},
+                        data_only=True)
     order = list(nx.topological_sort(g))
     side_only = []
     for node in order:
@@ -99,14 +99,7 @@ def _live_nodes(program: Program) -> set[str]:
     roots |= set(program.control_outputs)
     roots |= {ir.parse_tensor_name(t)[0] for cut in program.cuts for t in cut}
     roots &= set(g.nodes)
-    return _ancestors_with(g, roots)
-
-
-def _ancestors_with(g: nx.MultiDiGraph, nodes) -> set[str]:
-    found = set(nodes)
-    for node in nodes:
-        found |= nx.ancestors(g, node)
-    return found
+    return ir.ancestors(g, roots)
 
 
 def _cut_label(program: Program, k: int) -> str:

@@ -43,7 +43,13 @@ def resolve_cuts(program: Program) -> Program:
         )
     g = program.graph
     marks = _marks(g)
-    if program.keras_models and not program.keras_layers:
+    wanted = {n for e in program.cut_specs for n in (e if isinstance(e, (list, tuple)) else [e])}
+    if program.keras_models and not program.keras_layers and (
+        wanted & keras_layers.layer_names(program.keras_models) or not all(
+            isinstance(n, str) and (n in marks or _graph_tensor(g, n)) for n in wanted
+        )
+    ):
+        # Mapping layers to tensors costs a scratch import: only when a name needs it.
         program.keras_layers = keras_layers.layer_outputs(g, program.keras_models)
     cuts: list[list[str]] = []
     seen: dict[str, int] = {}
