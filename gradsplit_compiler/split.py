@@ -307,6 +307,8 @@ def _accumulate(store: dict, key, value) -> None:
     store[key] = store[key] + value if key in store else value
 
 
+_UNSUPPORTED_NODE = re.compile(r"compatible with node \{\{node ([^}]+)\}\}")
+_STAGE_OF_NODE = re.compile(r"^stage(\d+)\.(forward|backward)/(.+)$")
 _UNSUPPORTED = re.compile(r"Detected unsupported operations.*?: (\w+) \(No registered '(\w+)'")
 
 
@@ -316,8 +318,15 @@ def _run(fn, *args):
     except tf.errors.InvalidArgumentError as exc:
         match = _UNSUPPORTED.search(str(exc))
         if match:
+            where = _UNSUPPORTED_NODE.search(str(exc))
+            node = where.group(1) if where else match.group(1)
+            stage = _STAGE_OF_NODE.match(node)
+            place = (
+                f"op {stage.group(3)!r} in the {stage.group(2)} of stage {stage.group(1)}"
+                if stage else f"op {node!r}"
+            )
             raise GradSplitError(
-                f"XLA cannot compile op type {match.group(2)!r} in this program; run with "
-                "jit_compile=False, or move that op out of the differentiated path."
+                f"XLA cannot compile {place}: no XLA kernel for op type {match.group(2)!r}. "
+                "Run with jit_compile=False, or rewrite that op with XLA-supported ops."
             ) from None
         raise
