@@ -145,6 +145,7 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
         variables=variables,
         variable_placeholders=variable_placeholders,
         other_captures=other_captures,
+        input_signature=list(input_signature),
         tf_function=tf_fn,
         keras_models=list(models) if isinstance(models, list) else ([models] if models else []),
     )

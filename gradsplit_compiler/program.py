@@ -43,6 +43,7 @@ class Program:
     variable_placeholders: dict[str, int]
     # placeholder op name -> captured eager tensor that is not a variable
     other_captures: dict[str, Any]
+    input_signature: Any = None
     tf_function: Any = None
     keras_models: list[Any] = field(default_factory=list)
     cut_specs: list[Any] = field(default_factory=list)

@@ -118,6 +118,17 @@ class Split:
     # -- running ---------------------------------------------------------------------------
 
     def _check_args(self, args: Sequence) -> list[tf.Tensor]:
+        signature = self._program.input_signature
+        if signature is not None and len(args) == len(signature) and (
+            len(self.arg_specs) != len(signature)
+        ):
+            try:  # structured arguments (dicts, tuples) as in input_signature
+                tf.nest.assert_same_structure(list(signature), list(args))
+                args = tf.nest.flatten(list(args))
+            except (TypeError, ValueError) as exc:
+                raise GradSplitError(
+                    f"arguments do not have the structure of input_signature: {exc}"
+                ) from None
         if len(args) != len(self.arg_specs):
             raise GradSplitError(
                 f"fn takes {len(self.arg_specs)} arguments ({', '.join(self._arg_labels())}) "
