@@ -21,7 +21,8 @@ def as_tf_function(fn: Any, training: bool | None = None) -> tuple[Callable, Any
         return tf.function(lambda *args: model(*args, training=training)), model
     if not callable(fn):
         raise GradSplitError(
-            f"fn must be a tf.function, a Python callable or a keras.Model; got {type(fn).__name__}."
+            "fn must be a tf.function, a Python callable or a keras.Model; got "
+            f"{type(fn).__name__}."
         )
     if hasattr(fn, "get_concrete_function"):
         return fn, _models_reachable(fn)

@@ -169,8 +169,10 @@ def add_control_edge(graph: nx.MultiDiGraph, src: str, dst: str) -> None:
     graph.add_edge(src, dst, key=f"^{position}", control=True, position=position)
 
 
-def add_data_edge(graph: nx.MultiDiGraph, src: str, src_output: int, dst: str, dst_input: int) -> None:
-    graph.add_edge(src, dst, key=dst_input, control=False, src_output=src_output, dst_input=dst_input)
+def add_data_edge(graph: nx.MultiDiGraph, src: str, src_output: int, dst: str,
+                  dst_input: int) -> None:
+    graph.add_edge(src, dst, key=dst_input, control=False, src_output=src_output,
+                   dst_input=dst_input)
 
 
 def data_inputs(graph: nx.MultiDiGraph, name: str) -> list[tuple[str, int]]:

@@ -155,7 +155,7 @@ def keras_layer_calls(graph_def, model, root_scope=None):
 
     def visit(layer, scope, parent):
         add(layer, scope, parent, [t.name for t in gi.scope_outputs(scope)], "scope")
-        for sub, k, child in find_calls(scope, layer):
+        for sub, _k, child in find_calls(scope, layer):
             visit(sub, child, scope)
 
     # 1. top-level call scope(s)

@@ -75,5 +75,7 @@ def check_program(program: Program) -> list[str]:
             if a["control"] or su is None or sv is None:
                 continue
             if su > sv and not g.nodes[u].get("replicated"):
-                problems.append(f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs backwards")
+                problems.append(
+                    f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs backwards"
+                )
     return problems

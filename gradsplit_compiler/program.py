@@ -8,7 +8,6 @@ from typing import Any
 import networkx as nx
 import tensorflow as tf
 
-
 # Resource ops that only read: a variable used only by these is never written.
 READ_ONLY_RESOURCE_OPS = {"ReadVariableOp", "ResourceGather", "ResourceGatherNd", "VariableShape"}
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from .errors import GradSplitError
 from .split import Split
 
 # How many units in the last place of the largest gradient entry count as rounding.

@@ -97,7 +97,7 @@ def _inline_one(g: nx.MultiDiGraph, call: str, fdef) -> dict[str, str]:
     ]
     control_returns = [prefix + op for op in fdef.control_ret.values()]
     renames = {}
-    for _, dst, key, a in list(g.out_edges(call, keys=True, data=True)):
+    for _, dst, _key, a in list(g.out_edges(call, keys=True, data=True)):
         if a["control"]:
             for src in control_returns:
                 ir.add_control_edge(g, src, dst)

@@ -1,0 +1,57 @@
+"""Pins the private TensorFlow behaviour gradsplit_compiler relies on (_tf_internal.py)."""
+
+import tensorflow as tf
+
+from gradsplit_compiler import _tf_internal
+
+
+def _cond_graph_def():
+    @tf.function
+    def f(x):
+        return tf.cond(tf.reduce_sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0)
+
+    return f.get_concrete_function(tf.TensorSpec([3])).graph.as_graph_def()
+
+
+def test_fresh_function_names_rename_definitions_and_references_alike():
+    gd = _cond_graph_def()
+    renamed = _tf_internal.with_fresh_function_names(gd)
+    old = {f.signature.name for f in gd.library.function}
+    new = {f.signature.name for f in renamed.library.function}
+    assert old and not old & new
+    referenced = {
+        v.func.name for nd in renamed.node for v in nd.attr.values() if v.HasField("func")
+    }
+    assert referenced and referenced <= new
+    again = _tf_internal.with_fresh_function_names(renamed)
+    assert not {f.signature.name for f in again.library.function} & new
+
+
+def test_renamed_pieces_import_twice_into_one_function_and_run():
+    gd = _cond_graph_def()
+
+    @tf.function
+    def twice(x):
+        outs = []
+        for _ in range(2):
+            piece = _tf_internal.with_fresh_function_names(gd)
+            (y,) = tf.graph_util.import_graph_def(
+                piece, input_map={"x:0": x}, return_elements=["Identity:0"], name="p")
+            _tf_internal.register_functions(piece.library)
+            outs.append(y)
+        return outs[0] + outs[1]
+
+    assert twice(tf.constant([1.0, 2.0, 3.0])).numpy().tolist() == [4.0, 8.0, 12.0]
+
+
+def test_function_body_graph_def_maps_list_outputs_to_flat_names():
+    @tf.function
+    def f(x):
+        a, b = tf.split(x, 2)
+        return b
+
+    fdef = f.get_concrete_function(tf.TensorSpec([4])).function_def
+    body, flat = _tf_internal.function_body_graph_def(fdef)
+    ret = fdef.ret[fdef.signature.output_arg[0].name]
+    assert flat[ret].endswith(":0") or flat[ret].endswith(":1")
+    assert any(nd.op == "Placeholder" for nd in body.node)
