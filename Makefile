@@ -1,0 +1,33 @@
+# make demo | make test | make lint: each creates .venv (python3 -m venv) when it is missing
+# and installs the package into it, editable, with the extras it needs. Installing again is
+# skipped until pyproject.toml changes (one stamp file per set of extras, inside .venv).
+
+PYTHON      ?= python3
+PYTEST_ARGS ?= -n 2 -q
+VENV        := .venv
+BIN         := $(VENV)/bin
+comma       := ,
+
+.PHONY: demo test lint clean-venv
+
+# The picture goes to out/ (ignored by git) rather than the default ./gradsplit-demo.png.
+demo: $(VENV)/.installed-render
+	@mkdir -p out
+	$(BIN)/gradsplit demo -o out/gradsplit-demo.png
+
+test: $(VENV)/.installed-test-render
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# .installed-test-render installs ".[test,render]", and so on.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[$(subst -,$(comma),$*)]"
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)
