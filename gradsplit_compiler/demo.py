@@ -275,22 +275,23 @@ def run_demo(config: DemoConfig, out: TextIO | None = None) -> int:
     print(f"gradsplit demo: the gradient of a loss through an intermediate tensor y, by parts\n"
           f"{PROBLEM}\n", file=out, flush=True)
 
-    progress = Progress(6 if config.picture else 5, out)
+    picture_note = ""
+    if config.picture and not _has_matplotlib():
+        picture_note = f" (no picture: {MATPLOTLIB_HINT})"
+        print(f"Note: no picture: {MATPLOTLIB_HINT}.\n", file=out, flush=True)
+    picture = config.picture if not picture_note else None
+    progress = Progress(6 if picture else 5, out)
     dtypes = ("float32", "float64")
     with progress.step(f"trace loss = mse(tanh(x W + b), y0), W {config.features}x{config.width}, "
                        f"batch {config.batch}; cut at y ({n} elements)"):
         problems = {d: seed_problem(config, d) for d in dtypes}
         splits = {d: split(problems[d].loss, problems[d].signature, cuts=["y"]) for d in dtypes}
-    picture_note = ""
-    if config.picture:
-        with progress.step(f"draw the graph -> {config.picture}"):
-            try:
-                render_split(splits["float32"], config.picture,
-                             title=f"gradsplit demo: loss = mse(tanh(x W + b), y0), cut at y; "
-                                   f"W {config.features}x{config.width}, batch {config.batch}")
-                picture_note = f" (picture: {config.picture})"
-            except ImportError:
-                picture_note = f" (no picture: {MATPLOTLIB_HINT})"
+    if picture:
+        with progress.step(f"draw the graph -> {picture}"):
+            render_split(splits["float32"], picture,
+                         title=f"gradsplit demo: loss = mse(tanh(x W + b), y0), cut at y; "
+                               f"W {config.features}x{config.width}, batch {config.batch}")
+            picture_note = f" (picture: {picture})"
     with progress.step(f"compose the stages' VJPs under {mode}, gsc.verify against "
                        "GradientTape (float32, float64)"):
         reports = {d: verify(splits[d], *problems[d].args, jit_compile=config.jit_compile)
@@ -336,8 +337,9 @@ def run_demo(config: DemoConfig, out: TextIO | None = None) -> int:
     print(file=out)
     print(format_stages(splits["float32"]), file=out)
     print(file=out)
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"Gradient of loss w.r.t. W and b, cut of {n} elements (y is {config.batch}x"
-          f"{config.width}), {mode} on CPU:", file=out)
+          f"{config.width}), {mode} on {device}:", file=out)
     print(format_answers(answers), file=out)
     print(format_verdict(reports), file=out)
     print(format_conclusion(answers, n), file=out, flush=True)
@@ -351,6 +353,14 @@ def run_demo(config: DemoConfig, out: TextIO | None = None) -> int:
 
 
 # -- printing ------------------------------------------------------------------------------
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def format_graph(split_program: Split, note: str = "", width: int = 96) -> str:
