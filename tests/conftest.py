@@ -1,0 +1,24 @@
+"""Shared setup for the test suite: quiet TensorFlow logs, seeded randomness."""
+
+import os
+
+# Before TensorFlow is imported anywhere: its C++ INFO and WARNING lines drown pytest's output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "heavy: a large model (ResNet50, MobileNetV2); runs by default, "
+        "deselect with -m 'not heavy'",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same TensorFlow and NumPy seeds."""
+    tf.random.set_seed(0)
+    np.random.seed(0)
