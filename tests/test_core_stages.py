@@ -1,0 +1,352 @@
+"""Stages on their own: forward returns residuals, backward consumes them without running the
+forward again, every stage compiles under XLA alone, and driving the stages by hand exactly as
+CONTRACT.md describes gives ``value_and_gradients`` and the tape's gradient.
+"""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import (
+    CONTROL_FLOW_BUILDERS,
+    KERAS_SMALL_BUILDERS,
+    RTOL,
+    SMALL_BUILDERS,
+    counted_mlp,
+    integer_labels,
+    keras_floatx,
+    max_rel_error,
+    normal,
+    reference_value_and_grads,
+    reference_vjp,
+    restore,
+    seed_model,
+    seed_outputs_model,
+    snapshot,
+    value_rel_error,
+)
+
+import gradsplit_compiler as gsc
+
+TOL = RTOL[tf.float64]
+ALL_BUILDERS = {**SMALL_BUILDERS, **CONTROL_FLOW_BUILDERS, **KERAS_SMALL_BUILDERS}
+
+# Ops a backward may hold without reading a cotangent: they compute no function of the
+# forward values (constants, shapes, integer index arithmetic, plumbing).
+NO_FORWARD_WORK = {"Placeholder", "Const", "Identity", "NoOp", "Shape", "ShapeN", "Size",
+                   "Rank", "VariableShape", "BroadcastGradientArgs"}
+STATEFUL_WRITES = {"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+                   "ResourceScatterAdd", "ResourceScatterUpdate"}
+
+
+def _build(name):
+    if name in KERAS_SMALL_BUILDERS:
+        with keras_floatx("float64"):
+            return ALL_BUILDERS[name]()
+    return ALL_BUILDERS[name]()
+
+
+def _split(case):
+    return gsc.split(case.fn, case.input_signature, case.cuts)
+
+
+def _is_float(dtype):
+    return tf.as_dtype(dtype).is_floating
+
+
+def drive_by_hand(split, args, output_cotangents):
+    """Run a split with a dictionary from names to values, exactly as CONTRACT.md describes.
+
+    Returns ``(outputs, input_cotangents, grads)``: ``input_cotangents`` aligned with
+    ``split.arg_names`` (``None`` where no stage gives one, e.g. integer arguments) and
+    ``grads`` aligned with ``split.variables`` (zeros where no stage gives one).
+    """
+    env = dict(zip(split.arg_names, args))
+    residuals = []
+    for stage in split.stages:
+        outputs, stage_residuals = stage.forward(*[env[n] for n in stage.inputs])
+        assert len(outputs) == len(stage.outputs)
+        env.update(zip(stage.outputs, outputs))
+        residuals.append(stage_residuals)
+
+    cotangents = dict(zip(split.output_names, output_cotangents))
+    totals = {}
+    for stage in reversed(split.stages):
+        # Zeros for outputs nobody differentiates.
+        outs = [cotangents[n] if n in cotangents else tf.zeros_like(env[n])
+                for n in stage.outputs]
+        input_cotangents, variable_grads = stage.backward(residuals[stage.index], outs)
+        assert len(input_cotangents) == len(stage.inputs)
+        assert len(variable_grads) == len(stage.variables)
+        for name, cot in zip(stage.inputs, input_cotangents):
+            if cot is None:
+                continue
+            # A tensor several stages read gets the sum.
+            cotangents[name] = cotangents[name] + cot if name in cotangents else cot
+        for var, grad in zip(stage.variables, variable_grads):
+            key = id(var)
+            totals[key] = totals[key] + grad if key in totals else grad
+    outputs = [env[n] for n in split.output_names]
+    input_cotangents = [cotangents.get(n) for n in split.arg_names]
+    grads = [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in split.variables]
+    return outputs, input_cotangents, grads
+
+
+def _stage_inputs(split, args):
+    """The values each stage's inputs take on ``args`` (running the forwards once)."""
+    env = dict(zip(split.arg_names, args))
+    per_stage = []
+    for stage in split.stages:
+        values = [env[n] for n in stage.inputs]
+        per_stage.append(values)
+        outputs, _ = stage.forward(*values)
+        env.update(zip(stage.outputs, outputs))
+    return per_stage
+
+
+def _forward_work_in_backward(stage):
+    """Ops of ``stage.backward``'s graph that compute something without reading a cotangent:
+    that is forward work, which a backward fed with residuals must not do."""
+    concrete = stage.backward.get_concrete_function()
+    graph = concrete.graph
+    n_residuals = len(stage.backward.input_signature[0])
+    n_cotangents = len(stage.backward.input_signature[1])
+    cotangent_ops = {t.op for t in graph.inputs[n_residuals:n_residuals + n_cotangents]}
+    # Reached from a cotangent through data or control edges: TF's gradient functions put
+    # the parts of a gradient formula that read forward values (``2 * x`` of Square's,
+    # ``cos(x)`` of Sin's) under a control dependency on the cotangent, so that they run in
+    # the backward; they are gradient work, not forward work. Creation order is topological.
+    reached = set(cotangent_ops)
+    for op in graph.get_operations():
+        if any(t.op in reached for t in op.inputs) or any(
+                c in reached for c in op.control_inputs):
+            reached.add(op)
+    offending = []
+    for op in graph.get_operations():
+        if op in reached or op.type in NO_FORWARD_WORK:
+            continue
+        if op.outputs and all(not _is_float(t.dtype) for t in op.outputs) and (
+                op.type not in ("While", "StatelessWhile", "If", "StatelessIf")):
+            continue  # integer index and shape arithmetic
+        offending.append(f"{op.name} ({op.type})")
+    return offending
+
+
+# -- forward returns residuals; backward consumes them -----------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_stage_forward_returns_outputs_and_residuals_backward_consumes(name):
+    case = _build(name)
+    split = _split(case)
+    for stage, values in zip(split.stages, _stage_inputs(split, case.args(0))):
+        outputs, residuals = stage.forward(*values)
+        assert len(outputs) == len(stage.outputs)
+        for out, spec in zip(outputs, stage.backward.input_signature[1]):
+            assert out.dtype == spec.dtype
+        for res, spec in zip(residuals, stage.backward.input_signature[0]):
+            assert spec.is_compatible_with(res)
+        assert len(residuals) == len(stage.backward.input_signature[0])
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_stage_backward_does_no_forward_work(name):
+    """Every op in each backward graph either reads a cotangent or is a constant, a shape or
+    integer arithmetic: nothing of the forward pass runs again."""
+    case = _build(name)
+    split = _split(case)
+    for stage in split.stages:
+        assert _forward_work_in_backward(stage) == [], f"stage {stage.index}"
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_stage_backward_makes_no_variable_writes(name):
+    case = _build(name)
+    split = _split(case)
+    for stage in split.stages:
+        graph = stage.backward.get_concrete_function().graph
+        writes = [op.name for op in graph.get_operations() if op.type in STATEFUL_WRITES]
+        assert writes == [], f"stage {stage.index}"
+
+
+def test_seed_stage0_backward_has_no_tanh_and_only_the_two_gradient_matmuls():
+    """Stage 0 of the seed model computes ``tanh(x W + b)``: its backward holds ``TanhGrad``
+    of the residual ``y`` and the two MatMuls of the VJP (for ``x`` and ``W``), never the
+    forward ``Tanh`` or the forward MatMul."""
+    case = seed_model(tf.float64)
+    split = _split(case)
+    stage = split.stages[0]
+    forward = Counter(op.type for op in
+                      stage.forward.get_concrete_function().graph.get_operations())
+    backward = Counter(op.type for op in
+                       stage.backward.get_concrete_function().graph.get_operations())
+    assert forward["Tanh"] == 1 and forward["MatMul"] == 1
+    assert backward["Tanh"] == 0
+    assert backward["TanhGrad"] == 1
+    assert backward["MatMul"] == 2
+    assert backward["ReadVariableOp"] == 0
+
+
+def test_stage_backward_does_not_rerun_the_stage_side_effects():
+    """The stage that counts calls (``steps.assign_add(1)``) moves the counter when its
+    forward runs, and not when its backward runs."""
+    case = counted_mlp()
+    split = _split(case)
+    steps = case.variables[-1]
+    values = _stage_inputs(split, case.args(0))
+    counting = [s for s in split.stages
+                if any(op.type == "AssignAddVariableOp"
+                       for op in s.forward.get_concrete_function().graph.get_operations())]
+    assert len(counting) == 1
+    stage = counting[0]
+    steps.assign(0.0)
+    outputs, residuals = stage.forward(*values[stage.index])
+    assert float(steps.numpy()) == 1.0
+    cotangents = [tf.ones_like(o) for o in outputs]
+    stage.backward(residuals, cotangents)
+    stage.backward(residuals, cotangents)
+    assert float(steps.numpy()) == 1.0
+
+
+@pytest.mark.parametrize("entry", ["value_and_gradients", "vjp"])
+def test_side_effect_runs_exactly_once_per_step(entry):
+    case = counted_mlp()
+    split = _split(case)
+    steps = case.variables[-1]
+    steps.assign(0.0)
+    args = case.args(0)
+    for jit_compile in (False, True):
+        if entry == "value_and_gradients":
+            split.value_and_gradients(*args, jit_compile=jit_compile)
+        else:
+            split.vjp(args, tf.constant(1.0, tf.float64), jit_compile=jit_compile)
+    assert float(steps.numpy()) == 2.0
+
+
+# -- every stage compiles under XLA on its own -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_every_stage_compiles_under_xla_on_its_own(name):
+    case = _build(name)
+    split = _split(case)
+    variables = list(split.variables)
+    start = snapshot(variables)
+    rng = np.random.default_rng(5)
+    try:
+        for stage, values in zip(split.stages, _stage_inputs(split, case.args(0))):
+            forward, backward = stage.compiled(True)
+            hlo = forward.experimental_get_compiler_ir(*values)(stage="hlo")
+            assert "HloModule" in hlo, f"stage {stage.index} forward"
+            outputs, residuals = forward(*values)
+            ref_outputs, ref_residuals = stage.forward(*values)
+            assert max_rel_error(outputs, ref_outputs) <= TOL
+            cotangents = [tf.constant(normal(rng, o.shape, o.dtype)) if _is_float(o.dtype)
+                          else tf.zeros_like(o) for o in outputs]
+            hlo = backward.experimental_get_compiler_ir(residuals, cotangents)(stage="hlo")
+            assert "HloModule" in hlo, f"stage {stage.index} backward"
+            in_cots, var_grads = backward(residuals, cotangents)
+            ref_in, ref_vars = stage.backward(ref_residuals, cotangents)
+            pairs = [(a, b) for a, b in zip(in_cots, ref_in) if b is not None]
+            assert all((a is None) == (b is None) for a, b in zip(in_cots, ref_in))
+            assert max_rel_error([a for a, _ in pairs] + list(var_grads),
+                                 [b for _, b in pairs] + list(ref_vars)) <= TOL
+    finally:
+        restore(variables, start)
+
+
+def test_stage_compiled_returns_tf_functions_marked_for_xla():
+    """``stage.compiled(True)`` gives tf.functions whose FunctionDefs XLA must compile."""
+    case = seed_model(tf.float64)
+    split = _split(case)
+    for stage in split.stages:
+        for fn in stage.compiled(True):
+            assert isinstance(fn, tf.types.experimental.GenericFunction)
+            fdef = fn.get_concrete_function().function_def
+            assert fdef.attr["_XlaMustCompile"].b is True
+        for fn in stage.compiled(False):
+            fdef = fn.get_concrete_function().function_def
+            assert not fdef.attr["_XlaMustCompile"].b
+
+
+# -- driving the stages by hand ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_driving_stages_by_hand_equals_value_and_gradients_and_tape(name):
+    case = _build(name)
+    split = _split(case)
+    variables = list(split.variables)
+    start = snapshot(variables)
+    args = case.args(1)
+    try:
+        one = tf.ones([], split.output_specs[0].dtype)
+        outputs, _, grads = drive_by_hand(split, args, [one])
+        restore(variables, start)
+        value, vg_grads = split.value_and_gradients(*args, jit_compile=False)
+        restore(variables, start)
+        ref_value, ref_grads = reference_value_and_grads(case.fn, variables, False)(*args)
+    finally:
+        restore(variables, start)
+    assert value_rel_error(outputs[0], value) <= TOL
+    assert max_rel_error(grads, vg_grads) <= TOL
+    assert value_rel_error(outputs[0], ref_value) <= TOL
+    assert max_rel_error(grads, ref_grads) <= TOL
+
+
+def test_driving_stages_by_hand_non_scalar_fn_equals_vjp_and_tape():
+    case = seed_outputs_model(tf.float64)
+    split = _split(case)
+    args = case.args(2)
+    cotangent = tf.constant(normal(np.random.default_rng(3), (6, 5), tf.float64))
+    outputs, input_cotangents, grads = drive_by_hand(split, args, [cotangent])
+    vjp_out, vjp_inputs, vjp_grads = split.vjp(args, cotangent, jit_compile=False)
+    ref_out, ref_inputs, ref_grads = reference_vjp(case.fn, split.variables, False)(
+        args, [cotangent])
+    assert max_rel_error(outputs, [vjp_out]) <= TOL
+    assert max_rel_error(input_cotangents + grads, vjp_inputs + vjp_grads) <= TOL
+    assert max_rel_error(input_cotangents + grads, list(ref_inputs) + list(ref_grads)) <= TOL
+
+
+def test_driving_stages_by_hand_integer_input_cotangent_is_none():
+    case = integer_labels()
+    split = _split(case)
+    labels = split.arg_names[1]
+    stage = next(s for s in split.stages if labels in s.inputs)
+    values = _stage_inputs(split, case.args(0))[stage.index]
+    outputs, residuals = stage.forward(*values)
+    input_cotangents, _ = stage.backward(residuals, [tf.ones_like(o) for o in outputs])
+    assert input_cotangents[stage.inputs.index(labels)] is None
+    _, by_hand, _ = drive_by_hand(split, case.args(0), [tf.ones([], tf.float64)])
+    assert by_hand[1] is None
+
+
+# -- names line up -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_stage_inputs_are_arguments_or_earlier_stage_outputs(name):
+    case = _build(name)
+    split = _split(case)
+    available = set(split.arg_names)
+    for stage in split.stages:
+        missing = [n for n in stage.inputs if n not in available]
+        assert missing == [], f"stage {stage.index}"
+        available |= set(stage.outputs)
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_last_stage_outputs_include_output_names(name):
+    case = _build(name)
+    split = _split(case)
+    assert set(split.output_names) <= set(split.stages[-1].outputs)
+
+
+@pytest.mark.parametrize("name", list(ALL_BUILDERS))
+def test_stage_variables_are_a_subset_of_split_variables(name):
+    case = _build(name)
+    split = _split(case)
+    ids = {id(v) for v in split.variables}
+    for stage in split.stages:
+        assert {id(v) for v in stage.variables} <= ids
