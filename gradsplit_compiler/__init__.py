@@ -3,26 +3,44 @@
 >>> import gradsplit_compiler as gsc
 
 See ``CONTRACT.md`` (shared with this project) for the public API: ``split``, ``mark``,
-``Split``, ``Stage``, ``verify``, ``Report``, ``to_networkx``, ``from_networkx`` and
-``GradSplitError``.
+``Split``, ``Stage``, ``verify``, ``Report``, ``to_networkx``, ``from_networkx``,
+``pipeline``, ``Pipeline`` and ``GradSplitError``.
+
+Names are loaded on first use, so ``import gradsplit_compiler`` (and ``gradsplit --help``)
+does not pay for importing TensorFlow until something needs it.
 """
 
-from .errors import GradSplitError
-from .ir import from_networkx, to_networkx
-from .mark import mark
-from .split import Split, split
-from .stage import Stage
-from .verify import Report, verify
+from __future__ import annotations
 
-__all__ = [
-    "GradSplitError",
-    "Report",
-    "Split",
-    "Stage",
-    "from_networkx",
-    "mark",
-    "split",
-    "to_networkx",
-    "verify",
-]
+import importlib
+from typing import Any
+
+from .errors import GradSplitError
+
+_LAZY = {
+    "from_networkx": ".ir",
+    "to_networkx": ".ir",
+    "mark": ".mark",
+    "Pipeline": ".pipeline",
+    "pipeline": ".pipeline",
+    "Split": ".split",
+    "split": ".split",
+    "Stage": ".stage",
+    "Report": ".verify",
+    "verify": ".verify",
+}
+
+__all__ = ["GradSplitError", *sorted(_LAZY)]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradsplit_compiler' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

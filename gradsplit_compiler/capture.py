@@ -150,4 +150,7 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
         tf_function=tf_fn,
         keras_models=list(models) if isinstance(models, list) else ([models] if models else []),
     )
+    for ph, index in variable_placeholders.items():
+        # readable without the private Program: which variable a placeholder stands for
+        program.graph.nodes[ph]["variable"] = variables[index].name
     return program

@@ -4,7 +4,9 @@ One node per TF op, keyed by op name, holding
 
 - ``node_def``: the op's ``NodeDef`` with its ``input`` list cleared (the edges hold it);
 - ``op``: the op type; ``outputs``: a list of ``(tf.DType | None, tf.TensorShape)`` per
-  output, derived, cheap to query, filled when a ``tf.Graph`` or shapes are at hand.
+  output, derived, cheap to query, filled when a ``tf.Graph`` or shapes are at hand;
+- after capture, ``variable`` on the placeholder of a captured variable (its name); after
+  partition, ``stage`` (``None`` for inputs and dead ops) and ``stages`` (where copies run).
 
 One edge per use. A data edge ``u -> v`` carries ``src_output`` (the producer's output
 index) and ``dst_input`` (the consumer's input index) and is keyed ``dst_input`` so that

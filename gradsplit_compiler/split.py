@@ -109,6 +109,15 @@ class Split:
     def __repr__(self) -> str:
         return f"Split({len(self.stages)} stages, {len(self.variables)} variables)"
 
+    def spec(self, name: str) -> tf.TensorSpec:
+        """The ``tf.TensorSpec`` (static shape, dtype) of graph tensor ``name``."""
+        return self._spec(name)
+
+    def variable_of(self, placeholder: str) -> tf.Variable | None:
+        """The variable a captured-variable placeholder op of ``graph`` stands for."""
+        index = self._program.variable_placeholders.get(placeholder)
+        return None if index is None else self.variables[index]
+
     def _spec(self, name: str) -> tf.TensorSpec:
         if name in self.arg_names:
             return self.arg_specs[self.arg_names.index(name)]

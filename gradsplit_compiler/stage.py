@@ -38,6 +38,8 @@ class Stage:
         self.input_specs = input_specs
         self.output_specs = output_specs
         self.residual_specs = list(vjp.residual_specs)
+        # names of the residuals in the stage's VJP graph (forward tensors the backward reads)
+        self.residuals = list(vjp.residual_names)
         self.num_ops = len(plan.nodes)
         self._program = program
         self._vjp = vjp
