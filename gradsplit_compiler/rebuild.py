@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
@@ -68,6 +69,32 @@ def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef
 
 
 @dataclass
+class ListResidual:
+    """A loop accumulator (TensorList) that crosses from forward to backward as a tensor.
+
+    The forward stacks it, rotated so the ``counter`` elements the loop pushed sit last
+    (under XLA the list is a fixed buffer of ``maximum_iterations`` slots filled from the
+    front, and the gradient loop pops from the back); the backward only rebuilds the list.
+    """
+
+    dtype: tf.DType
+    element_shape: list
+    counter: int  # index of the residual holding the loop's trip count
+
+    def to_tensor(self, handle: tf.Tensor, counter: tf.Tensor) -> tf.Tensor:
+        dense = tf.raw_ops.TensorListStack(
+            input_handle=handle, element_shape=self.element_shape, element_dtype=self.dtype,
+            num_elements=-1,
+        )
+        size = tf.shape(dense)[0]
+        counter = tf.cast(counter, size.dtype)
+        return tf.gather(dense, tf.math.floormod(tf.range(size) + counter, size))
+
+    def from_tensor(self, dense: tf.Tensor) -> tf.Tensor:
+        return tf.raw_ops.TensorListFromTensor(tensor=dense, element_shape=self.element_shape)
+
+
+@dataclass
 class StageVJP:
     """The two pieces of one stage and how to feed them."""
 
@@ -82,6 +109,7 @@ class StageVJP:
     input_gradients: list
     variable_gradients: list
     xla_compatible: bool = True
+    list_residuals: dict = field(default_factory=dict)  # residual index -> ListResidual
     capture_keys: dict[str, object] = field(default_factory=dict)  # input_map key -> external
     variable_keys: dict[str, int] = field(default_factory=dict)  # input_map key -> var index
 
@@ -170,9 +198,17 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     from_cot = ir.descendants(h, set(cot_ph))
     recompute = _recomputable(h, need_b - from_cot - placeholders)
     b_core = (need_b & from_cot) - placeholders
-    # Loop accumulators (TensorLists) cannot cross from one XLA program to another: the
-    # backward recomputes the ops that make them from plain tensors.
-    b_core |= _variant_producers(h, b_core, need_b - placeholders)
+    # A loop's accumulators (TensorLists) cannot cross from one XLA program to another; a
+    # fixed-size one travels as a dense tensor (see ListResidual). Any other variant the
+    # backward reads is recomputed in the backward from plain tensors.
+    lists = {}
+
+    def as_list(name: str):
+        if name not in lists:
+            lists[name] = _list_accumulator(h, graph, name)
+        return lists[name]
+
+    b_core |= _variant_producers(h, b_core, need_b - placeholders, as_list)
     f_extra = need_b - b_core - recompute - placeholders
     # Recompute only what the backward reaches through recomputable ops, not through
     # forward values (those arrive as residuals).
@@ -192,11 +228,31 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             name = ir.tensor_name(src, idx)
             if name not in residual_names:
                 residual_names.append(name)
+    list_infos = {name: as_list(name) for name in residual_names
+                  if graph.get_tensor_by_name(name).dtype == tf.variant and as_list(name)}
+    for info in list_infos.values():
+        if info["counter"] not in residual_names:
+            residual_names.append(info["counter"])
     residual_names.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]],
                                        ir.parse_tensor_name(t)[1]))
+    list_residuals = {
+        residual_names.index(name): ListResidual(
+            dtype=info["dtype"], element_shape=info["element_shape"],
+            counter=residual_names.index(info["counter"]),
+        )
+        for name, info in list_infos.items()
+    }
     residual_specs = []
-    for name in residual_names:
+    for i, name in enumerate(residual_names):
         t = graph.get_tensor_by_name(name)
+        if i in list_residuals:
+            spec = list_residuals[i]
+            if isinstance(spec.element_shape, int):  # -1: rank unknown
+                residual_specs.append(tf.TensorSpec(None, spec.dtype))
+            else:
+                dims = [None if d < 0 else int(d) for d in spec.element_shape]
+                residual_specs.append(tf.TensorSpec([None] + dims, spec.dtype))
+            continue
         shape = t.shape
         if t.op.type in CONTROL_FLOW_OPS and shape.rank is not None:
             # An If's intermediate for the branch not taken has a made-up static shape
@@ -238,6 +294,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             capture_keys[ph + ":0"] = external
     return StageVJP(
         xla_compatible=xla_compatible,
+        list_residuals=list_residuals,
         forward_graph_def=forward_gd,
         backward_graph_def=backward_gd,
         input_keys=[ph + ":0" for ph in in_ph],
@@ -252,9 +309,33 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     )
 
 
-def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str]) -> set[str]:
-    """Forward ops whose ``variant`` outputs the backward reads, and what they need to be
-    recomputed from plain tensors."""
+def _list_accumulator(h: nx.MultiDiGraph, graph, name: str) -> dict | None:
+    """For a ``While`` output that is a TensorList accumulator with a static element shape:
+    its dtype, element shape and the loop's trip-count tensor; else ``None``."""
+    op, index = ir.parse_tensor_name(name)
+    if h.nodes[op]["op"] not in ("While", "StatelessWhile"):
+        return None
+    inputs = ir.data_inputs(h, op)
+    if index >= len(inputs):
+        return None
+    init = graph.get_operation_by_name(inputs[index][0])
+    if init.type not in ("EmptyTensorList", "TensorListReserve"):
+        return None
+    element_shape = tf.get_static_value(init.inputs[0])
+    if element_shape is None:
+        return None
+    return {
+        "dtype": init.get_attr("element_dtype"),
+        "element_shape": [int(d) for d in np.atleast_1d(element_shape)]
+        if np.ndim(element_shape) else int(element_shape),
+        "counter": ir.tensor_name(op, 0),  # while_v2's first loop variable counts trips
+    }
+
+
+def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str],
+                       travels) -> set[str]:
+    """Forward ops whose ``variant`` outputs the backward reads and that cannot ``travel``
+    as tensors, and what they need to be recomputed from plain tensors."""
     added: set[str] = set()
     frontier = set(backward)
     while frontier:
@@ -264,7 +345,8 @@ def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[s
                 if src in backward or src in added or src not in candidates:
                     continue
                 outputs = h.nodes[src].get("outputs") or []
-                if idx < len(outputs) and outputs[idx][0] == tf.variant:
+                if (idx < len(outputs) and outputs[idx][0] == tf.variant
+                        and not travels(ir.tensor_name(src, idx))):
                     new.add(src)
         added |= new
         frontier = new

@@ -75,11 +75,16 @@ class Stage:
         outputs = got[: len(vjp.output_names)]
         rest = dict(zip(fetched, got[len(vjp.output_names):]))
         residuals = [input_map[r] if r in input_map else rest[r] for r in vjp.residual_names]
+        for i, as_list in vjp.list_residuals.items():
+            residuals[i] = as_list.to_tensor(residuals[i], residuals[as_list.counter])
         return outputs, residuals
 
     def emit_backward(self, residuals: Sequence[tf.Tensor], cotangents: Sequence, name: str):
         """Emit the VJP: ``(input_cotangents, variable_grads)``."""
         vjp = self._vjp
+        residuals = list(residuals)
+        for i, as_list in vjp.list_residuals.items():
+            residuals[i] = as_list.from_tensor(residuals[i])
         input_map = dict(zip(vjp.residual_names, residuals))
         for j, key in vjp.cotangent_keys.items():
             input_map[key] = cotangents[j]
