@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from .program import Program, StagePlan
+from .errors import GradSplitError
 from .rebuild import StageVJP, capture_map, emit
 
 
@@ -109,9 +110,25 @@ class Stage:
         return input_cotangents, variable_grads
 
     def compiled(self, jit_compile: bool = True):
-        """``(forward, backward)`` as their own XLA programs (what a pipeline runs)."""
+        """``(forward, backward)`` as their own XLA programs (what a pipeline runs).
+
+        Known limit: a stage holding a ``tf.cond`` whose backward needs intermediates of a
+        branch compiles on its own under XLA only with static input shapes. XLA compiles
+        both branches, and TensorFlow stands in for the other branch's intermediates with
+        zeros of their static shape, a 0 where the batch dimension is ``None``. Such a stage
+        raises a ``GradSplitError`` saying so; the composed ``value_and_gradients`` (one XLA
+        program) is not affected.
+        """
         key = bool(jit_compile)
         cache = self.__dict__.setdefault("_compiled", {})
+        if jit_compile and self._needs_static_shapes():
+            raise GradSplitError(
+                f"stage {self.index} holds a tf.cond whose gradient reads branch "
+                "intermediates; XLA can compile it on its own only with static shapes, and "
+                f"its inputs have shapes {[str(s.shape) for s in self.input_specs]}. Give "
+                "split() an input_signature with a fixed batch size, or use "
+                "compiled(jit_compile=False) for this stage."
+            )
         if key not in cache:
             cache[key] = (
                 tf.function(self._forward_body, input_signature=self.input_specs,
@@ -121,3 +138,9 @@ class Stage:
                             jit_compile=jit_compile, autograph=False),
             )
         return cache[key]
+
+    def _needs_static_shapes(self) -> bool:
+        if all(s.shape.is_fully_defined() for s in self.input_specs):
+            return False
+        return any(nd.op == "FakeParam" for f in self._vjp.forward_graph_def.library.function
+                   for nd in f.node_def)
