@@ -42,7 +42,6 @@ Variables
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -136,7 +135,7 @@ class _StageRunner:
     """What one device needs to run one stage."""
 
     index: int
-    device: str | None
+    device: str
     forward: Any
     backward: Any
     inputs: list[str]
@@ -218,7 +217,12 @@ class Pipeline:
         ``split.variables`` (zeros for a variable the value does not depend on). The first
         step also traces and compiles each stage for the micro-batch shape, which its
         timeline shows; time the second.
+
+        If any action fails, the other devices stop at their next action (one already
+        running finishes), every variable the program assigns is put back as it was before
+        the step, and the first error is raised here, with a note naming the action.
         """
+        self._last = None
         tensors = self.split._check_args(list(args))
         per_microbatch = self._cut_into_microbatches(tensors)
         for (idx, _), replica in self._replicas.items():
@@ -359,8 +363,6 @@ class Pipeline:
 
     def _device_label(self, d: int) -> str:
         device = self.devices[d]
-        if device is None:
-            return "default device"
         spec = tf.DeviceSpec.from_string(device)
         short = f"{spec.device_type}:{spec.device_index}"
         return short if spec.job in (None, "localhost") else device
@@ -449,7 +451,7 @@ class _StepRun:
                     if self.failed:
                         return
                 start = time.perf_counter() - self.start
-                with _on(runner.device):
+                with tf.device(runner.device):
                     if action.kind == FORWARD:
                         self._forward(runner, action.microbatch)
                     else:
@@ -457,7 +459,7 @@ class _StepRun:
                 end = time.perf_counter() - self.start
                 with self.condition:
                     self.events.append(TimelineEvent(
-                        d, runner.device or "default", action.kind, action.stage,
+                        d, runner.device, action.kind, action.stage,
                         action.microbatch, start, end))
                     self.done.add(action)
                     self.condition.notify_all()
@@ -542,10 +544,6 @@ class _StepRun:
             totals[i] if i in totals else tf.zeros(v.shape, v.dtype)
             for i, v in enumerate(self.pipe.split.variables)
         ]
-
-
-def _on(device: str | None):
-    return tf.device(device) if device is not None else contextlib.nullcontext()
 
 
 # -- checks and setup -------------------------------------------------------------------------
@@ -638,7 +636,7 @@ def _resolve_device(name: Any) -> str:
 _REPLICA_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan_replicas(split: Split, devices: list[str | None], jit_compile: bool):
+def _plan_replicas(split: Split, devices: list[str], jit_compile: bool):
     """``{(variable index, device): replica}`` for every variable a compiled stage reads on a
     device that does not hold it, and the written ones to copy back after a step."""
     if not jit_compile:  # a graph function reads across devices by itself
@@ -651,8 +649,6 @@ def _plan_replicas(split: Split, devices: list[str | None], jit_compile: bool):
             readers[idx] = readers.get(idx, 0) + 1
     replicas, copied_back = {}, []
     for stage, device in zip(split.stages, devices):
-        if device is None:
-            continue
         for idx in stage.variable_indices:
             v = split.variables[idx]
             if v.device == device:
@@ -676,7 +672,7 @@ def _plan_replicas(split: Split, devices: list[str | None], jit_compile: bool):
     return replicas, copied_back
 
 
-def _runner(split: Split, stage: Any, device: str | None, replicas: dict,
+def _runner(split: Split, stage: Any, device: str, replicas: dict,
             jit_compile: bool) -> _StageRunner:
     mine = {idx: r for (idx, d), r in replicas.items() if d == device
             and idx in stage.variable_indices}
