@@ -184,6 +184,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         xla_compatible = False
         graph = tf.function(body, autograph=False).get_concrete_function(
             *(named_inputs + cot_specs)).graph
+    xla_compatible = xla_compatible and not _unbounded_lists(graph)
     capture_kind = {}
     for external, internal in graph.captures:
         capture_kind[internal.op.name] = external
@@ -307,6 +308,17 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         capture_keys=capture_keys,
         variable_keys=variable_keys,
     )
+
+
+def _unbounded_lists(graph) -> bool:
+    """Whether a loop keeps values in a TensorList of unbounded size (no maximum_iterations):
+    XLA cannot compile that."""
+    for op in graph.get_operations():
+        if op.type == "EmptyTensorList":
+            size = tf.get_static_value(op.inputs[1])
+            if size is None or int(size) < 0:
+                return True
+    return False
 
 
 def _list_accumulator(h: nx.MultiDiGraph, graph, name: str) -> dict | None:

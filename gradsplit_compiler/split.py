@@ -165,7 +165,17 @@ class Split:
     def _arg_labels(self) -> list[str]:
         return [repr(ir.parse_tensor_name(n)[0]) for n in self.arg_names]
 
+    def _check_xla(self, jit_compile: bool) -> None:
+        for stage in self.stages:
+            if jit_compile and not stage.xla_compatible:
+                raise GradSplitError(
+                    f"stage {stage.index} holds a tf.while_loop without maximum_iterations; "
+                    "XLA needs a bound to keep the loop's values for the backward. Pass "
+                    "maximum_iterations= to tf.while_loop, or run with jit_compile=False."
+                )
+
     def _composed(self, kind: str, jit_compile: bool):
+        self._check_xla(jit_compile)
         key = (kind, bool(jit_compile))
         if key not in self._functions:
             if kind == "value_and_gradients":
@@ -283,6 +293,7 @@ class Split:
         ``(outputs, input_cotangents, grads)`` as ``vjp`` does.
         """
         tensors = self._check_args(list(args))
+        self._check_xla(jit_compile)
         env = dict(zip(self.arg_names, tensors))
         residuals = []
         written = [self.variables[i] for i in self._program.written_variables()]

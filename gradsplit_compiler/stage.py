@@ -44,6 +44,8 @@ class Stage:
         self.num_ops = len(plan.nodes)
         self._program = program
         self._vjp = vjp
+        # False when a tf.while_loop without maximum_iterations keeps values for the backward
+        self.xla_compatible = vjp.xla_compatible
         self.forward = tf.function(
             self._forward_body, input_signature=input_specs, autograph=False,
         )
@@ -121,6 +123,12 @@ class Stage:
         """
         key = bool(jit_compile)
         cache = self.__dict__.setdefault("_compiled", {})
+        if jit_compile and not self.xla_compatible:
+            raise GradSplitError(
+                f"stage {self.index} holds a tf.while_loop without maximum_iterations; XLA "
+                "needs a bound to keep the loop's values for the backward. Pass "
+                "maximum_iterations= to tf.while_loop, or use compiled(jit_compile=False)."
+            )
         if jit_compile and self._needs_static_shapes():
             raise GradSplitError(
                 f"stage {self.index} holds a tf.cond whose gradient reads branch "
