@@ -8,7 +8,7 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 comma       := ,
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint bench clean-venv
 
 # The picture goes to out/ (ignored by git) rather than the default ./gradsplit-demo.png.
 demo: $(VENV)/.installed-render
@@ -17,6 +17,10 @@ demo: $(VENV)/.installed-render
 
 test: $(VENV)/.installed-test-render
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Figures of BENCHMARKS.md and docs/bench_cut_size.png; takes ~15 minutes on 2 cores.
+bench: $(VENV)/.installed-render
+	$(BIN)/python tools/bench.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,0 +1,451 @@
+"""Benchmarks: the composed gradient against the monolithic one and the thread's answers.
+
+Run as ``make bench`` (or ``python tools/bench.py [--quick] [--only N ...]``). Every figure is
+a ratio measured in this run: medians of interleaved repeats after warm-up, so both sides see
+the same machine. Writes BENCHMARKS.md (with the command that made it) and
+docs/bench_cut_size.png (figure 5).
+
+1. ``value_and_gradients(jit_compile=True)`` / one XLA-compiled ``tape.gradient`` of the
+   original function: MLP (8x512, batch 128, 4 stages), ResNet50 at 64x64 (4 stages), a
+   small transformer (4 stages).
+2. The stages driven one by one (``run_stages``), each forward and backward its own XLA
+   program, / the monolithic step.
+3. Peak memory of the composed step / the monolithic step (each in a fresh process).
+4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250 and
+   1,000 layers, with time per graph node.
+5. The thread's answers on the seed model as the cut grows: per-scalar ``tf.gradients``,
+   ``GradientTape.jacobian``, and ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import gradsplit_compiler as gsc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            _block(fn())
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            _block(fn())
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _block(result) -> None:
+    for t in tf.nest.flatten(result):
+        if hasattr(t, "numpy"):
+            t.numpy()
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def mlp(rng, layers=8, width=512, batch=128, stages=4):
+    ws = [tf.Variable(rng.normal(size=(width, width)).astype("float32") / width ** 0.5)
+          for _ in range(layers)]
+    bs = [tf.Variable(np.zeros(width, "float32")) for _ in range(layers)]
+    per = layers // stages
+    marks = [f"l{i}" for i in range(per - 1, layers - 1, per)]
+
+    @tf.function
+    def loss(x, y):
+        h = x
+        for i in range(layers):
+            h = tf.nn.relu(h @ ws[i] + bs[i])
+            if f"l{i}" in marks:
+                h = gsc.mark(h, f"l{i}")
+        return tf.reduce_mean((h - y) ** 2)
+
+    sig = [tf.TensorSpec([None, width]), tf.TensorSpec([None, width])]
+    args = [tf.constant(rng.normal(size=(batch, width)).astype("float32")) for _ in range(2)]
+    return "MLP 8x512, batch 128", loss, sig, marks, args
+
+
+def resnet50(rng, batch=16):
+    import keras
+
+    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+
+    @tf.function
+    def loss(x, y):
+        return tf.reduce_mean(keras.losses.categorical_crossentropy(y, model(x, training=True)))
+
+    sig = [tf.TensorSpec([None, 64, 64, 3]), tf.TensorSpec([None, 10])]
+    args = [tf.constant(rng.normal(size=(batch, 64, 64, 3)).astype("float32")),
+            tf.constant(np.eye(10, dtype="float32")[rng.integers(0, 10, batch)])]
+    cuts = ["conv2_block3_out", "conv3_block4_out", "conv4_block6_out"]
+    return f"ResNet50 64x64, batch {batch}", loss, sig, cuts, args
+
+
+def transformer(rng, blocks=4, seq=64, dim=128, heads=4, batch=16):
+    import keras
+
+    inp = keras.Input((seq, dim))
+    h = inp
+    for i in range(blocks):
+        a = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"attn{i}")(h, h)
+        h = keras.layers.LayerNormalization(name=f"ln{i}a")(h + a)
+        f = keras.layers.Dense(4 * dim, activation="gelu", name=f"ff{i}a")(h)
+        f = keras.layers.Dense(dim, name=f"ff{i}b")(f)
+        h = keras.layers.LayerNormalization(name=f"block{i}")(h + f)
+    model = keras.Model(inp, h)
+
+    @tf.function
+    def loss(x, y):
+        return tf.reduce_mean((model(x, training=True) - y) ** 2)
+
+    sig = [tf.TensorSpec([None, seq, dim]), tf.TensorSpec([None, seq, dim])]
+    args = [tf.constant(rng.normal(size=(batch, seq, dim)).astype("float32")) for _ in range(2)]
+    return f"transformer {blocks}x(d{dim}, seq {seq}), batch {batch}", loss, sig, \
+        [f"block{i}" for i in range(blocks - 1)], args
+
+
+def monolithic_step(loss, variables, jit_compile=True):
+    python_fn = loss.python_function
+
+    @tf.function(jit_compile=jit_compile)
+    def step(*args):
+        with tf.GradientTape() as tape:
+            value = python_fn(*args)
+        return value, tape.gradient(value, variables)
+
+    return step
+
+
+# -- figures 1 and 2 ------------------------------------------------------------------------
+
+
+def figure_speed(models, repeats):
+    return [_speed_of(build, repeats) for build in models]
+
+
+def _speed_of(build, repeats):
+    name, loss, sig, cuts, args = build(np.random.default_rng(0))
+    log(f"[1,2] {name}: split at {len(cuts)} cuts ...")
+    split = gsc.split(loss, sig, cuts)
+    mono = monolithic_step(loss, split.variables)
+    written = [split.variables[i] for i in split._program.written_variables()]
+    start = [v.numpy() for v in written]
+    times = interleaved({
+        "mono": lambda: mono(*args),
+        "composed": lambda: split.value_and_gradients(*args),
+        "stages": lambda: split.run_stages(args),
+    }, repeats)
+    for v, value in zip(written, start):
+        v.assign(value)
+    log(f"      monolithic {times['mono'] * 1e3:.2f} ms, composed "
+        f"{times['composed'] / times['mono']:.3f}x, by stage "
+        f"{times['stages'] / times['mono']:.3f}x")
+    return name, len(split.stages), times
+
+
+# -- figure 3: memory, each side in a fresh process ------------------------------------------
+
+_MEMORY_CHILD = r"""
+import os, resource, sys, json
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+sys.path.insert(0, {root!r})
+import numpy as np, tensorflow as tf
+sys.path.insert(0, {tools!r})
+import bench, gradsplit_compiler as gsc
+name, loss, sig, cuts, args = getattr(bench, {model!r})(np.random.default_rng(0))
+split = gsc.split(loss, sig, cuts)
+mono = bench.monolithic_step(loss, split.variables)
+sides = {{"mono": lambda: mono(*args), "composed": lambda: split.value_and_gradients(*args)}}
+run = sides[{side!r}]
+base = None
+for i in range(6):
+    bench._block(run())
+    if i == 0:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "rss_kb": int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])}}))
+"""
+
+
+def figure_memory(model_names):
+    rows = []
+    for model in model_names:
+        result = {}
+        for side in ("mono", "composed"):
+            code = _MEMORY_CHILD.format(root=str(ROOT), tools=str(ROOT / "tools"), model=model,
+                                        side=side)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            result[side] = json.loads(out)
+        ratio = result["composed"]["peak_kb"] / result["mono"]["peak_kb"]
+        rows.append((model, result, ratio))
+        log(f"[3] {model}: peak RSS monolithic {result['mono']['peak_kb'] / 1024:.0f} MB, "
+            f"composed {result['composed']['peak_kb'] / 1024:.0f} MB ({ratio:.3f}x)")
+    return rows
+
+
+# -- figure 4: split() time ------------------------------------------------------------------
+
+
+def chain(layers, rng):
+    ws = [tf.Variable(rng.normal(size=(16, 16)).astype("float32") * 0.2) for _ in range(layers)]
+
+    def body(x):
+        h = x
+        for i, w in enumerate(ws):
+            h = tf.tanh(h @ w)
+            if i in (layers // 4, layers // 2, 3 * layers // 4):
+                h = gsc.mark(h, f"c{i}")
+        return tf.reduce_sum(h ** 2)
+
+    cuts = [f"c{i}" for i in (layers // 4, layers // 2, 3 * layers // 4)]
+    return f"chain of {layers} layers", body, [tf.TensorSpec([None, 16])], cuts, ws
+
+
+def figure_split_time(quick):
+    rows = []
+    rng = np.random.default_rng(0)
+    cases = [chain(250, rng), chain(1000, rng)]
+    if not quick:
+        name, loss, sig, cuts, _ = resnet50(rng)
+        cases.insert(0, (name, loss.python_function, sig, cuts, None))
+    for name, body, sig, cuts, _ in cases:
+        trace_times, step_times, split_times = [], [], []
+        for _ in range(2 if quick else 3):
+            fn = tf.function(body)
+            t = time.perf_counter()
+            concrete = fn.get_concrete_function(*sig)
+            trace_times.append(time.perf_counter() - t)
+            watched = concrete.graph.variables
+
+            def step(*a, body=body, watched=watched):
+                with tf.GradientTape() as tape:
+                    value = body(*a)
+                return tape.gradient(value, watched)
+
+            t = time.perf_counter()
+            tf.function(step).get_concrete_function(*sig)
+            step_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            split = gsc.split(fn, sig, cuts)
+            split_times.append(time.perf_counter() - t)
+        nodes = split.graph.number_of_nodes()
+        tr, st, sp = (float(np.median(x)) for x in (trace_times, step_times, split_times))
+        rows.append((name, nodes, tr, st, sp))
+        log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
+            f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
+            f"step's trace, {sp / nodes * 1e3:.2f} ms per node)")
+    return rows
+
+
+# -- figure 5: the thread's answers ----------------------------------------------------------
+
+
+def seed_problem(cut, rng, features=64, batch=16):
+    width = max(1, cut // batch)
+    W = tf.Variable(rng.normal(size=(features, width)).astype("float32") / features ** 0.5)
+    b = tf.Variable(np.zeros(width, "float32"))
+
+    def y_of(x):
+        return tf.tanh(x @ W + b)
+
+    @tf.function
+    def loss(x, y0):
+        return tf.reduce_mean((gsc.mark(y_of(x), "y") - y0) ** 2)
+
+    x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
+    y0 = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+    return loss, y_of, (W, b), x, y0, batch * width
+
+
+def figure_cut_size(sizes, per_scalar_limit, jacobian_limit, repeats):
+    return [_cut_size_row(cut, per_scalar_limit, jacobian_limit, repeats) for cut in sizes]
+
+
+def _cut_size_row(cut, per_scalar_limit, jacobian_limit, repeats):
+    rng = np.random.default_rng(0)
+    loss, y_of, (W, b), x, y0, n = seed_problem(cut, rng)
+    split = gsc.split(loss, [tf.TensorSpec(x.shape), tf.TensorSpec(y0.shape)], ["y"])
+    mono = monolithic_step(loss, [W, b])
+
+    @tf.function(jit_compile=True)
+    def jacobian(x, y0):
+        with tf.GradientTape(persistent=True) as tape:
+            y = y_of(x)
+            value = tf.reduce_mean((y - y0) ** 2)
+        dl_dy = tape.gradient(value, y)
+        jw, jb = tape.jacobian(y, [W, b])
+        return (tf.tensordot(dl_dy, jw, axes=2), tf.tensordot(dl_dy, jb, axes=2))
+
+    fns = {"mono": lambda: mono(x, y0), "ours": lambda: split.value_and_gradients(x, y0)}
+    if n <= jacobian_limit:
+        fns["jacobian"] = lambda: jacobian(x, y0)
+    if n <= per_scalar_limit:
+        per_scalar = _per_scalar(y_of, W, b, x, y0)
+        fns["per_scalar"] = lambda: per_scalar(x, y0)
+    times = interleaved(fns, repeats if n <= 4096 else max(3, repeats // 2), warmup=1)
+    ratios = ", ".join(f"{k} {v / times['mono']:.2f}x" for k, v in times.items()
+                       if k != "mono")
+    log(f"[5] cut of {n} elements: monolithic {times['mono'] * 1e6:.0f} us; {ratios}")
+    return n, {k: v / times["mono"] for k, v in times.items()}, times["mono"]
+
+
+def _per_scalar(y_of, W, b, x_example, y0_example):
+    """The accepted answer: one tf.gradients per scalar of y, chained with dL/dy."""
+    n = int(np.prod(y_of(x_example).shape))
+
+    @tf.function
+    def run(x, y0):
+        y = y_of(x)
+        value = tf.reduce_mean((y - y0) ** 2)
+        dl_dy = tf.reshape(tf.gradients(value, y)[0], [-1])
+        flat = tf.reshape(y, [-1])
+        gw = tf.zeros_like(W)
+        gb = tf.zeros_like(b)
+        for i in range(n):
+            dw, db = tf.gradients(flat[i], [W, b])
+            gw += dl_dy[i] * dw
+            gb += dl_dy[i] * db
+        return gw, gb
+
+    return run
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+            f"TensorFlow {tf.__version__}, numpy {np.__version__}")
+
+
+def write_report(path, command, speed, memory, split_rows, cut_rows):
+    lines = ["# Benchmarks", "", f"Made by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
+             f"Machine: {machine()}.", "",
+             "Every figure is a ratio measured in the same run: medians of interleaved "
+             "repeats after warm-up. Lower is better; 1.00 means no cost over the monolithic "
+             "XLA-compiled `tape.gradient` of the original function.", ""]
+    if speed:
+        lines += ["## 1-2. Time per training step, over the monolithic XLA step", "",
+                  "| model | stages | monolithic | composed `value_and_gradients` (target "
+                  "1.02, at most 1.10) | stages one by one, `run_stages` (target 1.10) |",
+                  "|---|---|---|---|---|"]
+        for name, k, t in speed:
+            lines.append(f"| {name} | {k} | {t['mono'] * 1e3:.2f} ms | "
+                         f"{t['composed'] / t['mono']:.3f} | {t['stages'] / t['mono']:.3f} |")
+        lines.append("")
+    if memory:
+        lines += ["## 3. Peak memory, composed over monolithic (target 1.10)", "",
+                  "Peak resident set of a fresh process after six steps.", "",
+                  "| model | monolithic | composed | ratio |", "|---|---|---|---|"]
+        for model, r, ratio in memory:
+            lines.append(f"| {model} | {r['mono']['peak_kb'] / 1024:.0f} MB | "
+                         f"{r['composed']['peak_kb'] / 1024:.0f} MB | {ratio:.3f} |")
+        lines.append("")
+    if split_rows:
+        lines += ["## 4. `split()` time", "",
+                  "| program | nodes | TF trace | TF trace of the training step | split | "
+                  "split / trace | split / step trace | ms per node |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, nodes, tr, st, sp in split_rows:
+            lines.append(f"| {name} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s | "
+                         f"{sp / tr:.2f} | {sp / st:.2f} | {sp / nodes * 1e3:.3f} |")
+        lines.append("")
+    if cut_rows:
+        lines += ["## 5. The thread's answers as the cut grows (seed model, float32, XLA)", "",
+                  "Time per gradient over the monolithic one.", "",
+                  "![ratio against cut size](docs/bench_cut_size.png)", "",
+                  "| cut elements | monolithic | ours | GradientTape.jacobian | per-scalar "
+                  "tf.gradients |", "|---|---|---|---|---|"]
+        for n, r, mono in cut_rows:
+            cells = [f"{r[k]:.2f}x" if k in r else "-" for k in ("ours", "jacobian",
+                                                                  "per_scalar")]
+            lines.append(f"| {n} | {mono * 1e6:.0f} us | " + " | ".join(cells) + " |")
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+
+
+def plot_cut_size(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for key, label, style in (("per_scalar", "per-scalar tf.gradients", "o-"),
+                              ("jacobian", "GradientTape.jacobian", "s-"),
+                              ("ours", "gradsplit (VJP by parts)", "^-")):
+        pts = [(n, r[key]) for n, r, _ in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("elements in the cut tensor y")
+    ax.set_ylabel("time / monolithic gradient")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.legend()
+    ax.set_title("Gradient through a cut: cost against cut size")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 21)
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    log(f"machine: {machine()}")
+    models = [mlp] if args.quick else [mlp, resnet50, transformer]
+    speed = figure_speed(models, repeats) if {1, 2} & set(args.only) else []
+    memory = figure_memory(["mlp"] if args.quick else ["mlp", "resnet50", "transformer"]) \
+        if 3 in args.only else []
+    split_rows = figure_split_time(args.quick) if 4 in args.only else []
+    cut_rows = []
+    if 5 in args.only:
+        sizes = [16, 256, 1024] if args.quick else [16, 64, 256, 1024, 4096, 16384, 32768]
+        # Beyond these the answers cost minutes to build (one backward graph per element)
+        # or gigabytes (the Jacobian of y with respect to W has batch * width^2 * features
+        # entries): the table says "-".
+        cut_rows = figure_cut_size(sizes, per_scalar_limit=256, jacobian_limit=4096,
+                                   repeats=repeats)
+        plot_cut_size(cut_rows, ROOT / "docs" / "bench_cut_size.png")
+    write_report(args.out, command.strip(), speed, memory, split_rows, cut_rows)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
