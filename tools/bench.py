@@ -20,7 +20,6 @@ docs/bench_cut_size.png (figure 5).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -167,41 +166,53 @@ def _speed_of(build, repeats):
 # -- figure 3: memory, each side in a fresh process ------------------------------------------
 
 _MEMORY_CHILD = r"""
-import os, resource, sys, json
+import os, sys, json
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+os.environ["XLA_FLAGS"] = "--xla_dump_to=" + {dump!r}
 sys.path.insert(0, {root!r})
-import numpy as np, tensorflow as tf
 sys.path.insert(0, {tools!r})
+import numpy as np, tensorflow as tf
 import bench, gradsplit_compiler as gsc
 name, loss, sig, cuts, args = getattr(bench, {model!r})(np.random.default_rng(0))
 split = gsc.split(loss, sig, cuts)
 mono = bench.monolithic_step(loss, split.variables)
-sides = {{"mono": lambda: mono(*args), "composed": lambda: split.value_and_gradients(*args)}}
-run = sides[{side!r}]
-base = None
-for i in range(6):
-    bench._block(run())
-    if i == 0:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "rss_kb": int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])}}))
+sides = {{"mono": lambda: mono(*args), "composed": lambda: split.value_and_gradients(*args),
+         "stages": lambda: split.run_stages(args)}}
+bench._block(sides[{side!r}]())
 """
 
 
+def _xla_bytes(dump: Path) -> list[int]:
+    """'Total bytes used' of every XLA program compiled, from XLA's buffer assignments."""
+    sizes = []
+    for path in dump.glob("*after_optimizations-buffer-assignment.txt"):
+        for line in path.read_text().splitlines():
+            if line.startswith("Total bytes used:"):
+                sizes.append(int(line.split(":")[1].split()[0]))
+    return sizes
+
+
 def figure_memory(model_names):
+    """XLA's own buffer plan (parameters, outputs and temporaries of each compiled program),
+    read from its dumps: deterministic, unlike the process's resident set."""
+    import tempfile
+
     rows = []
     for model in model_names:
         result = {}
-        for side in ("mono", "composed"):
-            code = _MEMORY_CHILD.format(root=str(ROOT), tools=str(ROOT / "tools"), model=model,
-                                        side=side)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
-            result[side] = json.loads(out)
-        ratio = result["composed"]["peak_kb"] / result["mono"]["peak_kb"]
-        rows.append((model, result, ratio))
-        log(f"[3] {model}: peak RSS monolithic {result['mono']['peak_kb'] / 1024:.0f} MB, "
-            f"composed {result['composed']['peak_kb'] / 1024:.0f} MB ({ratio:.3f}x)")
+        for side in ("mono", "composed", "stages"):
+            with tempfile.TemporaryDirectory() as dump:
+                code = _MEMORY_CHILD.format(root=str(ROOT), tools=str(ROOT / "tools"),
+                                            model=model, side=side, dump=dump)
+                subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True)
+                result[side] = _xla_bytes(Path(dump))
+        mono, composed = max(result["mono"]), max(result["composed"])
+        stage_peak = max(result["stages"])
+        rows.append((model, mono, composed, stage_peak, sum(result["stages"])))
+        log(f"[3] {model}: XLA buffers monolithic {mono / 2**20:.1f} MiB, composed "
+            f"{composed / 2**20:.1f} MiB ({composed / mono:.3f}x), largest stage program "
+            f"{stage_peak / 2**20:.1f} MiB")
     return rows
 
 
@@ -365,11 +376,16 @@ def write_report(path, command, speed, memory, split_rows, cut_rows):
         lines.append("")
     if memory:
         lines += ["## 3. Peak memory, composed over monolithic (target 1.10)", "",
-                  "Peak resident set of a fresh process after six steps.", "",
-                  "| model | monolithic | composed | ratio |", "|---|---|---|---|"]
-        for model, r, ratio in memory:
-            lines.append(f"| {model} | {r['mono']['peak_kb'] / 1024:.0f} MB | "
-                         f"{r['composed']['peak_kb'] / 1024:.0f} MB | {ratio:.3f} |")
+                  "XLA's buffer assignment of each compiled program ('Total bytes used': "
+                  "parameters, outputs and temporaries), read from XLA's dumps in a fresh "
+                  "process per side. With the stages run one by one, a device holds one "
+                  "stage program at a time; the last column is all of them together.", "",
+                  "| model | monolithic | composed | ratio | largest stage program | all "
+                  "stage programs |", "|---|---|---|---|---|---|"]
+        for model, mono, composed, stage_peak, stage_sum in memory:
+            lines.append(f"| {model} | {mono / 2**20:.1f} MiB | {composed / 2**20:.1f} MiB | "
+                         f"{composed / mono:.3f} | {stage_peak / 2**20:.1f} MiB | "
+                         f"{stage_sum / 2**20:.1f} MiB |")
         lines.append("")
     if split_rows:
         lines += ["## 4. `split()` time", "",
