@@ -109,6 +109,14 @@ class Split:
     def __repr__(self) -> str:
         return f"Split({len(self.stages)} stages, {len(self.variables)} variables)"
 
+    def summary(self, batch_size: int | None = None) -> list[dict]:
+        """One dict per stage: ``ops``, ``cost`` (estimated), ``variable_bytes``,
+        ``boundary_tensors``, ``boundary_bytes`` (what enters the stage from earlier ones)
+        and ``residual_bytes``; per-example sizes are multiplied by ``batch_size``."""
+        from .costs import summarize
+
+        return summarize(self, batch_size=batch_size)
+
     def spec(self, name: str) -> tf.TensorSpec:
         """The ``tf.TensorSpec`` (static shape, dtype) of graph tensor ``name``."""
         return self._spec(name)
