@@ -9,6 +9,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# Four logical CPU devices, so that tests/test_pipeline.py can give each stage a device of its
+# own. It must run before TensorFlow initialises its devices (the first op or variable in the
+# process); conftest is imported before any test module, in every pytest-xdist worker too.
+try:
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 4,
+    )
+except RuntimeError:  # already initialised: the multi-device tests skip and say why
+    pass
+
 
 def pytest_configure(config):
     config.addinivalue_line(
