@@ -420,11 +420,14 @@ def emit(piece: graph_pb2.GraphDef, input_map: dict, return_elements: list[str],
 _external_cache: dict[int, tuple] = {}
 
 
-def capture_map(vjp: StageVJP, program: Program) -> dict:
-    """input_map entries for the variable handles and other captures of a piece."""
+def capture_map(vjp: StageVJP, program: Program, variables: dict | None = None) -> dict:
+    """input_map entries for the variable handles and other captures of a piece;
+    ``variables`` maps variable indices to stand-ins (replicas on another device)."""
+    variables = variables or {}
     mapping = {}
     for key, idx in vjp.variable_keys.items():
-        mapping[key] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+        var = variables.get(idx, program.variables[idx])
+        mapping[key] = _tf_internal.capture_in_current_graph(var.handle)
     for key, external in vjp.capture_keys.items():
         mapping[key] = _tf_internal.capture_in_current_graph(external)
     return mapping

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import tensorflow as tf
 
-from .program import Program, StagePlan
 from .errors import GradSplitError
+from .program import Program, StagePlan
 from .rebuild import StageVJP, capture_map, emit
 
 
@@ -62,17 +63,22 @@ class Stage:
             f"{len(self.residual_specs)} residuals)"
         )
 
-    def _forward_body(self, *inputs):
-        return self.emit_forward(inputs, f"stage{self.index}.forward")
+    def _forward_body(self, *inputs, variables=None):
+        return self.emit_forward(inputs, f"stage{self.index}.forward", variables)
 
-    def _backward_body(self, residuals, cotangents):
-        return self.emit_backward(residuals, cotangents, f"stage{self.index}.backward")
+    def _backward_body(self, residuals, cotangents, variables=None):
+        return self.emit_backward(residuals, cotangents, f"stage{self.index}.backward",
+                                  variables)
 
-    def emit_forward(self, inputs: Sequence[tf.Tensor], name: str):
-        """Emit the forward into the function being traced: ``(outputs, residuals)``."""
+    def emit_forward(self, inputs: Sequence[tf.Tensor], name: str,
+                     variables: Sequence | None = None):
+        """Emit the forward into the function being traced: ``(outputs, residuals)``.
+
+        ``variables`` (aligned with ``self.variables``) are read instead of the program's,
+        e.g. replicas placed on the stage's own device."""
         vjp = self._vjp
         input_map = dict(zip(vjp.input_keys, inputs))
-        input_map.update(capture_map(vjp, self._program))
+        input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
         fetched = [r for r in vjp.residual_names if r not in input_map]
         got = emit(vjp.forward_graph_def, input_map, vjp.output_names + fetched, name)
         outputs = got[: len(vjp.output_names)]
@@ -82,7 +88,8 @@ class Stage:
             residuals[i] = as_list.to_tensor(residuals[i], residuals[as_list.counter])
         return outputs, residuals
 
-    def emit_backward(self, residuals: Sequence[tf.Tensor], cotangents: Sequence, name: str):
+    def emit_backward(self, residuals: Sequence[tf.Tensor], cotangents: Sequence, name: str,
+                      variables: Sequence | None = None):
         """Emit the VJP: ``(input_cotangents, variable_grads)``."""
         vjp = self._vjp
         residuals = list(residuals)
@@ -91,7 +98,7 @@ class Stage:
         input_map = dict(zip(vjp.residual_names, residuals))
         for j, key in vjp.cotangent_keys.items():
             input_map[key] = cotangents[j]
-        input_map.update(capture_map(vjp, self._program))
+        input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
         wanted = [s for s in vjp.input_gradients + vjp.variable_gradients if isinstance(s, str)]
         wanted = list(dict.fromkeys(wanted))
         got = dict(zip(wanted, emit(vjp.backward_graph_def, input_map, wanted, name)))
@@ -111,8 +118,22 @@ class Stage:
             variable_grads.append(tf.zeros(var.shape, var.dtype) if grad is None else grad)
         return input_cotangents, variable_grads
 
-    def compiled(self, jit_compile: bool = True):
+    def _overrides(self, variables: Sequence | None) -> dict | None:
+        if variables is None:
+            return None
+        if len(variables) != len(self.variables):
+            raise GradSplitError(
+                f"stage {self.index} reads {len(self.variables)} variables; got "
+                f"{len(variables)} to read instead."
+            )
+        return dict(zip(self.variable_indices, variables))
+
+    def compiled(self, jit_compile: bool = True, variables: Sequence | None = None):
         """``(forward, backward)`` as their own XLA programs (what a pipeline runs).
+
+        ``variables``, aligned with ``self.variables``, are read instead of the program's
+        own: replicas on the device the stage runs on (an XLA program cannot read a variable
+        held on another device), or variables of another process's copy of the model.
 
         Known limit: a stage holding a ``tf.cond`` whose backward needs intermediates of a
         branch compiles on its own under XLA only with static input shapes. XLA compiles
@@ -121,7 +142,7 @@ class Stage:
         raises a ``GradSplitError`` saying so; the composed ``value_and_gradients`` (one XLA
         program) is not affected.
         """
-        key = bool(jit_compile)
+        key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
         cache = self.__dict__.setdefault("_compiled", {})
         if jit_compile and not self.xla_compatible:
             raise GradSplitError(
@@ -138,10 +159,12 @@ class Stage:
                 "compiled(jit_compile=False) for this stage."
             )
         if key not in cache:
+            forward = functools.partial(self._forward_body, variables=variables)
+            backward = functools.partial(self._backward_body, variables=variables)
             cache[key] = (
-                tf.function(self._forward_body, input_signature=self.input_specs,
+                tf.function(forward, input_signature=self.input_specs,
                             jit_compile=jit_compile, autograph=False),
-                tf.function(self._backward_body,
+                tf.function(backward,
                             input_signature=[list(self.residual_specs), list(self.output_specs)],
                             jit_compile=jit_compile, autograph=False),
             )
