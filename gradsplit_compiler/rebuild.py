@@ -25,13 +25,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
+from passes.residuals import cut_forward_backward  # noqa: E402  (the passes live beside us)
+
 from . import _tf_internal, ir
 from .errors import GradSplitError
 from .program import Program, StagePlan
 
 CONTROL_FLOW_OPS = {"If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase"}
-SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
-INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
 
 
 def is_differentiable(dtype: tf.DType) -> bool:
@@ -191,44 +191,28 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     h = ir.to_networkx(graph.as_graph_def(), graph)
     in_ph = recorded["ins"]
     cot_ph = recorded["cots"]
-    placeholders = set(in_ph) | set(cot_ph) | set(capture_kind)
 
     grad_names = recorded["grads"]
-    grad_ops = {ir.parse_tensor_name(n)[0] for n in grad_names if n is not None}
-    need_b = ir.ancestors(h, grad_ops)
-    from_cot = ir.descendants(h, set(cot_ph))
-    recompute = _recomputable(h, need_b - from_cot - placeholders)
-    b_core = (need_b & from_cot) - placeholders
-    # A loop's accumulators (TensorLists) cannot cross from one XLA program to another; a
-    # fixed-size one travels as a dense tensor (see ListResidual). Any other variant the
-    # backward reads is recomputed in the backward from plain tensors.
-    lists = {}
+    lists: dict = {}
 
     def as_list(name: str):
         if name not in lists:
             lists[name] = _list_accumulator(h, graph, name)
         return lists[name]
 
-    b_core |= _variant_producers(h, b_core, need_b - placeholders, as_list)
-    f_extra = need_b - b_core - recompute - placeholders
-    # Recompute only what the backward reaches through recomputable ops, not through
-    # forward values (those arrive as residuals).
-    backward = ir.ancestors(h, b_core, within=b_core | recompute)
-    imported = {nd.name for nd in stage_gd.node}
-    f_needed = ir.ancestors(h, f_extra, within=f_extra | recompute)
-    forward = ir.ancestors(h, imported | f_needed) - placeholders
+    cut = cut_forward_backward(
+        h,
+        gradients={ir.parse_tensor_name(n)[0] for n in grad_names if n is not None},
+        cotangents=set(cot_ph),
+        inputs=set(in_ph),
+        captures=set(capture_kind),
+        stage_ops={nd.name for nd in stage_gd.node},
+        travels=as_list,
+    )
+    forward_nodes, backward_nodes = cut.forward, cut.backward
+    backward = set(backward_nodes)
+    residual_names = list(cut.residuals)
     order = {n: i for i, n in enumerate(h.nodes)}
-    backward_nodes = sorted(backward, key=order.__getitem__)
-    forward_nodes = sorted(forward, key=order.__getitem__)
-
-    residual_names: list[str] = []
-    for node in backward_nodes:
-        for src, idx in ir.data_inputs(h, node):
-            if src in backward or src in cot_ph or src in capture_kind:
-                continue
-            name = ir.tensor_name(src, idx)
-            if name not in residual_names:
-                residual_names.append(name)
     list_infos = {name: as_list(name) for name in residual_names
                   if graph.get_tensor_by_name(name).dtype == tf.variant and as_list(name)}
     for info in list_infos.values():
@@ -342,45 +326,6 @@ def _list_accumulator(h: nx.MultiDiGraph, graph, name: str) -> dict | None:
         if np.ndim(element_shape) else int(element_shape),
         "counter": ir.tensor_name(op, 0),  # while_v2's first loop variable counts trips
     }
-
-
-def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str],
-                       travels) -> set[str]:
-    """Forward ops whose ``variant`` outputs the backward reads and that cannot ``travel``
-    as tensors, and what they need to be recomputed from plain tensors."""
-    added: set[str] = set()
-    frontier = set(backward)
-    while frontier:
-        new = set()
-        for node in frontier:
-            for src, idx in ir.data_inputs(h, node):
-                if src in backward or src in added or src not in candidates:
-                    continue
-                outputs = h.nodes[src].get("outputs") or []
-                if (idx < len(outputs) and outputs[idx][0] == tf.variant
-                        and not travels(ir.tensor_name(src, idx))):
-                    new.add(src)
-        added |= new
-        frontier = new
-    return added
-
-
-def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
-    """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants."""
-    chosen: set[str] = set()
-    for node in nx.topological_sort(h.subgraph(candidates)):
-        op = h.nodes[node]["op"]
-        preds = [src for src, _ in ir.data_inputs(h, node)]
-        outputs = h.nodes[node].get("outputs") or []
-        if op == "Const" and not preds:
-            chosen.add(node)
-        elif op in SHAPE_OPS:
-            chosen.add(node)
-        elif outputs and all(d in INTEGER_DTYPES for d, _ in outputs) and preds and all(
-            p in chosen for p in preds
-        ):
-            chosen.add(node)
-    return chosen
 
 
 def external_inputs(piece: graph_pb2.GraphDef) -> frozenset[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -159,8 +158,12 @@ class Stage:
                 "compiled(jit_compile=False) for this stage."
             )
         if key not in cache:
-            forward = functools.partial(self._forward_body, variables=variables)
-            backward = functools.partial(self._backward_body, variables=variables)
+            def forward(*inputs):
+                return self._forward_body(*inputs, variables=variables)
+
+            def backward(residuals, cotangents):
+                return self._backward_body(residuals, cotangents, variables=variables)
+
             cache[key] = (
                 tf.function(forward, input_signature=self.input_specs,
                             jit_compile=jit_compile, autograph=False),
