@@ -2,8 +2,9 @@
 
 The layout is plain networkx (``layout_graph``: which boxes, which arrows, in which column);
 the drawing is matplotlib (``render_split``), an optional dependency
-(``pip install 'gradsplit-compiler[render]'``). Only matplotlib's object-oriented API and its
-Agg canvas are used, so rendering never changes the caller's pyplot backend.
+(``pip install 'gradsplit-compiler[render]'``), to PNG (its Agg canvas) or SVG (its SVG
+canvas), chosen by the file's suffix. Only matplotlib's object-oriented API is used, so
+rendering never changes the caller's pyplot backend.
 
 Example
 -------
@@ -27,11 +28,8 @@ from typing import Any
 
 import networkx as nx
 
-from .ir import parse_tensor_name
-from .mark import mark_name_of
-
-__all__ = ["STAGE_COLOURS", "ARGUMENT_COLOUR", "BOUNDARY_COLOUR", "MAX_OPS",
-           "layout_graph", "render_split", "stage_colour", "tensor_label"]
+__all__ = ["STAGE_COLOURS", "ARGUMENT_COLOUR", "BOUNDARY_COLOUR", "MAX_OPS", "FORMATS",
+           "layout_graph", "picture_format", "render_split", "stage_colour", "tensor_label"]
 
 # ColorBrewer Set3 without its red, so that red means "crosses a cut" and nothing else.
 STAGE_COLOURS = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462",
@@ -39,11 +37,36 @@ STAGE_COLOURS = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462",
 ARGUMENT_COLOUR = "#ffffff"
 BOUNDARY_COLOUR = "#d62728"
 MAX_OPS = 150
+FORMATS = ("png", "svg")
 
 MATPLOTLIB_HINT = (
     "drawing the graph needs matplotlib, which is not installed; install it with "
     "pip install 'gradsplit-compiler[render]' (or pip install matplotlib)"
 )
+
+
+# ``ir`` and ``mark`` import TensorFlow; imported on use, so that checking a picture's name
+# (``picture_format``) is instant.
+def parse_tensor_name(name: str) -> tuple[str, int]:
+    from .ir import parse_tensor_name as parse
+
+    return parse(name)
+
+
+def mark_name_of(op: str) -> str | None:
+    from .mark import mark_name_of as marked
+
+    return marked(op)
+
+
+def picture_format(path: str | os.PathLike) -> str:
+    """``"png"`` or ``"svg"`` from the suffix of ``path`` (PNG without one); ``ValueError``
+    for any other suffix."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".") or "png"
+    if suffix not in FORMATS:
+        raise ValueError(f"cannot draw {os.fspath(path)!r}: the picture's name must end in "
+                         f"{' or '.join('.' + f for f in FORMATS)}")
+    return suffix
 
 
 def stage_colour(stage: int | None) -> str:
@@ -69,10 +92,14 @@ def tensor_label(split: Any, name: str) -> str:
 def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
     """The picture of ``split.graph`` as a small ``DiGraph``: one node per box, one edge per arrow.
 
-    Live ops and the argument placeholders are kept; dead ops (``stage`` None) and the
-    placeholders of captured variables are left out. When more than ``max_ops`` ops remain,
-    ops are collapsed by name scope (the deepest scope level that leaves at most ``max_ops``
-    boxes), one box per scope and stage.
+    Live ops and the argument placeholders are kept; dead ops (``stage`` None), the
+    placeholders of captured variables and ops that only clutter a picture (``Const``,
+    ``NoOp``) are left out. When more than ``max_ops`` ops remain, ops are grouped by name
+    scope, one box per scope and stage: at the deepest scope depth that leaves at most
+    ``max_ops`` boxes, or else at the deepest depth where that many remain once chains of
+    boxes (each box the only successor of the one before, the same stage, nothing crossing
+    a cut in between) are merged into one. So the layers of a ResNet50 become a few boxes
+    per residual block: its main path, its shortcut, the addition.
 
     Parameters
     ----------
@@ -87,17 +114,53 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
         holding a copy), ``label``, ``ops`` (how many ops the box stands for), ``boundary``
         (whether a tensor it produces crosses a cut), ``layer`` (column, left to right),
         ``row``. Edge attributes: ``boundary`` (a tensor on it crosses a cut), ``control``
-        (control dependencies only). Graph attribute ``scope_depth``: None, or the name
-        scope depth the ops were collapsed to.
+        (control dependencies only). Graph attributes: ``scope_depth`` (None, or the name
+        scope depth the ops were grouped to), ``chains`` (whether chains were merged) and
+        ``hidden_ops`` (live ops left out: constants, no-ops).
     """
     g = split.graph
     args = {parse_tensor_name(n)[0] for n in split.arg_names}
-    kept = [n for n in g.nodes if n in args or g.nodes[n].get("stage") is not None]
+    live = [n for n in g.nodes if n in args or g.nodes[n].get("stage") is not None]
+    kept = [n for n in live if n in args or g.nodes[n]["op"] not in HIDDEN_OPS]
     crossing = {t for boundary in split.boundaries for t in boundary}
 
-    depth = _scope_depth(kept, args, max_ops)
+    if len(kept) <= max_ops:
+        pic = _boxes(split, kept, args, None, crossing)
+    else:
+        depths = range(max(n.count("/") for n in kept), 0, -1)
+        for depth in depths:
+            pic = _boxes(split, kept, args, depth, crossing)
+            if len(pic) <= max_ops:
+                break
+        # Nothing fits, or only a grouping too coarse to say much: merge chains instead.
+        if len(pic) > max_ops or len(pic) < max_ops * MIN_BOXES:
+            for depth in depths:
+                chained = _merge_chains(_boxes(split, kept, args, depth, crossing))
+                if len(chained) <= max_ops:
+                    if len(pic) > max_ops or len(chained) > len(pic):
+                        pic = chained
+                    break
+    pic.graph["hidden_ops"] = len(live) - len(kept)
+    _assign_layers(pic)
+    _assign_rows(pic)
+    return pic
+
+
+# Grouping by scope alone that leaves fewer than this fraction of ``max_ops`` boxes (a whole
+# network in one scope) is too coarse: chains of deeper scopes are merged instead.
+MIN_BOXES = 0.25
+
+# Ops without information in a picture: constants (an op's attribute, in effect) and the
+# control-only NoOps that group side effects.
+HIDDEN_OPS = {"Const", "NoOp"}
+
+
+def _boxes(split: Any, kept: list[str], args: set[str], depth: int | None,
+           crossing: set[str]) -> nx.DiGraph:
+    """One box per op (``depth`` None) or per name scope at ``depth`` and stage."""
+    g = split.graph
     box_of = {n: _box_key(n, g.nodes[n].get("stage"), args, depth) for n in kept}
-    pic = nx.DiGraph(scope_depth=depth)
+    pic = nx.DiGraph(scope_depth=depth, chains=False)
     members: dict[str, list[str]] = defaultdict(list)
     for n in kept:
         members[box_of[n]].append(n)
@@ -116,27 +179,63 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
         crosses = (tensor in crossing
                    and (g.nodes[u].get("stage") is None
                         or g.nodes[u].get("stage") != g.nodes[v].get("stage")))
-        if pic.has_edge(bu, bv):
-            pic[bu][bv]["boundary"] |= crosses
-            pic[bu][bv]["control"] &= control
-        else:
-            pic.add_edge(bu, bv, boundary=crosses, control=control)
+        _add_edge(pic, bu, bv, crosses, control)
         if crosses:
             pic.nodes[bu]["boundary"] = True
-    _assign_layers(pic)
-    _assign_rows(pic)
     return pic
 
 
-def _scope_depth(nodes: list[str], args: set[str], max_ops: int) -> int | None:
-    """``None`` when every op fits; otherwise the deepest scope level that fits."""
-    if len(nodes) <= max_ops:
-        return None
-    deepest = max(n.count("/") for n in nodes)
-    for depth in range(deepest, 0, -1):
-        if len({_box_key(n, 0, args, depth) for n in nodes}) <= max_ops:
-            return depth
-    return 1
+def _add_edge(pic: nx.DiGraph, u: str, v: str, boundary: bool, control: bool) -> None:
+    if pic.has_edge(u, v):
+        pic[u][v]["boundary"] |= boundary
+        pic[u][v]["control"] &= control
+    else:
+        pic.add_edge(u, v, boundary=boundary, control=control)
+
+
+def _merge_chains(pic: nx.DiGraph) -> nx.DiGraph:
+    """``pic`` with every chain of boxes merged into one box (see ``layout_graph``)."""
+    def joins(u: str, v: str) -> bool:
+        a, b = pic.nodes[u], pic.nodes[v]
+        return (pic.out_degree(u) == 1 and pic.in_degree(v) == 1 and a["stage"] is not None
+                and a["stage"] == b["stage"] and not a["boundary"]
+                and not pic[u][v]["control"])
+
+    links = nx.Graph()
+    links.add_nodes_from(pic.nodes)
+    links.add_edges_from((u, v) for u, v in pic.edges if joins(u, v))
+    merged = nx.DiGraph(**pic.graph)
+    merged.graph["chains"] = True
+    chain_of: dict[str, str] = {}
+    for component in nx.connected_components(links):
+        chain = [n for n in pic.nodes if n in component]  # graph order: first to last
+        if len(chain) > 1:
+            heads = [n for n in chain if not any(joins(p, n) for p in pic.predecessors(n))]
+            tails = [n for n in chain if not any(joins(n, s) for s in pic.successors(n))]
+            chain.sort(key=lambda n: (n not in heads, n in tails))
+        key = chain[0] if len(chain) == 1 else f"{chain[0]}..{chain[-1]}"
+        for n in chain:
+            chain_of[n] = key
+        nodes = [pic.nodes[n] for n in chain]
+        label = nodes[0]["label"] if len(chain) == 1 else _chain_label(chain, nodes)
+        merged.add_node(key, stage=nodes[0]["stage"],
+                        stages=sorted({s for d in nodes for s in d["stages"]}),
+                        ops=sum(d["ops"] for d in nodes),
+                        boundary=any(d["boundary"] for d in nodes), label=label)
+    for u, v, d in pic.edges(data=True):
+        if chain_of[u] != chain_of[v]:
+            _add_edge(merged, chain_of[u], chain_of[v], d["boundary"], d["control"])
+    return merged
+
+
+def _chain_label(chain: list[str], nodes: list[dict]) -> str:
+    def name(box: str) -> str:
+        if "/*@" in box:  # a scope: its last component (a Keras layer call, for one)
+            return _shorten(box.rsplit("/*@", 1)[0], parts=1, width=26)
+        return _shorten(box.rsplit("@", 1)[0], parts=2, width=26)
+
+    ops = sum(d["ops"] for d in nodes)
+    return f"{name(chain[0])} ..\n{name(chain[-1])}\n{len(chain)} groups, {ops} ops"
 
 
 def _box_key(name: str, stage: int | None, args: set[str], depth: int | None) -> str:
@@ -243,19 +342,22 @@ def _positions(pic: nx.DiGraph, max_columns: int = 30):
 
 
 def render_split(split: Any, path: str | os.PathLike, *, title: str | None = None,
-                 max_ops: int = MAX_OPS, dpi: int = 100) -> str:
-    """Draw ``split`` to a PNG file at ``path``: one colour per stage, boundary tensors red.
+                 max_ops: int = MAX_OPS, dpi: int = 100,
+                 labels: dict[str, str] | None = None) -> str:
+    """Draw ``split`` to ``path``: one colour per stage, boundary tensors red.
 
     Parameters
     ----------
     split : gsc.Split
     path : str or PathLike
-        Where to write the picture (PNG). Its directory must exist.
+        Where to write the picture: ``.png`` or ``.svg``. Its directory must exist.
     title : str, optional
         Shown above the graph; default: the number of stages and the boundaries.
     max_ops : int
         Above this many ops, ops are collapsed by name scope (see ``layout_graph``).
     dpi : int
+    labels : dict, optional
+        Short names of tensors (a Keras layer's name for its output) for the title.
 
     Returns
     -------
@@ -266,9 +368,14 @@ def render_split(split: Any, path: str | os.PathLike, *, title: str | None = Non
     ------
     ImportError
         When matplotlib is not installed; the message says how to install it.
+    ValueError
+        When ``path`` ends in neither ``.png`` nor ``.svg``.
     """
+    fmt = picture_format(path)
     try:
+        from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_svg import FigureCanvasSVG
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
@@ -283,7 +390,8 @@ def render_split(split: Any, path: str | os.PathLike, *, title: str | None = Non
     font = max(4.0, 8.0 * min(1.0, x_step / 1.5, y_step / 0.7))
 
     fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)  # the Agg canvas, whatever pyplot's backend is
+    # A canvas of our own, whatever pyplot's backend is.
+    (FigureCanvasSVG if fmt == "svg" else FigureCanvasAgg)(fig)
     ax = fig.add_axes([0.01, 0.01, 0.98, 1.0 - 1.1 / height])
     ax.set_axis_off()
     collapsed = pic.graph["scope_depth"] is not None
@@ -308,23 +416,27 @@ def render_split(split: Any, path: str | os.PathLike, *, title: str | None = Non
     ax.set_xlim(-0.6, columns - 0.4)
     ax.set_ylim(-band_height * bands + 0.5, 0.5)
 
-    counts = Counter(d["stage"] for _, d in pic.nodes(data=True) for _ in range(d["ops"]))
     handles = [Patch(facecolor=ARGUMENT_COLOUR, edgecolor="#333333", label="argument")]
     handles += [Patch(facecolor=stage_colour(k), edgecolor="#333333",
-                      label=f"stage {k} ({counts.get(k, 0)} ops)")
-                for k in range(len(split.stages))]
+                      label=f"stage {k} ({stage.num_ops} ops)")
+                for k, stage in enumerate(split.stages)]
     handles.append(Line2D([0], [0], color=BOUNDARY_COLOUR, lw=2.2,
                           label="tensor crossing a cut"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.005, 0.96),
                ncol=min(len(handles), 6), fontsize=max(font, 7.0), frameon=False)
     if title is None:
+        labels = labels or {}
         cuts = "; ".join(
-            f"cut {k}: " + ", ".join(tensor_label(split, t) for t in boundary)
+            f"cut {k}: " + ", ".join(labels.get(t) or tensor_label(split, t) for t in boundary)
             for k, boundary in enumerate(split.boundaries)
         )
         title = f"{len(split.stages)} stages. {cuts}"
         if pic.graph["scope_depth"] is not None:
-            title += f" (ops grouped by name scope, depth {pic.graph['scope_depth']})"
+            title += f" (ops grouped by name scope, depth {pic.graph['scope_depth']}"
+            title += ", chains of groups merged)" if pic.graph["chains"] else ")"
     fig.text(0.01, 0.985, title, ha="left", va="top", fontsize=max(font, 8.0) + 1)
-    fig.savefig(os.fspath(path), format="png", dpi=dpi)
+    # SVG text stays text (searchable, and a tenth of the size of glyph outlines).
+    with rc_context({"svg.fonttype": "none"}):
+        fig.savefig(os.fspath(path), format=fmt, dpi=dpi,
+                    metadata={"Date": None} if fmt == "svg" else None)
     return os.fspath(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -89,7 +90,10 @@ def test_big_graph_is_grouped_by_name_scope(tmp_path):
     pic = layout_graph(s, max_ops=150)
     assert pic.graph["scope_depth"] == 1
     assert len(pic) <= 150
-    assert sum(d["ops"] for _, d in pic.nodes(data=True)) == len(live) + 1  # + argument x
+    shown = sum(d["ops"] for _, d in pic.nodes(data=True))
+    assert pic.graph["hidden_ops"] >= 60  # each layer's constant 0.1, the loss's axes
+    assert shown + pic.graph["hidden_ops"] == len(live) + 1  # + argument x
+    assert not pic.graph["chains"]
     assert {d["stage"] for _, d in pic.nodes(data=True)} == {None, 0, 1}
     counts = pixel_counts(render_split(s, tmp_path / "big.png"))
     assert counts.get(STAGE_COLOURS[0], 0) >= 100 and counts.get(STAGE_COLOURS[1], 0) >= 100
@@ -100,3 +104,44 @@ def test_missing_matplotlib_is_said_clearly(three_stages, tmp_path, monkeypatch)
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: import fails
     with pytest.raises(ImportError, match=r"needs matplotlib.*pip install"):
         render_split(three_stages, tmp_path / "split.png")
+
+
+def test_one_scope_holding_everything_is_drawn_as_chains_of_its_sub_scopes(tmp_path):
+    """The shape of a Keras ResNet: every op in the model's scope, residual blocks whose main
+    path is a chain of layers."""
+    weights = [tf.Variable(tf.eye(6) * 0.5, name=f"w{i}") for i in range(24)]
+
+    def loss(x):
+        h = x
+        with tf.name_scope("model"):
+            for i in range(12):
+                with tf.name_scope(f"block{i}_a"):
+                    t = tf.tanh(h @ weights[2 * i])
+                with tf.name_scope(f"block{i}_b"):
+                    t = tf.tanh(t @ weights[2 * i + 1])
+                with tf.name_scope(f"block{i}_add"):
+                    h = h + t
+                if i == 5:
+                    h = gsc.mark(h, "middle")
+        return tf.reduce_sum(h * h)
+
+    s = gsc.split(loss, [tf.TensorSpec([2, 6], tf.float32)], cuts=["middle"])
+    pic = layout_graph(s, max_ops=30)  # 36 layers don't fit; "model" alone says nothing
+    assert pic.graph["chains"] and pic.graph["scope_depth"] == 2
+    labels = [d["label"] for _, d in pic.nodes(data=True)]
+    main_paths = [t for t in labels if re.match(r"block(\d+)_a \.\.\nblock\1_b\n2 groups", t)]
+    assert len(main_paths) == 12
+    crossing = [n for n, d in pic.nodes(data=True) if d["boundary"] and d["stage"] == 0]
+    assert len(crossing) == 1 and crossing[0].endswith("gsc.mark.middle.@0")  # a chain's end
+    assert {d["stage"] for _, d in pic.nodes(data=True)} == {None, 0, 1}
+
+
+def test_svg_keeps_stage_colours_and_text(three_stages, tmp_path):
+    path = render_split(three_stages, tmp_path / "split.svg")
+    text = open(path).read()
+    assert text.startswith("<?xml") and "<svg" in text
+    for k in range(3):
+        assert f"fill: {STAGE_COLOURS[k]}" in text
+        assert f"stage {k} (" in text  # text stays text
+    with pytest.raises(ValueError, match=r"must end in \.png or \.svg"):
+        render_split(three_stages, tmp_path / "split.jpg")
