@@ -31,6 +31,10 @@ class UsageError(Exception):
     """The command line itself is wrong: one line on stderr, exit status 2."""
 
 
+class CommandFailed(Exception):
+    """The command ran and its answer is "no" (verify found a mismatch): one line, status 1."""
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: ``add_arguments(parser)`` declares its flags, ``run(args)`` runs it."""
@@ -158,15 +162,240 @@ DEMO = Command(
     run=_run_demo,
 )
 
-# Subcommands, in the order `gradsplit --help` lists them. `inspect`, `split`, `verify` and
-# `render` (working on a user's own program) are to come as further entries.
-COMMANDS: list[Command] = [DEMO]
+# -- commands on a user's own program: inspect, split, verify, render ----------------------
+
+EXAMPLE_FUNCTION = "gradsplit_compiler.examples:mlp_loss"
+EXAMPLE_MODEL = "gradsplit_compiler.examples:mlp_model"
+
+TARGET_HELP = """\
+TARGET is one of
+  package.module:function   a tf.function with an input_signature, or any callable with
+                            --signature (path/to/file.py:function works too; the current
+                            directory is searched); a keras.Model attribute is a model
+  model.keras               a saved Keras model: fn(inputs..., labels) is the batch mean of
+                            its compiled loss or --loss, of model(inputs, training=--training)
+  SAVED_MODEL_DIR           a SavedModel's signature (--signature-key, default
+                            serving_default); --loss as for a Keras model
+
+Signatures (--signature, --labels): specs separated by commas, each [dims]:dtype, a dim an
+integer or None (unknown, such as the batch), the dtype float32 when left out:
+  --signature "[None,10]:float32,[None,5]:float32"    --labels "[None]:int32"
+"""
+
+
+def _cut_list(text: str) -> str | list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty name in cut {text!r}")
+    return names[0] if len(names) == 1 else names
+
+
+def _target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help="module:function, a .keras file or a SavedModel directory "
+                             "(see below)")
+    group = parser.add_argument_group("describing TARGET")
+    group.add_argument("--signature", metavar="SPECS",
+                       help="the input signature of a function target, e.g. "
+                            "\"[None,10]:float32,[None,5]:float32\"")
+    group.add_argument("--loss", metavar="NAME",
+                       help="a Keras loss applied to the model's output (mse, "
+                            "categorical_crossentropy, ...; 'none': differentiate the outputs); "
+                            "default: the loss the model was compiled with")
+    group.add_argument("--labels", metavar="SPEC",
+                       help="the labels' spec for --loss (default: the output's shape and "
+                            "dtype; class indices for sparse_* losses)")
+    group.add_argument("--training", action="store_true",
+                       help="call the Keras model with training=True (batch statistics, "
+                            "dropout); default training=False")
+    group.add_argument("--signature-key", metavar="KEY",
+                       help="the SavedModel signature to use (default: serving_default)")
+    group.add_argument("--output-key", metavar="KEY",
+                       help="the SavedModel output --loss applies to, when it has several")
+    group.add_argument("--float64", action="store_true",
+                       help="rebuild the Keras model in float64 (same weights), for a "
+                            "definitive comparison")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines on stderr")
+
+
+def _cut_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cut", metavar="NAME", action="append", type=_cut_list,
+                        required=True, dest="cuts",
+                        help="where to cut, once per cut in data-flow order: a tensor "
+                             "('op:index' or 'op'), a gsc.mark name or a Keras layer; "
+                             "'a,b' is one cut made of several tensors")
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    _target_arguments(parser)
+    parser.add_argument("--filter", metavar="PATTERN",
+                        help="only tensors whose name matches this regular expression "
+                             "(case-insensitive)")
+    parser.add_argument("--layer", metavar="NAME",
+                        help="only tensors of this Keras layer")
+    parser.add_argument("--layer-outputs", action="store_true",
+                        help="only the outputs of Keras layers")
+    parser.add_argument("--all", action="store_true",
+                        help="also tensors no argument flows into (constants, variable reads)")
+
+
+def _split_arguments(parser: argparse.ArgumentParser) -> None:
+    _target_arguments(parser)
+    _cut_arguments(parser)
+    parser.add_argument("--export", metavar="DIR",
+                        help="write each stage's forward and backward as a SavedModel in "
+                             "DIR/stage<k>/, and DIR/manifest.json saying how to drive them")
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    _target_arguments(parser)
+    _cut_arguments(parser)
+    parser.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+                        help="the size of every None dimension of the random inputs "
+                             "(default: 8)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random inputs (default: 0)")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="run both sides in graph mode instead of under XLA")
+
+
+def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    _target_arguments(parser)
+    _cut_arguments(parser)
+    parser.add_argument("-o", "--output", metavar="FILE", action="append",
+                        dest="pictures", default=[],
+                        help="the picture to write, .png or .svg (repeat for several)")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="also write the program and each stage's forward and backward "
+                             "graphs for TensorBoard (tensorboard --logdir DIR)")
+    parser.add_argument("--max-ops", type=_positive_int, metavar="N", default=150,
+                        help="above N ops, ops are grouped by name scope (default: 150)")
+    parser.add_argument("--dpi", type=_positive_int, metavar="N", default=100,
+                        help="resolution of a PNG picture (default: 100)")
+
+
+def _run(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from . import commands
+
+        return getattr(commands, f"run_{name}")(args)
+
+    run.__name__ = f"run_{name}"
+    return run
+
+
+INSPECT = Command(
+    name="inspect",
+    help="list the tensors of a program one can cut at, with shapes, layers and bytes",
+    description=(
+        "The tensors one can cut TARGET at: the floating-point tensors of its graph (nested "
+        "function calls inlined) that its arguments flow into, in data-flow order, with op, "
+        "dtype, static shape, the Keras layer they belong to ('(output)': the layer's "
+        "output, which --cut can name by the layer's name) and bytes per example (the "
+        "leading dimension being the batch)."
+    ),
+    epilog=(
+        "examples:\n"
+        f"  {PROG} inspect {EXAMPLE_FUNCTION}\n"
+        f"  {PROG} inspect {EXAMPLE_MODEL} --loss categorical_crossentropy --layer-outputs\n"
+        f"  {PROG} inspect {EXAMPLE_MODEL} --loss mse --layer bn\n"
+        f"  {PROG} inspect my_model.keras --loss mse --filter relu      (your own model)\n\n"
+        + TARGET_HELP
+    ),
+    add_arguments=_inspect_arguments,
+    run=_run("inspect"),
+)
+
+SPLIT = Command(
+    name="split",
+    help="cut a program into stages: the stage table, optionally exported as SavedModels",
+    description=(
+        "Cut TARGET at the named tensors into len(cuts)+1 stages and print, per stage, its "
+        "ops, variables (parameters and bytes), inputs, outputs and residuals (the forward "
+        "values its backward keeps, in bytes per example), and per cut the tensors crossing "
+        "it. --export writes each stage as a SavedModel (forward and backward, loadable "
+        "with tf.saved_model.load in another process) and a manifest.json saying how to "
+        "drive them by hand."
+    ),
+    epilog=(
+        "examples:\n"
+        f"  {PROG} split {EXAMPLE_FUNCTION} --cut hidden\n"
+        f"  {PROG} split {EXAMPLE_MODEL} --loss categorical_crossentropy --training \\\n"
+        "      --cut dense1 --cut dense2 --export /tmp/mlp-stages\n"
+        f"  {PROG} split my_model.keras --loss mse --cut block1_out,skip    (your own model;"
+        " one cut of two tensors)\n\n"
+        + TARGET_HELP
+    ),
+    add_arguments=_split_arguments,
+    run=_run("split"),
+)
+
+VERIFY = Command(
+    name="verify",
+    help="check on random inputs that the stages compose to the gradient of the whole",
+    description=(
+        "Split TARGET and compare the composed stages with tf.GradientTape on the whole "
+        "program, on seeded random inputs (floats standard normal, integers in [0, 2), "
+        "labels one-hot for categorical losses, 0/1 for binary ones, class indices for sparse "
+        "ones), both under XLA unless --no-xla. Prints one row per variable; the exit status "
+        "is 1 when any differs by more than the tolerance (float32 1e-5, float64 1e-12, "
+        "relative). In float32, XLA and graph mode alone differ by more than that on deep "
+        "networks with batch statistics: use --float64 for a definitive answer."
+    ),
+    epilog=(
+        "examples:\n"
+        f"  {PROG} verify {EXAMPLE_FUNCTION} --cut hidden\n"
+        f"  {PROG} verify {EXAMPLE_MODEL} --loss categorical_crossentropy --training \\\n"
+        "      --cut bn --float64 --batch 16\n"
+        f"  {PROG} verify saved_model_dir --cut NAME --no-xla               (your own "
+        "SavedModel)\n\n"
+        + TARGET_HELP
+    ),
+    add_arguments=_verify_arguments,
+    run=_run("verify"),
+)
+
+RENDER = Command(
+    name="render",
+    help="draw a program with its cuts: one colour per stage, crossing tensors in red",
+    description=(
+        "Split TARGET and draw its graph, one colour per stage, the tensors that cross a cut "
+        "in red, arguments in white; above --max-ops ops, ops are grouped by name scope, so "
+        "a ResNet50 stays readable. --tensorboard DIR writes the program (each stage on its "
+        "own device '/job:stage<k>': colour by device) and every stage's forward and "
+        "backward graphs as TensorBoard runs."
+    ),
+    epilog=(
+        "examples:\n"
+        f"  {PROG} render {EXAMPLE_FUNCTION} --cut hidden -o /tmp/mlp.svg\n"
+        f"  {PROG} render {EXAMPLE_MODEL} --loss mse --cut dense1 --cut dense2 \\\n"
+        "      -o /tmp/mlp.png --tensorboard /tmp/mlp-tb\n"
+        f"  {PROG} render resnet50.keras --loss categorical_crossentropy \\\n"
+        "      --cut conv3_block4_out -o resnet50.png                     (your own model)\n\n"
+        + TARGET_HELP
+    ),
+    add_arguments=_render_arguments,
+    run=_run("render"),
+)
+
+# Subcommands, in the order `gradsplit --help` lists them.
+COMMANDS: list[Command] = [DEMO, INSPECT, SPLIT, VERIFY, RENDER]
 
 
 # -- the parser and main -------------------------------------------------------------------
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Command] = COMMANDS,
+                 argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``gradsplit`` parser. Given ``argv``, only the subcommand it names gets its
+    arguments declared: declaring the demo's imports TensorFlow (its defaults live beside
+    its code), and ``gradsplit --help`` or ``gradsplit inspect --help`` need not wait for
+    that."""
+    chosen = None
+    if argv is not None:
+        names = {c.name for c in commands}
+        chosen = next((a for a in argv if a in names), "")
     # --debug is accepted before and after the subcommand; SUPPRESS keeps the subparser's
     # default from overwriting a --debug given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -180,8 +409,9 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         description="Cut a TensorFlow program into stages whose vector-Jacobian products "
                     "compose to the exact gradient.",
         epilog=(f"examples:\n  {PROG} demo            the seed problem, end to end\n"
-                f"  {PROG} demo --help     its options\n\n"
-                f"Run '{PROG} COMMAND --help' for the options of a command."),
+                f"  {PROG} inspect {EXAMPLE_FUNCTION}\n"
+                f"  {PROG} verify {EXAMPLE_FUNCTION} --cut hidden\n\n"
+                f"Run '{PROG} COMMAND --help' for the options and examples of a command."),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -192,7 +422,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
             description=textwrap.fill(command.description, 88), epilog=command.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        command.add_arguments(sub)
+        if chosen is None or chosen == command.name:
+            command.add_arguments(sub)
         sub.set_defaults(run=command.run, command_parser=sub)
     return parser
 
@@ -201,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gradsplit`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, unknown = build_parser().parse_known_args(argv)
+        args, unknown = build_parser(argv=argv).parse_known_args(argv)
         if unknown:  # reported by the subcommand's parser, so the hint names its --help
             args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as exc:
@@ -209,14 +440,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     with _quiet_native_stderr(enabled=not debug) as err:
+        args.err = err  # progress lines and messages; fd 2 itself is muted
         try:
             return int(args.run(args) or 0)
         except UsageError as exc:
             print(exc, file=err)
             return 2
+        except CommandFailed as exc:
+            sys.stdout.flush()
+            print(f"{PROG} {args.command}: {exc}", file=err)
+            return 1
         except KeyboardInterrupt:
             print(f"\n{PROG} {args.command}: interrupted", file=err)
             return 130
+        except BrokenPipeError:  # the reader (head, less) went away: nothing left to say
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 0
         except Exception as exc:
             if debug:
                 raise
@@ -226,14 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from .demo import DemoError
     from .errors import GradSplitError
 
+    # The demo module imports TensorFlow: look its error type up only when it is loaded.
+    demo = sys.modules.get(f"{__package__}.demo")
+    expected = (GradSplitError, demo.DemoError) if demo is not None else (GradSplitError,)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else ""
     if len(text) > 300:
         text = text[:297] + "..."
-    if isinstance(exc, (GradSplitError, DemoError)):
+    if isinstance(exc, expected):
         return text
     hint = " (rerun with --debug for the traceback)"
     return f"{type(exc).__name__}: {text}{hint}" if text else f"{type(exc).__name__}{hint}"

@@ -1,0 +1,49 @@
+"""Small programs to try ``gradsplit`` on; the examples in ``gradsplit COMMAND --help`` use them.
+
+* ``mlp_loss``: a ``tf.function`` with an ``input_signature``, ``(x [None,8], target [None,4])
+  -> mean squared error`` of a two-layer perceptron, with ``gsc.mark(..., "hidden")``.
+* ``mlp_model``: a Keras ``Sequential`` model, ``Dense -> BatchNormalization -> Dense ->
+  Dense(softmax)``, layers ``dense1``, ``bn``, ``dense2``, ``head``, saved without a loss.
+
+Their weights are drawn from fixed seeds, so every run prints the same numbers.
+
+Example
+-------
+>>> # gradsplit split gradsplit_compiler.examples:mlp_loss --cut hidden
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from .mark import mark
+
+_rng = np.random.default_rng(0)
+W1 = tf.Variable((_rng.normal(size=(8, 16)) / np.sqrt(8)).astype(np.float32), name="W1")
+b1 = tf.Variable(np.zeros(16, np.float32), name="b1")
+W2 = tf.Variable((_rng.normal(size=(16, 4)) / 4).astype(np.float32), name="W2")
+b2 = tf.Variable(np.zeros(4, np.float32), name="b2")
+
+
+@tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32),
+                              tf.TensorSpec([None, 4], tf.float32)])
+def mlp_loss(x, target):
+    hidden = mark(tf.tanh(x @ W1 + b1), "hidden")
+    return tf.reduce_mean(tf.square(hidden @ W2 + b2 - target))
+
+
+def _mlp_model():
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=0)
+    return keras.Sequential([
+        keras.Input((8,), name="x"),
+        keras.layers.Dense(16, activation="relu", kernel_initializer=init, name="dense1"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dense(16, activation="tanh", kernel_initializer=init, name="dense2"),
+        keras.layers.Dense(4, activation="softmax", kernel_initializer=init, name="head"),
+    ], name="mlp")
+
+
+mlp_model = _mlp_model()
