@@ -93,7 +93,13 @@ def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: se
     # Recompute only what the backward reaches through recomputable ops, not through
     # forward values (those arrive as residuals).
     backward = ir.ancestors(h, core, within=core | recompute)
-    forward_needed = ir.ancestors(h, forward_extra, within=forward_extra | recompute)
+    # A tensor the backward reads only for its shape does not travel: its Shape op runs in
+    # the forward and the (tiny) shape travels instead; XLA specialises a program on the
+    # values of shape arguments, so they still count as compile-time constants.
+    shape_only = _shape_only_readers(h, backward)
+    backward -= shape_only
+    forward_needed = ir.ancestors(h, forward_extra | shape_only,
+                                  within=forward_extra | recompute | shape_only)
     forward = ir.ancestors(h, stage_ops | forward_needed) - placeholders
 
     order = {n: i for i, n in enumerate(h.nodes)}
@@ -152,3 +158,20 @@ def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
         ):
             chosen.add(node)
     return chosen
+
+
+def _shape_only_readers(h: nx.MultiDiGraph, backward: set[str]) -> set[str]:
+    """``Shape``/``Size``/``Rank`` ops of the backward whose input the backward reads for
+    nothing else, and that do not wait for a cotangent."""
+    readers: dict[tuple[str, int], set[str]] = {}
+    for node in backward:
+        for src, index in ir.data_inputs(h, node):
+            if src not in backward:
+                readers.setdefault((src, index), set()).add(node)
+    moved = set()
+    for nodes in readers.values():
+        if all(h.nodes[n]["op"] in ("Shape", "Size", "Rank") for n in nodes) and not any(
+            a["control"] for n in nodes for _, _, a in h.in_edges(n, data=True)
+        ):
+            moved |= nodes
+    return moved
