@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,20 @@ def check_signature(input_signature: Any) -> list[tf.TensorSpec]:
     return flat
 
 
+def _specs_text(specs: list[tf.TensorSpec]) -> str:
+    return "[" + ", ".join(f"{s.shape}:{s.dtype.name}" for s in specs) + "]"
+
+
+def _reason(exc: Exception) -> str:
+    """The last line of a tracing error, which names what went wrong (TF's "in user code"
+    wrapper puts the original error there), as ``Type: message`` without a final period."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    if not re.match(r"^\w+(Error|Exception|Warning): ", last):
+        last = f"{type(exc).__name__}: {last}" if last else type(exc).__name__
+    return last.rstrip(".")
+
+
 def capture(fn: Any, input_signature: Sequence, training: bool | None = None) -> Program:
     """Trace ``fn`` with ``input_signature`` and return the un-cut ``Program``."""
     specs = check_signature(input_signature)
@@ -104,12 +119,10 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
     except GradSplitError:
         raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the caller's program
-        reason = str(exc).strip().splitlines()
-        reason = reason[-1] if reason else type(exc).__name__
         raise GradSplitError(
-            f"fn could not be traced with input_signature {specs}: {type(exc).__name__}: "
-            f"{reason}. Check that fn runs on tensors of these shapes and dtypes inside a "
-            "tf.function."
+            f"fn could not be traced with input_signature {_specs_text(specs)}: "
+            f"{_reason(exc)}. Check that fn runs on tensors of these shapes and dtypes "
+            "inside a tf.function."
         ) from None
     graph = concrete.graph
     n_args = len(specs)
