@@ -20,6 +20,7 @@ from typing import Any
 from .errors import GradSplitError
 
 _LAZY = {
+    "auto_split": ".autosplit",
     "from_networkx": ".ir",
     "to_networkx": ".ir",
     "mark": ".mark",
