@@ -21,6 +21,13 @@ except RuntimeError:  # already initialised: the multi-device tests skip and say
     pass
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow", action="store_true", default=False,
+        help="run the property-based tests with many more examples (minutes, not seconds)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "heavy: a large model (ResNet50, MobileNetV2); runs by default, "
