@@ -73,7 +73,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
-             jit_compile: bool = True) -> Pipeline:
+             jit_compile: bool = True, timeout: float | None = None) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -93,6 +93,10 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         Required: how ``fn`` reduces the per-example losses of a batch.
     jit_compile : bool
         Run each stage's forward and backward as its own XLA program.
+    timeout : float, optional
+        Seconds a step may take. A step that has not finished by then (a worker of a
+        cluster died or stopped answering) raises ``GradSplitError`` naming the actions
+        still running, their stages and devices; no variable changes. ``None``: wait.
 
     Returns
     -------
@@ -106,7 +110,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         return a scalar. Nothing runs.
     """
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
-                    jit_compile=jit_compile)
+                    jit_compile=jit_compile, timeout=timeout)
 
 
 class TimelineEvent(NamedTuple):
@@ -159,7 +163,7 @@ class Pipeline:
 
     def __init__(self, split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
                  devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
-                 jit_compile: bool = True):
+                 jit_compile: bool = True, timeout: float | None = None):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -171,6 +175,10 @@ class Pipeline:
         self.loss_reduction = loss_reduction
         self.jit_compile = bool(jit_compile)
         self.microbatches = microbatches
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise GradSplitError(
+                f"timeout must be a positive number of seconds or None; got {timeout!r}.")
+        self.timeout = timeout
         self._dependencies = dependencies = schedule_dependencies(split)
         if isinstance(schedule, str):
             maker = BUILTIN_SCHEDULES.get(schedule.lower())
@@ -195,6 +203,7 @@ class Pipeline:
                 f"microbatches=1."
             )
         self.devices = _resolve_devices(devices, self.num_stages)
+        self._home = _default_device()
         self._replicas, self._copied_back = _plan_replicas(split, self.devices, self.jit_compile)
         self._runners = [
             _runner(split, stage, device, self._replicas, self.jit_compile)
@@ -220,13 +229,14 @@ class Pipeline:
 
         If any action fails, the other devices stop at their next action (one already
         running finishes), every variable the program assigns is put back as it was before
-        the step, and the first error is raised here, with a note naming the action.
+        the step, and the first error is raised here, with a note naming the action. On a
+        device of another process (a cluster task), a TensorFlow error becomes a
+        ``GradSplitError`` naming the task, the stage and the action; so does a step that
+        outlives ``timeout``.
         """
         self._last = None
         tensors = self.split._check_args(list(args))
         per_microbatch = self._cut_into_microbatches(tensors)
-        for (idx, _), replica in self._replicas.items():
-            replica.assign(self.split.variables[idx])
         written = [self.split.variables[i] for i in self.split._program.written_variables()]
         before = [tf.identity(v) for v in written]
         run = _StepRun(self, per_microbatch)
@@ -240,6 +250,9 @@ class Pipeline:
         for idx, device in self._copied_back:
             self.split.variables[idx].assign(self._replicas[(idx, device)])
         value, grads = run.value(), run.gradients()
+        if any(_is_remote(d) for d in self.devices):  # results live here, not on a task
+            with tf.device(self._home):
+                value, grads = tf.identity(value), [tf.identity(g) for g in grads]
         run.release()
         self._last = run
         return value, grads
@@ -279,6 +292,15 @@ class Pipeline:
         """Per stage, the most micro-batches whose residuals were alive at once in the last
         step (a forward's residuals live until its backward ran)."""
         return list(self._last_run().peak_live)
+
+    def bytes_moved(self) -> dict[str, int]:
+        """Bytes the last step moved between devices, by kind: ``"activations"`` and
+        ``"cotangents"`` (between stages on different devices), ``"inputs"`` (arguments
+        from this process to the stages that read them), ``"results"`` (losses and
+        gradients back to this process) and ``"replicas"`` (variables refreshed on the
+        stages' devices). A tensor counts when it is consumed on a device other than the one
+        holding it; sizes are ``num_elements * dtype.size``."""
+        return dict(self._last_run().moved)
 
     def timeline(self) -> list[TimelineEvent]:
         """Every action of the last step, in order of start time."""
@@ -405,6 +427,10 @@ class _StepRun:
         self.values: dict[int, tf.Tensor] = {}
         self.grads: list[list[tf.Tensor] | None] = [None] * pipe.num_stages
         self.events: list[TimelineEvent] = []
+        self.running: dict[int, tuple[Action, float]] = {}
+        self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
+                      "replicas": 0}
+        self.sync = any(_is_remote(r.device) for r in pipe._runners)
         loss_dtype = split.output_specs[0].dtype
         seed = tf.constant(1.0 / pipe.microbatches if pipe.loss_reduction == "mean" else 1.0,
                            loss_dtype)
@@ -421,16 +447,80 @@ class _StepRun:
         ]
         for t in threads:
             t.start()
+        timeout = self.pipe.timeout
+        # keep a little of the timeout to find out which task does not answer
+        self.probe_time = 0.0 if timeout is None else min(2.0, timeout / 4)
+        deadline = None if timeout is None else time.monotonic() + timeout - self.probe_time
         try:
             for t in threads:
-                t.join()
-        except BaseException:  # KeyboardInterrupt: stop the devices before leaving
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if t.is_alive():  # past the deadline
+                    raise self._timed_out()
+        except BaseException:  # KeyboardInterrupt, timeout: stop the devices before leaving
             self._fail(None)
-            for t in threads:
-                t.join()
+            if deadline is None:
+                for t in threads:
+                    t.join()
+            # else: a thread stuck in a call to a dead task stays behind (a daemon); its
+            # results go nowhere, since this step is abandoned.
             raise
         if self.errors:
-            raise self.errors[0]
+            raise self._blame(self.errors)
+
+    def _blame(self, errors: list[BaseException]) -> BaseException:
+        """The error to raise: when tasks of a cluster failed, the one about a task that no
+        longer answers (when one task dies, calls to the others can fail too, and which
+        thread reports first is a race)."""
+        remote = [e for e in errors if isinstance(e, GradSplitError)
+                  and isinstance(e.__cause__, tf.errors.OpError)]
+        if not remote:
+            return errors[0]
+        used = list(dict.fromkeys(r.device for r in self.pipe._runners))
+        wait = 5.0 if self.pipe.timeout is None else min(5.0, self.pipe.timeout)
+        remote_used = [d for d in used if _is_remote(d)]
+        # One dead task breaks this process's calls to every task, so ask the network first:
+        # a task whose port refuses connections is gone.
+        dead = [d for d in remote_used if _refuses_connections(d)]
+        if not dead:
+            dead = _unreachable(remote_used, wait)
+        if not dead or len(dead) == len(used):
+            return remote[0]
+        stages = [r.index for r in self.pipe._runners if r.device in dead]
+        tasks = ", ".join(_task_label(d) for d in dead)
+        error = GradSplitError(
+            f"{tasks} no longer answers (it died or stopped answering) during the step; "
+            f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))} ran "
+            f"there. First failure: {remote[0]} The step was abandoned and no variable of "
+            f"the split changed; restart the cluster, connect again and build a new pipeline.")
+        error.__cause__ = remote[0].__cause__
+        return error
+
+    def _timed_out(self) -> GradSplitError:
+        with self.condition:
+            if self.errors:  # an action failed just now: that is the news
+                return self.errors[0]
+            running = sorted(self.running.items(), key=lambda item: item[1][1])
+            pending = [self.pipe.schedule[d][0] for d in range(self.pipe.num_stages)
+                       if d not in self.running and not any(
+                           e.device_index == d for e in self.events)]
+        now = time.perf_counter() - self.start
+        parts = [
+            f"{action} of stage {action.stage} on {_task_label(self.pipe.devices[d])}, "
+            f"running for {now - started:.1f} s"
+            for d, (action, started) in running
+        ]
+        dead = _unreachable([d for d in dict.fromkeys(self.pipe.devices) if _is_remote(d)],
+                            self.probe_time)
+        if dead:
+            parts.insert(0, f"{', '.join(_task_label(d) for d in dead)} does not answer")
+        what = "; ".join(parts) if parts else (
+            "nothing was running: waiting for " + ", ".join(map(str, pending or ["?"])))
+        return GradSplitError(
+            f"the pipeline step did not finish within timeout={self.pipe.timeout:g} s: "
+            f"{what}. A worker that died or stopped answering does this. The step was "
+            f"abandoned and no variable of the split changed; restart the cluster, connect "
+            f"again, and build a new pipeline (or raise timeout= if the step is just slow)."
+        )
 
     def _fail(self, error: BaseException | None) -> None:
         with self.condition:
@@ -443,6 +533,7 @@ class _StepRun:
         runner = self.pipe._runners[d]
         action = None
         try:
+            self._refresh_replicas(runner)
             for action in self.pipe.schedule[d]:
                 needs = self.dependencies.of(action)
                 with self.condition:
@@ -451,6 +542,8 @@ class _StepRun:
                     if self.failed:
                         return
                 start = time.perf_counter() - self.start
+                with self.condition:
+                    self.running[d] = (action, start)
                 with tf.device(runner.device):
                     if action.kind == FORWARD:
                         self._forward(runner, action.microbatch)
@@ -458,21 +551,55 @@ class _StepRun:
                         self._backward(runner, action.microbatch)
                 end = time.perf_counter() - self.start
                 with self.condition:
+                    del self.running[d]
                     self.events.append(TimelineEvent(
                         d, runner.device, action.kind, action.stage,
                         action.microbatch, start, end))
                     self.done.add(action)
                     self.condition.notify_all()
+        except tf.errors.OpError as exc:
+            if not _is_remote(runner.device):
+                self._fail(_noted(exc, action, d, self.pipe))
+                return
+            doing = (f"running {action}" if action is not None
+                     else "refreshing its variable replicas")
+            error = GradSplitError(
+                f"{_task_label(runner.device)} failed while {doing} of stage {runner.index}: "
+                f"{type(exc).__name__}: {_first_line(exc.message)}.")
+            error.__cause__ = exc
+            self._fail(error)
         except BaseException as exc:
-            if action is not None and hasattr(exc, "add_note"):
-                exc.add_note(f"(while running {action} on device {d}: "
-                             f"{self.pipe._device_label(d)})")
-            self._fail(exc)
+            self._fail(_noted(exc, action, d, self.pipe))
+
+    def _refresh_replicas(self, runner: _StageRunner) -> None:
+        """Copy the variables into the replicas on this device (each device its own, in
+        its own thread, so that a dead task holds up only its stage)."""
+        for (idx, device), replica in self.pipe._replicas.items():
+            if device == runner.device:
+                with tf.device(device):
+                    replica.assign(self.pipe.split.variables[idx])
+                self._count("replicas", replica)
+        if self.sync:
+            _wait_for([r for (_, dev), r in self.pipe._replicas.items() if dev == runner.device])
+
+    def _count(self, kind: str, tensor: Any, device: str | None = None) -> None:
+        """Add ``tensor``'s bytes under ``kind`` if it moves (held elsewhere than
+        ``device``; ``device=None``: it always moves)."""
+        if device is not None and _same_device(tensor.device, device):
+            return
+        size = tensor.shape.num_elements() or 0
+        with self.condition:
+            self.moved[kind] += size * tensor.dtype.size
 
     def _forward(self, runner: _StageRunner, m: int) -> None:
         with self.condition:
             inputs = [self._take_activation(name, m) for name in runner.inputs]
+        for name, value in zip(runner.inputs, inputs):
+            self._count("inputs" if name in self.arg_position else "activations", value,
+                        runner.device)
         outputs, residuals = _run(runner.forward, *inputs)
+        if self.sync:
+            _wait_for(list(outputs) + list(residuals))
         with self.condition:
             for name, value in zip(runner.outputs, outputs):
                 if self.readers.get(name):
@@ -499,6 +626,11 @@ class _StepRun:
             residuals, shapes = self.residuals[runner.index].pop(m)
             received = [self.cotangents.pop((name, m), None) for name in runner.outputs]
         cotangents = []
+        for by_source in received:
+            for source, value in (by_source or {}).items():
+                # source K: the caller's seed of the loss, sent from this process
+                kind = "inputs" if source == self.pipe.num_stages else "cotangents"
+                self._count(kind, value, runner.device)
         for by_source, shape, dtype in zip(received, shapes, runner.output_dtypes):
             if not by_source:  # nobody sends one (integer, or unused downstream)
                 cotangents.append(tf.zeros(shape, dtype))
@@ -509,6 +641,8 @@ class _StepRun:
                 total = total + by_source[s]
             cotangents.append(total)
         input_cotangents, variable_grads = _run(runner.backward, residuals, cotangents)
+        if self.sync:
+            _wait_for([c for c in input_cotangents if c is not None] + list(variable_grads))
         del residuals  # dropped right after their backward
         k = runner.index
         if self.grads[k] is None:
@@ -528,6 +662,8 @@ class _StepRun:
         self.residuals = [{} for _ in self.residuals]
 
     def value(self) -> tf.Tensor:
+        for m in range(self.pipe.microbatches):
+            self._count("results", self.values[m], self.pipe._home)
         total = self.values[0]
         for m in range(1, self.pipe.microbatches):
             total = total + self.values[m]
@@ -538,12 +674,99 @@ class _StepRun:
     def gradients(self) -> list[tf.Tensor]:
         totals: dict[int, tf.Tensor] = {}
         for runner in reversed(self.pipe._runners):  # later stages first, as run_stages
+            for grad in self.grads[runner.index]:
+                self._count("results", grad, self.pipe._home)
             for idx, grad in zip(runner.variable_indices, self.grads[runner.index]):
                 totals[idx] = totals[idx] + grad if idx in totals else grad
         return [
             totals[i] if i in totals else tf.zeros(v.shape, v.dtype)
             for i, v in enumerate(self.pipe.split.variables)
         ]
+
+
+def _noted(exc: BaseException, action: Action | None, d: int, pipe: Pipeline) -> BaseException:
+    if action is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"(while running {action} on device {d}: {pipe._device_label(d)})")
+    return exc
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "(no message)"
+
+
+def _wait_for(tensors: list) -> None:
+    """Block until remote ``tensors`` exist: a remote call returns before its task has run
+    it, and its failure (or a hang) would surface later, in someone else's action. Asking
+    a handle for its shape waits for the task."""
+    for t in tensors:
+        if t is not None:
+            t.shape  # noqa: B018 - resolving the remote handle is the point
+
+
+def _refuses_connections(device: str) -> bool:
+    """Whether the server of ``device``'s task refuses TCP connections (its process is gone).
+    ``False`` when unknown; a stopped (hung) process still accepts them."""
+    import socket
+
+    from tensorflow.python.eager import context
+
+    spec = tf.DeviceSpec.from_string(device)
+    server_def = getattr(context.context(), "_server_def", None)
+    if server_def is None:
+        return False
+    for job in server_def.cluster.job:
+        if job.name == spec.job and (spec.task or 0) in job.tasks:
+            host, _, port = job.tasks[spec.task or 0].rpartition(":")
+            try:
+                with socket.create_connection((host, int(port)), timeout=1.0):
+                    return False
+            except ConnectionRefusedError:
+                return True
+            except (OSError, ValueError):
+                return False
+    return False
+
+
+def _unreachable(devices: list[str], seconds: float) -> list[str]:
+    """Those of ``devices`` that do not run a trivial op within ``seconds``."""
+    answered: set[str] = set()
+
+    def probe(device: str) -> None:
+        try:
+            with tf.device(device):
+                tf.identity(tf.constant(0.0)).numpy()  # a copy back waits for the task
+            answered.add(device)
+        except Exception:  # noqa: BLE001 - any failure means it does not answer
+            pass
+
+    threads = [threading.Thread(target=probe, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [d for d in devices if d not in answered]
+
+
+def _is_remote(device: str) -> bool:
+    """Whether ``device`` belongs to another process of a cluster (a task of a job)."""
+    job = tf.DeviceSpec.from_string(device).job
+    return job not in (None, "localhost")
+
+
+def _same_device(a: str, b: str) -> bool:
+    if not a or not b:
+        return False
+    x, y = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
+    return all(str(getattr(x, part)).upper() == str(getattr(y, part)).upper()
+               for part in ("job", "replica", "task", "device_type", "device_index"))
+
+
+def _task_label(device: str) -> str:
+    spec = tf.DeviceSpec.from_string(device)
+    if spec.job in (None, "localhost"):
+        return f"device {device}"
+    return f"task {spec.task} of job {spec.job!r} ({device})"
 
 
 # -- checks and setup -------------------------------------------------------------------------
@@ -635,6 +858,13 @@ def _resolve_device(name: Any) -> str:
 # Replicas and stage copies per split, so pipelines over one split share their XLA programs.
 _REPLICA_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# Functions and replicas ever placed on a task of a cluster, kept for the life of the process.
+# When a tf.function is garbage-collected, eager TensorFlow asks every task of the cluster it
+# is connected to *now* to forget it; after a reconnect to a restarted cluster, whose tasks
+# never had it, that request fails ("Tried to remove non-existent function") and the failure
+# surfaces in the next remote call, a step of an unrelated pipeline. Keeping them avoids that.
+_KEEP_ALIVE: list = []
+
 
 def _plan_replicas(split: Split, devices: list[str], jit_compile: bool):
     """``{(variable index, device): replica}`` for every variable a compiled stage reads on a
@@ -661,12 +891,15 @@ def _plan_replicas(split: Split, devices: list[str], jit_compile: bool):
                     f"Create it under `with tf.device({device!r})`, or pass jit_compile=False."
                 )
             key = (idx, device)
-            if key not in cache["replicas"]:
+            cached = (idx, device, _incarnation(device))
+            if cached not in cache["replicas"]:
                 with tf.init_scope(), tf.device(device):
-                    cache["replicas"][key] = tf.Variable(
+                    cache["replicas"][cached] = tf.Variable(
                         v.read_value(), trainable=v.trainable,
                         name=f"{v.name.split(':')[0]}_on_stage{stage.index}")
-            replicas[key] = cache["replicas"][key]
+                    if _is_remote(device):
+                        _KEEP_ALIVE.append(cache["replicas"][cached])
+            replicas[key] = cache["replicas"][cached]
             if idx in written:
                 copied_back.append(key)
     return replicas, copied_back
@@ -678,17 +911,52 @@ def _runner(split: Split, stage: Any, device: str, replicas: dict,
             and idx in stage.variable_indices}
     if mine:
         cache = _REPLICA_CACHE[split]["stages"]
-        key = (stage.index, device)
+        key = (stage.index, device, _incarnation(device))
         if key not in cache:
             cache[key] = _stage_reading(stage, mine)
         stage = cache[key]
     forward, backward = stage.compiled(jit_compile)
+    if jit_compile and _is_remote(device):
+        wrappers = _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
+        key = ("remote", stage.index, device, _incarnation(device))
+        if key not in wrappers["stages"]:
+            wrappers["stages"][key] = _remote_callable(stage, forward, backward)
+            _KEEP_ALIVE.append(wrappers["stages"][key])
+        forward, backward = wrappers["stages"][key]
     return _StageRunner(
         index=stage.index, device=device, forward=forward, backward=backward,
         inputs=list(stage.inputs), outputs=list(stage.outputs),
         output_dtypes=[s.dtype for s in stage.output_specs],
         variable_indices=list(stage.variable_indices),
     )
+
+
+def _incarnation(device: str) -> Any:
+    """What a replica on ``device`` is only valid for: the cluster this process is connected
+    to (a restarted cluster has the same device names, but none of the old variables)."""
+    if not _is_remote(device):
+        return None
+    from tensorflow.python.eager import context
+
+    server_def = getattr(context.context(), "_server_def", None)
+    return None if server_def is None else server_def.SerializeToString()
+
+
+def _remote_callable(stage: Any, forward: Any, backward: Any) -> tuple[Any, Any]:
+    """Plain functions that call the XLA ones, for a device of another process.
+
+    TensorFlow 2.21 cannot run a ``jit_compile=True`` function as the top-level call on a
+    remote task: eager raises ``InternalError: KernelAndDeviceOp does not support
+    EagerFunctionParams``. Called from inside a plain function, the same XLA function runs
+    on the task as a compiled cluster (``_XlaMustCompile``), as on a local device.
+    """
+    outer_forward = tf.function(lambda *inputs: forward(*inputs),
+                                input_signature=stage.input_specs, autograph=False)
+    outer_backward = tf.function(
+        lambda residuals, cotangents: backward(residuals, cotangents),
+        input_signature=[list(stage.residual_specs), list(stage.output_specs)],
+        autograph=False)
+    return outer_forward, outer_backward
 
 
 def _stage_reading(stage: Any, replicas: dict[int, tf.Variable]) -> Any:
