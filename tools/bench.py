@@ -434,6 +434,101 @@ def plot_cut_size(rows, path):
     fig.savefig(path)
 
 
+_CLUSTER_CHILD = r"""
+import json, os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 4)
+import gradsplit_compiler as gsc
+from gradsplit_compiler.cluster import LocalCluster
+
+width, depth, batch, k, m, repeats = (int(a) for a in sys.argv[1:7])
+cluster = LocalCluster(k)
+cluster.connect()  # before any variable: this process's context changes
+rng = np.random.default_rng(0)
+ws = [tf.Variable(rng.normal(size=(width, width)).astype("float32") / width ** 0.5)
+      for _ in range(depth)]
+per = depth // k
+
+def fn(x, y):
+    h = x
+    for i, w in enumerate(ws):
+        h = tf.tanh(h @ w)
+        if (i + 1) % per == 0 and (i + 1) < depth:
+            h = gsc.mark(h, f"c{(i + 1) // per}")
+    return tf.reduce_mean(tf.reduce_sum((h - y) ** 2, axis=1))
+
+sig = [tf.TensorSpec([None, width], tf.float32)] * 2
+split = gsc.split(fn, sig, [f"c{j}" for j in range(1, k)])
+x = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+y = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+try:
+    predicted = sum(row["boundary_bytes"] for row in split.summary(batch_size=batch))
+    source = "split.summary()"
+except Exception:  # noqa: BLE001 - costs.py missing or different
+    predicted = sum(int(np.prod([batch if d is None else d for d in spec.shape]))
+                    * spec.dtype.size for st in split.stages
+                    for name, spec in zip(st.inputs, st.input_specs)
+                    if name not in split.arg_names)
+    source = "stage input_specs"
+rows = []
+for label, devices in [("one process, logical CPUs", [f"/CPU:{d}" for d in range(k)]),
+                       (f"{k} worker processes", cluster.devices[:k])]:
+    pipe = gsc.pipeline(split, m, "1f1b", devices=devices, loss_reduction="mean",
+                        timeout=300)
+    pipe.step(x, y)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        value, grads = pipe.step(x, y)
+        float(value)
+        times.append(time.perf_counter() - t0)
+    rows.append({"run": label, "step_ms": 1e3 * float(np.median(times)),
+                 "bytes": pipe.bytes_moved(), "value": float(value)})
+print("RESULT " + json.dumps({"rows": rows, "predicted": predicted, "source": source,
+                              "config": [width, depth, batch, k, m, repeats]}), flush=True)
+cluster.stop()
+os._exit(0)
+"""
+
+
+def figure_cluster(quick, repeats):
+    """6. The pipeline on a LocalCluster (one worker process per stage, TF's gRPC runtime)
+    beside the same pipeline in one process (logical CPU devices): median time per step,
+    bytes moved between devices per step, and the boundary bytes the split predicts
+    (``split.summary()``). Runs in a subprocess: connecting changes a process's context."""
+    width, depth, batch, k, m = (256, 4, 64, 2, 4) if quick else (512, 8, 128, 4, 8)
+    done = subprocess.run(
+        [sys.executable, "-c", _CLUSTER_CHILD, *map(str, (width, depth, batch, k, m,
+                                                           repeats))],
+        capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        log(f"figure 6 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return ""
+    got = __import__("json").loads(lines[-1][len("RESULT "):])
+    table = [
+        "\n## 6. The pipeline across processes\n",
+        f"MLP {depth}x{width} float32, batch {batch}, {k} stages, {m} micro-batches, 1F1B; "
+        f"median of {repeats} steps after a warm-up. Boundary bytes predicted by "
+        f"{got['source']}: {got['predicted']:,} per step (forward; the backward sends as "
+        f"many cotangent bytes back).\n",
+        "| run | ms / step | activations B | cotangents B | inputs B | results B | "
+        "replicas B |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in got["rows"]:
+        b = row["bytes"]
+        table.append(f"| {row['run']} | {row['step_ms']:.1f} | {b['activations']:,} | "
+                     f"{b['cotangents']:,} | {b['inputs']:,} | {b['results']:,} | "
+                     f"{b['replicas']:,} |")
+    text = "\n".join(table) + "\n"
+    log(text)
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
@@ -459,6 +554,9 @@ def main(argv=None) -> int:
                                    repeats=repeats)
         plot_cut_size(cut_rows, ROOT / "docs" / "bench_cut_size.png")
     write_report(args.out, command.strip(), speed, memory, split_rows, cut_rows)
+    if 6 in args.only:
+        with open(args.out, "a") as f:
+            f.write(figure_cluster(args.quick, repeats))
     log(f"wrote {args.out}")
     return 0
 
