@@ -38,6 +38,15 @@ Variables
     used); its gradient is summed like any other. A variable the program assigns (batch-norm
     statistics, a counter) is assigned once per micro-batch, in schedule order; if the step
     fails, every such variable is put back as it was.
+Clusters
+    A device may be a task of a TensorFlow cluster this process is connected to
+    (``/job:worker/replica:0/task:1/device:CPU:0``; see ``gradsplit_compiler.cluster``). The
+    variables stay in this process; each stage reads replicas created on its task and
+    refreshed at the start of every step, activations and cotangents travel through
+    TensorFlow's runtime, and ``step`` returns the value and gradients here. A TensorFlow
+    error on a task becomes a ``GradSplitError`` naming the task and the stage, and
+    ``timeout=`` bounds a step whose task stopped answering. ``bytes_moved()`` says what the
+    last step sent between devices.
 """
 
 from __future__ import annotations
@@ -572,15 +581,17 @@ class _StepRun:
             self._fail(_noted(exc, action, d, self.pipe))
 
     def _refresh_replicas(self, runner: _StageRunner) -> None:
-        """Copy the variables into the replicas on this device (each device its own, in
-        its own thread, so that a dead task holds up only its stage)."""
-        for (idx, device), replica in self.pipe._replicas.items():
-            if device == runner.device:
-                with tf.device(device):
-                    replica.assign(self.pipe.split.variables[idx])
-                self._count("replicas", replica)
+        """Copy the variables into this stage's replicas (each stage in its own thread, so
+        that a dead task holds up only its stage)."""
+        mine = [(idx, device) for idx, device in self.pipe._replicas
+                if device == runner.device and idx in runner.variable_indices]
+        for idx, device in mine:
+            replica = self.pipe._replicas[(idx, device)]
+            with tf.device(device):
+                replica.assign(self.pipe.split.variables[idx])
+            self._count("replicas", replica)
         if self.sync:
-            _wait_for([r for (_, dev), r in self.pipe._replicas.items() if dev == runner.device])
+            _wait_for([self.pipe._replicas[key] for key in mine])
 
     def _count(self, kind: str, tensor: Any, device: str | None = None) -> None:
         """Add ``tensor``'s bytes under ``kind`` if it moves (held elsewhere than

@@ -92,7 +92,7 @@ def test_no_orphan_workers_when_the_client_is_killed():
               "print(' '.join(str(p.pid) for p in c.processes), flush=True)\n"
               "time.sleep(60)\n")
     client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         pids = [int(p) for p in client.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
@@ -113,6 +113,29 @@ def test_pipeline_timeout_must_be_positive():
                       ["h"])
     with pytest.raises(GradSplitError, match="timeout"):
         gsc.pipeline(split, 1, loss_reduction="sum", timeout=-1)
+
+
+def test_bytes_moved_between_logical_devices_match_the_boundary():
+    import tensorflow as tf
+
+    import gradsplit_compiler as gsc
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs 2 logical CPU devices (tests/conftest.py configures them)")
+    w = tf.Variable(tf.ones([3, 5], tf.float64))
+    v = tf.Variable(tf.ones([5, 1], tf.float64))
+
+    def loss(x):
+        return tf.reduce_mean(gsc.mark(tf.tanh(x @ w), "h") @ v)
+
+    split = gsc.split(loss, [tf.TensorSpec([None, 3], tf.float64)], ["h"])
+    pipe = gsc.pipeline(split, 2, "gpipe", devices=["/CPU:0", "/CPU:1"],
+                        loss_reduction="mean", timeout=60)
+    pipe.step(tf.ones([4, 3], tf.float64))
+    moved = pipe.bytes_moved()
+    assert moved["activations"] == 4 * 5 * 8  # h, the whole batch, stage 0 -> stage 1
+    assert moved["cotangents"] == 4 * 5 * 8  # its cotangent back
+    assert moved["replicas"] == 5 * 8  # v refreshed on /CPU:1
 
 
 # -- the pipeline across processes (subprocesses that connect) --------------------------------
