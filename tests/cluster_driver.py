@@ -85,9 +85,12 @@ def exact(workers: int) -> dict:
         split = gsc.split(fn, signature, CUTS[workers])
         reference = split.value_and_gradients(*args)  # one process, this process's CPU
         before = [v.numpy() for v in split.variables]
-        for schedule, m in [("1f1b", 4), ("gpipe", 2)]:
+        plans = [("1f1b", 4, True), ("gpipe", 2, True)]
+        if workers == 2:
+            plans.append(("1f1b", 4, False))  # plain graph functions on the tasks
+        for schedule, m, jit in plans:
             pipe = gsc.pipeline(split, m, schedule, devices=devices, loss_reduction="mean",
-                                timeout=60)
+                                timeout=60, jit_compile=jit)
             t0 = time.perf_counter()
             result = pipe.step(*args)
             first = time.perf_counter() - t0
@@ -96,7 +99,8 @@ def exact(workers: int) -> dict:
             second = time.perf_counter() - t0
             placed = sorted({e.device for e in pipe.timeline()})
             out["runs"].append({
-                "schedule": schedule, "microbatches": m, "max_rel_error": max_error(
+                "schedule": schedule, "microbatches": m, "jit_compile": jit,
+                "max_rel_error": max_error(
                     result, reference),
                 "value_device": result[0].device, "first_step_s": first,
                 "second_step_s": second, "bytes_moved": pipe.bytes_moved(),

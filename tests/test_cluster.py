@@ -145,6 +145,7 @@ def test_bytes_moved_between_logical_devices_match_the_boundary():
 def test_pipeline_on_cluster_equals_one_process(workers):
     result = _drive("exact", str(workers))
     assert len(result["devices"]) == workers
+    assert [r["jit_compile"] for r in result["runs"]] == [True, True] + [False] * (workers == 2)
     for run in result["runs"]:
         assert run["max_rel_error"] <= TOL, run
         # every stage ran on its own task; the results come back to the client
