@@ -37,12 +37,13 @@ WIDTHS = (1, 2, 3, 4)
 # kind -> number of value inputs
 ARITY = {
     "matmul": 1, "bias": 1, "frozen_bias": 1, "tanh": 1, "sin": 1, "mean": 1, "split": 1,
-    "while": 1, "count": 1, "add": 2, "mul": 2, "concat": 2, "cond": 2,
+    "while": 1, "count": 1, "add": 2, "mul": 2, "concat": 2, "cond": 2, "case": 2,
 }
 # Kinds the strategies draw, with repeats as weights.
 KINDS = ("matmul", "matmul", "matmul", "bias", "frozen_bias", "tanh", "tanh", "sin", "mean",
-         "split", "add", "add", "mul", "concat", "cond", "while", "count")
-PLAIN_KINDS = tuple(k for k in KINDS if k not in ("cond", "while"))
+         "split", "add", "add", "mul", "concat", "cond", "while", "case", "count")
+CONTROL_FLOW_KINDS = ("cond", "while", "case")
+PLAIN_KINDS = tuple(k for k in KINDS if k not in CONTROL_FLOW_KINDS)
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class Op:
     """One op of a random program.
 
     ``inputs`` are value numbers; ``var`` the variable it reads (matmul weight, bias, the
-    weight inside a ``tf.cond`` branch or a ``tf.while_loop`` body); ``extra``: the split
-    point of ``split``, the axis of ``mean``, the trip count of ``while``; ``extra2``: the
-    ``maximum_iterations`` of ``while`` (at least the trip count). ``count`` is a side
+    weight inside a ``tf.cond`` branch, a ``tf.switch_case`` branch (``case``) or a
+    ``tf.while_loop`` body); ``extra``: the split point of ``split``, the axis of ``mean``,
+    the trip count of ``while``; ``extra2``: the ``maximum_iterations`` of ``while`` (at
+    least the trip count); ``call``: the branch or body calls a nested ``tf.function``
+    (drawn only when asked: the core cannot differentiate those yet). ``count`` is a side
     effect: it adds the mean of its input to the program's counter variable and multiplies
     its input by the counter's new value (a read after the write). Ops with the same
     ``nest >= 0`` run, one after the other, inside one nested ``tf.function``. ``marks``:
@@ -66,6 +69,7 @@ class Op:
     extra2: int = 0
     nest: int = -1
     marks: tuple[bool, ...] = ()
+    call: bool = False
 
     @property
     def num_outputs(self) -> int:
@@ -259,17 +263,31 @@ def _emit(op: Op, ins: Sequence[tf.Tensor], variables: list) -> list[tf.Tensor]:
         return [a * ins[1]]
     if kind == "concat":
         return [tf.concat([a, ins[1]], axis=1)]
+    if kind in CONTROL_FLOW_KINDS:
+        W = variables[op.var]
+
+        def layer(h):
+            return tf.tanh(tf.matmul(h, W))
+
+        def other(h):
+            return tf.sin(h) * h
+
+        def third(h):
+            return h * W[0]
+
+        if op.call:  # every branch calls, so the branch taken does
+            layer, other, third = (tf.function(f, autograph=False) for f in (layer, other, third))
     if kind == "cond":
-        W = variables[op.var]
-        return [tf.cond(tf.reduce_mean(ins[1]) > 0.0,
-                        lambda: tf.tanh(tf.matmul(a, W)),
-                        lambda: tf.sin(a) * a)]
+        return [tf.cond(tf.reduce_mean(ins[1]) > 0.0, lambda: layer(a), lambda: other(a))]
+    if kind == "case":
+        index = tf.cast(tf.reduce_mean(ins[1]) > 0.0, tf.int32) + tf.cast(
+            tf.reduce_mean(a) > 0.0, tf.int32)
+        return [tf.switch_case(index, [lambda: layer(a), lambda: other(a), lambda: third(a)])]
     if kind == "while":
-        W = variables[op.var]
         trips = op.extra
 
         def body(i, h):
-            return i + 1, tf.tanh(tf.matmul(h, W)) + 0.5 * h
+            return i + 1, layer(h) + 0.5 * h
 
         return [tf.while_loop(lambda i, h: i < trips, body, [tf.constant(0), a],
                               maximum_iterations=op.extra2)[1]]
@@ -373,7 +391,8 @@ def cut_names(built: Built, cuts: list) -> list:
 
 @st.composite
 def programs(draw, max_ops: int = 7, control_flow: bool = True, nested: bool = True,
-             scalar: bool | None = None, static_batch: bool | None = None) -> Program:
+             scalar: bool | None = None, static_batch: bool | None = None,
+             calls_in_bodies: bool = False) -> Program:
     """A random program with at least one mark a valid cut list can use."""
     args = tuple(draw(st.lists(st.sampled_from(WIDTHS[1:]), min_size=1, max_size=2)))
     variables: list[tuple[int, ...]] = []
@@ -415,7 +434,7 @@ def programs(draw, max_ops: int = 7, control_flow: bool = True, nested: bool = T
             var = variable((sa[1], draw(st.sampled_from(WIDTHS))))
         elif kind in ("bias", "frozen_bias"):
             var = variable((sa[1],))
-        elif kind in ("cond", "while"):
+        elif kind in CONTROL_FLOW_KINDS:
             var = variable((sa[1], sa[1]))
         elif kind == "split":
             extra = draw(st.integers(1, sa[1] - 1))
@@ -434,12 +453,13 @@ def programs(draw, max_ops: int = 7, control_flow: bool = True, nested: bool = T
                 nest, nest_id = nest_id, nest_id + 1
             else:
                 nest = -1
-        op = Op(kind, ins, var=var if kind in ("matmul", "bias", "frozen_bias", "cond",
-                                                  "while") else -1,
-                extra=extra, extra2=extra2, nest=nest)
+        has_var = kind in ("matmul", "bias", "frozen_bias", *CONTROL_FLOW_KINDS)
+        call = kind in CONTROL_FLOW_KINDS and calls_in_bodies and draw(st.booleans())
+        op = Op(kind, ins, var=var if has_var else -1, extra=extra, extra2=extra2, nest=nest,
+                call=call)
         outs = _output_shapes(op, shapes, variables)
         marks = tuple(draw(st.booleans()) for _ in outs)
-        ops.append(Op(op.kind, op.inputs, op.var, op.extra, op.extra2, op.nest, marks))
+        ops.append(Op(op.kind, op.inputs, op.var, op.extra, op.extra2, op.nest, marks, call))
         shapes += outs
 
     used = {v for op in ops for v in op.inputs}
@@ -548,22 +568,26 @@ def assert_split_equals_tape(built: Built, cuts: list, jit_compile: bool = False
     for stage in split.stages:
         assert set(stage.inputs) <= available, f"stage {stage.index} reads unknown tensors"
         available |= set(stage.outputs)
-    assert set(split.output_names) <= available
+    assert set(split.output_names) <= set(split.stages[-1].outputs)
     ids = {id(v) for v in split.variables}
     assert ids == {id(v) for v in built.variables}, "split.variables != variables fn reads"
 
     args = built.args()
     variables = list(split.variables)
+    # Under XLA the reference traces fn's Python body afresh inside the compiled function,
+    # as gsc.verify does: the graph-mode trace keeps tf.cond intermediates as Optionals,
+    # which XLA cannot compile.
+    reference_fn = built.fn.python_function if jit_compile else built.fn
     cotangents = None if built.program.scalar else built.output_cotangents()
     start = [v.numpy() for v in variables]  # after output_cotangents ran fn
     try:
         if cotangents is None:
             ref_value, ref_grads = reference_value_and_grads(
-                built.fn, variables, jit_compile)(*args)
+                reference_fn, variables, jit_compile)(*args)
             ref_flat, ref_inputs = [ref_value], []
         else:
             ref_outputs, ref_inputs, ref_grads = reference_vjp(
-                built.fn, variables, jit_compile)(args, cotangents)
+                reference_fn, variables, jit_compile)(args, cotangents)
             ref_flat = tf.nest.flatten(ref_outputs)
         ref_after = [v.numpy() for v in variables]
         routes = (["value_and_gradients"] if cotangents is None else ["vjp"]) + ["run_stages"]

@@ -58,9 +58,33 @@ FOUND = {
 }
 
 
+# Found by hand beside the generator (whose ``calls_in_bodies`` is off until they pass): a
+# nested tf.function called inside a tf.cond or tf.switch_case branch or a tf.while_loop
+# body. inline_calls inlines top-level calls only; the body's call stays a
+# StatefulPartitionedCall whose gradient falls back to SymbolicGradient, which fails at run
+# time ("NotFoundError: ... SymbolicGradient") when the branch is taken, in graph mode and
+# under XLA.
+CALLS_IN_BODIES = {
+    kind: (Program(args=(3,), variables=((3, 3),), ops=(
+        Op(kind="tanh", inputs=(0,), marks=(True,)),
+        Op(kind=kind, inputs=(1, 1) if kind != "while" else (1,), var=0,
+           extra=2 if kind == "while" else 0, extra2=2 if kind == "while" else 0, call=True),
+        Op(kind="sin", inputs=(2,))), outputs=(3,), scalar=True), [[(1, "mark")]])
+    for kind in ("cond", "case", "while")
+}
+
+
 @pytest.mark.parametrize("name", list(FOUND))
 def test_found_example_gives_the_tape_gradient(name):
     program, cuts = FOUND[name]
+    built = build(program)
+    built.fn.get_concrete_function(*built.input_signature)
+    assert_split_equals_tape(built, cut_names(built, cuts))
+
+
+@pytest.mark.parametrize("kind", list(CALLS_IN_BODIES))
+def test_nested_function_called_in_a_control_flow_body_gives_the_tape_gradient(kind):
+    program, cuts = CALLS_IN_BODIES[kind]
     built = build(program)
     built.fn.get_concrete_function(*built.input_signature)
     assert_split_equals_tape(built, cut_names(built, cuts))
