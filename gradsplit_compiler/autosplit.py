@@ -11,7 +11,8 @@ The method, near-linear in the size of the graph:
    no floating-point output) joins its first user, since a cut can only name float tensors.
    What is left are *groups*, one per op of the main computation, in a topological order
    (the program's own order when it is one, which keeps Keras layers together). Runs of
-   groups that cost nothing are merged into the cheapest place to cut among them.
+   groups that cost nothing are merged into the cheapest place to cut among them, and a
+   group with no float tensor leaving it cannot end a stage.
 3. **Prefix sums** over that order: ``C[b]``, the cost before boundary ``b``, and ``X[b]``,
    the bytes crossing it, where a tensor counts once for every boundary between its
    producer and its last consumer, however many consumers it has (a difference array,
@@ -57,8 +58,7 @@ Example
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import functools
 import heapq
 import math
 import time
@@ -95,8 +95,6 @@ class Plan:
     num_stages: int
     cuts: list[list[str]]
     positions: list[int]
-    groups: list[list[str]]
-    stage_of: dict[str, int]
     stage_costs: list[float]
     cut_bytes: list[int]
     lower_bound: float
@@ -107,6 +105,19 @@ class Plan:
     polished: list[int] = field(default_factory=list)
     mismatches: list[tuple[str, int, int | None]] = field(default_factory=list)
     method: str = "auto"
+    # (op names, members of each group in order, stage of each group): groups and stage_of
+    # are built from these when asked for, not on every plan of a 100,000-op program
+    _layout: Any = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def groups(self) -> list[list[str]]:
+        names, members, _ = self._layout
+        return [[names[v] for v in mem] for mem in members]
+
+    @functools.cached_property
+    def stage_of(self) -> dict[str, int]:
+        names, members, stages = self._layout
+        return {names[v]: int(k) for mem, k in zip(members, stages) for v in mem}
 
     @property
     def bottleneck(self) -> float:
@@ -145,11 +156,21 @@ class _Indexed:
         # object per lookup, which dominates on a 100,000-op graph.
         attrs = g._node
         self.names = list(attrs)
-        index = {n: i for i, n in enumerate(self.names)}
-        self.index = index
         n = len(self.names)
-        self.ops = [a["op"] for a in attrs.values()]
-        self.outputs = [a.get("outputs") or [] for a in attrs.values()]
+        index = dict(zip(self.names, range(n)))
+        self.index = index
+        self.ops, self.outputs, self.float_out = [], [], []
+        is_float = _costs._is_float
+        for a in attrs.values():
+            self.ops.append(a["op"])
+            outs = a.get("outputs") or ()
+            self.outputs.append(outs)
+            found = False
+            for d, _ in outs:
+                if is_float(d):
+                    found = True
+                    break
+            self.float_out.append(found)
         self.data_out: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (out, reader)
         self.data_pred: list[list[int]] = [[] for _ in range(n)]
         self.ctrl_pred: list[list[int]] = [[] for _ in range(n)]
@@ -172,15 +193,6 @@ class _Indexed:
                         out.append((a["src_output"], iv))
                         data_pred[iv].append(iu)
         self.in_order = in_order
-        self.float_out = []
-        is_float = _costs._is_float
-        for outs in self.outputs:
-            found = False
-            for d, _ in outs:
-                if is_float(d):
-                    found = True
-                    break
-            self.float_out.append(found)
 
     def successors(self, u: int) -> set[int]:
         return {w for _, w in self.data_out[u]} | set(self.ctrl_succ[u])
@@ -238,7 +250,7 @@ class _Groups:
     members: list[list[int]]        # op indices of each group, in order
     cost: np.ndarray                # per group
     bad_end: np.ndarray             # a stage may not end with this group (no float leaves it)
-    preds: list[set[int]]           # group -> groups it depends on (data or control)
+    group_of: list[int]             # op -> its group (-1: not placed)
     t_op: np.ndarray                # per crossing tensor: producing op
     t_index: np.ndarray             # its output index
     t_group: np.ndarray             # its producing group
@@ -341,33 +353,35 @@ def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
 
     # Tensors between groups, each once, with the groups that read it.
     t_op, t_index, t_group, t_bytes, t_float, cons = [], [], [], [], [], []
-    preds: list[set[int]] = [set() for _ in range(m)]
     data_out, outputs = ix.data_out, ix.outputs
+    tensor_bytes = _costs.tensor_bytes
     for gi, mem in enumerate(members):
         for v in mem:
-            for u in ctrl_pred[v]:
-                gu = group_of[u]
-                if gu >= 0 and gu != gi:
-                    preds[gi].add(gu)
-            readers: dict[int, set[int]] = {}
-            for out_index, w in data_out[v]:
+            reads = data_out[v]
+            if not reads:
+                continue
+            if len(reads) == 1:  # the common case: one reader
+                out_index, w = reads[0]
                 gw = group_of[w]
-                if gw >= 0 and gw != gi:
-                    found = readers.get(out_index)
-                    if found is None:
-                        readers[out_index] = {gw}
-                    else:
-                        found.add(gw)
-                    preds[gw].add(gi)
+                if gw < 0 or gw == gi:
+                    continue
+                readers = {out_index: [gw]}
+            else:
+                found: dict[int, set[int]] = {}
+                for out_index, w in reads:
+                    gw = group_of[w]
+                    if gw >= 0 and gw != gi:
+                        found.setdefault(out_index, set()).add(gw)
+                readers = {i: sorted(groups) for i, groups in found.items()}
+            outs = outputs[v]
             for out_index, groups in readers.items():
-                dtype, shape = outputs[v][out_index] if out_index < len(outputs[v]) \
-                    else (None, None)
+                dtype, shape = outs[out_index] if out_index < len(outs) else (None, None)
                 t_op.append(v)
                 t_index.append(out_index)
                 t_group.append(gi)
-                t_bytes.append(_costs.tensor_bytes(dtype, shape, batch))
+                t_bytes.append(tensor_bytes(dtype, shape, batch))
                 t_float.append(_is_float(dtype))
-                cons.append(sorted(groups))
+                cons.append(groups)
     t_group_arr = np.array(t_group, np.int64)
     t_float_arr = np.array(t_float, bool)
     # A stage must hand a float tensor on (split can only name floats as cuts): a group
@@ -385,7 +399,7 @@ def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
         _memory_items(program, ix, members, excluded, inputs, read_of, var_ph, batch,
                       var_items, residual_items)
     return _Groups(
-        members=members, cost=cost, bad_end=bad_end, preds=preds,
+        members=members, cost=cost, bad_end=bad_end, group_of=group_of,
         t_op=np.array(t_op, np.int64), t_index=np.array(t_index, np.int64),
         t_group=t_group_arr, t_bytes=np.array(t_bytes, np.float64), t_float=t_float_arr,
         t_cons_ptr=ptr, t_cons=flat, var_items=var_items, residual_items=residual_items,
@@ -643,8 +657,19 @@ def _fewest_bytes(cp: np.ndarray, xp: np.ndarray, k: int, cap: float,
 # -- min-cut polish ------------------------------------------------------------------------------
 
 
-def _polish_cut(gr: _Groups, order: np.ndarray, bounds: list[int], k: int, cap: float,
-                memory_ok, max_window: int) -> tuple[np.ndarray, int] | None:
+def _group_preds(gr: _Groups, ix: _Indexed, gid: int) -> set[int]:
+    """The groups group ``gid`` depends on (data or control)."""
+    found = set()
+    for v in gr.members[gid]:
+        for u in ix.data_pred[v] + ix.ctrl_pred[v]:
+            q = gr.group_of[u]
+            if q >= 0 and q != gid:
+                found.add(q)
+    return found
+
+
+def _polish_cut(gr: _Groups, ix: _Indexed, order: np.ndarray, bounds: list[int], k: int,
+                cap: float, memory_ok, max_window: int) -> tuple[np.ndarray, int] | None:
     """Move cut ``k`` (between stages ``k`` and ``k + 1``) to the cheapest predecessor-closed
     set inside the window where both stages stay under ``cap``; ``None`` when it can't do
     better than the current boundary."""
@@ -681,7 +706,7 @@ def _polish_cut(gr: _Groups, order: np.ndarray, bounds: list[int], k: int, cap: 
     net.add_node("s")
     net.add_node("t")
     for gid, i in inside.items():
-        for q in gr.preds[gid]:
+        for q in _group_preds(gr, ix, gid):
             if q in inside:
                 net.add_edge(("g", i), ("g", inside[q]))  # closure: no capacity = infinite
     first_pos, last_pos = _spans(gr, gpos)
@@ -721,28 +746,15 @@ def plan_partition(program: Program, num_stages: int, *, batch_size: int | None 
                    eps: float = 0.03, polish: bool = True,
                    model: _costs.CostModel = _costs.DEFAULT_MODEL,
                    op_seconds: dict[str, float] | None = None,
-                   polish_window: int = 200, max_stage_cost: float | None = None) -> Plan:
+                   polish_window: int = 100, max_stage_cost: float | None = None) -> Plan:
     """Choose ``num_stages - 1`` cuts of ``program`` (after ``inline_calls`` and
     ``refresh_shapes``); see the module docstring for the method. ``op_seconds`` (op name
     -> forward + backward seconds) replaces the cost model when given; ``max_stage_cost``
     (seconds) replaces the cap ``(1 + eps) B*`` when it is larger."""
     _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps)
-    with _no_gc():
+    with _costs.no_gc():
         return _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
                                eps, polish, model, op_seconds, polish_window, max_stage_cost)
-
-
-@contextlib.contextmanager
-def _no_gc():
-    """The collector off while the plan builds its lists: on a 100,000-op program, each
-    generation-2 pass walks every NodeDef and costs more than the whole search."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches, eps, polish,
@@ -815,7 +827,7 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
     if polish and k > 1:
         memory_ok = _memory_check(gr, memory_limit, in_flight)
         for cut in range(k - 1):
-            moved = _polish_cut(gr, order, bounds, cut, cap, memory_ok, polish_window)
+            moved = _polish_cut(gr, ix, order, bounds, cut, cap, memory_ok, polish_window)
             if moved is None:
                 continue
             new_order, new_position = moved
@@ -910,9 +922,8 @@ def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
     gpos = np.empty(m, np.int64)
     gpos[order] = np.arange(m)
     stage_of_group = np.searchsorted(np.array(bounds[1:]), gpos, side="right")
-    groups = [[ix.names[v] for v in gr.members[gid]] for gid in order]
-    stage_of = {ix.names[v]: int(stage_of_group[gid])
-                for gid in range(m) for v in gr.members[gid]}
+    layout = (ix.names, [gr.members[gid] for gid in order.tolist()],
+              stage_of_group[order].tolist())
     cuts: list[list[str]] = [[] for _ in range(k - 1)]
     if len(gr.t_group):
         first, last = _spans(gr, gpos)
@@ -927,8 +938,8 @@ def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
     stage_costs = [float(v) for v in np.diff(c[list(bounds)])]
     cut_bytes = [int(x[b]) for b in bounds[1:-1]]
     plan = Plan(
-        num_stages=k, cuts=cuts, positions=list(bounds[1:-1]), groups=groups,
-        stage_of=stage_of, stage_costs=stage_costs, cut_bytes=cut_bytes,
+        num_stages=k, cuts=cuts, positions=list(bounds[1:-1]), _layout=layout,
+        stage_costs=stage_costs, cut_bytes=cut_bytes,
         lower_bound=float(lower_bound), total_cost=float(c[-1]),
     )
     if with_memory:

@@ -6,23 +6,27 @@ numbers are then per example):
 
 - **time** (seconds, forward + backward): matrix products and convolutions (``MatMul``,
   ``BatchMatMul*``, ``Conv2D``, ``Conv3D``, ``Conv2DBackpropInput``, ``DepthwiseConv2dNative``,
-  ``Einsum`` with its equation parsed) are costed by FLOPs; every other op by the bytes it
-  reads and writes. Forward time is the roofline ``max(flops / F, bytes / B)`` for the first
-  kind and ``bytes / B`` for the rest. The backward costs ``backward_flops`` (2: one product
-  for the input cotangent, one for the weight gradient) times the forward FLOPs, and
-  ``backward_bytes`` (1.5: an elementwise op reads its cotangent and one saved value and
-  writes one cotangent, three tensors against the forward's two) times the forward bytes.
-  Ops off the gradient path (shape arithmetic, batch-norm statistics updates) have no
-  backward. Views (``Reshape``, ``Identity``, ``Squeeze`` ...), constants and variable reads
-  cost nothing.
+  ``Einsum`` with its equation parsed) are costed by FLOPs (2 per multiply-add); every other
+  op by the bytes it reads and writes. Forward time is the roofline
+  ``max(flops / F, bytes / B)`` for the first kind and ``bytes / B`` for the rest. The
+  backward costs ``backward_flops`` (2: one product for the input cotangent, one for the
+  weight gradient) times the forward FLOPs, and ``backward_bytes`` (1.5: an elementwise op's
+  backward reads its cotangent and one saved value and writes one cotangent, three tensors
+  against the forward's two) times the forward bytes. Ops off the gradient path (shape
+  arithmetic, batch-norm statistics updates) have no backward. Views (``Reshape``,
+  ``Identity``, ``Squeeze`` ...), constants and variable reads cost nothing; every other op
+  adds ``op_seconds`` forward and again backward.
 - **residuals**: the forward tensors the op's backward keeps (TensorFlow's gradient functions:
   a ``MatMul`` keeps its inputs, a ``Relu`` or ``Tanh`` its output, an ``AddV2`` nothing).
 - **variable bytes**: what the variables a stage reads take.
 
-``F`` and ``B`` default to what XLA sustains on a 2-core x86 CPU (a 1024x1024 ``MatMul``:
-~60 GFLOP/s; a fused elementwise op over 64 MB: ~6 GB/s). ``calibrate(split, args)`` times
-each stage's compiled forward + backward and sets them beside the estimate; ``fit`` rescales
-``F`` and ``B`` to a machine from such measurements.
+``F`` (180 GFLOP/s) and ``B`` (16 GB/s, an effective rate: XLA fuses the elementwise chains
+whose every input and output the model counts) were fitted to XLA on a 2-core x86 CPU.
+``XLA_CPU`` adds one measured quirk of XLA's CPU backend: a convolution whose kernel is
+larger than its input (ResNet50's 3x3 kernels on 2x2 maps at 64x64 inputs) runs as a
+generic loop, at about 2.5 GFLOP/s. ``calibrate(split, args)`` times each stage's compiled
+forward + backward and sets it beside the estimate; ``fit`` rescales the rates to a machine
+from such measurements.
 
 Example
 -------
@@ -39,6 +43,8 @@ Example
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -401,6 +407,26 @@ def op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | No
 
     The same numbers as ``op_cost(...).seconds(model)``, each tensor's bytes computed once.
     """
+    with no_gc():
+        return _op_costs(g, output_ops, batch_size, model, nodes)
+
+
+@contextlib.contextmanager
+def no_gc():
+    """The collector off while a pass over a big program builds its lists: on a
+    100,000-op program each full collection walks every NodeDef and costs more than the
+    pass itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | None,
+              model: CostModel, nodes: Iterable[str] | None) -> dict[str, float]:
     with_backward = gradient_ops(g, output_ops)
     batch = batch_size or 1
     pred, attrs = g._pred, g._node
@@ -532,13 +558,14 @@ def calibrate(split: Any, args: Sequence, *, repeats: int = 10, warmup: int = 2,
     """Measured against estimated time of each stage's forward + backward.
 
     Each stage's forward and backward are compiled on their own (``stage.compiled``, XLA by
-    default) and run on the values the earlier stages produce from ``args``; the time is the
-    fastest of ``repeats`` runs (the least disturbed by other work on the machine). The
-    estimate uses the batch size of ``args`` (the leading dimension of the first one).
+    default) and run on the values the earlier stages produce from ``args``. The stages take
+    turns within each of ``repeats`` rounds, so a slow spell of the machine costs them all
+    alike, and each stage's time is its fastest round. The estimate uses the batch size of
+    ``args`` (the leading dimension of the first one).
 
     Returns one dict per stage: ``index``, ``measured`` and ``estimated`` (seconds),
     ``rel_error`` (``estimated / measured - 1``) and ``parts``, the estimate in the four
-    columns ``fit`` rescales (``PARTS``).
+    columns of ``PARTS``.
     """
     import tensorflow as tf
 
@@ -548,11 +575,11 @@ def calibrate(split: Any, args: Sequence, *, repeats: int = 10, warmup: int = 2,
     outputs = {ir.parse_tensor_name(n)[0] for n in split.output_names}
     with_backward = gradient_ops(g, outputs)
     env = dict(zip(split.arg_names, tensors))
-    rows = []
+    steps = []
     for stage in split.stages:
         forward, backward = stage.compiled(jit_compile)
         inputs = [env[n] for n in stage.inputs]
-        outs, residuals = forward(*inputs)
+        outs, _ = forward(*inputs)
         env.update(zip(stage.outputs, outs))
         cotangents = [tf.ones_like(o) if o.dtype.is_floating else tf.zeros_like(o)
                       for o in outs]
@@ -564,16 +591,20 @@ def calibrate(split: Any, args: Sequence, *, repeats: int = 10, warmup: int = 2,
 
         for _ in range(warmup):
             step()
-        times = []
-        for _ in range(repeats):
+        steps.append(step)
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, spent in zip(steps, times):
             start = time.perf_counter()
             step()
-            times.append(time.perf_counter() - start)
-        measured = min(times)
+            spent.append(time.perf_counter() - start)
+    rows = []
+    for stage, spent in zip(split.stages, times):
         parts = np.zeros(len(PARTS))
         for n in stage_nodes(split, stage.index):
             parts += op_cost(g, n, batch, n in with_backward).parts(model)
         estimated = float(parts.sum())
+        measured = min(spent)
         rows.append({
             "index": stage.index,
             "measured": measured,
@@ -596,22 +627,26 @@ def _block(*values: Any) -> None:
 def fit(rows: Sequence[dict], model: CostModel = DEFAULT_MODEL) -> CostModel:
     """``model`` with its rates rescaled to fit measured stage times (``calibrate`` rows,
     from one or more splits): non-negative least squares on the relative error, one scale
-    per column of ``PARTS``. A column the rows never use keeps its constant."""
-    a = np.array([[r["parts"][p] for p in PARTS] for r in rows], float)
-    y = np.array([r["measured"] for r in rows], float)
-    a, y = a / y[:, None], np.ones_like(y)  # relative error: every stage weighs the same
-    scale = _nnls(a, y)
+    for the FLOP rate, the slow-convolution rate and the byte rate. The per-op overhead is
+    kept (too small to tell from noise on programs big enough to time); a rate the rows
+    never use keeps its constant."""
+    columns = [p for p in PARTS if p != "overhead"]
+    a = np.array([[r["parts"][p] for p in columns] for r in rows], float)
+    y = np.array([r["measured"] - r["parts"]["overhead"] for r in rows], float)
+    measured = np.array([r["measured"] for r in rows], float)
+    # relative error: every stage weighs the same
+    scale = dict(zip(columns, _nnls(a / measured[:, None], y / measured)))
 
     def rescaled(rate: float, s: float) -> float:  # time x s = work / (rate / s)
         return rate / s if s > 0 else rate
 
     return replace(
         model,
-        flops_per_second=rescaled(model.flops_per_second, scale[0]),
-        slow_conv_flops_per_second=rescaled(model.slow_conv_flops_per_second, scale[1])
+        flops_per_second=rescaled(model.flops_per_second, scale["compute"]),
+        slow_conv_flops_per_second=rescaled(model.slow_conv_flops_per_second,
+                                            scale["slow_conv"])
         if model.slow_conv_flops_per_second else None,
-        bytes_per_second=rescaled(model.bytes_per_second, scale[2]),
-        op_seconds=model.op_seconds * scale[3],
+        bytes_per_second=rescaled(model.bytes_per_second, scale["memory"]),
     )
 
 

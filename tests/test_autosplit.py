@@ -372,3 +372,13 @@ def test_resnet50_four_stages_are_balanced_and_no_recipe_crosses_fewer_bytes_at_
 
 def test_auto_split_is_exported():
     assert "auto_split" in gsc.__all__ and callable(gsc.auto_split)
+
+
+def test_the_benchmark_times_the_partitioner_and_writes_its_report(tmp_path):
+    bench = _bench()
+    rows = bench.runtime([1_000], [4], repeats=1)
+    out = tmp_path / "autosplit.md"
+    bench.write_report(out, "smoke", [], rows, {}, [])
+    text = out.read_text()
+    assert "## Partitioner runtime" in text and "| 4 | yes |" in text
+    assert all(r["imbalance"] < 1.2 for r in rows)

@@ -110,8 +110,19 @@ def test_a_kernel_larger_than_its_input_is_a_slow_convolution_under_xla_cpu():
 
 
 def test_op_costs_agree_with_op_cost():
-    case = models.keras_small_functional(tf.float32)
-    g = _graph(case.fn, case.input_signature)
+    K = tf.Variable(np.ones((3, 3, 2, 4), np.float32))
+    W = tf.Variable(np.ones((4, 5), np.float32))
+    stat = tf.Variable(np.zeros(4, np.float32))
+
+    def fn(x):
+        h = tf.nn.relu(tf.nn.conv2d(x, K, 1, "SAME"))
+        mean, var = tf.nn.moments(h, axes=[0, 1, 2])
+        stat.assign(0.9 * stat + 0.1 * mean)
+        h = (h - mean) * tf.math.rsqrt(var + 1e-3)
+        y = tf.einsum("bhwc,cd->bhwd", h, W)
+        return tf.reduce_mean(tf.square(y))
+
+    g = _graph(fn, [tf.TensorSpec([None, 6, 6, 2])])
     fast = costs.op_costs(g, ["Identity"], batch_size=6)
     with_backward = costs.gradient_ops(g, ["Identity"])
     for node in g.nodes:
@@ -182,8 +193,8 @@ def test_calibrate_times_each_stage_under_xla_and_sets_it_beside_the_estimate():
 
 
 def test_fit_recovers_the_rates_that_made_the_times():
-    truth = costs.CostModel(flops_per_second=3e10, bytes_per_second=2e9, op_seconds=5e-6,
-                            slow_conv_flops_per_second=1e9)
+    truth = costs.CostModel(flops_per_second=3e10, bytes_per_second=2e9,
+                            op_seconds=costs.XLA_CPU.op_seconds, slow_conv_flops_per_second=1e9)
     start = costs.XLA_CPU
     rng = np.random.default_rng(0)
     rows = []
@@ -201,4 +212,4 @@ def test_fit_recovers_the_rates_that_made_the_times():
     assert fitted.flops_per_second == pytest.approx(truth.flops_per_second, rel=1e-6)
     assert fitted.bytes_per_second == pytest.approx(truth.bytes_per_second, rel=1e-6)
     assert fitted.slow_conv_flops_per_second == pytest.approx(1e9, rel=1e-6)
-    assert fitted.op_seconds == pytest.approx(truth.op_seconds, rel=1e-6)
+    assert fitted.op_seconds == start.op_seconds  # kept: it is what the rows subtract
