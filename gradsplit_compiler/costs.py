@@ -215,20 +215,22 @@ def tensor_bytes(dtype: Any, shape: Any, batch_size: int | None = None) -> int:
 
 
 _ELEMENTS: dict[tuple, int] = {}
-_DTYPE_SIZES: dict[Any, int] = {}
+_DTYPE_SIZES: dict[int, tuple[Any, int]] = {}
 
 
 def _dtype_size(dtype: Any) -> int:
     if dtype is None:
         return 4  # unknown dtype: assume a 32-bit value
-    found = _DTYPE_SIZES.get(dtype)
-    if found is None:
+    # Keyed by id: hashing a tf.DType goes through pybind (300 ns); the entry keeps the
+    # dtype alive, so its id cannot be reused.
+    entry = _DTYPE_SIZES.get(id(dtype))
+    if entry is None or entry[0] is not dtype:
         try:
-            found = 0 if dtype.name in ("resource", "variant") else int(dtype.size)
+            size = 0 if dtype.name in ("resource", "variant") else int(dtype.size)
         except (AttributeError, TypeError):
-            found = 0
-        _DTYPE_SIZES[dtype] = found
-    return found
+            size = 0
+        entry = _DTYPE_SIZES[id(dtype)] = (dtype, size)
+    return entry[1]
 
 
 def _outputs(g: nx.MultiDiGraph, node: str) -> list:
@@ -391,13 +393,13 @@ def gradient_ops(g: nx.MultiDiGraph, output_ops: Iterable[str]) -> set[str]:
 def _is_float(dtype: Any) -> bool:
     if dtype is None:
         return False
-    found = _FLOAT.get(dtype)
-    if found is None:
-        found = _FLOAT[dtype] = bool(dtype.is_floating or dtype.is_complex)
-    return found
+    entry = _FLOAT.get(id(dtype))  # by id, as in _dtype_size
+    if entry is None or entry[0] is not dtype:
+        entry = _FLOAT[id(dtype)] = (dtype, bool(dtype.is_floating or dtype.is_complex))
+    return entry[1]
 
 
-_FLOAT: dict[Any, bool] = {}
+_FLOAT: dict[int, tuple[Any, bool]] = {}
 
 
 def op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | None = None,

@@ -109,6 +109,15 @@ def test_the_cuts_handed_to_split_are_float_tensors_made_in_their_stage():
     _verify(split, case)
 
 
+@pytest.mark.parametrize("name", sorted({**models.SMALL_BUILDERS,
+                                         **models.CONTROL_FLOW_BUILDERS}))
+def test_auto_split_of_every_small_program_passes_verify_as_planned(name):
+    case = {**models.SMALL_BUILDERS, **models.CONTROL_FLOW_BUILDERS}[name]()
+    split = gsc.auto_split(case.fn, case.input_signature, 3, batch_size=5)
+    assert split.plan.mismatches == []
+    _verify(split, case)
+
+
 # -- the search, against brute force ------------------------------------------------------------
 
 
