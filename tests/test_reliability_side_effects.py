@@ -149,6 +149,18 @@ def test_failing_assertion_raises_its_message_once_per_step(tmp_path, route):
         assert len(program.printed()) == per_call * (step + 2)
 
 
+@pytest.mark.parametrize("route", ["value_and_gradients", "vjp"])
+def test_failing_assertion_in_one_program_leaves_the_updates_fn_leaves(tmp_path, route):
+    program = Program(tmp_path, prints=False)
+    program.limit.assign(0.01)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        program.fn(*program.args)
+    by_fn = float(program.steps.numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        program.step(route)
+    assert float(program.steps.numpy()) == 2 * by_fn
+
+
 def test_failing_assertion_in_run_stages_undoes_the_earlier_stages_updates(tmp_path):
     program = Program(tmp_path)
     program.limit.assign(0.01)
