@@ -182,9 +182,11 @@ class Split:
                     "maximum_iterations= to tf.while_loop, or run with jit_compile=False."
                 )
 
-    def _composed(self, kind: str, jit_compile: bool):
+    def _composed(self, kind: str, jit_compile: bool, zeros: tuple = ()):
+        """The traced program of ``kind``; ``zeros`` lists outputs whose cotangent is zero
+        (filled at run time, so their shapes may be dynamic)."""
         self._check_xla(jit_compile)
-        key = (kind, bool(jit_compile))
+        key = (kind, bool(jit_compile), zeros)
         if key not in self._functions:
             if kind == "value_and_gradients":
                 def body(*args):
@@ -192,9 +194,14 @@ class Split:
                     return outputs[0], grads
                 signature = self.arg_specs
             else:
+                given = [i for i in range(len(self.output_specs)) if i not in zeros]
+
                 def body(args, cotangents):
-                    return self._emit_vjp(args, cotangents)
-                signature = [self.arg_specs, self.output_specs]
+                    full = [None] * len(self.output_specs)
+                    for i, c in zip(given, cotangents):
+                        full[i] = c
+                    return self._emit_vjp(args, full)
+                signature = [self.arg_specs, [self.output_specs[i] for i in given]]
             self._functions[key] = tf.function(
                 body, input_signature=signature, jit_compile=jit_compile, autograph=False
             )
@@ -213,7 +220,8 @@ class Split:
             output_cotangents = [tf.ones_like(outputs[0])]
         cotangents: dict[str, tf.Tensor] = {}
         for name, cot in zip(self.output_names, output_cotangents):
-            _accumulate(cotangents, name, cot)
+            if cot is not None:
+                _accumulate(cotangents, name, cot)
         grads: dict[int, tf.Tensor] = {}
         for stage in reversed(self.stages):
             outs = [
@@ -267,28 +275,45 @@ class Split:
         ``output_names`` order); ``input_cotangents`` align with ``args``.
         """
         tensors = self._check_args(list(args))
-        flat = tf.nest.flatten(output_cotangents)
-        if len(flat) != len(self.output_names):
-            raise GradSplitError(
-                f"output_cotangents has {len(flat)} tensors; fn has {len(self.output_names)} "
-                f"outputs ({', '.join(self.output_names)}). Give one cotangent per output."
-            )
-        cots = []
-        for name, spec, c in zip(self.output_names, self.output_specs, flat):
-            c = tf.convert_to_tensor(c, dtype=spec.dtype) if c is not None else None
-            if c is None:
-                c = tf.zeros(spec.shape, spec.dtype) if spec.shape.is_fully_defined() else None
-            if c is None or not spec.shape.is_compatible_with(c.shape):
-                raise GradSplitError(
-                    f"output cotangent for {name} must have shape {spec.shape}; got "
-                    f"{None if c is None else c.shape}."
-                )
-            cots.append(c)
-        fn = self._composed("vjp", jit_compile)
-        outputs, input_cotangents, grads = _run(fn, tensors, cots)
+        cots = self._check_cotangents(output_cotangents)
+        zeros = tuple(i for i, c in enumerate(cots) if c is None)
+        fn = self._composed("vjp", jit_compile, zeros)
+        outputs, input_cotangents, grads = _run(fn, tensors, [c for c in cots if c is not None])
         structured = tf.nest.pack_sequence_as(self._program.output_structure, list(outputs))
         return structured, list(input_cotangents), list(grads)
 
+
+    def _check_cotangents(self, output_cotangents: Any) -> list:
+        """One tensor (or ``None``: zero) per output, of the output's dtype and shape."""
+        try:
+            flat = tf.nest.flatten(output_cotangents)
+        except (TypeError, ValueError) as exc:
+            raise GradSplitError(f"output_cotangents cannot be flattened: {exc}") from None
+        if len(flat) != len(self.output_names):
+            raise GradSplitError(
+                f"output_cotangents has {len(flat)} tensors; fn has {len(self.output_names)} "
+                f"outputs ({', '.join(self.output_names)}). Give one cotangent per output "
+                "(None for an output nobody differentiates)."
+            )
+        cots = []
+        for name, spec, c in zip(self.output_names, self.output_specs, flat):
+            if c is None:
+                cots.append(None)
+                continue
+            try:
+                c = tf.convert_to_tensor(c, dtype=spec.dtype)
+            except (TypeError, ValueError):
+                raise GradSplitError(
+                    f"the output cotangent for {name} must be a {spec.dtype.name} tensor of "
+                    f"shape {spec.shape}; got {c!r:.80}."
+                ) from None
+            if not spec.shape.is_compatible_with(c.shape):
+                raise GradSplitError(
+                    f"the output cotangent for {name} must have shape {spec.shape}; got "
+                    f"{c.shape}."
+                )
+            cots.append(c)
+        return cots
 
     def run_stages(self, args: Sequence, output_cotangents: Any = None,
                    jit_compile: bool = True):
@@ -302,6 +327,8 @@ class Split:
         """
         tensors = self._check_args(list(args))
         self._check_xla(jit_compile)
+        checked = None if output_cotangents is None else self._check_cotangents(
+            output_cotangents)
         env = dict(zip(self.arg_names, tensors))
         residuals = []
         written = [self.variables[i] for i in self._program.written_variables()]
@@ -318,11 +345,12 @@ class Split:
                 v.assign(value)
             raise
         outputs = [env[n] for n in self.output_names]
-        if output_cotangents is None:
-            output_cotangents = [tf.ones_like(outputs[0])]
+        if checked is None:
+            checked = [tf.ones_like(outputs[0])]
         cotangents: dict[str, tf.Tensor] = {}
-        for name, cot in zip(self.output_names, tf.nest.flatten(output_cotangents)):
-            _accumulate(cotangents, name, tf.convert_to_tensor(cot, dtype=env[name].dtype))
+        for name, cot in zip(self.output_names, checked):
+            if cot is not None:
+                _accumulate(cotangents, name, cot)
         grads: dict[int, tf.Tensor] = {}
         for stage in reversed(self.stages):
             _, backward = stage.compiled(jit_compile)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from .split import Split
+from .errors import GradSplitError
+from .split import Split, _run
 
 # How many units in the last place of the largest gradient entry count as rounding.
 ROUNDING_ULPS = 64
@@ -61,7 +62,16 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     restored afterwards: verifying does not train the model.
     """
     program = split._program  # noqa: SLF001 - verify is part of the same package
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(
+                value, (int, float, np.floating)) or not value >= 0):
+            raise GradSplitError(
+                f"{label} must be a non-negative number (or None for the dtype's default); "
+                f"got {value!r}."
+            )
     tensors = split._check_args(args)  # noqa: SLF001
+    structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
+        if program.input_signature is not None else tensors
     dtype = _dominant_dtype(split, tensors)
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
     atol = 0.0 if atol is None else atol
@@ -71,18 +81,18 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
 
     reference = _reference_fn(program.tf_function, split.variables, scalar, jit_compile, seed)
     if scalar:
-        ref_out, ref_grads = reference(*tensors)
+        ref_out, ref_grads = _run(reference, *structured)
         ref_out, ref_extra = [ref_out], []
     else:
-        ref_out, ref_extra, ref_grads, cots = reference(*tensors)
+        ref_out, ref_extra, ref_grads, cots = _run(reference, *structured)
     ref_after = [tf.identity(v) for v in written]
     _restore(written, before)
     try:
         if scalar:
-            value, grads = split.value_and_gradients(*tensors, jit_compile=jit_compile)
+            value, grads = split.value_and_gradients(*structured, jit_compile=jit_compile)
             out, extra = [value], []
         else:
-            out, extra, grads = split.vjp(tensors, cots, jit_compile=jit_compile)
+            out, extra, grads = split.vjp(structured, cots, jit_compile=jit_compile)
             out = tf.nest.flatten(out)
         after = [tf.identity(v) for v in written]
     finally:
@@ -135,7 +145,7 @@ def _reference_fn(tf_fn, variables, scalar: bool, jit_compile: bool, seed: int):
         def body(*args):
             with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
                 tape.watch(variables)
-                tape.watch([a for a in args if a.dtype.is_floating])
+                tape.watch([a for a in tf.nest.flatten(args) if a.dtype.is_floating])
                 out = tf_fn(*args)
             flat = tf.nest.flatten(out)
             # Random output cotangents drawn from the outputs' runtime shapes, returned so
@@ -152,7 +162,7 @@ def _reference_fn(tf_fn, variables, scalar: bool, jit_compile: bool, seed: int):
                 tape.gradient(flat, a, output_gradients=cotangents,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 if a.dtype.is_floating else None
-                for a in args
+                for a in tf.nest.flatten(args)
             ]
             return flat, arg_grads, [tf.convert_to_tensor(g) for g in grads], cotangents
     return tf.function(body, jit_compile=jit_compile, autograph=False)

@@ -29,6 +29,7 @@ import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
 
 from gradsplit_compiler import _tf_internal, ir
+from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.program import Program
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
@@ -37,6 +38,7 @@ CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 def inline_calls(program: Program) -> Program:
     g = program.graph
     functions = {f.signature.name: f for f in g.graph["library"].function}
+    _refuse_calls_in_bodies(g, functions)
     renames: dict[str, str] = {}
     while True:
         calls = [n for n in g.nodes if g.nodes[n]["op"] in CALL_OPS]
@@ -108,6 +110,44 @@ def _inline_one(g: nx.MultiDiGraph, call: str, fdef) -> dict[str, str]:
         renames[ir.tensor_name(call, i)] = ir.tensor_name(src, index)
     g.remove_node(call)
     return renames
+
+
+CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
+
+
+def _refuse_calls_in_bodies(g: nx.MultiDiGraph, functions: dict) -> None:
+    """A tf.function called inside a tf.cond / tf.while_loop body stays a call op in that
+    body, whose gradient TensorFlow can only build as ``SymbolicGradient`` (no kernel, no
+    XLA): refuse it by name instead of failing at run time."""
+    for node in g.nodes:
+        if g.nodes[node]["op"] not in CONTROL_FLOW_OPS:
+            continue
+        stack = _function_attrs(g.nodes[node]["node_def"], functions)
+        seen: set[str] = set()
+        while stack:
+            fname = stack.pop()
+            if fname in seen:
+                continue
+            seen.add(fname)
+            for nd in functions[fname].node_def:
+                if nd.op in CALL_OPS:
+                    raise GradSplitError(
+                        f"{g.nodes[node]['op']} {node!r} calls a tf.function "
+                        f"({nd.attr['f'].func.name!r}) inside its body; its gradient would "
+                        "need SymbolicGradient, which TensorFlow cannot run under XLA or "
+                        "rebuild here. Call the inner function's Python body directly inside "
+                        "the tf.cond / tf.while_loop (without tf.function)."
+                    )
+                stack.extend(_function_attrs(nd, functions))
+
+
+def _function_attrs(node_def, functions: dict) -> list[str]:
+    names = []
+    for value in node_def.attr.values():
+        if value.HasField("func") and value.func.name in functions:
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func if f.name in functions)
+    return names
 
 
 def _shapes(nd) -> list:

@@ -43,7 +43,8 @@ def resolve_cuts(program: Program) -> Program:
         )
     g = program.graph
     marks = _marks(g)
-    wanted = {n for e in program.cut_specs for n in (e if isinstance(e, (list, tuple)) else [e])}
+    wanted = {n for e in program.cut_specs for n in (e if isinstance(e, (list, tuple)) else [e])
+              if isinstance(n, str)}
     if program.keras_models and not program.keras_layers and (
         wanted & keras_layers.layer_names(program.keras_models) or not all(
             isinstance(n, str) and (n in marks or _graph_tensor(g, n)) for n in wanted
@@ -54,6 +55,12 @@ def resolve_cuts(program: Program) -> Program:
     cuts: list[list[str]] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(program.cut_specs):
+        if not isinstance(entry, (str, list, tuple)):
+            raise GradSplitError(
+                f"cut {i} is {entry!r:.60}, a {type(entry).__name__}; name a cut with a "
+                "string ('op:index', "
+                "a gsc.mark name or a Keras layer name) or a list of strings."
+            )
         names = list(entry) if isinstance(entry, (list, tuple)) else [entry]
         if not names:
             raise GradSplitError(f"cut {i} is an empty list; name at least one tensor.")
