@@ -176,12 +176,17 @@ def in_process(capfd, *argv: str) -> tuple[int, str, str]:
 def make_programs(path: Path) -> None:
     import keras
 
+    # dtype spelled out: another test of the same worker may hold Keras' floatx at float64
     init = keras.initializers.GlorotUniform(seed=0)
-    x = keras.Input((6,), name="x")
-    h = keras.layers.Dense(8, activation="relu", kernel_initializer=init, name="dense1")(x)
-    h = keras.layers.BatchNormalization(name="bn")(h)
-    h = keras.layers.Dense(8, activation="tanh", kernel_initializer=init, name="dense2")(h)
-    y = keras.layers.Dense(3, activation="softmax", kernel_initializer=init, name="head")(h)
+    f32 = {"dtype": "float32"}
+    x = keras.Input((6,), name="x", dtype="float32")
+    h = keras.layers.Dense(8, activation="relu", kernel_initializer=init, name="dense1",
+                           **f32)(x)
+    h = keras.layers.BatchNormalization(name="bn", **f32)(h)
+    h = keras.layers.Dense(8, activation="tanh", kernel_initializer=init, name="dense2",
+                           **f32)(h)
+    y = keras.layers.Dense(3, activation="softmax", kernel_initializer=init, name="head",
+                           **f32)(h)
     keras.Model(x, y, name="small").save(path / "small.keras")
     (path / "userprog.py").write_text(USERPROG)
 
