@@ -69,6 +69,15 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
                 f"{label} must be a non-negative number (or None for the dtype's default); "
                 f"got {value!r}."
             )
+    random_ops = _stateful_random_ops(program)
+    if jit_compile and random_ops:
+        raise GradSplitError(
+            f"this program draws random numbers with stateful ops ({', '.join(random_ops[:3])}"
+            "); under XLA each compiled program draws its own numbers, so the reference and "
+            "the composed stages cannot see the same draw. Verify with jit_compile=False "
+            "(op-level seeds make both sides draw alike), or use stateless random ops "
+            "(tf.random.stateless_*) with seeds passed in as arguments."
+        )
     tensors = split._check_args(args)  # noqa: SLF001
     structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
         if program.input_signature is not None else tensors
@@ -87,6 +96,11 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
         ref_out, ref_extra, ref_grads, cots = _run(reference, *structured)
     ref_after = [tf.identity(v) for v in written]
     _restore(written, before)
+    # Stateful random kernels keep their state per function: a fresh composed function draws
+    # what a fresh reference draws, however many steps the split has already run.
+    cached = dict(split._functions) if random_ops else None  # noqa: SLF001
+    if random_ops:
+        split._functions.clear()  # noqa: SLF001
     try:
         if scalar:
             value, grads = split.value_and_gradients(*structured, jit_compile=jit_compile)
@@ -97,6 +111,9 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
         after = [tf.identity(v) for v in written]
     finally:
         _restore(written, before)
+        if cached is not None:
+            split._functions.clear()  # noqa: SLF001
+            split._functions.update(cached)  # noqa: SLF001
 
     rows = []
     scale = max([_max_abs(r) for r in ref_grads] + [0.0])
@@ -166,6 +183,16 @@ def _reference_fn(tf_fn, variables, scalar: bool, jit_compile: bool, seed: int):
             ]
             return flat, arg_grads, [tf.convert_to_tensor(g) for g in grads], cotangents
     return tf.function(body, jit_compile=jit_compile, autograph=False)
+
+
+RANDOM_OPS = ("RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
+              "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoisson", "RandomPoissonV2")
+
+
+def _stateful_random_ops(program) -> list[str]:
+    g = program.graph
+    return [n for n in g.nodes if g.nodes[n]["op"] in RANDOM_OPS
+            and g.nodes[n].get("stage") is not None]
 
 
 def _dominant_dtype(split: Split, tensors) -> tf.DType:
