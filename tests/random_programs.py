@@ -55,7 +55,7 @@ class Op:
     ``tf.while_loop`` body); ``extra``: the split point of ``split``, the axis of ``mean``,
     the trip count of ``while``; ``extra2``: the ``maximum_iterations`` of ``while`` (at
     least the trip count); ``call``: the branch or body calls a nested ``tf.function``
-    (drawn only when asked: the core cannot differentiate those yet). ``count`` is a side
+    (drawn only when asked: split refuses those, naming the op). ``count`` is a side
     effect: it adds the mean of its input to the program's counter variable and multiplies
     its input by the counter's new value (a read after the write). Ops with the same
     ``nest >= 0`` run, one after the other, inside one nested ``tf.function``. ``marks``:

@@ -137,6 +137,16 @@ def _trace(fn):
     return lambda p: p.split_fn(["h1"], fn=fn)
 
 
+@tf.function(autograph=False)
+def _tanh_layer(h):
+    return tf.tanh(h)
+
+
+def _cond_call(x, target):
+    h1 = gsc.mark(tf.sin(x), "h1")
+    return tf.reduce_sum(tf.cond(tf.reduce_sum(h1) > 0, lambda: _tanh_layer(h1), lambda: h1))
+
+
 def _raising(x, target):
     raise RuntimeError("boom while tracing")
 
@@ -194,6 +204,8 @@ CORPUS = [
     Bad("mark_inside_while_body", _cut("in_while"), ("'in_while'", "body")),
     Bad("graph_name_inside_cond_branch", lambda p: p.split_fn([p.names["cond_sin"]]),
         ("cond_sin", "body")),
+    Bad("tf_function_called_in_a_cond_branch", lambda p: p.split_fn(["h1"], fn=_cond_call),
+        ("calls a tf.function",)),
     # -- input_signature and fn ----------------------------------------------------------------
     Bad("signature_a_single_spec", lambda p: p.split_fn(["h1"], signature=SIGNATURE[0]),
         ("input_signature", "list")),

@@ -82,8 +82,9 @@ def test_thousand_steps_keep_memory_flat_and_never_retrace(counted, jit_compile)
     gc.collect()
     growth = rss_mb() - before
 
-    composed = split._functions[("value_and_gradients", jit_compile, ())]  # noqa: SLF001
-    assert composed.experimental_get_tracing_count() == 1
+    composed = [f for key, f in split._functions.items()  # noqa: SLF001
+                if key[:2] == ("value_and_gradients", jit_compile)]
+    assert [f.experimental_get_tracing_count() for f in composed] == [1]
     assert growth < MAX_GROWTH_MB, f"resident memory grew {growth:.1f} MB in {STEPS} steps"
     assert int(steps.numpy()) == WARM_UP + STEPS  # the side effect ran once per step
     assert np.mean(losses[-50:]) < np.mean(first[:50])  # and it trains

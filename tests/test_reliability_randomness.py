@@ -293,6 +293,19 @@ def test_verify_checks_op_seeded_programs_in_graph_mode_after_training_steps():
     assert report.ok, str(report)
 
 
+def test_verify_leaves_the_next_training_step_drawing_what_it_would_have_drawn():
+    fn, _ = op_seeded_program()
+    split = gsc.split(fn, SIGNATURE, ["h"])
+    reference = reference_value_and_grads(fn, split.variables, False)
+    args = _args(2)
+    for step in range(3):
+        assert gsc.verify(split, *args, jit_compile=False).ok
+        ref_value, ref_grads = reference(*args)
+        value, grads = split.value_and_gradients(*args, jit_compile=False)
+        assert_close([value], [ref_value], f"step {step} value")
+        assert_close(grads, ref_grads, f"step {step} grads")
+
+
 def test_verify_refuses_op_seeded_programs_under_xla_or_checks_them():
     """Under XLA stateful random ops draw differently in every program: ``verify`` cannot
     compare with a reference, so it must say so (naming the op), not report a mismatch."""
@@ -302,5 +315,27 @@ def test_verify_refuses_op_seeded_programs_under_xla_or_checks_them():
         report = gsc.verify(split, *_args(2), jit_compile=True)
     except gsc.GradSplitError as exc:
         assert "Random" in str(exc) or "random" in str(exc)
+    else:
+        assert report.ok, str(report)
+
+
+def test_verify_refuses_random_ops_without_any_seed_or_checks_them():
+    """With neither an op seed nor a global seed (``tf.random.set_seed``), a stateful random
+    op draws differently in every function instance: no reference can see the composed
+    draw, so ``verify`` must say so (naming the op or the seed), not report a mismatch."""
+    tf.random.set_seed(None)  # the suite seeds every test; this program must have no seed
+    rng = np.random.default_rng(4)
+    W = variable(rng, (6, 8), F64, "W")
+
+    @tf.function
+    def loss(x, target):
+        h = gsc.mark(tf.tanh(tf.matmul(x, W)) * tf.random.normal([5, 8], dtype=F64), "h")
+        return tf.reduce_mean(tf.square(h[:, :3] - target))
+
+    split = gsc.split(loss, SIGNATURE, ["h"])
+    try:
+        report = gsc.verify(split, *_args(4), jit_compile=False)
+    except gsc.GradSplitError as exc:
+        assert "seed" in str(exc)
     else:
         assert report.ok, str(report)
