@@ -479,9 +479,17 @@ def test_verify_cuts_inside_a_savedmodel_after_inlining(programs, capfd, tmp_pat
     assert re.findall(r"^(\w):0 ", result.stdout, re.M) == ["W", "V"]
 
 
-def test_verify_mismatch_exits_one_with_one_line(shared, programs):
+def test_verify_of_unseeded_randomness_exits_one_with_one_line(shared, programs):
+    """Under XLA each program draws its own random numbers: verify refuses to compare
+    (naming the random op) rather than reporting a mismatch; without XLA, an unseeded
+    stateful draw differs between the two sides and verify reports the mismatch."""
     result = run_once(shared, programs, "verify_noisy", "verify", "userprog:noisy", "--cut",
                       "h")
+    assert result.returncode == 1
+    (message,) = result.messages
+    assert "random" in message and "RandomUniform" in message
+    result = run_once(shared, programs, "verify_noisy_graph", "verify", "userprog:noisy",
+                      "--cut", "h", "--no-xla")
     assert result.returncode == 1
     assert re.search(r"^MISMATCH: ", result.stdout, re.M)
     assert re.search(r"^W:0 .*  <-$", result.stdout, re.M)
