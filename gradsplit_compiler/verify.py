@@ -78,6 +78,14 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
             "(op-level seeds make both sides draw alike), or use stateless random ops "
             "(tf.random.stateless_*) with seeds passed in as arguments."
         )
+    unseeded = [n for n in random_ops if _unseeded(program.graph.nodes[n]["node_def"])]
+    if unseeded:
+        raise GradSplitError(
+            f"random op(s) {', '.join(unseeded[:3])} draw without a seed (no op seed, no "
+            "tf.random.set_seed when fn was traced): every function instance draws different "
+            "numbers, so no reference can see the composed stages' draw. Give the op a "
+            "seed= or call tf.random.set_seed before split(), then verify."
+        )
     tensors = split._check_args(args)  # noqa: SLF001
     structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
         if program.input_signature is not None else tensors
@@ -193,6 +201,11 @@ def _stateful_random_ops(program) -> list[str]:
     g = program.graph
     return [n for n in g.nodes if g.nodes[n]["op"] in RANDOM_OPS
             and g.nodes[n].get("stage") is not None]
+
+
+def _unseeded(node_def) -> bool:
+    seeds = [node_def.attr[k].i for k in ("seed", "seed2") if k in node_def.attr]
+    return bool(seeds) and not any(seeds)
 
 
 def _dominant_dtype(split: Split, tensors) -> tf.DType:

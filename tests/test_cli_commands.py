@@ -480,9 +480,9 @@ def test_verify_cuts_inside_a_savedmodel_after_inlining(programs, capfd, tmp_pat
 
 
 def test_verify_of_unseeded_randomness_exits_one_with_one_line(shared, programs):
-    """Under XLA each program draws its own random numbers: verify refuses to compare
-    (naming the random op) rather than reporting a mismatch; without XLA, an unseeded
-    stateful draw differs between the two sides and verify reports the mismatch."""
+    """An unseeded stateful random op draws differently in every function instance, and
+    under XLA in every program: verify refuses to compare, naming the op, instead of
+    reporting a mismatch."""
     result = run_once(shared, programs, "verify_noisy", "verify", "userprog:noisy", "--cut",
                       "h")
     assert result.returncode == 1
@@ -491,11 +491,8 @@ def test_verify_of_unseeded_randomness_exits_one_with_one_line(shared, programs)
     result = run_once(shared, programs, "verify_noisy_graph", "verify", "userprog:noisy",
                       "--cut", "h", "--no-xla")
     assert result.returncode == 1
-    assert re.search(r"^MISMATCH: ", result.stdout, re.M)
-    assert re.search(r"^W:0 .*  <-$", result.stdout, re.M)
     (message,) = result.messages
-    assert message.startswith("gradsplit verify: MISMATCH: the composed stages differ from "
-                              "tf.GradientTape by ")
+    assert "without a seed" in message and "RandomUniform" in message
 
 
 # -- render --------------------------------------------------------------------------------
