@@ -346,15 +346,18 @@ def _per_scalar(y_of, W, b, x_example, y0_example):
 # -- report ------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
             f"TensorFlow {tf.__version__}, numpy {np.__version__}")
 

@@ -470,14 +470,10 @@ def verification() -> list[tuple[str, int, float, bool]]:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import cpu_name  # one reading of the machine for both benchmarks
+
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores (load average {load:.1f} when the report was "
             f"written); Python {platform.python_version()}, TensorFlow {tf.__version__}, "
