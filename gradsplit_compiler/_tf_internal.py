@@ -90,3 +90,21 @@ def register_functions(library) -> None:
     for fdef in library.function:
         if not ctx.has_function(fdef.signature.name):
             ctx.add_function_def(fdef)
+
+
+def flat_caller(function):
+    """``ConcreteFunction._call_flat``: call a ``tf.function`` that has an input signature
+    on a flat list of tensors, skipping the per-call argument binding.
+
+    Why: ``tf.function.__call__`` canonicalises and type-checks every argument against its
+    signature on every call (about 0.5 ms for a stage with 40 residuals); a stage driver that
+    already holds tensors of the right specs does not need that. Returns
+    ``call(*flat_tensors) -> structured outputs``; the caller is responsible for passing
+    tensors in the signature's flattened order with matching dtypes.
+    """
+    concrete = function.get_concrete_function()
+
+    def call(*flat):
+        return concrete._call_flat(list(flat), concrete.captured_inputs)
+
+    return call

@@ -182,6 +182,15 @@ class Split:
                     "maximum_iterations= to tf.while_loop, or run with jit_compile=False."
                 )
 
+    def _snapshot(self, variables: list) -> list:
+        """The values of ``variables`` now, read in one call (not one eager op each)."""
+        if not variables:
+            return []
+        if "snapshot" not in self._functions:
+            self._functions["snapshot"] = tf.function(
+                lambda: [tf.identity(v) for v in variables], autograph=False)
+        return self._functions["snapshot"]()
+
     def _composed(self, kind: str, jit_compile: bool, zeros: tuple = ()):
         """The traced program of ``kind``; ``zeros`` lists outputs whose cotangent is zero
         (filled at run time, so their shapes may be dynamic)."""
@@ -332,10 +341,10 @@ class Split:
         env = dict(zip(self.arg_names, tensors))
         residuals = []
         written = [self.variables[i] for i in self._program.written_variables()]
-        before = [tf.identity(v) for v in written]
+        before = self._snapshot(written)
         try:
             for stage in self.stages:
-                forward, _ = stage.compiled(jit_compile)
+                forward, _ = stage.callers(jit_compile)
                 outs, res = _run(forward, *[env[n] for n in stage.inputs])
                 env.update(zip(stage.outputs, outs))
                 residuals.append(res)
@@ -353,19 +362,22 @@ class Split:
                 _accumulate(cotangents, name, cot)
         grads: dict[int, tf.Tensor] = {}
         for stage in reversed(self.stages):
-            _, backward = stage.compiled(jit_compile)
-            outs = [cotangents.get(n, tf.zeros_like(env[n])) for n in stage.outputs]
-            in_cots, var_grads = _run(backward, residuals[stage.index], outs)
+            _, backward = stage.callers(jit_compile)
+            outs = [cotangents[n] if n in cotangents else tf.zeros_like(env[n])
+                    for n in stage.outputs]
+            in_cots, var_grads = _run(backward, *residuals[stage.index], *outs)
             for name, cot in zip(stage.inputs, in_cots):
                 if cot is not None:
                     _accumulate(cotangents, name, cot)
             for idx, grad in zip(stage.variable_indices, var_grads):
                 _accumulate(grads, idx, grad)
         input_cotangents = [
-            cotangents.get(n, tf.zeros_like(t) if is_differentiable(t.dtype) else None)
+            cotangents[n] if n in cotangents
+            else tf.zeros_like(t) if is_differentiable(t.dtype) else None
             for n, t in zip(self.arg_names, tensors)
         ]
-        var_grads = [grads.get(i, tf.zeros(v.shape, v.dtype)) for i, v in enumerate(self.variables)]
+        var_grads = [grads[i] if i in grads else tf.zeros(v.shape, v.dtype)
+                     for i, v in enumerate(self.variables)]
         structured = tf.nest.pack_sequence_as(self._program.output_structure, outputs)
         return structured, input_cotangents, var_grads
 

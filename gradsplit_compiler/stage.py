@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import tensorflow as tf
 
+from ._tf_internal import flat_caller
 from .errors import GradSplitError
 from .program import Program, StagePlan
 from .rebuild import StageVJP, capture_map, emit
@@ -149,7 +151,7 @@ class Stage:
                 "needs a bound to keep the loop's values for the backward. Pass "
                 "maximum_iterations= to tf.while_loop, or use compiled(jit_compile=False)."
             )
-        if jit_compile and self._needs_static_shapes():
+        if jit_compile and self._static_shapes_needed:
             raise GradSplitError(
                 f"stage {self.index} holds a tf.cond whose gradient reads branch "
                 "intermediates; XLA can compile it on its own only with static shapes, and "
@@ -172,6 +174,26 @@ class Stage:
                             jit_compile=jit_compile, autograph=False),
             )
         return cache[key]
+
+    def callers(self, jit_compile: bool = True, variables: Sequence | None = None):
+        """``compiled(...)`` as plain callables on flat tensors, for drivers on the hot path.
+
+        ``forward(*stage_inputs) -> (outputs, residuals)`` and
+        ``backward(*residuals, *output_cotangents) -> (input_cotangents, variable_grads)``:
+        the same programs as ``compiled``, without ``tf.function``'s per-call argument
+        binding (which costs more than a small stage's XLA program). Tensors must match
+        ``input_specs`` / ``residual_specs`` + ``output_specs`` in order and dtype.
+        """
+        key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
+        cache = self.__dict__.setdefault("_callers", {})
+        if key not in cache:
+            forward, backward = self.compiled(jit_compile, variables)
+            cache[key] = (flat_caller(forward), flat_caller(backward))
+        return cache[key]
+
+    @functools.cached_property
+    def _static_shapes_needed(self) -> bool:
+        return self._needs_static_shapes()
 
     def _needs_static_shapes(self) -> bool:
         if all(s.shape.is_fully_defined() for s in self.input_specs):

@@ -287,6 +287,38 @@ def test_stage_compiled_returns_tf_functions_marked_for_xla():
             assert not fdef.attr["_XlaMustCompile"].b
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", ["mlp", "skip_over_3", "integer_labels", "keras_small_functional"])
+def test_stage_callers_give_exactly_what_compiled_gives(name, jit):
+    """``stage.callers`` (flat, no per-call binding) runs the same programs as ``compiled``."""
+    case = _build(name)
+    split = _split(case)
+    variables = list(split.variables)
+    start = snapshot(variables)
+    env = dict(zip(split.arg_names, case.args(4)))
+    try:
+        for stage in split.stages:
+            fast_forward, fast_backward = stage.callers(jit)
+            forward, backward = stage.compiled(jit)
+            inputs = [env[n] for n in stage.inputs]
+            restore(variables, start)
+            outs, res = forward(*inputs)
+            restore(variables, start)
+            fast_outs, fast_res = fast_forward(*inputs)
+            for a, b in zip(outs + res, fast_outs + fast_res):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+            cots = [tf.ones_like(o) for o in outs]
+            slow = tf.nest.flatten(backward(res, cots))
+            fast = tf.nest.flatten(fast_backward(*res, *cots))
+            assert [t is None for t in slow] == [t is None for t in fast]
+            for a, b in zip(slow, fast):
+                if a is not None:
+                    np.testing.assert_array_equal(a.numpy(), b.numpy())
+            env.update(zip(stage.outputs, outs))
+    finally:
+        restore(variables, start)
+
+
 # -- driving the stages by hand ----------------------------------------------------------------
 
 

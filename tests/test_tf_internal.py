@@ -55,3 +55,23 @@ def test_function_body_graph_def_maps_list_outputs_to_flat_names():
     ret = fdef.ret[fdef.signature.output_arg[0].name]
     assert flat[ret].endswith(":0") or flat[ret].endswith(":1")
     assert any(nd.op == "Placeholder" for nd in body.node)
+
+
+def test_flat_caller_runs_the_signature_function_on_flat_tensors():
+    v = tf.Variable([1.0, 2.0])
+
+    @tf.function(input_signature=[[tf.TensorSpec([None, 2])], tf.TensorSpec([2])],
+                 autograph=False)
+    def f(xs, y):
+        return {"sum": xs[0] * v + y}, [tf.reduce_sum(xs[0])]
+
+    call = _tf_internal.flat_caller(f)
+    x, y = tf.constant([[1.0, 1.0], [2.0, 3.0]]), tf.constant([0.5, -0.5])
+    got = call(x, y)
+    want = f([x], y)
+    assert tf.nest.map_structure(lambda t: None, got) == \
+        tf.nest.map_structure(lambda t: None, want)
+    for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+        assert (a.numpy() == b.numpy()).all()
+    v.assign([3.0, 4.0])  # captured variables are read at call time
+    assert call(x, y)[0]["sum"].numpy()[0].tolist() == [3.5, 3.5]
