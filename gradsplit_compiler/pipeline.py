@@ -51,7 +51,6 @@ Clusters
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import threading
@@ -920,20 +919,22 @@ def _runner(split: Split, stage: Any, device: str, replicas: dict,
             jit_compile: bool) -> _StageRunner:
     mine = {idx: r for (idx, d), r in replicas.items() if d == device
             and idx in stage.variable_indices}
-    if mine:
-        cache = _REPLICA_CACHE[split]["stages"]
-        key = (stage.index, device, _incarnation(device))
-        if key not in cache:
-            cache[key] = _stage_reading(stage, mine)
-        stage = cache[key]
-    forward, backward = stage.compiled(jit_compile)
+    # read the replicas on this device instead of the variables they stand for
+    variables = [mine.get(idx, split.variables[idx]) for idx in stage.variable_indices] \
+        if mine else None
     if jit_compile and _is_remote(device):
+        forward, backward = stage.compiled(jit_compile, variables)
         wrappers = _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
         key = ("remote", stage.index, device, _incarnation(device))
         if key not in wrappers["stages"]:
             wrappers["stages"][key] = _remote_callable(stage, forward, backward)
             _KEEP_ALIVE.append(wrappers["stages"][key])
         forward, backward = wrappers["stages"][key]
+    else:
+        forward, flat_backward = stage.callers(jit_compile, variables)
+
+        def backward(residuals, cotangents, flat_backward=flat_backward):
+            return flat_backward(*residuals, *cotangents)
     return _StageRunner(
         index=stage.index, device=device, forward=forward, backward=backward,
         inputs=list(stage.inputs), outputs=list(stage.outputs),
@@ -968,21 +969,3 @@ def _remote_callable(stage: Any, forward: Any, backward: Any) -> tuple[Any, Any]
         input_signature=[list(stage.residual_specs), list(stage.output_specs)],
         autograph=False)
     return outer_forward, outer_backward
-
-
-def _stage_reading(stage: Any, replicas: dict[int, tf.Variable]) -> Any:
-    """A copy of ``stage`` whose compiled functions read ``replicas[i]`` for variable ``i``.
-
-    Reaches into ``Stage._program``: the stage bodies capture ``program.variables[i].handle``
-    when they are traced (``rebuild.capture_map``), so a copy whose program lists the replicas
-    traces functions that read them. Checked on this repository's ``Stage`` at the commit
-    that added this module; a core hook (``stage.compiled(..., variables=...)``) would
-    replace it.
-    """
-    local = copy.copy(stage)
-    local.__dict__.pop("_compiled", None)
-    program = copy.copy(stage._program)
-    program.variables = [replicas.get(i, v) for i, v in enumerate(program.variables)]
-    local._program = program
-    local.variables = [program.variables[i] for i in stage.variable_indices]
-    return local

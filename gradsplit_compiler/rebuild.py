@@ -200,6 +200,12 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             lists[name] = _list_accumulator(h, graph, name)
         return lists[name]
 
+    written = set(program.written_variables())
+    rereadable = {
+        ph for ph, external in capture_kind.items()
+        if any(program.variables[i].handle is external and i not in written
+               for i in plan.variable_indices)
+    }
     cut = cut_forward_backward(
         h,
         gradients={ir.parse_tensor_name(n)[0] for n in grad_names if n is not None},
@@ -208,6 +214,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         captures=set(capture_kind),
         stage_ops={nd.name for nd in stage_gd.node},
         travels=as_list,
+        rereadable=rereadable,
     )
     forward_nodes, backward_nodes = cut.forward, cut.backward
     backward = set(backward_nodes)

@@ -187,9 +187,45 @@ class Stage:
         key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
         cache = self.__dict__.setdefault("_callers", {})
         if key not in cache:
-            forward, backward = self.compiled(jit_compile, variables)
-            cache[key] = (flat_caller(forward), flat_caller(backward))
+            _, backward = self.compiled(jit_compile, variables)  # raises what compiled raises
+
+            def lean(*inputs):
+                outputs, residuals = self._forward_body(*inputs, variables=variables)
+                return outputs, [residuals[i] for i, (kind, _) in
+                                 enumerate(self._residual_sources) if kind == "made"]
+
+            made = flat_caller(tf.function(lean, input_signature=self.input_specs,
+                                           jit_compile=jit_compile, autograph=False))
+            sources = self._residual_sources
+
+            def forward(*inputs):
+                # A residual that is a stage input or output is the very tensor the caller
+                # holds: a program cannot return its own parameter without copying it.
+                outputs, produced = made(*inputs)
+                produced = iter(produced)
+                residuals = [inputs[j] if kind == "input" else outputs[j] if kind == "output"
+                             else next(produced) for kind, j in sources]
+                return outputs, residuals
+
+            cache[key] = (forward, flat_caller(backward))
         return cache[key]
+
+    @functools.cached_property
+    def _residual_sources(self) -> list[tuple[str, int | None]]:
+        """Per residual: ``("input", j)``, ``("output", j)`` or ``("made", None)``."""
+        vjp = self._vjp
+        sources = []
+        for i, name in enumerate(vjp.residual_names):
+            if i in vjp.list_residuals or any(
+                    as_list.counter == i for as_list in vjp.list_residuals.values()):
+                sources.append(("made", None))
+            elif name in vjp.input_keys:
+                sources.append(("input", vjp.input_keys.index(name)))
+            elif name in vjp.output_names:
+                sources.append(("output", vjp.output_names.index(name)))
+            else:
+                sources.append(("made", None))
+        return sources
 
     @functools.cached_property
     def _static_shapes_needed(self) -> bool:

@@ -8,7 +8,9 @@ Guarantees about the result:
 - ``backward`` holds every op the gradients need that depends on a cotangent, plus the
   constants and shape arithmetic (``Shape``, ``Size``, integer ops on them) those ops read:
   they are recomputed in the backward because XLA needs shapes as compile-time constants
-  and they cost nothing. Every other value the backward reads is a residual: the forward
+  and they cost nothing. Reads of variables the program never writes are repeated in the
+  backward too (``rereadable``), so weights are not copied out of the forward program.
+  Every other value the backward reads is a residual: the forward
   is never run again, except for a ``variant`` value that cannot ``travel`` between
   programs (the callback says which can), whose producers are recomputed from plain
   tensors.
@@ -62,7 +64,8 @@ class ForwardBackward:
 
 def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: set[str],
                          inputs: set[str], captures: set[str], stage_ops: set[str],
-                         travels: Callable[[str], object]) -> ForwardBackward:
+                         travels: Callable[[str], object],
+                         rereadable: set[str] = frozenset()) -> ForwardBackward:
     """Split ``h`` (a stage and its VJP) into forward and backward ops and residuals.
 
     Parameters
@@ -82,11 +85,17 @@ def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: se
     travels : callable
         ``travels(tensor_name)`` is true when a ``variant`` residual can cross from one
         program to another (a fixed-size loop accumulator, sent as a dense tensor).
+    rereadable : set of str
+        Capture placeholders of variables the program never writes: the backward reads
+        such a variable itself (a ``ReadVariableOp`` on the captured handle) instead of
+        receiving its value as a residual, so a weight is not copied out of the forward
+        program. The value is the same unless the caller assigns the variable between a
+        stage's forward and its backward.
     """
     placeholders = inputs | cotangents | captures
     needed = ir.ancestors(h, gradients)
     from_cotangent = ir.descendants(h, cotangents)
-    recompute = _recomputable(h, needed - from_cotangent - placeholders)
+    recompute = _recomputable(h, needed - from_cotangent - placeholders, rereadable)
     core = (needed & from_cotangent) - placeholders
     core |= _variant_producers(h, core, needed - placeholders, travels)
     forward_extra = needed - core - recompute - placeholders
@@ -142,8 +151,10 @@ def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[s
     return added
 
 
-def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
-    """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants."""
+def _recomputable(h: nx.MultiDiGraph, candidates: set[str],
+                  rereadable: set[str] = frozenset()) -> set[str]:
+    """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants;
+    and reads of variables nobody writes (the backward reads the variable itself)."""
     chosen: set[str] = set()
     for node in nx.topological_sort(h.subgraph(candidates)):
         op = h.nodes[node]["op"]
@@ -152,6 +163,8 @@ def _recomputable(h: nx.MultiDiGraph, candidates: set[str]) -> set[str]:
         if op == "Const" and not preds:
             chosen.add(node)
         elif op in SHAPE_OPS:
+            chosen.add(node)
+        elif op == "ReadVariableOp" and preds and all(p in rereadable for p in preds):
             chosen.add(node)
         elif outputs and all(d in INTEGER_DTYPES for d, _ in outputs) and preds and all(
             p in chosen for p in preds

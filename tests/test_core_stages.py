@@ -105,6 +105,11 @@ def _stage_inputs(split, args):
     return per_stage
 
 
+def _written_variables(stage):
+    program = stage._program  # noqa: SLF001
+    return [program.variables[i] for i in program.written_variables()]
+
+
 def _forward_work_in_backward(stage):
     """Ops of ``stage.backward``'s graph that compute something without reading a cotangent:
     that is forward work, which a backward fed with residuals must not do."""
@@ -122,8 +127,15 @@ def _forward_work_in_backward(stage):
         if any(t.op in reached for t in op.inputs) or any(
                 c in reached for c in op.control_inputs):
             reached.add(op)
+    # A variable the program never writes is read again by the backward (not copied out of
+    # the forward as a residual): a fetch, not forward work. Written ones must be residuals.
+    written = {id(split_variable.handle) for split_variable in _written_variables(stage)}
+    captured = {id(ext): internal.op for ext, internal in concrete.graph.captures}
+    written_handles = {op for key, op in captured.items() if key in written}
     offending = []
     for op in graph.get_operations():
+        if op.type == "ReadVariableOp" and op.inputs[0].op not in written_handles:
+            continue
         if op in reached or op.type in NO_FORWARD_WORK:
             continue
         if op.outputs and all(not _is_float(t.dtype) for t in op.outputs) and (
@@ -185,7 +197,9 @@ def test_seed_stage0_backward_has_no_tanh_and_only_the_two_gradient_matmuls():
     assert backward["Tanh"] == 0
     assert backward["TanhGrad"] == 1
     assert backward["MatMul"] == 2
-    assert backward["ReadVariableOp"] == 0
+    # W is read again (never written), so it is not copied out of the forward as a residual
+    assert backward["ReadVariableOp"] == 1
+    assert [spec.shape.as_list() for spec in stage.residual_specs] == [[None, 10], [None, 5]]
 
 
 def test_stage_backward_does_not_rerun_the_stage_side_effects():
