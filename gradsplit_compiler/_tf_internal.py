@@ -11,7 +11,9 @@ import re
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
+from tensorflow.core.function.polymorphism import function_type as _function_type
 from tensorflow.python.eager import context as _context
+from tensorflow.python.eager.polymorphic_function import atomic_function as _atomic
 from tensorflow.python.framework import function_def_to_graph as _fdef_to_graph
 
 _SUFFIX = re.compile(r"_gsc\d+$")
@@ -81,15 +83,31 @@ def with_fresh_function_names(piece: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
 
 
 def register_functions(library) -> None:
-    """``context.add_function_def``: make imported library functions callable eagerly.
+    """``atomic_function.from_function_def``: make imported library functions callable
+    eagerly, for as long as the function being traced lives.
 
-    ``import_graph_def`` adds them to the graph only; a piece that is imported but not
-    differentiated otherwise fails at call time with "Function ... is not defined".
+    ``import_graph_def`` adds them to the graph only (as ``_DefinedFunction``s); a piece that
+    is imported but not differentiated otherwise fails at call time with "Function ... is
+    not defined". Registered through an ``AtomicFunction`` that replaces the graph's
+    ``_DefinedFunction`` entry (same definition, already in the C graph), they become
+    children of the traced function: TensorFlow's reference counting removes them from the
+    eager context when the last function using them is deleted, instead of keeping every
+    copy for the life of the process.
     """
     ctx = _context.context()
+    graph = tf.compat.v1.get_default_graph()
     for fdef in library.function:
-        if not ctx.has_function(fdef.signature.name):
-            ctx.add_function_def(fdef)
+        name = fdef.signature.name
+        if ctx.has_function(name):
+            continue
+        atomic = _atomic.from_function_def(fdef, _function_type.FunctionType([]))
+        if graph._is_function(name):  # noqa: SLF001
+            graph._functions[name] = atomic  # noqa: SLF001
+        else:  # imported outside any graph that outlives this call: keep it for good
+            _KEPT.append(atomic)
+
+
+_KEPT: list = []
 
 
 def flat_caller(function):

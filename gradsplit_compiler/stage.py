@@ -182,7 +182,10 @@ class Stage:
         ``backward(*residuals, *output_cotangents) -> (input_cotangents, variable_grads)``:
         the same programs as ``compiled``, without ``tf.function``'s per-call argument
         binding (which costs more than a small stage's XLA program). Tensors must match
-        ``input_specs`` / ``residual_specs`` + ``output_specs`` in order and dtype.
+        ``input_specs`` / ``residual_specs`` + ``output_specs`` in order and dtype. Each
+        callable's ``function`` attribute is the ``tf.function`` it calls (the forward's
+        returns only the residuals that are neither stage inputs nor outputs; the callable
+        adds those back without a copy).
         """
         key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
         cache = self.__dict__.setdefault("_callers", {})
@@ -194,8 +197,9 @@ class Stage:
                 return outputs, [residuals[i] for i, (kind, _) in
                                  enumerate(self._residual_sources) if kind == "made"]
 
-            made = flat_caller(tf.function(lean, input_signature=self.input_specs,
-                                           jit_compile=jit_compile, autograph=False))
+            lean_function = tf.function(lean, input_signature=self.input_specs,
+                                        jit_compile=jit_compile, autograph=False)
+            made = flat_caller(lean_function)
             sources = self._residual_sources
 
             def forward(*inputs):
@@ -207,7 +211,9 @@ class Stage:
                              else next(produced) for kind, j in sources]
                 return outputs, residuals
 
-            cache[key] = (forward, flat_caller(backward))
+            flat_backward = flat_caller(backward)
+            forward.function, flat_backward.function = lean_function, backward
+            cache[key] = (forward, flat_backward)
         return cache[key]
 
     @functools.cached_property

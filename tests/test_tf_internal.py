@@ -44,6 +44,29 @@ def test_renamed_pieces_import_twice_into_one_function_and_run():
     assert twice(tf.constant([1.0, 2.0, 3.0])).numpy().tolist() == [4.0, 8.0, 12.0]
 
 
+def test_registered_library_functions_leave_the_context_with_the_function_using_them():
+    import gc
+
+    from tensorflow.python.eager import context
+
+    gd = _cond_graph_def()
+    piece = _tf_internal.with_fresh_function_names(gd)
+    names = {f.signature.name for f in piece.library.function}
+
+    def body(x):
+        (y,) = tf.graph_util.import_graph_def(
+            piece, input_map={"x:0": x}, return_elements=["Identity:0"], name="p")
+        _tf_internal.register_functions(piece.library)
+        return y
+
+    f = tf.function(body)
+    assert f(tf.constant([1.0, -2.0, 3.0])).numpy().tolist() == [2.0, -4.0, 6.0]
+    assert names <= set(context.context().list_function_names())
+    del f
+    gc.collect()
+    assert not names & set(context.context().list_function_names())
+
+
 def test_function_body_graph_def_maps_list_outputs_to_flat_names():
     @tf.function
     def f(x):
