@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -74,10 +76,29 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
             f"cuts must be a list with one entry per cut, e.g. ['y'] or [['a', 'b']]; got "
             f"{cuts!r}."
         )
-    program = capture(fn, input_signature, training=training)
-    program.cut_specs = list(cuts)
-    program = run_passes(program, list(passes) if passes is not None else default_passes())
-    return Split(program)
+    with _collector_paused():
+        program = capture(fn, input_signature, training=training)
+        program.cut_specs = list(cuts)
+        program = run_passes(program, list(passes) if passes is not None else default_passes())
+        return Split(program)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a split is built.
+
+    Building creates graph objects by the hundred thousand; each full collection walks
+    every object of the process, so with a big model already in memory the collector alone
+    made split time per node grow with the size of the heap (~20% at 4,000 nodes beside
+    ResNet50). What the split leaves as garbage is collected when the collector resumes.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Split:

@@ -276,3 +276,19 @@ def test_split_after_a_failure_still_works(case):
     _raises(case, _split_with(case, ["h11"]))
     split = gsc.split(case.fn, case.input_signature, ["h1"])
     assert len(split.stages) == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_split_leaves_the_garbage_collector_as_it_found_it(case, enabled):
+    """split pauses Python's cyclic collector while it builds, also when it fails."""
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        gsc.split(case.fn, case.input_signature, case.cuts)
+        assert gc.isenabled() is enabled
+        _raises(case, _split_with(case, ["no_such_tensor"]))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
