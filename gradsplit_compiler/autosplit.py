@@ -1043,7 +1043,7 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     """
     from .capture import capture
     from .pass_manager import run_passes
-    from .split import Split, default_passes
+    from .split import Split, _collector_paused, default_passes
 
     _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps)
     model = cost_model or _costs.DEFAULT_MODEL
@@ -1051,14 +1051,15 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     names = [getattr(p, "__name__", "") for p in passes]
     at = names.index("resolve_cuts") if "resolve_cuts" in names else len(passes) - 2
     # One trace: the analysis passes, then the cut-dependent ones, as split() runs them.
-    program = capture(fn, input_signature, training=training)
-    program = run_passes(program, passes[:at])
-    plan = plan_partition(program, num_stages, batch_size=batch_size,
-                          memory_limit=memory_limit, microbatches=microbatches, eps=eps,
-                          polish=polish, model=model)
-    program.cut_specs = [list(c) for c in plan.cuts]
-    program = run_passes(program, passes[at:])
-    result = Split(program)
+    with _collector_paused():
+        program = capture(fn, input_signature, training=training)
+        program = run_passes(program, passes[:at])
+        plan = plan_partition(program, num_stages, batch_size=batch_size,
+                              memory_limit=memory_limit, microbatches=microbatches, eps=eps,
+                              polish=polish, model=model)
+        program.cut_specs = [list(c) for c in plan.cuts]
+        program = run_passes(program, passes[at:])
+        result = Split(program)
     plan.compare(result)
     result.plan = plan
     return result
