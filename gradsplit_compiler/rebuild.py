@@ -47,7 +47,6 @@ def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef
     members = set(nodes)
     gd = graph_pb2.GraphDef()
     gd.versions.CopyFrom(g.graph["versions"])
-    gd.library.CopyFrom(g.graph["library"])
     for name in nodes:
         nd = gd.node.add()
         nd.CopyFrom(g.nodes[name]["node_def"])
@@ -65,7 +64,49 @@ def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef
                 nd.attr["_class"].list.s.extend(keep)
             else:
                 del nd.attr["_class"]
+    _copy_used_functions(g.graph["library"], gd)
     return gd
+
+
+def _copy_used_functions(library, gd: graph_pb2.GraphDef) -> None:
+    """Copy into ``gd.library`` the functions of ``library`` that ``gd``'s nodes call,
+    directly or through other functions (a cond branch calling a tf.function...), and their
+    registered gradients. A piece carrying the whole program's library would register every
+    function again each time it is imported."""
+    functions = {f.signature.name: f for f in library.function}
+    gradients = {gr.function_name: gr for gr in library.gradient}
+    seen: set[str] = set()
+
+    def visit_attr(value) -> None:
+        if value.HasField("func"):
+            visit(value.func.name)
+            for inner in value.func.attr.values():
+                visit_attr(inner)
+        if value.HasField("list"):
+            for func in value.list.func:
+                visit(func.name)
+
+    def visit_nodes(nodes) -> None:
+        for nd in nodes:
+            visit(nd.op)
+            for value in nd.attr.values():
+                visit_attr(value)
+
+    def visit(name: str) -> None:
+        if name in seen or name not in functions:
+            return
+        seen.add(name)
+        visit_nodes(functions[name].node_def)
+        if name in gradients:
+            visit(gradients[name].gradient_func)
+
+    visit_nodes(gd.node)
+    for fdef in library.function:  # in the library's own order
+        if fdef.signature.name in seen:
+            gd.library.function.add().CopyFrom(fdef)
+    for grad in library.gradient:
+        if grad.function_name in seen:
+            gd.library.gradient.add().CopyFrom(grad)
 
 
 @dataclass
