@@ -583,6 +583,30 @@ bytes / bandwidth, with no latency term.
 """
 
 
+def resnet_lower_bound(q, rows) -> str:
+    """Why no ResNet50 split balanced within 5% crosses as few bytes as equal parameter
+    counts, whatever the order or the cost model: a bound from block output sizes."""
+    r, b = q["resolution"], q["batch"]
+    c3, c4, c5 = (((r // s) ** 2) * ch * 4 * b for s, ch in ((8, 512), (16, 1024), (32, 2048)))
+    params = sum(rows["equal params"]["cut_bytes"])
+    verdict = "more than" if c3 + c4 + c5 > params else "not more than"
+    return (
+        f"- A bound at {r}x{r}, batch {b}, for any split into 4 stages within 5% (each stage "
+        "then holds at least 1 - 3 x 1.05 / 4 = 21.25% of the cost), under any cost model "
+        "that, like FLOPs, gives the stem less than 21% and conv5 less than 42.5% of the "
+        "total: stage 1 must reach past the stem (conv1 is 3% of ResNet50's FLOPs), and "
+        "every cut between the stem and the first conv4 block crosses at least "
+        f"{mb(c3)} MB (a conv3 block output; inside a conv2 block the shortcut and a "
+        "main-path tensor together are as large); stages 3 and 4 cannot both fit in conv5 "
+        "(3 of 16 blocks), so cut 2 lies before it and crosses at least "
+        f"{mb(c4)} MB (a conv4 block output); cut 3 crosses at least {mb(c5)} MB (a conv5 "
+        f"block output). That is {mb(c3 + c4 + c5)} MB at the least, {verdict} equal "
+        f"parameter counts' {mb(params)} MB: the two halves of the acceptance (within 5%, "
+        "and no more bytes than that recipe) cannot both hold on ResNet50, for any cut "
+        "selection. Against equal op counts the DP's exact optimum over the order (table "
+        "below) is the answer at 5%.")
+
+
 def acceptance(quality_rows, runtime_rows, verify_rows) -> list[str]:
     out = ["## Acceptance, in short", ""]
     for q in quality_rows:
@@ -615,6 +639,8 @@ def acceptance(quality_rows, runtime_rows, verify_rows) -> list[str]:
                 "(`max_stage_cost`), `auto_split` crosses fewer bytes than it in every case, "
                 "and the DP guarantees this: the recipe's cuts are one of the plans it "
                 "searched.", ""]
+        out += [resnet_lower_bound(q, {r["method"]: r for r in q["rows"]})
+                for q in quality_rows] + [""]
     big = [r for r in runtime_rows if r["ops"] >= 100_000 and r["stages"] == 4]
     for r in big:
         out.append(
