@@ -54,24 +54,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, else "expected <expected>, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "an integer >= 0")
 
 
 # -- gradsplit demo ------------------------------------------------------------------------
@@ -285,7 +284,16 @@ def _run(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-INSPECT = Command(
+def _target_command(name: str, help: str, description: str, examples: str,
+                    add_arguments: Callable[[argparse.ArgumentParser], None]) -> Command:
+    """A subcommand on a user's program: its epilog is ``examples`` then ``TARGET_HELP``;
+    ``commands.run_<name>`` runs it."""
+    return Command(name=name, help=help, description=description,
+                   epilog="examples:\n" + examples + "\n\n" + TARGET_HELP,
+                   add_arguments=add_arguments, run=_run(name))
+
+
+INSPECT = _target_command(
     name="inspect",
     help="list the tensors of a program one can cut at, with shapes, layers and bytes",
     description=(
@@ -295,19 +303,16 @@ INSPECT = Command(
         "output, which --cut can name by the layer's name) and bytes per example (the "
         "leading dimension being the batch)."
     ),
-    epilog=(
-        "examples:\n"
+    examples=(
         f"  {PROG} inspect {EXAMPLE_FUNCTION}\n"
         f"  {PROG} inspect {EXAMPLE_MODEL} --loss categorical_crossentropy --layer-outputs\n"
         f"  {PROG} inspect {EXAMPLE_MODEL} --loss mse --layer bn\n"
-        f"  {PROG} inspect my_model.keras --loss mse --filter relu      (your own model)\n\n"
-        + TARGET_HELP
+        f"  {PROG} inspect my_model.keras --loss mse --filter relu      (your own model)"
     ),
     add_arguments=_inspect_arguments,
-    run=_run("inspect"),
 )
 
-SPLIT = Command(
+SPLIT = _target_command(
     name="split",
     help="cut a program into stages: the stage table, optionally exported as SavedModels",
     description=(
@@ -318,20 +323,17 @@ SPLIT = Command(
         "with tf.saved_model.load in another process) and a manifest.json saying how to "
         "drive them by hand."
     ),
-    epilog=(
-        "examples:\n"
+    examples=(
         f"  {PROG} split {EXAMPLE_FUNCTION} --cut hidden\n"
         f"  {PROG} split {EXAMPLE_MODEL} --loss categorical_crossentropy --training \\\n"
         "      --cut dense1 --cut dense2 --export /tmp/mlp-stages\n"
         f"  {PROG} split my_model.keras --loss mse --cut block1_out,skip    (your own model;"
-        " one cut of two tensors)\n\n"
-        + TARGET_HELP
+        " one cut of two tensors)"
     ),
     add_arguments=_split_arguments,
-    run=_run("split"),
 )
 
-VERIFY = Command(
+VERIFY = _target_command(
     name="verify",
     help="check on random inputs that the stages compose to the gradient of the whole",
     description=(
@@ -343,20 +345,17 @@ VERIFY = Command(
         "relative). In float32, XLA and graph mode alone differ by more than that on deep "
         "networks with batch statistics: use --float64 for a definitive answer."
     ),
-    epilog=(
-        "examples:\n"
+    examples=(
         f"  {PROG} verify {EXAMPLE_FUNCTION} --cut hidden\n"
         f"  {PROG} verify {EXAMPLE_MODEL} --loss categorical_crossentropy --training \\\n"
         "      --cut bn --float64 --batch 16\n"
         f"  {PROG} verify saved_model_dir --cut NAME --no-xla               (your own "
-        "SavedModel)\n\n"
-        + TARGET_HELP
+        "SavedModel)"
     ),
     add_arguments=_verify_arguments,
-    run=_run("verify"),
 )
 
-RENDER = Command(
+RENDER = _target_command(
     name="render",
     help="draw a program with its cuts: one colour per stage, crossing tensors in red",
     description=(
@@ -366,17 +365,14 @@ RENDER = Command(
         "own device '/job:stage<k>': colour by device) and every stage's forward and "
         "backward graphs as TensorBoard runs."
     ),
-    epilog=(
-        "examples:\n"
+    examples=(
         f"  {PROG} render {EXAMPLE_FUNCTION} --cut hidden -o /tmp/mlp.svg\n"
         f"  {PROG} render {EXAMPLE_MODEL} --loss mse --cut dense1 --cut dense2 \\\n"
         "      -o /tmp/mlp.png --tensorboard /tmp/mlp-tb\n"
         f"  {PROG} render resnet50.keras --loss categorical_crossentropy \\\n"
-        "      --cut conv3_block4_out -o resnet50.png                     (your own model)\n\n"
-        + TARGET_HELP
+        "      --cut conv3_block4_out -o resnet50.png                     (your own model)"
     ),
     add_arguments=_render_arguments,
-    run=_run("render"),
 )
 
 # Subcommands, in the order `gradsplit --help` lists them.
