@@ -12,6 +12,7 @@ import networkx as nx
 import tensorflow as tf
 
 from . import ir
+from ._tf_internal import flat_caller
 from .capture import capture
 from .errors import GradSplitError
 from .pass_manager import run_passes
@@ -212,6 +213,16 @@ class Split:
                 lambda: [tf.identity(v) for v in variables], autograph=False)
         return self._functions["snapshot"]()
 
+    def _flat_composed(self, kind: str, jit_compile: bool, zeros: tuple = ()):
+        """``_composed(...)`` called on flat, already checked tensors, without
+        ``tf.function``'s per-call argument binding."""
+        key = ("flat", kind, bool(jit_compile), zeros)
+        if key not in self._functions:
+            self._functions[key] = flat_caller(self._composed(kind, jit_compile, zeros))
+        else:
+            self._check_xla(jit_compile)
+        return self._functions[key]
+
     def _composed(self, kind: str, jit_compile: bool, zeros: tuple = ()):
         """The traced program of ``kind``; ``zeros`` lists outputs whose cotangent is zero
         (filled at run time, so their shapes may be dynamic)."""
@@ -294,7 +305,7 @@ class Split:
                 "(e.g. tf.reduce_mean) or use split.vjp(args, output_cotangents)."
             )
         tensors = self._check_args(args)
-        fn = self._composed("value_and_gradients", jit_compile)
+        fn = self._flat_composed("value_and_gradients", jit_compile)
         value, grads = _run(fn, *tensors)
         return value, list(grads)
 
@@ -307,8 +318,8 @@ class Split:
         tensors = self._check_args(list(args))
         cots = self._check_cotangents(output_cotangents)
         zeros = tuple(i for i, c in enumerate(cots) if c is None)
-        fn = self._composed("vjp", jit_compile, zeros)
-        outputs, input_cotangents, grads = _run(fn, tensors, [c for c in cots if c is not None])
+        fn = self._flat_composed("vjp", jit_compile, zeros)
+        outputs, input_cotangents, grads = _run(fn, *tensors, *[c for c in cots if c is not None])
         structured = tf.nest.pack_sequence_as(self._program.output_structure, list(outputs))
         return structured, list(input_cotangents), list(grads)
 
