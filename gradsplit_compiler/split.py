@@ -213,6 +213,19 @@ class Split:
                 lambda: [tf.identity(v) for v in variables], autograph=False)
         return self._functions["snapshot"]()
 
+    @contextlib.contextmanager
+    def _fresh_functions(self):
+        """Inside the block, composed functions are traced anew (stateful random kernels
+        start from their seeds, as a fresh reference does); the cached ones come back
+        afterwards."""
+        cached = dict(self._functions)
+        self._functions.clear()
+        try:
+            yield
+        finally:
+            self._functions.clear()
+            self._functions.update(cached)
+
     def _flat_composed(self, kind: str, jit_compile: bool, zeros: tuple = ()):
         """``_composed(...)`` called on flat, already checked tensors, without
         ``tf.function``'s per-call argument binding."""

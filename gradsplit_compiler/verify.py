@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,22 +107,18 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     _restore(written, before)
     # Stateful random kernels keep their state per function: a fresh composed function draws
     # what a fresh reference draws, however many steps the split has already run.
-    cached = dict(split._functions) if random_ops else None  # noqa: SLF001
-    if random_ops:
-        split._functions.clear()  # noqa: SLF001
+    fresh = split._fresh_functions() if random_ops else contextlib.nullcontext()  # noqa: SLF001
     try:
-        if scalar:
-            value, grads = split.value_and_gradients(*structured, jit_compile=jit_compile)
-            out, extra = [value], []
-        else:
-            out, extra, grads = split.vjp(structured, cots, jit_compile=jit_compile)
-            out = tf.nest.flatten(out)
-        after = [tf.identity(v) for v in written]
+        with fresh:
+            if scalar:
+                value, grads = split.value_and_gradients(*structured, jit_compile=jit_compile)
+                out, extra = [value], []
+            else:
+                out, extra, grads = split.vjp(structured, cots, jit_compile=jit_compile)
+                out = tf.nest.flatten(out)
+            after = [tf.identity(v) for v in written]
     finally:
         _restore(written, before)
-        if cached is not None:
-            split._functions.clear()  # noqa: SLF001
-            split._functions.update(cached)  # noqa: SLF001
 
     rows = []
     scale = max([_max_abs(r) for r in ref_grads] + [0.0])
