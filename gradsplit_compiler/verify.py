@@ -151,42 +151,54 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
                   rounding_floor=rounding)
 
 
+def reference_value_and_grads(fn, variables, jit_compile: bool):
+    """A compiled ``args -> (value, grads)`` computing ``tape.gradient(fn(*args), variables)``.
+
+    Unconnected gradients are zeros, as ``Split.value_and_gradients`` promises.
+    """
+    variables = list(variables)
+
+    def body(*args):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            value = fn(*args)
+        grads = tape.gradient(value, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return value, [tf.convert_to_tensor(g) for g in grads]
+
+    return tf.function(body, jit_compile=jit_compile, autograph=False)
+
+
 def _reference_fn(tf_fn, variables, scalar: bool, jit_compile: bool, seed: int):
     # Trace fn's Python body afresh inside the reference, so under XLA its tf.cond and
     # tf.while_loop are built for XLA, as a user's own jit-compiled training step would be.
     tf_fn = getattr(tf_fn, "python_function", tf_fn)
     if scalar:
-        def body(*args):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(variables)
-                value = tf_fn(*args)
-            grads = tape.gradient(value, variables,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return value, [tf.convert_to_tensor(g) for g in grads]
-    else:
-        def body(*args):
-            with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
-                tape.watch(variables)
-                tape.watch([a for a in tf.nest.flatten(args) if a.dtype.is_floating])
-                out = tf_fn(*args)
-            flat = tf.nest.flatten(out)
-            # Random output cotangents drawn from the outputs' runtime shapes, returned so
-            # the composed side gets the very same values.
-            cotangents = [
-                tf.random.stateless_normal(tf.shape(t), seed=[seed, i], dtype=t.dtype)
-                if t.dtype.is_floating else tf.zeros_like(t)
-                for i, t in enumerate(flat)
-            ]
-            sources = list(variables)
-            grads = tape.gradient(flat, sources, output_gradients=cotangents,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            arg_grads = [
-                tape.gradient(flat, a, output_gradients=cotangents,
+        return reference_value_and_grads(tf_fn, variables, jit_compile)
+
+    def body(*args):
+        with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+            tape.watch(variables)
+            tape.watch([a for a in tf.nest.flatten(args) if a.dtype.is_floating])
+            out = tf_fn(*args)
+        flat = tf.nest.flatten(out)
+        # Random output cotangents drawn from the outputs' runtime shapes, returned so
+        # the composed side gets the very same values.
+        cotangents = [
+            tf.random.stateless_normal(tf.shape(t), seed=[seed, i], dtype=t.dtype)
+            if t.dtype.is_floating else tf.zeros_like(t)
+            for i, t in enumerate(flat)
+        ]
+        sources = list(variables)
+        grads = tape.gradient(flat, sources, output_gradients=cotangents,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                if a.dtype.is_floating else None
-                for a in tf.nest.flatten(args)
-            ]
-            return flat, arg_grads, [tf.convert_to_tensor(g) for g in grads], cotangents
+        arg_grads = [
+            tape.gradient(flat, a, output_gradients=cotangents,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if a.dtype.is_floating else None
+            for a in tf.nest.flatten(args)
+        ]
+        return flat, arg_grads, [tf.convert_to_tensor(g) for g in grads], cotangents
     return tf.function(body, jit_compile=jit_compile, autograph=False)
 
 

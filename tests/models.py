@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
+from gradsplit_compiler.verify import reference_value_and_grads  # noqa: F401 - for the tests
 
 # Relative tolerance by dtype, as in CONTRACT.md.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}
@@ -70,24 +71,7 @@ def tensor(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType) -> t
 
 # -- the reference and the comparison ----------------------------------------------------------
 
-
-def reference_value_and_grads(fn: Callable, variables: Sequence[tf.Variable],
-                              jit_compile: bool) -> Callable:
-    """A compiled ``args -> (value, grads)`` computing ``tape.gradient(fn(*args), variables)``.
-
-    Unconnected gradients are zeros, as ``Split.value_and_gradients`` promises.
-    """
-    variables = list(variables)
-
-    def body(*args):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(variables)
-            value = fn(*args)
-        grads = tape.gradient(value, variables,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return value, [tf.convert_to_tensor(g) for g in grads]
-
-    return tf.function(body, jit_compile=jit_compile, autograph=False)
+# reference_value_and_grads, imported above, is gsc.verify's reference: tf.GradientTape on fn.
 
 
 def reference_vjp(fn: Callable, variables: Sequence[tf.Variable], jit_compile: bool) -> Callable:
