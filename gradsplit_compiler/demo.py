@@ -19,8 +19,7 @@ import math
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -30,6 +29,7 @@ import tensorflow as tf
 from .errors import GradSplitError
 from .ir import parse_tensor_name
 from .mark import mark
+from .progress import Progress
 from .render import MATPLOTLIB_HINT, render_split, tensor_label
 from .split import Split, split
 from .verify import Report, verify
@@ -238,28 +238,6 @@ class Answer:
     seconds: float | None = None
     errors: dict[str, float | None] | None = None
     note: str = ""
-
-
-class Progress:
-    """One line per step, flushed as it starts, finished with the time it took."""
-
-    def __init__(self, total: int, out: TextIO):
-        self.total, self.done, self.out = total, 0, out
-
-    @contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        self.done += 1
-        self.out.write(f"[{self.done}/{self.total}] {text} ... ")
-        self.out.flush()
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            self.out.write("failed\n")
-            self.out.flush()
-            raise
-        self.out.write(f"{time.perf_counter() - start:.1f} s\n")
-        self.out.flush()
 
 
 def run_demo(config: DemoConfig, out: TextIO | None = None) -> int:
