@@ -226,3 +226,19 @@ def _reach(adjacency, graph, nodes, within, data_only) -> set[str]:
             found.add(other)
             stack.append(other)
     return found
+
+
+# Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
+CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
+
+
+def called_functions(node_def: node_def_pb2.NodeDef, functions) -> list[str]:
+    """The names in ``functions`` (the library, by name) that ``node_def``'s attributes
+    name: a single function (``then_branch``, ``body``, ``f``, ...) or a list of them
+    (``branches``), in attribute order."""
+    names = []
+    for value in node_def.attr.values():
+        if value.HasField("func") and value.func.name in functions:
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func if f.name in functions)
+    return names

@@ -112,17 +112,14 @@ def _inline_one(g: nx.MultiDiGraph, call: str, fdef) -> dict[str, str]:
     return renames
 
 
-CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
-
-
 def _refuse_calls_in_bodies(g: nx.MultiDiGraph, functions: dict) -> None:
     """A tf.function called inside a tf.cond / tf.while_loop body stays a call op in that
     body, whose gradient TensorFlow can only build as ``SymbolicGradient`` (no kernel, no
     XLA): refuse it by name instead of failing at run time."""
     for node in g.nodes:
-        if g.nodes[node]["op"] not in CONTROL_FLOW_OPS:
+        if g.nodes[node]["op"] not in ir.CONTROL_FLOW_OPS:
             continue
-        stack = _function_attrs(g.nodes[node]["node_def"], functions)
+        stack = ir.called_functions(g.nodes[node]["node_def"], functions)
         seen: set[str] = set()
         while stack:
             fname = stack.pop()
@@ -138,16 +135,7 @@ def _refuse_calls_in_bodies(g: nx.MultiDiGraph, functions: dict) -> None:
                         "rebuild here. Call the inner function's Python body directly inside "
                         "the tf.cond / tf.while_loop (without tf.function)."
                     )
-                stack.extend(_function_attrs(nd, functions))
-
-
-def _function_attrs(node_def, functions: dict) -> list[str]:
-    names = []
-    for value in node_def.attr.values():
-        if value.HasField("func") and value.func.name in functions:
-            names.append(value.func.name)
-        names.extend(f.name for f in value.list.func if f.name in functions)
-    return names
+                stack.extend(ir.called_functions(nd, functions))
 
 
 def _shapes(nd) -> list:

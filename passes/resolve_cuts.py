@@ -32,8 +32,6 @@ from gradsplit_compiler.errors import GradSplitError, unknown_name_message
 from gradsplit_compiler.mark import mark_name_of
 from gradsplit_compiler.program import Program
 
-CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
-
 
 def resolve_cuts(program: Program) -> Program:
     if not isinstance(program.cut_specs, (list, tuple)) or not program.cut_specs:
@@ -142,24 +140,15 @@ def _find_in_bodies(g: nx.MultiDiGraph, name: str) -> tuple[str, str] | None:
     op_part = ir.parse_tensor_name(name)[0]
     for node in g.nodes:
         op_type = g.nodes[node]["op"]
-        if op_type not in CONTROL_FLOW_OPS:
+        if op_type not in ir.CONTROL_FLOW_OPS:
             continue
-        for fname in _called_functions(g.nodes[node]["node_def"], functions):
+        for fname in ir.called_functions(g.nodes[node]["node_def"], functions):
             body_nodes = _all_body_nodes(functions, fname)
             for body_node in body_nodes:
                 marked = mark_name_of(body_node)
                 if op_part in (body_node, f"{node}/{body_node}") or marked == name:
                     return node, op_type
     return None
-
-
-def _called_functions(node_def, functions) -> list[str]:
-    names = []
-    for value in node_def.attr.values():
-        if value.HasField("func") and value.func.name in functions:
-            names.append(value.func.name)
-        names.extend(f.name for f in value.list.func if f.name in functions)
-    return names
 
 
 def _all_body_nodes(functions, fname: str, seen: set[str] | None = None) -> list[str]:
