@@ -157,13 +157,22 @@ class StageVJP:
 
 def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.TensorSpec],
                     output_specs: list[tf.TensorSpec],
-                    cotangent_outputs: list[int] | None = None) -> StageVJP:
+                    cotangent_outputs: list[int] | None = None,
+                    static: bool = False) -> StageVJP:
     """Trace the stage with its gradient and cut that graph into forward and backward.
 
     ``cotangent_outputs`` are the indices of the stage outputs that receive a cotangent
     (default: every floating-point output); the others are treated as constants.
+    ``static``: ``input_specs`` are the static shapes of one call; the shapes recorded on
+    library function arguments at capture (``_output_shapes``, a ``None`` batch) are dropped
+    so that gradient construction sees the branches with the shapes they are called with.
     """
     stage_gd = stage_graph_def(program, plan)
+    if static:
+        for fdef in stage_gd.library.function:
+            for arg in fdef.arg_attr.values():
+                if "_output_shapes" in arg.attr:
+                    del arg.attr["_output_shapes"]
     if cotangent_outputs is None:
         cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
     diff_outputs = list(cotangent_outputs)

@@ -123,7 +123,11 @@ class Split:
             cotangent_outputs = [j for j, n in enumerate(plan.outputs) if n in receives]
             vjp = build_stage_vjp(program, plan, input_specs, output_specs, cotangent_outputs)
             receives |= {n for n, g in zip(plan.inputs, vjp.input_gradients) if g is not None}
-            stages.append(Stage(program, plan, vjp, input_specs, output_specs))
+
+            def rebuild(specs, plan=plan, output_specs=output_specs, cots=cotangent_outputs):
+                return build_stage_vjp(program, plan, specs, output_specs, cots, static=True)
+
+            stages.append(Stage(program, plan, vjp, input_specs, output_specs, rebuild))
         self.stages: list[Stage] = stages[::-1]
         self.output_specs = [self._spec(n) for n in self.output_names]
         self._functions: dict = {}

@@ -32,7 +32,8 @@ class Stage:
     """
 
     def __init__(self, program: Program, plan: StagePlan, vjp: StageVJP,
-                 input_specs: list[tf.TensorSpec], output_specs: list[tf.TensorSpec]):
+                 input_specs: list[tf.TensorSpec], output_specs: list[tf.TensorSpec],
+                 rebuild=None):
         self.index = plan.index
         self.inputs = list(plan.inputs)
         self.outputs = list(plan.outputs)
@@ -46,6 +47,10 @@ class Stage:
         self.num_ops = len(plan.nodes)
         self._program = program
         self._vjp = vjp
+        # rebuild(input_specs) -> StageVJP: the stage traced again with other input specs
+        # (static shapes, for the XLA limit described in ``compiled``)
+        self._rebuild = rebuild
+        self._static_vjps: dict = {}
         # False when a tf.while_loop without maximum_iterations keeps values for the backward
         self.xla_compatible = vjp.xla_compatible
         self.forward = tf.function(
@@ -72,12 +77,12 @@ class Stage:
                                   variables)
 
     def emit_forward(self, inputs: Sequence[tf.Tensor], name: str,
-                     variables: Sequence | None = None):
+                     variables: Sequence | None = None, vjp: StageVJP | None = None):
         """Emit the forward into the function being traced: ``(outputs, residuals)``.
 
         ``variables`` (aligned with ``self.variables``) are read instead of the program's,
         e.g. replicas placed on the stage's own device."""
-        vjp = self._vjp
+        vjp = vjp or self._vjp
         input_map = dict(zip(vjp.input_keys, inputs))
         input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
         fetched = [r for r in vjp.residual_names if r not in input_map]
@@ -90,9 +95,9 @@ class Stage:
         return outputs, residuals
 
     def emit_backward(self, residuals: Sequence[tf.Tensor], cotangents: Sequence, name: str,
-                      variables: Sequence | None = None):
+                      variables: Sequence | None = None, vjp: StageVJP | None = None):
         """Emit the VJP: ``(input_cotangents, variable_grads)``."""
-        vjp = self._vjp
+        vjp = vjp or self._vjp
         residuals = list(residuals)
         for i, as_list in vjp.list_residuals.items():
             residuals[i] = as_list.from_tensor(residuals[i])
@@ -136,12 +141,13 @@ class Stage:
         own: replicas on the device the stage runs on (an XLA program cannot read a variable
         held on another device), or variables of another process's copy of the model.
 
-        Known limit: a stage holding a ``tf.cond`` whose backward needs intermediates of a
-        branch compiles on its own under XLA only with static input shapes. XLA compiles
-        both branches, and TensorFlow stands in for the other branch's intermediates with
-        zeros of their static shape, a 0 where the batch dimension is ``None``. Such a stage
-        raises a ``GradSplitError`` saying so; the composed ``value_and_gradients`` (one XLA
-        program) is not affected.
+        A stage holding a ``tf.cond`` whose backward needs intermediates of a branch
+        compiles on its own under XLA only with static input shapes: XLA compiles both
+        branches, and TensorFlow stands in for the other branch's intermediates with zeros
+        of their static shape, a 0 where the batch dimension is ``None``. Such a stage is
+        traced again, with its gradient, for each input shape it is called with (its
+        ``forward`` retraces per shape; its ``backward`` uses the trace of the forward that
+        made the residuals it is given).
         """
         key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
         cache = self.__dict__.setdefault("_compiled", {})
@@ -151,13 +157,28 @@ class Stage:
                 "needs a bound to keep the loop's values for the backward. Pass "
                 "maximum_iterations= to tf.while_loop, or use compiled(jit_compile=False)."
             )
-        if jit_compile and self._static_shapes_needed:
+        per_shape = jit_compile and self._static_shapes_needed
+        if per_shape and self._rebuild is None:
             raise GradSplitError(
                 f"stage {self.index} holds a tf.cond whose gradient reads branch "
                 "intermediates; XLA can compile it on its own only with static shapes, and "
                 f"its inputs have shapes {[str(s.shape) for s in self.input_specs]}. Give "
                 "split() an input_signature with a fixed batch size, or use "
                 "compiled(jit_compile=False) for this stage."
+            )
+        if per_shape and key not in cache:
+            def static_forward(*inputs):
+                vjp = self._static_vjp([tuple(t.shape) for t in inputs])
+                return self.emit_forward(inputs, f"stage{self.index}.forward", variables, vjp)
+
+            def static_backward(residuals, cotangents):
+                vjp = self._static_vjp_of(residuals)
+                return self.emit_backward(residuals, cotangents, f"stage{self.index}.backward",
+                                          variables, vjp)
+
+            cache[key] = (
+                tf.function(static_forward, jit_compile=True, autograph=False),
+                tf.function(static_backward, jit_compile=True, autograph=False),
             )
         if key not in cache:
             def forward(*inputs):
@@ -189,6 +210,18 @@ class Stage:
         """
         key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)))
         cache = self.__dict__.setdefault("_callers", {})
+        if key not in cache and jit_compile and self._static_shapes_needed:
+            forward, backward = self.compiled(jit_compile, variables)  # traced per shape
+            n = len(self.residual_specs)
+
+            def per_shape_backward(*flat):
+                return backward(list(flat[:n]), list(flat[n:]))
+
+            def per_shape_forward(*inputs):
+                return forward(*inputs)
+
+            per_shape_forward.function, per_shape_backward.function = forward, backward
+            cache[key] = (per_shape_forward, per_shape_backward)
         if key not in cache:
             _, backward = self.compiled(jit_compile, variables)  # raises what compiled raises
 
@@ -232,6 +265,44 @@ class Stage:
             else:
                 sources.append(("made", None))
         return sources
+
+    def _static_vjp(self, shapes: list[tuple]) -> StageVJP:
+        """The stage traced with its gradient for inputs of these static ``shapes``."""
+        key = tuple(shapes)
+        if not all(d is not None for shape in shapes for d in shape):
+            raise GradSplitError(
+                f"stage {self.index} holds a tf.cond whose gradient reads branch "
+                "intermediates; XLA can compile it on its own only with static shapes, and "
+                f"it is traced with input shapes {[list(s) for s in shapes]}. Call it with "
+                "tensors (not inside a function with a None batch), give split() an "
+                "input_signature with a fixed batch size, or use compiled(jit_compile=False)."
+            )
+        if key not in self._static_vjps:
+            specs = [tf.TensorSpec(shape, spec.dtype) for shape, spec in
+                     zip(shapes, self.input_specs)]
+            vjp = self._rebuild(specs)
+            same = [(r, s.dtype) for r, s in zip(vjp.residual_names, vjp.residual_specs)] == [
+                (r, s.dtype) for r, s in zip(self._vjp.residual_names, self._vjp.residual_specs)]
+            if not same:
+                raise GradSplitError(  # pragma: no cover - a trace that keeps other values
+                    f"stage {self.index}: traced with input shapes {list(shapes)}, its "
+                    "backward reads other values than with the input_signature's shapes. "
+                    "Give split() an input_signature with a fixed batch size."
+                )
+            self._static_vjps[key] = vjp
+        return self._static_vjps[key]
+
+    def _static_vjp_of(self, residuals: Sequence[tf.Tensor]) -> StageVJP:
+        """The per-shape trace whose forward made residuals of these shapes."""
+        for vjp in self._static_vjps.values():
+            if all(spec.shape.is_compatible_with(r.shape)
+                   for spec, r in zip(vjp.residual_specs, residuals)):
+                return vjp
+        raise GradSplitError(
+            f"stage {self.index} compiles its backward per input shape, from the trace of "
+            "its forward; no forward has run with inputs that make residuals of shapes "
+            f"{[tuple(r.shape) for r in residuals]}. Run its forward first."
+        )
 
     @functools.cached_property
     def _static_shapes_needed(self) -> bool:

@@ -250,12 +250,8 @@ def test_every_stage_compiles_under_xla_on_its_own(name):
     rng = np.random.default_rng(5)
     try:
         for stage, values in zip(split.stages, _stage_inputs(split, case.args(0))):
-            if name == "cond_between_cuts" and stage.index == 1:
-                # The known limit (Stage.compiled): a None batch dimension and a tf.cond
-                # whose gradient reads branch intermediates. A static one is tested below.
-                with pytest.raises(gsc.GradSplitError, match="static shapes"):
-                    stage.compiled(True)
-                continue
+            # (cond_between_cuts, stage 1: a None batch and a tf.cond whose gradient reads
+            # branch intermediates; the stage is traced again per input shape.)
             forward, backward = stage.compiled(True)
             hlo = forward.experimental_get_compiler_ir(*values)(stage="hlo")
             assert "HloModule" in hlo, f"stage {stage.index} forward"
@@ -274,6 +270,28 @@ def test_every_stage_compiles_under_xla_on_its_own(name):
                                  [b for _, b in pairs] + list(ref_vars)) <= TOL
     finally:
         restore(variables, start)
+
+
+def test_a_cond_stage_with_a_none_batch_compiles_per_shape_under_xla():
+    """A tf.cond stage whose gradient reads branch intermediates, with a None batch in the
+    signature: XLA needs static shapes for TensorFlow's stand-ins of the other branch's
+    values, so the stage is traced again per input shape; each batch size gets its own
+    trace, and the backward finds the trace of the forward that made its residuals."""
+    case = _build("cond_between_cuts")
+    split = gsc.split(case.fn, case.input_signature, case.cuts)
+    stage = split.stages[1]
+    for args in (case.args(0), [tf.concat([a, a], 0) if a.shape.rank else a
+                                for a in case.args(1)]):
+        expected = split.value_and_gradients(*args, jit_compile=False)
+        got = split.run_stages(args, jit_compile=True)
+        assert max_rel_error([got[0]] + got[2], [expected[0]] + expected[1]) <= TOL
+    assert len(stage._static_vjps) == 2  # noqa: SLF001
+    forward, backward = stage.compiled(True)
+    outputs, residuals = forward(*_stage_inputs(split, case.args(2))[1])
+    odd = [tf.zeros([3] + r.shape.as_list()[1:], r.dtype) if r.shape.rank else r
+           for r in residuals]
+    with pytest.raises(gsc.GradSplitError, match="Run its forward first"):
+        backward(odd, [tf.ones([3] + o.shape.as_list()[1:], o.dtype) for o in outputs])
 
 
 def test_a_cond_stage_compiles_under_xla_on_its_own_with_a_static_batch():

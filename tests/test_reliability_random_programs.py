@@ -69,8 +69,8 @@ def test_random_programs_split_anywhere_give_the_tape_gradient(request, shard):
 @pytest.mark.parametrize("shard", range(XLA_SHARDS))
 def test_random_programs_under_xla_give_the_xla_tape_gradient(request, shard):
     """Like with like: composed stages and the tape reference both under XLA. The batch is
-    static: a stage holding a tf.cond compiles on its own only with static shapes (see
-    ``Stage.compiled``)."""
+    static, to keep each example to one trace per stage (with a None batch, a stage holding a
+    tf.cond is traced again per shape; see ``Stage.compiled``)."""
     _run_property(_check(True), cases(max_ops=6, static_batch=True),
                   _examples(request, XLA_EXAMPLES), 100 + shard)
 
