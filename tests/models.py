@@ -147,6 +147,20 @@ def value_rel_error(got, ref) -> float:
     return max_abs(got - ref) / max(max_abs(ref), 1e-300)
 
 
+def assert_matches_tape(fn: Callable, split, args: Sequence, jit_compile: bool,
+                        rtol: float) -> list:
+    """``split.value_and_gradients(*args)`` is within ``rtol`` of the tape's value and
+    gradients on ``fn`` (``reference_value_and_grads``, compiled the same way); returns the
+    split's gradients."""
+    value, grads = split.value_and_gradients(*args, jit_compile=jit_compile)
+    ref_value, ref_grads = reference_value_and_grads(fn, split.variables, jit_compile)(*args)
+    value_error = value_rel_error(value, ref_value)
+    assert value_error <= rtol, f"value: relative error {value_error:.3g} > {rtol:g}"
+    grads_error = max_rel_error(grads, ref_grads)
+    assert grads_error <= rtol, f"gradients: relative error {grads_error:.3g} > {rtol:g}"
+    return grads
+
+
 def snapshot(variables: Sequence[tf.Variable]) -> list[np.ndarray]:
     return [v.numpy().copy() for v in variables]
 

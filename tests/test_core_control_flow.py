@@ -10,11 +10,9 @@ import pytest
 import tensorflow as tf
 from models import (
     RTOL,
+    assert_matches_tape,
     cond_between_cuts,
-    max_rel_error,
     nested_functions,
-    reference_value_and_grads,
-    value_rel_error,
     while_between_cuts,
 )
 
@@ -26,10 +24,7 @@ CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 
 
 def _assert_exact(case, split, args, jit_compile):
-    value, grads = split.value_and_gradients(*args, jit_compile=jit_compile)
-    ref_value, ref_grads = reference_value_and_grads(case.fn, split.variables, jit_compile)(*args)
-    assert value_rel_error(value, ref_value) <= TOL
-    assert max_rel_error(grads, ref_grads) <= TOL
+    assert_matches_tape(case.fn, split, args, jit_compile, TOL)
 
 
 def _stages_reading(split, var):

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from models import (
     RTOL,
+    assert_matches_tape,
     max_rel_error,
     reference_value_and_grads,
     reference_vjp,
@@ -22,40 +23,34 @@ from models import (
 import gradsplit_compiler as gsc
 
 DTYPES = [tf.float32, tf.float64]
+MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
+BY_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 
 
 def _split(case):
     return gsc.split(case.fn, case.input_signature, case.cuts)
 
 
-@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@MODES
+@BY_DTYPE
 def test_seed_cut_at_mark_gradients_equal_tape(dtype, jit_compile):
     case = seed_model(dtype, marked=True)
     split = _split(case)
-    args = case.args(seed=1)
-    value, grads = split.value_and_gradients(*args, jit_compile=jit_compile)
-    ref_value, ref_grads = reference_value_and_grads(case.fn, split.variables, jit_compile)(*args)
     assert len(split.stages) == 2
-    assert value_rel_error(value, ref_value) <= RTOL[dtype]
-    assert max_rel_error(grads, ref_grads) <= RTOL[dtype]
+    assert_matches_tape(case.fn, split, case.args(seed=1), jit_compile, RTOL[dtype])
 
 
-@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@MODES
+@BY_DTYPE
 def test_seed_cut_at_graph_tensor_name_gradients_equal_tape(dtype, jit_compile):
     case = seed_model(dtype, marked=False)
     split = _split(case)
     assert case.names["y"] == "Tanh:0"  # the name the cut used is TF's own
-    args = case.args(seed=2)
-    value, grads = split.value_and_gradients(*args, jit_compile=jit_compile)
-    ref_value, ref_grads = reference_value_and_grads(case.fn, split.variables, jit_compile)(*args)
     assert len(split.stages) == 2
-    assert value_rel_error(value, ref_value) <= RTOL[dtype]
-    assert max_rel_error(grads, ref_grads) <= RTOL[dtype]
+    assert_matches_tape(case.fn, split, case.args(seed=2), jit_compile, RTOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@BY_DTYPE
 def test_seed_cut_boundary_is_y_and_the_target_argument(dtype):
     """What crosses the cut: ``y`` itself, and the argument ``y0`` that only stage 1 reads."""
     case = seed_model(dtype, marked=True)
@@ -63,14 +58,14 @@ def test_seed_cut_boundary_is_y_and_the_target_argument(dtype):
     assert sorted(split.boundaries[0]) == sorted([case.names["y"], split.arg_names[1]])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@BY_DTYPE
 def test_seed_variables_found_by_tracing(dtype):
     case = seed_model(dtype)
     split = _split(case)
     assert {id(v) for v in split.variables} == {id(v) for v in case.variables}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@BY_DTYPE
 def test_seed_gradients_equal_chained_vjp_by_hand(dtype):
     """The thread's question answered: dL/dW = VJP of y w.r.t. W with cotangent dL/dy."""
     case = seed_model(dtype)
@@ -90,8 +85,8 @@ def test_seed_gradients_equal_chained_vjp_by_hand(dtype):
     assert max_rel_error(got, expected) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@MODES
+@BY_DTYPE
 def test_seed_vjp_input_cotangents_equal_tape(dtype, jit_compile):
     case = seed_model(dtype)
     split = _split(case)
@@ -106,8 +101,8 @@ def test_seed_vjp_input_cotangents_equal_tape(dtype, jit_compile):
     assert max_rel_error(grads, ref_grads) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@MODES
+@BY_DTYPE
 def test_seed_vjp_non_scalar_output_equals_tape_with_output_gradients(dtype, jit_compile):
     case = seed_outputs_model(dtype)
     split = _split(case)
@@ -127,7 +122,7 @@ def test_seed_vjp_non_scalar_output_equals_tape_with_output_gradients(dtype, jit
                          expected) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@BY_DTYPE
 def test_seed_value_and_gradients_keeps_working_with_another_batch_size(dtype):
     """A None batch dimension works: the same split runs on batches of 6 and 11."""
     case = seed_model(dtype)
@@ -141,7 +136,7 @@ def test_seed_value_and_gradients_keeps_working_with_another_batch_size(dtype):
         assert max_rel_error(grads, ref_grads) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@BY_DTYPE
 def test_seed_verify_reports_ok_under_xla(dtype):
     case = seed_model(dtype)
     split = _split(case)

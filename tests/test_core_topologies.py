@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from models import (
     RTOL,
+    assert_matches_tape,
     integer_labels,
     max_rel_error,
     mlp,
@@ -20,7 +21,6 @@ from models import (
     shared_variable,
     skip_connection,
     unconnected_variables,
-    value_rel_error,
 )
 
 import gradsplit_compiler as gsc
@@ -30,12 +30,7 @@ MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph
 
 
 def _assert_exact(case, split, jit_compile, seed=0):
-    args = case.args(seed)
-    value, grads = split.value_and_gradients(*args, jit_compile=jit_compile)
-    ref_value, ref_grads = reference_value_and_grads(case.fn, split.variables, jit_compile)(*args)
-    assert value_rel_error(value, ref_value) <= TOL
-    assert max_rel_error(grads, ref_grads) <= TOL
-    return grads
+    return assert_matches_tape(case.fn, split, case.args(seed), jit_compile, TOL)
 
 
 def _stages_reading(split, var):
