@@ -43,6 +43,20 @@ def _inlined_names(case):
     return f"{outer_call}/inner_tanh", f"{outer_call}/{inner_call}/innermost_sin"
 
 
+def _assert_cut_inside_body_refused(case, name, graph_name, construct):
+    """Cutting at ``name`` (after ``h1``) is refused, naming the cut, "body" and ``construct``.
+    With ``graph_name``, ``name`` is first replaced by the tensor name TF gave it."""
+    if graph_name:
+        case.concrete()
+        name = case.names[name]
+    with pytest.raises(gsc.GradSplitError) as info:
+        gsc.split(case.fn, case.input_signature, ["h1", name])
+    message = str(info.value)
+    assert name in message
+    assert "body" in message
+    assert construct in message
+
+
 # -- nested tf.functions -----------------------------------------------------------------------
 
 
@@ -102,16 +116,7 @@ def test_cond_between_cuts_sits_in_the_middle_stage():
 @pytest.mark.parametrize("name", ["in_cond", "cond_tanh"], ids=["mark", "graph_name"])
 def test_cut_inside_cond_branch_refused_naming_the_body(name):
     """By its gsc.mark, or by the tensor name TF gives it inside the branch."""
-    case = cond_between_cuts()
-    if name == "cond_tanh":
-        case.concrete()
-        name = case.names[name]
-    with pytest.raises(gsc.GradSplitError) as info:
-        gsc.split(case.fn, case.input_signature, ["h1", name])
-    message = str(info.value)
-    assert name in message
-    assert "body" in message
-    assert "tf.cond" in message
+    _assert_cut_inside_body_refused(cond_between_cuts(), name, name == "cond_tanh", "tf.cond")
 
 
 # -- tf.while_loop -----------------------------------------------------------------------------
@@ -134,13 +139,5 @@ def test_while_loop_between_cuts_sits_in_the_middle_stage():
 @pytest.mark.parametrize("name", ["in_while", "while_tanh"], ids=["mark", "graph_name"])
 def test_cut_inside_while_body_refused_naming_the_body(name):
     """By its gsc.mark, or by the tensor name TF gives it inside the body."""
-    case = while_between_cuts()
-    if name == "while_tanh":
-        case.concrete()
-        name = case.names[name]
-    with pytest.raises(gsc.GradSplitError) as info:
-        gsc.split(case.fn, case.input_signature, ["h1", name])
-    message = str(info.value)
-    assert name in message
-    assert "body" in message
-    assert "tf.while_loop" in message
+    _assert_cut_inside_body_refused(while_between_cuts(), name, name == "while_tanh",
+                                    "tf.while_loop")
