@@ -22,6 +22,8 @@ def close_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[st
     """
     pool = sorted(set(candidates))
     found = difflib.get_close_matches(name, pool, n=limit, cutoff=0.6)
+    if not found:  # short names: 'd3' is half of 'd1' and 'd2', and still their neighbour
+        found = difflib.get_close_matches(name, pool, n=limit, cutoff=0.5)
     if len(found) < limit:
         tail = name.rsplit("/", 1)[-1].split(":")[0].lower()
         for cand in pool:

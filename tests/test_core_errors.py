@@ -292,3 +292,12 @@ def test_split_leaves_the_garbage_collector_as_it_found_it(case, enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_close_names_find_short_neighbours():
+    """An unknown Keras layer 'd3' beside layers 'd1' and 'd2' gets them as close names."""
+    from gradsplit_compiler.errors import close_names
+
+    assert set(close_names("d3", ["d1", "d2", "dense/MatMul", "x"])) == {"d1", "d2"}
+    assert close_names("Tanh", ["dense/Tanh", "x"]) == ["dense/Tanh"]
+    assert close_names("zzz", ["d1", "d2"]) == []
