@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
@@ -24,6 +25,9 @@ from gradsplit_compiler.verify import reference_value_and_grads  # noqa: F401 - 
 
 # Relative tolerance by dtype, as in CONTRACT.md.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}
+
+# Both sides under XLA, or both in graph mode.
+MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
 
 
 @dataclass
@@ -159,6 +163,11 @@ def assert_matches_tape(fn: Callable, split, args: Sequence, jit_compile: bool,
     grads_error = max_rel_error(grads, ref_grads)
     assert grads_error <= rtol, f"gradients: relative error {grads_error:.3g} > {rtol:g}"
     return grads
+
+
+def stages_reading(split, var: tf.Variable) -> list[int]:
+    """The indices of the stages that hold ``var`` among their variables."""
+    return [s.index for s in split.stages if any(v is var for v in s.variables)]
 
 
 def snapshot(variables: Sequence[tf.Variable]) -> list[np.ndarray]:

@@ -9,26 +9,23 @@ within 1e-12 of ``tf.GradientTape`` compiled the same way.
 import pytest
 import tensorflow as tf
 from models import (
+    MODES,
     RTOL,
     assert_matches_tape,
     cond_between_cuts,
     nested_functions,
+    stages_reading,
     while_between_cuts,
 )
 
 import gradsplit_compiler as gsc
 
 TOL = RTOL[tf.float64]
-MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 
 
 def _assert_exact(case, split, args, jit_compile):
     assert_matches_tape(case.fn, split, args, jit_compile, TOL)
-
-
-def _stages_reading(split, var):
-    return [s.index for s in split.stages if any(v is var for v in s.variables)]
 
 
 def _inlined_names(case):
@@ -90,7 +87,7 @@ def test_nested_function_variables_read_in_the_stage_that_uses_them():
     case = nested_functions()
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     W1, W2, W3, W4 = case.variables
-    assert [_stages_reading(split, v) for v in (W1, W2, W3, W4)] == [[0], [0], [1], [2]]
+    assert [stages_reading(split, v) for v in (W1, W2, W3, W4)] == [[0], [0], [1], [2]]
 
 
 # -- tf.cond -----------------------------------------------------------------------------------
@@ -109,7 +106,7 @@ def test_cond_between_cuts_sits_in_the_middle_stage():
     case = cond_between_cuts()
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     W1, W2, W3 = case.variables
-    assert [_stages_reading(split, v) for v in (W1, W2, W3)] == [[0], [1], [2]]
+    assert [stages_reading(split, v) for v in (W1, W2, W3)] == [[0], [1], [2]]
     assert split.arg_names[1] in split.stages[1].inputs  # the predicate
 
 
@@ -133,7 +130,7 @@ def test_while_loop_between_cuts_sits_in_the_middle_stage():
     case = while_between_cuts()
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     W1, W2, W3 = case.variables
-    assert [_stages_reading(split, v) for v in (W1, W2, W3)] == [[0], [1], [2]]
+    assert [stages_reading(split, v) for v in (W1, W2, W3)] == [[0], [1], [2]]
 
 
 @pytest.mark.parametrize("name", ["in_while", "while_tanh"], ids=["mark", "graph_name"])

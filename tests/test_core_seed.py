@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import (
+    MODES,
     RTOL,
     assert_matches_tape,
     max_rel_error,
@@ -23,7 +24,6 @@ from models import (
 import gradsplit_compiler as gsc
 
 DTYPES = [tf.float32, tf.float64]
-MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
 BY_DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import (
+    MODES,
     RTOL,
     assert_matches_tape,
     integer_labels,
@@ -20,21 +21,17 @@ from models import (
     reference_vjp,
     shared_variable,
     skip_connection,
+    stages_reading,
     unconnected_variables,
 )
 
 import gradsplit_compiler as gsc
 
 TOL = RTOL[tf.float64]
-MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
 
 
 def _assert_exact(case, split, jit_compile, seed=0):
     return assert_matches_tape(case.fn, split, case.args(seed), jit_compile, TOL)
-
-
-def _stages_reading(split, var):
-    return [s.index for s in split.stages if any(v is var for v in s.variables)]
 
 
 # -- several cuts ------------------------------------------------------------------------------
@@ -68,7 +65,7 @@ def test_mlp_each_layer_weight_is_read_in_its_own_stage_only():
     case = mlp(depth=4)
     split = gsc.split(case.fn, case.input_signature, ["h1", "h2", "h3"])
     weights = case.variables[:4]
-    assert [_stages_reading(split, W) for W in weights] == [[0], [1], [2], [3]]
+    assert [stages_reading(split, W) for W in weights] == [[0], [1], [2], [3]]
 
 
 # -- parallel branches -------------------------------------------------------------------------
@@ -101,7 +98,7 @@ def test_parallel_branches_as_two_cuts_carry_x_past_the_first():
     assert sorted(split.boundaries[0]) == sorted([x, a])
     assert sorted(split.boundaries[1]) == sorted([a, b])
     Wa, Wb, Wc = case.variables
-    assert [_stages_reading(split, v) for v in (Wa, Wb, Wc)] == [[0], [1], [2]]
+    assert [stages_reading(split, v) for v in (Wa, Wb, Wc)] == [[0], [1], [2]]
 
 
 # -- skip connections --------------------------------------------------------------------------
@@ -151,8 +148,8 @@ def test_variable_used_in_several_stages_is_a_variable_of_each():
     case = shared_variable()
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     W, c = case.variables
-    assert _stages_reading(split, W) == [0, 1, 2]
-    assert _stages_reading(split, c) == [0]
+    assert stages_reading(split, W) == [0, 1, 2]
+    assert stages_reading(split, c) == [0]
     assert [id(v) for v in split.variables].count(id(W)) == 1
 
 
