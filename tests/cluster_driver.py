@@ -76,6 +76,29 @@ def boundary_bytes(split) -> int:
     return total
 
 
+def unchanged(before, variables) -> bool:
+    """Whether every variable still holds its value in ``before``."""
+    return all(np.array_equal(b, v.numpy()) for b, v in zip(before, variables))
+
+
+def step_under_fault(pipe, args, variables, fault: threading.Timer) -> dict:
+    """One ``pipe.step`` while ``fault`` (started here) harms a task: what the step raised
+    (type, message, seconds after the start) or ``raised: None``, and whether
+    ``variables`` kept their values."""
+    before = [v.numpy() for v in variables]
+    fault.start()
+    t0 = time.perf_counter()
+    try:
+        pipe.step(*args)
+        result = {"raised": None}
+    except Exception as exc:  # noqa: BLE001 - what was raised is the result
+        result = {"raised": type(exc).__name__, "message": str(exc),
+                  "seconds": time.perf_counter() - t0}
+    fault.join()
+    result["variables_unchanged"] = unchanged(before, variables)
+    return result
+
+
 def exact(workers: int) -> dict:
     out: dict = {"workers": workers, "runs": []}
     with LocalCluster(workers) as cluster:
@@ -107,8 +130,7 @@ def exact(workers: int) -> dict:
                 "devices_used": placed,
             })
         out["boundary_bytes"] = boundary_bytes(split)
-        out["variables_unchanged"] = all(
-            np.array_equal(b, v.numpy()) for b, v in zip(before, split.variables))
+        out["variables_unchanged"] = unchanged(before, split.variables)
     return out
 
 
@@ -125,21 +147,10 @@ def fault() -> dict:
     t0 = time.perf_counter()
     pipe.step(*args)
     step = out["slow_step_s"] = time.perf_counter() - t0
-    before = [v.numpy() for v in split.variables]
 
     # A task that dies in the middle of a step: SIGKILL task 1 (stage 1's slow forward).
     killer = threading.Timer(min(0.5, step / 4), cluster.kill, args=(1,))
-    killer.start()
-    t0 = time.perf_counter()
-    try:
-        pipe.step(*args)
-        out["killed"] = {"raised": None}
-    except Exception as exc:  # noqa: BLE001 - what was raised is the result
-        out["killed"] = {"raised": type(exc).__name__, "message": str(exc),
-                         "seconds": time.perf_counter() - t0}
-    killer.join()
-    out["killed"]["variables_unchanged"] = all(
-        np.array_equal(b, v.numpy()) for b, v in zip(before, split.variables))
+    out["killed"] = step_under_fault(pipe, args, split.variables, killer)
     cluster.stop()
 
     # A task that stops answering: SIGSTOP, caught by the timeout.
@@ -147,19 +158,8 @@ def fault() -> dict:
     devices = cluster.connect()
     pipe = gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean", timeout=8)
     pipe.step(*args)
-    before = [v.numpy() for v in split.variables]
     stopper = threading.Timer(0.2, cluster.kill, args=(1, 19))  # SIGSTOP
-    stopper.start()
-    t0 = time.perf_counter()
-    try:
-        pipe.step(*args)
-        out["stopped"] = {"raised": None}
-    except Exception as exc:  # noqa: BLE001
-        out["stopped"] = {"raised": type(exc).__name__, "message": str(exc),
-                          "seconds": time.perf_counter() - t0}
-    stopper.join()
-    out["stopped"]["variables_unchanged"] = all(
-        np.array_equal(b, v.numpy()) for b, v in zip(before, split.variables))
+    out["stopped"] = step_under_fault(pipe, args, split.variables, stopper)
     cluster.stop()
 
     # A restarted cluster: a new pipeline works and is exact.
