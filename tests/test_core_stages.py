@@ -3,6 +3,7 @@ forward again, every stage compiles under XLA alone, and driving the stages by h
 CONTRACT.md describes gives ``value_and_gradients`` and the tape's gradient.
 """
 
+import contextlib
 from collections import Counter
 
 import numpy as np
@@ -49,6 +50,20 @@ def _build(name):
 
 def _split(case):
     return gsc.split(case.fn, case.input_signature, case.cuts)
+
+
+@contextlib.contextmanager
+def _built_split(name):
+    """``(case, split, variables, start)`` for the program ``name``: its split, the split's
+    variables and their values before the test; they get those values back afterwards."""
+    case = _build(name)
+    split = _split(case)
+    variables = list(split.variables)
+    start = snapshot(variables)
+    try:
+        yield case, split, variables, start
+    finally:
+        restore(variables, start)
 
 
 def _is_float(dtype):
@@ -243,12 +258,8 @@ def test_side_effect_runs_exactly_once_per_step(entry):
 
 @pytest.mark.parametrize("name", list(ALL_BUILDERS))
 def test_every_stage_compiles_under_xla_on_its_own(name):
-    case = _build(name)
-    split = _split(case)
-    variables = list(split.variables)
-    start = snapshot(variables)
     rng = np.random.default_rng(5)
-    try:
+    with _built_split(name) as (case, split, _, _):
         for stage, values in zip(split.stages, _stage_inputs(split, case.args(0))):
             # (cond_between_cuts, stage 1: a None batch and a tf.cond whose gradient reads
             # branch intermediates; the stage is traced again per input shape.)
@@ -268,8 +279,6 @@ def test_every_stage_compiles_under_xla_on_its_own(name):
             assert all((a is None) == (b is None) for a, b in zip(in_cots, ref_in))
             assert max_rel_error([a for a, _ in pairs] + list(var_grads),
                                  [b for _, b in pairs] + list(ref_vars)) <= TOL
-    finally:
-        restore(variables, start)
 
 
 def test_a_cond_stage_with_a_none_batch_compiles_per_shape_under_xla():
@@ -323,12 +332,8 @@ def test_stage_compiled_returns_tf_functions_marked_for_xla():
 @pytest.mark.parametrize("name", ["mlp", "skip_over_3", "integer_labels", "keras_small_functional"])
 def test_stage_callers_give_exactly_what_compiled_gives(name, jit):
     """``stage.callers`` (flat, no per-call binding) runs the same programs as ``compiled``."""
-    case = _build(name)
-    split = _split(case)
-    variables = list(split.variables)
-    start = snapshot(variables)
-    env = dict(zip(split.arg_names, case.args(4)))
-    try:
+    with _built_split(name) as (case, split, variables, start):
+        env = dict(zip(split.arg_names, case.args(4)))
         for stage in split.stages:
             fast_forward, fast_backward = stage.callers(jit)
             forward, backward = stage.compiled(jit)
@@ -347,8 +352,6 @@ def test_stage_callers_give_exactly_what_compiled_gives(name, jit):
                 if a is not None:
                     np.testing.assert_array_equal(a.numpy(), b.numpy())
             env.update(zip(stage.outputs, outs))
-    finally:
-        restore(variables, start)
 
 
 # -- driving the stages by hand ----------------------------------------------------------------
@@ -356,20 +359,14 @@ def test_stage_callers_give_exactly_what_compiled_gives(name, jit):
 
 @pytest.mark.parametrize("name", list(ALL_BUILDERS))
 def test_driving_stages_by_hand_equals_value_and_gradients_and_tape(name):
-    case = _build(name)
-    split = _split(case)
-    variables = list(split.variables)
-    start = snapshot(variables)
-    args = case.args(1)
-    try:
+    with _built_split(name) as (case, split, variables, start):
+        args = case.args(1)
         one = tf.ones([], split.output_specs[0].dtype)
         outputs, _, grads = drive_by_hand(split, args, [one])
         restore(variables, start)
         value, vg_grads = split.value_and_gradients(*args, jit_compile=False)
         restore(variables, start)
         ref_value, ref_grads = reference_value_and_grads(case.fn, variables, False)(*args)
-    finally:
-        restore(variables, start)
     assert value_rel_error(outputs[0], value) <= TOL
     assert max_rel_error(grads, vg_grads) <= TOL
     assert value_rel_error(outputs[0], ref_value) <= TOL
