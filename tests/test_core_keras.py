@@ -29,7 +29,6 @@ from models import (
     as_tf_variable,
     batchnorm_statistics,
     grappler_off,
-    keras_floatx,
     max_rel_error,
     mobilenetv2,
     reference_value_and_grads,
@@ -88,24 +87,19 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def float64_keras():
-    """Keras builds layers in float64 here; the previous default comes back afterwards."""
-    with keras_floatx("float64"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def small_models(float64_keras):
+def small_models():
+    # each builder of models.py sets Keras' floatx only while it builds (a module-scoped
+    # float64 default used to stay set for other tests of the same worker)
     return {name: Built(build()) for name, build in KERAS_SMALL_BUILDERS.items()}
 
 
 @pytest.fixture(scope="module")
-def resnet(float64_keras):
+def resnet():
     return Built(resnet50(batch=2))
 
 
 @pytest.fixture(scope="module")
-def mobilenet(float64_keras):
+def mobilenet():
     return Built(mobilenetv2(batch=2))
 
 
@@ -243,7 +237,7 @@ def test_keras_batchnorm_statistics_updated_exactly_once_per_step(request, name)
     _assert_bn_statistics_updated_exactly_once(_get(request, name))
 
 
-def test_keras_model_itself_as_fn_cut_by_layer_name_gradients_exact(float64_keras):
+def test_keras_model_itself_as_fn_cut_by_layer_name_gradients_exact():
     """``fn`` may be the keras.Model itself (here called with ``training=True``)."""
     from models import keras_small_functional
 
