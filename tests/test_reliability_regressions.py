@@ -232,6 +232,14 @@ def _integer_program():
     return fn, gsc.split(fn, signature, ["h"]), [_x(), tf.constant(3)]
 
 
+def _tape_grads_of_float_output(fn, split, args, cotangent):
+    """The tape's gradients of the split's variables through ``fn``'s float output (output 0
+    of ``_integer_program``), for ``cotangent``."""
+    with tf.GradientTape() as tape:
+        y = fn(*args)[0]
+    return tape.gradient(y, split.variables, output_gradients=cotangent)
+
+
 @pytest.mark.parametrize("integer_cotangent", ["zero", "python_zero"])
 @pytest.mark.parametrize("route", ["vjp", "run_stages"])
 def test_integer_argument_and_output(route, integer_cotangent):
@@ -242,10 +250,7 @@ def test_integer_argument_and_output(route, integer_cotangent):
                                                    jit_compile=False)
     assert int(outputs[1]) == 4
     assert inputs[1] is None
-    with tf.GradientTape() as tape:
-        y = fn(*args)[0]
-    ref = tape.gradient(y, split.variables, output_gradients=float_cotangent)
-    assert_close(grads, ref, route)
+    assert_close(grads, _tape_grads_of_float_output(fn, split, args, float_cotangent), route)
 
 
 @pytest.mark.parametrize("route", ["vjp", "run_stages"])
@@ -255,10 +260,7 @@ def test_none_cotangent_for_an_integer_output(route):
     fn, split, args = _integer_program()
     float_cotangent = _cotangents(fn, args)[0]
     outputs, _, grads = getattr(split, route)(args, [float_cotangent, None], jit_compile=False)
-    with tf.GradientTape() as tape:
-        y = fn(*args)[0]
-    ref = tape.gradient(y, split.variables, output_gradients=float_cotangent)
-    assert_close(grads, ref, route)
+    assert_close(grads, _tape_grads_of_float_output(fn, split, args, float_cotangent), route)
 
 
 @pytest.mark.parametrize("route", ["vjp", "run_stages"])
