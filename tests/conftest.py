@@ -9,6 +9,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# models.py holds checks the tests share (assert_round_trip, assert_matches_tape): pytest
+# explains their failing asserts as it does a test's own (before any test imports it).
+pytest.register_assert_rewrite("models")
+
 # Four logical CPU devices, so that tests/test_pipeline.py can give each stage a device of its
 # own. It must run before TensorFlow initialises its devices (the first op or variable in the
 # process); conftest is imported before any test module, in every pytest-xdist worker too.

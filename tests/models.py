@@ -165,6 +165,21 @@ def assert_matches_tape(fn: Callable, split, args: Sequence, jit_compile: bool,
     return grads
 
 
+def assert_round_trip(gd) -> None:
+    """``gsc.from_networkx(gsc.to_networkx(gd)) == gd``, byte for byte when serialized; on a
+    difference, the first node (or the library, or the versions) that differs is named."""
+    back = gsc.from_networkx(gsc.to_networkx(gd))
+    if back != gd:  # say where before failing
+        assert [n.name for n in back.node] == [n.name for n in gd.node]
+        for mine, theirs in zip(back.node, gd.node):
+            assert mine == theirs, mine.name
+        assert back.library == gd.library
+        assert back.versions == gd.versions
+    assert back == gd
+    assert back.SerializeToString(deterministic=True) == gd.SerializeToString(
+        deterministic=True)
+
+
 def stages_reading(split, var: tf.Variable) -> list[int]:
     """The indices of the stages that hold ``var`` among their variables."""
     return [s.index for s in split.stages if any(v is var for v in s.variables)]

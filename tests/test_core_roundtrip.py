@@ -8,6 +8,7 @@ from models import (
     CONTROL_FLOW_BUILDERS,
     KERAS_SMALL_BUILDERS,
     SMALL_BUILDERS,
+    assert_round_trip,
     keras_floatx,
     mobilenetv2,
     resnet50,
@@ -31,18 +32,6 @@ def _graph_def(case, add_shapes):
     return case.concrete().graph.as_graph_def(add_shapes=add_shapes)
 
 
-def _assert_round_trip(gd):
-    back = gsc.from_networkx(gsc.to_networkx(gd))
-    if back != gd:  # name the first difference before failing
-        assert [n.name for n in back.node] == [n.name for n in gd.node]
-        for mine, theirs in zip(back.node, gd.node):
-            assert mine == theirs, mine.name
-        assert back.library == gd.library
-        assert back.versions == gd.versions
-    assert back == gd
-    assert back.SerializeToString(deterministic=True) == gd.SerializeToString(deterministic=True)
-
-
 def _build(name):
     if name in KERAS_SMALL_BUILDERS:
         with keras_floatx("float64"):
@@ -54,7 +43,7 @@ def _build(name):
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_round_trip_keeps_graph_def_equal(name, add_shapes):
     gd = _graph_def(_build(name), add_shapes)
-    _assert_round_trip(gd)
+    assert_round_trip(gd)
 
 
 @pytest.mark.parametrize("name", list(CONTROL_FLOW_BUILDERS))
@@ -86,7 +75,7 @@ def test_round_trip_of_stage_functions(add_shapes):
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     for stage in split.stages:
         for fn in (stage.forward, stage.backward):
-            _assert_round_trip(fn.get_concrete_function().graph.as_graph_def(
+            assert_round_trip(fn.get_concrete_function().graph.as_graph_def(
                 add_shapes=add_shapes))
 
 
@@ -94,4 +83,4 @@ def test_round_trip_of_stage_functions(add_shapes):
 def test_round_trip_of_large_keras_models(build):
     with keras_floatx("float32"):
         case = build(tf.float32, batch=2)
-    _assert_round_trip(_graph_def(case, add_shapes=True))
+    assert_round_trip(_graph_def(case, add_shapes=True))

@@ -15,11 +15,10 @@ import gc
 import numpy as np
 import pytest
 import tensorflow as tf
+from models import assert_round_trip
 from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
-
-import gradsplit_compiler as gsc
 
 # name -> (constructor name, smallest square input it accepts, extra keyword arguments)
 APPLICATIONS = {
@@ -41,19 +40,6 @@ SLOW_APPLICATIONS = {
     "NASNetMobile": ("NASNetMobile", 32, {}),
     "InceptionResNetV2": ("InceptionResNetV2", 75, {}),
 }
-
-
-def assert_round_trip(gd) -> None:
-    back = gsc.from_networkx(gsc.to_networkx(gd))
-    if back != gd:  # say where before failing
-        assert [n.name for n in back.node] == [n.name for n in gd.node]
-        for mine, theirs in zip(back.node, gd.node):
-            assert mine == theirs, mine.name
-        assert back.library == gd.library
-        assert back.versions == gd.versions
-    assert back == gd
-    assert back.SerializeToString(deterministic=True) == gd.SerializeToString(
-        deterministic=True)
 
 
 def _application_graph(name: str, table: dict):
