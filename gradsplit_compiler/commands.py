@@ -89,9 +89,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.layer is not None:
         if args.layer not in listing.layers:
             close = close_names(args.layer, listing.layers)
-            known = ", ".join(close or listing.layers[:8]) or "none: no Keras model"
+            hint = f" Close names: {', '.join(close)}." if close else ""
+            known = ", ".join(listing.layers[:8]) or "none: no Keras model"
             raise GradSplitError(f"--layer {args.layer!r} is not a layer of this program; "
-                                 f"layers: {known}.")
+                                 f"layers: {known}.{hint}")
         rows = [r for r in rows if r.layer == args.layer]
     if args.layer_outputs:
         rows = [r for r in rows if r.layer_output]

@@ -71,7 +71,7 @@ class _GraphIndex:
 
     def scope_outputs(self, scope):
         ops = self.ops_in.get(scope, [])
-        cands = []
+        cands, dangling = [], []
         for op in ops:
             if op.type in _SKIP_OPS:
                 continue
@@ -84,7 +84,15 @@ class _GraphIndex:
                 if any(not self.inside(c.name, scope) for c in cons):
                     cands.append(t)
                 elif not op_consumed:          # dangling op (e.g. unused Softmax)
-                    cands.append(t)
+                    dangling.append(t)
+        # A dangling op is an output when it follows from what the layer computes (the
+        # Softmax after logits the loss reads) or when nothing else leaves the layer; one
+        # that does not follow from a tensor read outside is a leftover (a Keras RNN
+        # traces its step once outside its loop and leaves those ops unused).
+        if cands and dangling:
+            after = self.downstream([t.op for t in cands], scope)
+            dangling = [t for t in dangling if t.op.name in after]
+        cands = cands + dangling
         if len(cands) <= 1:
             return cands
         # keep maximal candidates: drop t if it reaches another candidate in S
@@ -105,6 +113,18 @@ class _GraphIndex:
             if not reaches:
                 keep.append(t)
         return keep
+
+    def downstream(self, ops, scope):
+        """Names of the ops of ``scope`` that ``ops`` reach through data edges."""
+        seen, stack = set(), list(ops)
+        while stack:
+            op = stack.pop()
+            if op.name in seen or not self.inside(op.name, scope):
+                continue
+            seen.add(op.name)
+            for t in op.outputs:
+                stack.extend(t.consumers())
+        return seen
 
     def external_inputs(self, scope):
         res = []

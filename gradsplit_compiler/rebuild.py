@@ -357,9 +357,36 @@ def _unbounded_lists(graph) -> bool:
     for op in graph.get_operations():
         if op.type == "EmptyTensorList":
             size = tf.get_static_value(op.inputs[1])
-            if size is None or int(size) < 0:
+            if size is None:
+                if not _from_shapes(op.inputs[1]):
+                    return True
+            elif int(size) < 0:
                 return True
     return False
+
+
+_SHAPE_SOURCES = ("Shape", "ShapeN", "Size", "Rank", "VariableShape")
+
+
+def _from_shapes(tensor) -> bool:
+    """Whether ``tensor`` is integer arithmetic on constants and shapes only: unknown while
+    tracing with a ``None`` batch, but a constant once XLA compiles for concrete shapes (a
+    Keras RNN bounds its loop by the time dimension this way)."""
+    seen = set()
+    stack = [tensor.op]
+    while stack:
+        op = stack.pop()
+        if op in seen:
+            continue
+        seen.add(op)
+        if op.type == "Const" or op.type in _SHAPE_SOURCES:
+            continue
+        if op.type in ("Placeholder", "ReadVariableOp") or op.control_inputs or not op.outputs:
+            return False
+        if not all(t.dtype.is_integer or t.dtype == tf.bool for t in op.outputs):
+            return False
+        stack.extend(t.op for t in op.inputs)
+    return True
 
 
 def _list_accumulator(h: nx.MultiDiGraph, graph, name: str) -> dict | None:

@@ -29,6 +29,7 @@ from models import (
     as_tf_variable,
     batchnorm_statistics,
     grappler_off,
+    keras_floatx,
     max_rel_error,
     mobilenetv2,
     reference_value_and_grads,
@@ -87,19 +88,24 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def small_models():
-    # each builder of models.py sets Keras' floatx only while it builds (a module-scoped
-    # float64 default used to stay set for other tests of the same worker)
+def float64_keras():
+    """Keras builds layers in float64 here; the previous default comes back afterwards."""
+    with keras_floatx("float64"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def small_models(float64_keras):
     return {name: Built(build()) for name, build in KERAS_SMALL_BUILDERS.items()}
 
 
 @pytest.fixture(scope="module")
-def resnet():
+def resnet(float64_keras):
     return Built(resnet50(batch=2))
 
 
 @pytest.fixture(scope="module")
-def mobilenet():
+def mobilenet(float64_keras):
     return Built(mobilenetv2(batch=2))
 
 
@@ -237,7 +243,7 @@ def test_keras_batchnorm_statistics_updated_exactly_once_per_step(request, name)
     _assert_bn_statistics_updated_exactly_once(_get(request, name))
 
 
-def test_keras_model_itself_as_fn_cut_by_layer_name_gradients_exact():
+def test_keras_model_itself_as_fn_cut_by_layer_name_gradients_exact(float64_keras):
     """``fn`` may be the keras.Model itself (here called with ``training=True``)."""
     from models import keras_small_functional
 
@@ -261,3 +267,36 @@ def test_keras_model_itself_as_fn_cut_by_layer_name_gradients_exact():
     # Eager tape vs traced graph: the same kernels, so float64 exactness holds.
     assert max_rel_error(grads, ref_grads) <= TOL
     assert max_rel_error([input_cotangents[0]], [ref_x]) <= TOL
+
+
+def test_keras_lstm_loop_bounded_by_the_time_dimension_runs_under_xla():
+    """Keras bounds an RNN's tf.while_loop by the time dimension (``maximum_iterations`` is
+    shape arithmetic, unknown while tracing with a None batch, a constant under XLA): the
+    stages compile on their own and composed, and match the tape exactly in float64."""
+    import keras
+
+    inp = keras.Input((7, 5), dtype="float64")
+    h = keras.layers.LSTM(6, return_sequences=True, name="lstm_a", dtype="float64")(inp)
+    h = keras.layers.LSTM(4, name="lstm_b", dtype="float64")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head", dtype="float64")(h))
+
+    @tf.function
+    def loss(x, y):
+        return tf.reduce_mean((model(x, training=True) - y) ** 2)
+
+    signature = [tf.TensorSpec([None, 7, 5], tf.float64), tf.TensorSpec([None, 3], tf.float64)]
+    split = gsc.split(loss, signature, ["lstm_a"])
+    assert all(stage.xla_compatible for stage in split.stages)
+    rng = np.random.default_rng(0)
+    args = [tf.constant(rng.normal(size=(4, 7, 5))), tf.constant(rng.normal(size=(4, 3)))]
+    report = gsc.verify(split, *args, jit_compile=True)
+    assert report.ok, str(report)
+    value, grads = split.value_and_gradients(*args, jit_compile=True)
+    outputs, _, by_stage = split.run_stages(args, jit_compile=True)
+    assert value_rel_error(outputs, value) <= TOL
+    assert max_rel_error(by_stage, grads) <= TOL
+    with tf.GradientTape() as tape:
+        ref = loss.python_function(*args)
+    ref_grads = tape.gradient(ref, split.variables)
+    assert max_rel_error(split.value_and_gradients(*args, jit_compile=False)[1],
+                         ref_grads) <= TOL
