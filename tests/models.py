@@ -613,7 +613,10 @@ def _keras_case(name: str, model: Any, input_shape: Sequence[int], classes: int,
 
     @tf.function
     def loss(x, y):
-        out = model(x, training=True)
+        # Keras reads its floatx when the model is called, too: trace in the case's dtype
+        # whatever default another test of this worker left.
+        with keras_floatx(tf.as_dtype(dtype).name):
+            out = model(x, training=True)
         if crossentropy:
             return tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
         return tf.reduce_mean(tf.square(out - y))
