@@ -126,3 +126,14 @@ def flat_caller(function):
         return concrete._call_flat(list(flat), concrete.captured_inputs)
 
     return call
+
+
+def registered_gradient(name: str):
+    """``ops._gradient_registry.lookup``: the Python gradient function registered under
+    ``name`` (a ``tf.custom_gradient``'s ``_gradient_op_type``), or ``None``."""
+    from tensorflow.python.framework import ops
+
+    try:
+        return ops._gradient_registry.lookup(name)  # noqa: SLF001
+    except LookupError:
+        return None

@@ -8,7 +8,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from . import ir
+from . import custom_gradients, ir
 from .errors import GradSplitError
 from .program import Program
 
@@ -149,6 +149,7 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
         )
     output_names = [t.name for t in outputs]
     graph_def = graph.as_graph_def(add_shapes=True)
+    custom_gradients.make_portable(graph, graph_def)
     program = Program(
         graph=ir.to_networkx(graph_def, graph),
         arg_names=arg_names,

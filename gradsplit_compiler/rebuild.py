@@ -27,7 +27,7 @@ from tensorflow.core.framework import graph_pb2
 
 from passes.residuals import cut_forward_backward  # noqa: E402  (the passes live beside us)
 
-from . import _tf_internal, ir
+from . import _tf_internal, custom_gradients, ir
 from .errors import GradSplitError
 from .program import Program, StagePlan
 
@@ -201,7 +201,8 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         grads = [None] * len(xs)
         if ys and xs:
             try:
-                grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
+                with custom_gradients.names_in_trace(input_map):
+                    grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
             except LookupError as exc:
                 raise GradSplitError(
                     f"stage {plan.index} has an op TensorFlow cannot differentiate: {exc}. "

@@ -98,3 +98,15 @@ def test_flat_caller_runs_the_signature_function_on_flat_tensors():
         assert (a.numpy() == b.numpy()).all()
     v.assign([3.0, 4.0])  # captured variables are read at call time
     assert call(x, y)[0]["sum"].numpy()[0].tolist() == [3.5, 3.5]
+
+
+def test_registered_gradient_finds_a_custom_gradient_by_its_op_type_name():
+    @tf.custom_gradient
+    def f(x):
+        return x * 2.0, lambda dy: dy * 3.0
+
+    graph = tf.function(f).get_concrete_function(tf.TensorSpec([2])).graph
+    kinds = [op.get_attr("_gradient_op_type").decode() for op in graph.get_operations()
+             if "_gradient_op_type" in op.node_def.attr]
+    assert kinds and callable(_tf_internal.registered_gradient(kinds[0]))
+    assert _tf_internal.registered_gradient("no such gradient") is None
