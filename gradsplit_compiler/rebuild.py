@@ -31,7 +31,7 @@ from . import _tf_internal, custom_gradients, ir
 from .errors import GradSplitError
 from .program import Program, StagePlan
 
-CONTROL_FLOW_OPS = {"If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase"}
+CONTROL_FLOW_OPS = ir.CONTROL_FLOW_OPS
 
 
 def is_differentiable(dtype: tf.DType) -> bool:

@@ -159,9 +159,8 @@ def _all_body_nodes(functions, fname: str, seen: set[str] | None = None) -> list
     nodes = []
     for nd in functions[fname].node_def:
         nodes.append(nd.name)
-        for value in nd.attr.values():
-            if value.HasField("func") and value.func.name in functions:
-                nodes.extend(_all_body_nodes(functions, value.func.name, seen))
+        for called in ir.called_functions(nd, functions):  # branches of a Case too
+            nodes.extend(_all_body_nodes(functions, called, seen))
     return nodes
 
 
