@@ -55,6 +55,15 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def flat(fn, *args):
+    """``fn(*args)`` as our stages are called: the traced program on flat tensors, without
+    ``tf.function``'s per-call argument binding (the same ``_call_flat`` that
+    ``stage.callers`` and ``value_and_gradients`` use), so every side pays the same Python."""
+    concrete = fn.get_concrete_function(*args)
+    args = list(args)
+    return lambda: concrete._call_flat(args, concrete.captured_inputs)
+
+
 def _block(result) -> None:
     for t in tf.nest.flatten(result):
         if hasattr(t, "numpy"):
@@ -212,7 +221,7 @@ def _speed_of(build, repeats):
     written = [split.variables[i] for i in split._program.written_variables()]
     start = [v.numpy() for v in written]
     sides = {
-        "mono": lambda: mono(*args),
+        "mono": flat(mono, *args),
         "composed": lambda: split.value_and_gradients(*args),
         "stages": lambda: split.run_stages(args),
     }
@@ -314,7 +323,7 @@ def figure_split_time(quick):
         cases.insert(0, (name, loss.python_function, sig, cuts, None))
     for name, body, sig, cuts, _ in cases:
         trace_times, step_times, split_times = [], [], []
-        for _ in range(2 if quick else 3):
+        for _ in range(2 if quick else 5):  # medians of 5: single traces vary by 10-20%
             fn = tf.function(body)
             t = time.perf_counter()
             concrete = fn.get_concrete_function(*sig)
@@ -380,12 +389,12 @@ def _cut_size_row(cut, per_scalar_limit, jacobian_limit, repeats):
         jw, jb = tape.jacobian(y, [W, b])
         return (tf.tensordot(dl_dy, jw, axes=2), tf.tensordot(dl_dy, jb, axes=2))
 
-    fns = {"mono": lambda: mono(x, y0), "ours": lambda: split.value_and_gradients(x, y0)}
+    fns = {"mono": flat(mono, x, y0), "ours": lambda: split.value_and_gradients(x, y0)}
     if n <= jacobian_limit:
-        fns["jacobian"] = lambda: jacobian(x, y0)
+        fns["jacobian"] = flat(jacobian, x, y0)
     if n <= per_scalar_limit:
         per_scalar = _per_scalar(y_of, W, b, x, y0)
-        fns["per_scalar"] = lambda: per_scalar(x, y0)
+        fns["per_scalar"] = flat(per_scalar, x, y0)
     times = interleaved(fns, repeats if n <= 4096 else max(3, repeats // 2), warmup=1)
     ratios = ", ".join(f"{k} {v / times['mono']:.2f}x" for k, v in times.items()
                        if k != "mono")
@@ -459,7 +468,10 @@ def write_report(path, command, speed, memory, split_rows, cut_rows):
              f"Machine: {machine()}.", "",
              "Every figure is a ratio measured in the same run: medians of interleaved "
              "repeats after warm-up. Lower is better; 1.00 means no cost over the monolithic "
-             "XLA-compiled `tape.gradient` of the original function.", ""]
+             "XLA-compiled `tape.gradient` of the original function. Every baseline is "
+             "called the way the split's programs are, on flat tensors without "
+             "`tf.function`'s per-call argument binding, so the ratios compare programs "
+             "and drivers, not Python call paths.", ""]
     if speed:
         lines += ["## 1-2. Time per training step, over the monolithic XLA step", "",
                   "| model | stages | monolithic | composed `value_and_gradients` (target "
