@@ -13,24 +13,22 @@ does not pay for importing TensorFlow until something needs it.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
-from .errors import GradSplitError
+from gradsplit_compiler.errors import GradSplitError
 
 _LAZY = {
-    "auto_split": ".autosplit",
+    "auto_split": ".plan.autosplit",
     "from_networkx": ".ir",
     "to_networkx": ".ir",
-    "mark": ".mark",
-    "Pipeline": ".pipeline",
-    "pipeline": ".pipeline",
-    "Split": ".split",
-    "split": ".split",
-    "Stage": ".stage",
-    "Report": ".verify",
-    "verify": ".verify",
+    "mark": ".frontend.mark",
+    "Pipeline": ".run.pipeline",
+    "pipeline": ".run.pipeline",
+    "Split": ".core.split",
+    "split": ".core.split",
+    "Stage": ".core.stage",
+    "Report": ".core.verify",
+    "verify": ".core.verify",
 }
 
 __all__ = ["GradSplitError", *sorted(_LAZY)]
@@ -43,20 +41,6 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gradsplit_compiler' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Keeps ``gsc.split``, ``gsc.mark``, ... the functions: importing the submodule of the
-    same name (``gradsplit_compiler.split``) must not rebind the package attribute to the
-    module, which Python's import system otherwise does."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable through sys.modules and imports
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

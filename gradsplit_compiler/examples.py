@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from .mark import mark
+from gradsplit_compiler.frontend.mark import mark
 
 _rng = np.random.default_rng(0)
 W1 = tf.Variable((_rng.normal(size=(8, 16)) / np.sqrt(8)).astype(np.float32), name="W1")

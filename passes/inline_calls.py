@@ -13,7 +13,7 @@ name, and gradients never fall back to ``SymbolicGradient``.
 Example
 -------
 >>> import tensorflow as tf
->>> from gradsplit_compiler.capture import capture
+>>> from gradsplit_compiler.frontend.capture import capture
 >>> from passes.inline_calls import inline_calls
 >>> inner = tf.function(lambda x: tf.tanh(x))
 >>> program = inline_calls(capture(tf.function(lambda x: inner(x) * 2),
@@ -30,7 +30,7 @@ from tensorflow.core.framework import node_def_pb2
 
 from gradsplit_compiler import _tf_internal, ir
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.program import Program
+from gradsplit_compiler.ir.program import Program
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 

@@ -23,7 +23,7 @@ Example
 -------
 >>> import tensorflow as tf
 >>> import gradsplit_compiler as gsc
->>> from gradsplit_compiler.capture import capture
+>>> from gradsplit_compiler.frontend.capture import capture
 >>> from passes.resolve_cuts import resolve_cuts
 >>> from passes.partition import partition
 >>> f = tf.function(lambda x: tf.reduce_sum(gsc.mark(tf.tanh(x), "y") * x))
@@ -40,7 +40,7 @@ import networkx as nx
 
 from gradsplit_compiler import ir
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.program import Program, StagePlan
+from gradsplit_compiler.ir.program import Program, StagePlan
 
 # Ops that do no work of their own: a stage made only of these is empty.
 TRIVIAL_OPS = {"Const", "NoOp", "Identity", "ReadVariableOp"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from gradsplit_compiler import ir
-from gradsplit_compiler.program import Program
+from gradsplit_compiler.ir.program import Program
 
 
 def refresh_shapes(program: Program) -> Program:

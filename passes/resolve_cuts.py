@@ -12,7 +12,7 @@ Example
 -------
 >>> import tensorflow as tf
 >>> import gradsplit_compiler as gsc
->>> from gradsplit_compiler.capture import capture
+>>> from gradsplit_compiler.frontend.capture import capture
 >>> from passes.resolve_cuts import resolve_cuts
 >>> f = tf.function(lambda x: tf.reduce_sum(gsc.mark(tf.tanh(x), "y")))
 >>> program = capture(f, [tf.TensorSpec([None])])
@@ -27,10 +27,11 @@ from collections import defaultdict
 
 import networkx as nx
 
-from gradsplit_compiler import ir, keras_layers
+from gradsplit_compiler import ir
 from gradsplit_compiler.errors import GradSplitError, unknown_name_message
-from gradsplit_compiler.mark import mark_name_of
-from gradsplit_compiler.program import Program
+from gradsplit_compiler.frontend import keras_layers
+from gradsplit_compiler.frontend.mark import mark_name_of
+from gradsplit_compiler.ir.program import Program
 
 
 def resolve_cuts(program: Program) -> Program:

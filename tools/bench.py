@@ -552,7 +552,7 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 4)
 import gradsplit_compiler as gsc
-from gradsplit_compiler.cluster import LocalCluster
+from gradsplit_compiler.run.cluster import LocalCluster
 
 width, depth, batch, k, m, repeats = (int(a) for a in sys.argv[1:7])
 cluster = LocalCluster(k)

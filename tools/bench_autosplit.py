@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradsplit_compiler as gsc  # noqa: E402
-from gradsplit_compiler import autosplit, costs  # noqa: E402
-from gradsplit_compiler.program import Program  # noqa: E402
+from gradsplit_compiler.ir.program import Program  # noqa: E402
+from gradsplit_compiler.plan import autosplit, costs  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -223,9 +223,9 @@ def transformer(blocks: int = 4, seq: int = 64, dim: int = 128, heads: int = 4):
 
 def analysed(fn, signature):
     """The program after the passes that do not depend on cuts (what auto_split plans on)."""
-    from gradsplit_compiler.capture import capture
-    from gradsplit_compiler.pass_manager import run_passes
-    from gradsplit_compiler.split import default_passes
+    from gradsplit_compiler.core.pass_manager import run_passes
+    from gradsplit_compiler.core.split import default_passes
+    from gradsplit_compiler.frontend.capture import capture
 
     return run_passes(capture(fn, signature), default_passes()[:2])
 

@@ -1,0 +1,463 @@
+"""Rebuild: one stage's ops -> a forward function that returns residuals and a backward
+function (its vector-Jacobian product) that consumes them.
+
+How (the residuals cut, after DESIGN.md): the stage's ops are imported into a scratch trace
+together with ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``. That
+graph is then cut a second time: ops that depend on the cotangents are backward; the rest
+are forward, and the forward tensors the backward reads are the residuals. Two exceptions
+keep every piece compilable and small: constants and shape arithmetic (``Shape``, ``Size``,
+integer ops on them) that the backward needs are recomputed in the backward, because XLA
+needs shapes as compile-time constants and they cost nothing to recompute. The forward is
+never run again by the backward.
+
+Both pieces are kept as GraphDefs and emitted into whatever function is being traced by
+``tf.graph_util.import_graph_def`` with an ``input_map`` from the piece's inputs to the
+traced arguments and from the variable placeholders to the captured variable handles; the
+inputs' producers are not part of the piece, so no ``Placeholder`` is left for XLA to refuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from gradsplit_compiler import _tf_internal, ir
+from gradsplit_compiler.core.residuals import cut_forward_backward  # noqa: E402  (the passes live beside us)
+from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.frontend import custom_gradients
+from gradsplit_compiler.ir.program import Program, StagePlan
+
+CONTROL_FLOW_OPS = ir.CONTROL_FLOW_OPS
+
+
+def is_differentiable(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex
+
+
+def stage_graph_def(program: Program, plan: StagePlan) -> graph_pb2.GraphDef:
+    """The GraphDef of the stage's ops alone; inputs from outside are left dangling."""
+    return _piece_graph_def(program.graph, plan.nodes)
+
+
+def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef:
+    members = set(nodes)
+    gd = graph_pb2.GraphDef()
+    gd.versions.CopyFrom(g.graph["versions"])
+    for name in nodes:
+        nd = gd.node.add()
+        nd.CopyFrom(g.nodes[name]["node_def"])
+        for inp in ir.node_inputs(g, name):
+            if inp.startswith("^") and inp[1:] not in members:
+                continue  # ordered by the stage order already
+            nd.input.append(inp)
+        if "_class" in nd.attr:
+            keep = [
+                s for s in nd.attr["_class"].list.s
+                if s.decode().removeprefix("loc:@") in members
+            ]
+            if keep:
+                del nd.attr["_class"].list.s[:]
+                nd.attr["_class"].list.s.extend(keep)
+            else:
+                del nd.attr["_class"]
+    _copy_used_functions(g.graph["library"], gd)
+    return gd
+
+
+def _copy_used_functions(library, gd: graph_pb2.GraphDef) -> None:
+    """Copy into ``gd.library`` the functions of ``library`` that ``gd``'s nodes call,
+    directly or through other functions (a cond branch calling a tf.function...), and their
+    registered gradients. A piece carrying the whole program's library would register every
+    function again each time it is imported."""
+    functions = {f.signature.name: f for f in library.function}
+    gradients = {gr.function_name: gr for gr in library.gradient}
+    seen: set[str] = set()
+
+    def visit_attr(value) -> None:
+        if value.HasField("func"):
+            visit(value.func.name)
+            for inner in value.func.attr.values():
+                visit_attr(inner)
+        if value.HasField("list"):
+            for func in value.list.func:
+                visit(func.name)
+
+    def visit_nodes(nodes) -> None:
+        for nd in nodes:
+            visit(nd.op)
+            for value in nd.attr.values():
+                visit_attr(value)
+
+    def visit(name: str) -> None:
+        if name in seen or name not in functions:
+            return
+        seen.add(name)
+        visit_nodes(functions[name].node_def)
+        if name in gradients:
+            visit(gradients[name].gradient_func)
+
+    visit_nodes(gd.node)
+    for fdef in library.function:  # in the library's own order
+        if fdef.signature.name in seen:
+            gd.library.function.add().CopyFrom(fdef)
+    for grad in library.gradient:
+        if grad.function_name in seen:
+            gd.library.gradient.add().CopyFrom(grad)
+
+
+@dataclass
+class ListResidual:
+    """A loop accumulator (TensorList) that crosses from forward to backward as a tensor.
+
+    The forward stacks it, rotated so the ``counter`` elements the loop pushed sit last
+    (under XLA the list is a fixed buffer of ``maximum_iterations`` slots filled from the
+    front, and the gradient loop pops from the back); the backward only rebuilds the list.
+    """
+
+    dtype: tf.DType
+    element_shape: list
+    counter: int  # index of the residual holding the loop's trip count
+
+    def to_tensor(self, handle: tf.Tensor, counter: tf.Tensor) -> tf.Tensor:
+        dense = tf.raw_ops.TensorListStack(
+            input_handle=handle, element_shape=self.element_shape, element_dtype=self.dtype,
+            num_elements=-1,
+        )
+        size = tf.shape(dense)[0]
+        counter = tf.cast(counter, size.dtype)
+        return tf.gather(dense, tf.math.floormod(tf.range(size) + counter, size))
+
+    def from_tensor(self, dense: tf.Tensor) -> tf.Tensor:
+        return tf.raw_ops.TensorListFromTensor(tensor=dense, element_shape=self.element_shape)
+
+
+@dataclass
+class StageVJP:
+    """The two pieces of one stage and how to feed them."""
+
+    forward_graph_def: graph_pb2.GraphDef
+    backward_graph_def: graph_pb2.GraphDef
+    input_keys: list[str]  # input_map keys of the forward piece, one per stage input
+    output_names: list[str]  # forward return elements, one per stage output
+    residual_names: list[str]  # forward tensors the backward reads
+    residual_specs: list[tf.TensorSpec]
+    cotangent_keys: dict[int, str]  # stage output index -> backward input_map key
+    # per stage input: backward return element, or ("cotangent", j) / ("residual", r) / None
+    input_gradients: list
+    variable_gradients: list
+    xla_compatible: bool = True
+    list_residuals: dict = field(default_factory=dict)  # residual index -> ListResidual
+    capture_keys: dict[str, object] = field(default_factory=dict)  # input_map key -> external
+    variable_keys: dict[str, int] = field(default_factory=dict)  # input_map key -> var index
+
+
+def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.TensorSpec],
+                    output_specs: list[tf.TensorSpec],
+                    cotangent_outputs: list[int] | None = None,
+                    static: bool = False) -> StageVJP:
+    """Trace the stage with its gradient and cut that graph into forward and backward.
+
+    ``cotangent_outputs`` are the indices of the stage outputs that receive a cotangent
+    (default: every floating-point output); the others are treated as constants.
+    ``static``: ``input_specs`` are the static shapes of one call; the shapes recorded on
+    library function arguments at capture (``_output_shapes``, a ``None`` batch) are dropped
+    so that gradient construction sees the branches with the shapes they are called with.
+    """
+    stage_gd = stage_graph_def(program, plan)
+    if static:
+        for fdef in stage_gd.library.function:
+            for arg in fdef.arg_attr.values():
+                if "_output_shapes" in arg.attr:
+                    del arg.attr["_output_shapes"]
+    if cotangent_outputs is None:
+        cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
+    diff_outputs = list(cotangent_outputs)
+    diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
+    var_placeholders = {
+        ph: idx for ph, idx in program.variable_placeholders.items()
+        if idx in plan.variable_indices
+    }
+    recorded: dict = {}
+
+    def body(*args):
+        ins = args[: len(input_specs)]
+        cots = args[len(input_specs):]
+        input_map = dict(zip(plan.inputs, ins))
+        handles = {}
+        for ph, idx in var_placeholders.items():
+            handles[idx] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+            input_map[ph + ":0"] = handles[idx]
+        for ph in plan.capture_placeholders:
+            input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
+                program.other_captures[ph]
+            )
+        outs = emit(stage_gd, input_map, plan.outputs, name="")
+        ys = [outs[j] for j in diff_outputs]
+        xs = [ins[i] for i in diff_inputs] + [handles[idx] for idx in plan.variable_indices]
+        grads = [None] * len(xs)
+        if ys and xs:
+            try:
+                with custom_gradients.names_in_trace(input_map):
+                    grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
+            except LookupError as exc:
+                raise GradSplitError(
+                    f"stage {plan.index} has an op TensorFlow cannot differentiate: {exc}. "
+                    "Move the cut so this op is not between a cut and the value, or wrap it "
+                    "in tf.stop_gradient."
+                ) from None
+        grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        recorded["ins"] = [t.op.name for t in ins]
+        recorded["cots"] = [t.op.name for t in cots]
+        recorded["outs"] = [t.name for t in outs]
+        recorded["grads"] = [None if g is None else g.name for g in grads]
+        return [t for t in list(outs) + grads if t is not None]
+
+    cot_specs = [
+        tf.TensorSpec(output_specs[j].shape, output_specs[j].dtype, name=f"gsc.cot.{j}")
+        for j in diff_outputs
+    ]
+    named_inputs = [
+        tf.TensorSpec(s.shape, s.dtype, name=f"gsc.in.{i}") for i, s in enumerate(input_specs)
+    ]
+    # Traced as XLA traces: cond intermediates stay plain tensors (not Optionals) and loop
+    # accumulators get a fixed size, so every piece compiles on its own.
+    xla_compatible = True
+    try:
+        graph = tf.function(body, jit_compile=True, autograph=False).get_concrete_function(
+            *(named_inputs + cot_specs)).graph
+    except (ValueError, tf.errors.InvalidArgumentError) as exc:
+        if "maximum_iterations" not in str(exc):
+            raise
+        xla_compatible = False
+        graph = tf.function(body, autograph=False).get_concrete_function(
+            *(named_inputs + cot_specs)).graph
+    xla_compatible = xla_compatible and not _unbounded_lists(graph)
+    capture_kind = {}
+    for external, internal in graph.captures:
+        capture_kind[internal.op.name] = external
+    h = ir.to_networkx(graph.as_graph_def(), graph)
+    in_ph = recorded["ins"]
+    cot_ph = recorded["cots"]
+
+    grad_names = recorded["grads"]
+    lists: dict = {}
+
+    def as_list(name: str):
+        if name not in lists:
+            lists[name] = _list_accumulator(h, graph, name)
+        return lists[name]
+
+    written = set(program.written_variables())
+    rereadable = {
+        ph for ph, external in capture_kind.items()
+        if any(program.variables[i].handle is external and i not in written
+               for i in plan.variable_indices)
+    }
+    cut = cut_forward_backward(
+        h,
+        gradients={ir.parse_tensor_name(n)[0] for n in grad_names if n is not None},
+        cotangents=set(cot_ph),
+        inputs=set(in_ph),
+        captures=set(capture_kind),
+        stage_ops={nd.name for nd in stage_gd.node},
+        travels=as_list,
+        rereadable=rereadable,
+    )
+    forward_nodes, backward_nodes = cut.forward, cut.backward
+    backward = set(backward_nodes)
+    residual_names = list(cut.residuals)
+    order = {n: i for i, n in enumerate(h.nodes)}
+    list_infos = {name: as_list(name) for name in residual_names
+                  if graph.get_tensor_by_name(name).dtype == tf.variant and as_list(name)}
+    for info in list_infos.values():
+        if info["counter"] not in residual_names:
+            residual_names.append(info["counter"])
+    residual_names.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]],
+                                       ir.parse_tensor_name(t)[1]))
+    list_residuals = {
+        residual_names.index(name): ListResidual(
+            dtype=info["dtype"], element_shape=info["element_shape"],
+            counter=residual_names.index(info["counter"]),
+        )
+        for name, info in list_infos.items()
+    }
+    residual_specs = []
+    for i, name in enumerate(residual_names):
+        t = graph.get_tensor_by_name(name)
+        if i in list_residuals:
+            spec = list_residuals[i]
+            if isinstance(spec.element_shape, int):  # -1: rank unknown
+                residual_specs.append(tf.TensorSpec(None, spec.dtype))
+            else:
+                dims = [None if d < 0 else int(d) for d in spec.element_shape]
+                residual_specs.append(tf.TensorSpec([None] + dims, spec.dtype))
+            continue
+        shape = t.shape
+        if t.op.type in CONTROL_FLOW_OPS and shape.rank is not None:
+            # An If's intermediate for the branch not taken has a made-up static shape
+            # (a 0 where the batch goes): keep only the rank.
+            shape = tf.TensorShape([None] * shape.rank)
+        residual_specs.append(tf.TensorSpec(shape, t.dtype))
+
+    def grad_source(name: str | None):
+        if name is None:
+            return None
+        op = ir.parse_tensor_name(name)[0]
+        if op in cot_ph:
+            return ("cotangent", diff_outputs[cot_ph.index(op)])
+        if name in residual_names:
+            return ("residual", residual_names.index(name))
+        return name
+
+    n_diff_in = len(diff_inputs)
+    input_gradients = [None] * len(input_specs)
+    for k, i in enumerate(diff_inputs):
+        input_gradients[i] = grad_source(grad_names[k])
+    variable_gradients = [grad_source(n) for n in grad_names[n_diff_in:]]
+    needed_returns = [s for s in input_gradients + variable_gradients if isinstance(s, str)]
+    for name in needed_returns:
+        if ir.parse_tensor_name(name)[0] not in backward:
+            raise GradSplitError(  # pragma: no cover - a gradient that ignores its cotangent
+                f"stage {plan.index}: gradient {name} does not depend on the cotangents."
+            )
+    forward_gd = _piece_graph_def(h, forward_nodes)
+    backward_gd = _piece_graph_def(h, backward_nodes)
+    variable_keys = {}
+    capture_keys = {}
+    for ph, external in capture_kind.items():
+        idx = next((i for i in plan.variable_indices
+                    if program.variables[i].handle is external), None)
+        if idx is not None:
+            variable_keys[ph + ":0"] = idx
+        else:
+            capture_keys[ph + ":0"] = external
+    return StageVJP(
+        xla_compatible=xla_compatible,
+        list_residuals=list_residuals,
+        forward_graph_def=forward_gd,
+        backward_graph_def=backward_gd,
+        input_keys=[ph + ":0" for ph in in_ph],
+        output_names=recorded["outs"],
+        residual_names=residual_names,
+        residual_specs=residual_specs,
+        cotangent_keys={diff_outputs[k]: ph + ":0" for k, ph in enumerate(cot_ph)},
+        input_gradients=input_gradients,
+        variable_gradients=variable_gradients,
+        capture_keys=capture_keys,
+        variable_keys=variable_keys,
+    )
+
+
+def _unbounded_lists(graph) -> bool:
+    """Whether a loop keeps values in a TensorList of unbounded size (no maximum_iterations):
+    XLA cannot compile that."""
+    for op in graph.get_operations():
+        if op.type == "EmptyTensorList":
+            size = tf.get_static_value(op.inputs[1])
+            if size is None:
+                if not _from_shapes(op.inputs[1]):
+                    return True
+            elif int(size) < 0:
+                return True
+    return False
+
+
+_SHAPE_SOURCES = ("Shape", "ShapeN", "Size", "Rank", "VariableShape")
+
+
+def _from_shapes(tensor) -> bool:
+    """Whether ``tensor`` is integer arithmetic on constants and shapes only: unknown while
+    tracing with a ``None`` batch, but a constant once XLA compiles for concrete shapes (a
+    Keras RNN bounds its loop by the time dimension this way)."""
+    seen = set()
+    stack = [tensor.op]
+    while stack:
+        op = stack.pop()
+        if op in seen:
+            continue
+        seen.add(op)
+        if op.type == "Const" or op.type in _SHAPE_SOURCES:
+            continue
+        if op.type in ("Placeholder", "ReadVariableOp") or op.control_inputs or not op.outputs:
+            return False
+        if not all(t.dtype.is_integer or t.dtype == tf.bool for t in op.outputs):
+            return False
+        stack.extend(t.op for t in op.inputs)
+    return True
+
+
+def _list_accumulator(h: nx.MultiDiGraph, graph, name: str) -> dict | None:
+    """For a ``While`` output that is a TensorList accumulator with a static element shape:
+    its dtype, element shape and the loop's trip-count tensor; else ``None``."""
+    op, index = ir.parse_tensor_name(name)
+    if h.nodes[op]["op"] not in ("While", "StatelessWhile"):
+        return None
+    inputs = ir.data_inputs(h, op)
+    if index >= len(inputs):
+        return None
+    init = graph.get_operation_by_name(inputs[index][0])
+    if init.type not in ("EmptyTensorList", "TensorListReserve"):
+        return None
+    element_shape = tf.get_static_value(init.inputs[0])
+    if element_shape is None:
+        return None
+    return {
+        "dtype": init.get_attr("element_dtype"),
+        "element_shape": [int(d) for d in np.atleast_1d(element_shape)]
+        if np.ndim(element_shape) else int(element_shape),
+        "counter": ir.tensor_name(op, 0),  # while_v2's first loop variable counts trips
+    }
+
+
+def external_inputs(piece: graph_pb2.GraphDef) -> frozenset[str]:
+    """The tensors ``piece`` reads from outside itself, as ``"op:index"``."""
+    members = {nd.name for nd in piece.node}
+    found = set()
+    for nd in piece.node:
+        for inp in nd.input:
+            if inp.startswith("^"):
+                continue
+            op, index = ir.parse_tensor_name(inp)
+            if op not in members:
+                found.add(ir.tensor_name(op, index))
+    return frozenset(found)
+
+
+def emit(piece: graph_pb2.GraphDef, input_map: dict, return_elements: list[str],
+         name: str) -> list[tf.Tensor]:
+    """Import ``piece`` into the function being traced; returns its return elements.
+
+    ``input_map`` may hold more than the piece reads; only what it reads is mapped.
+    """
+    used = _external_cache.get(id(piece))
+    if used is None or used[0] is not piece:
+        used = (piece, external_inputs(piece))
+        _external_cache[id(piece)] = used
+    input_map = {k: v for k, v in input_map.items() if k in used[1]}
+    if piece.library.function:
+        piece = _tf_internal.with_fresh_function_names(piece)
+    result = tf.graph_util.import_graph_def(
+        piece, input_map=input_map, return_elements=return_elements or None, name=name
+    )
+    _tf_internal.register_functions(piece.library)
+    return list(result or [])
+
+
+_external_cache: dict[int, tuple] = {}
+
+
+def capture_map(vjp: StageVJP, program: Program, variables: dict | None = None) -> dict:
+    """input_map entries for the variable handles and other captures of a piece;
+    ``variables`` maps variable indices to stand-ins (replicas on another device)."""
+    variables = variables or {}
+    mapping = {}
+    for key, idx in vjp.variable_keys.items():
+        var = variables.get(idx, program.variables[idx])
+        mapping[key] = _tf_internal.capture_in_current_graph(var.handle)
+    for key, external in vjp.capture_keys.items():
+        mapping[key] = _tf_internal.capture_in_current_graph(external)
+    return mapping

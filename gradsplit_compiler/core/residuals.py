@@ -1,0 +1,190 @@
+"""Cut a stage's gradient graph into its forward and its backward; find the residuals.
+
+Input: the graph of one stage traced together with its vector-Jacobian product (the
+stage's ops, then ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``).
+
+Guarantees about the result:
+
+- ``backward`` holds every op the gradients need that depends on a cotangent, plus the
+  constants and shape arithmetic (``Shape``, ``Size``, integer ops on them) those ops read:
+  they are recomputed in the backward because XLA needs shapes as compile-time constants
+  and they cost nothing. Reads of variables the program never writes are repeated in the
+  backward too (``rereadable``), so weights are not copied out of the forward program.
+  Every other value the backward reads is a residual: the forward
+  is never run again, except for a ``variant`` value that cannot ``travel`` between
+  programs (the callback says which can), whose producers are recomputed from plain
+  tensors.
+- ``forward`` holds the stage's own ops and the parts of the gradient formulas that do
+  not depend on a cotangent, so the backward is only what must wait for the cotangent; it
+  is closed under predecessors. (Most of TensorFlow's gradient functions already make
+  their formulas wait for the cotangent with a control dependency, ``cos(x)`` of ``sin``'s
+  among them: those stay in the backward, reading ``x``.)
+- ``residuals`` are the tensors, produced by the forward or fed into it, that the backward
+  reads, in graph order; placeholders of cotangents and captured variables are not among
+  them (the backward reads those directly).
+
+Example
+-------
+>>> import tensorflow as tf
+>>> from gradsplit_compiler import ir
+>>> from gradsplit_compiler.core.residuals import cut_forward_backward
+>>> def vjp(x, c):
+...     y = tf.tanh(x, name="tanh")
+...     return tf.gradients(y, x, grad_ys=c, name="vjp")[0]
+>>> g = tf.function(vjp).get_concrete_function(tf.TensorSpec([3], name="x"),
+...                                            tf.TensorSpec([3], name="c")).graph
+>>> h = ir.to_networkx(g.as_graph_def(), g)
+>>> grad = g.outputs[0].op.inputs[0].op.name
+>>> cut = cut_forward_backward(h, {grad}, cotangents={"c"}, inputs={"x"}, captures=set(),
+...                            stage_ops={"tanh"}, travels=lambda name: False)
+>>> cut.residuals, cut.backward
+(['tanh:0'], ['vjp/grad_ys_0', 'vjp/tanh_grad/TanhGrad'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+import tensorflow as tf
+
+from gradsplit_compiler import ir
+
+SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
+INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
+
+
+@dataclass
+class ForwardBackward:
+    forward: list[str]  # op names, graph order
+    backward: list[str]
+    residuals: list[str]  # tensor names, graph order
+
+
+def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: set[str],
+                         inputs: set[str], captures: set[str], stage_ops: set[str],
+                         travels: Callable[[str], object],
+                         rereadable: set[str] = frozenset()) -> ForwardBackward:
+    """Split ``h`` (a stage and its VJP) into forward and backward ops and residuals.
+
+    Parameters
+    ----------
+    h : networkx.MultiDiGraph
+        The stage traced with its gradient (see ``ir``).
+    gradients : set of str
+        Ops producing the gradients the backward returns.
+    cotangents : set of str
+        The cotangent placeholders.
+    inputs : set of str
+        The placeholders of the stage's inputs (a residual may be an input).
+    captures : set of str
+        The placeholders of captured variables and tensors (each piece captures them).
+    stage_ops : set of str
+        The stage's own ops (always forward).
+    travels : callable
+        ``travels(tensor_name)`` is true when a ``variant`` residual can cross from one
+        program to another (a fixed-size loop accumulator, sent as a dense tensor).
+    rereadable : set of str
+        Capture placeholders of variables the program never writes: the backward reads
+        such a variable itself (a ``ReadVariableOp`` on the captured handle) instead of
+        receiving its value as a residual, so a weight is not copied out of the forward
+        program. The value is the same unless the caller assigns the variable between a
+        stage's forward and its backward.
+    """
+    placeholders = inputs | cotangents | captures
+    needed = ir.ancestors(h, gradients)
+    from_cotangent = ir.descendants(h, cotangents)
+    recompute = _recomputable(h, needed - from_cotangent - placeholders, rereadable)
+    core = (needed & from_cotangent) - placeholders
+    core |= _variant_producers(h, core, needed - placeholders, travels)
+    forward_extra = needed - core - recompute - placeholders
+    # Recompute only what the backward reaches through recomputable ops, not through
+    # forward values (those arrive as residuals).
+    backward = ir.ancestors(h, core, within=core | recompute)
+    # A tensor the backward reads only for its shape does not travel: its Shape op runs in
+    # the forward and the (tiny) shape travels instead; XLA specialises a program on the
+    # values of shape arguments, so they still count as compile-time constants.
+    shape_only = _shape_only_readers(h, backward)
+    backward -= shape_only
+    forward_needed = ir.ancestors(h, forward_extra | shape_only,
+                                  within=forward_extra | recompute | shape_only)
+    forward = ir.ancestors(h, stage_ops | forward_needed) - placeholders
+
+    order = {n: i for i, n in enumerate(h.nodes)}
+    backward_nodes = sorted(backward, key=order.__getitem__)
+    residuals: list[str] = []
+    for node in backward_nodes:
+        for src, index in ir.data_inputs(h, node):
+            if src in backward or src in cotangents or src in captures:
+                continue
+            name = ir.tensor_name(src, index)
+            if name not in residuals:
+                residuals.append(name)
+    residuals.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]],
+                                  ir.parse_tensor_name(t)[1]))
+    return ForwardBackward(
+        forward=sorted(forward, key=order.__getitem__),
+        backward=backward_nodes,
+        residuals=residuals,
+    )
+
+
+def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str],
+                       travels) -> set[str]:
+    """Forward ops whose ``variant`` outputs the backward reads and that cannot travel as
+    tensors, and what they need to be recomputed from plain tensors."""
+    added: set[str] = set()
+    frontier = set(backward)
+    while frontier:
+        new = set()
+        for node in frontier:
+            for src, idx in ir.data_inputs(h, node):
+                if src in backward or src in added or src not in candidates:
+                    continue
+                outputs = h.nodes[src].get("outputs") or []
+                if (idx < len(outputs) and outputs[idx][0] == tf.variant
+                        and not travels(ir.tensor_name(src, idx))):
+                    new.add(src)
+        added |= new
+        frontier = new
+    return added
+
+
+def _recomputable(h: nx.MultiDiGraph, candidates: set[str],
+                  rereadable: set[str] = frozenset()) -> set[str]:
+    """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants;
+    and reads of variables nobody writes (the backward reads the variable itself)."""
+    chosen: set[str] = set()
+    for node in nx.topological_sort(h.subgraph(candidates)):
+        op = h.nodes[node]["op"]
+        preds = [src for src, _ in ir.data_inputs(h, node)]
+        outputs = h.nodes[node].get("outputs") or []
+        if op == "Const" and not preds:
+            chosen.add(node)
+        elif op in SHAPE_OPS:
+            chosen.add(node)
+        elif op == "ReadVariableOp" and preds and all(p in rereadable for p in preds):
+            chosen.add(node)
+        elif outputs and all(d in INTEGER_DTYPES for d, _ in outputs) and preds and all(
+            p in chosen for p in preds
+        ):
+            chosen.add(node)
+    return chosen
+
+
+def _shape_only_readers(h: nx.MultiDiGraph, backward: set[str]) -> set[str]:
+    """``Shape``/``Size``/``Rank`` ops of the backward whose input the backward reads for
+    nothing else, and that do not wait for a cotangent."""
+    readers: dict[tuple[str, int], set[str]] = {}
+    for node in backward:
+        for src, index in ir.data_inputs(h, node):
+            if src not in backward:
+                readers.setdefault((src, index), set()).add(node)
+    moved = set()
+    for nodes in readers.values():
+        if all(h.nodes[n]["op"] in ("Shape", "Size", "Rank") for n in nodes) and not any(
+            a["control"] for n in nodes for _, _, a in h.in_edges(n, data=True)
+        ):
+            moved |= nodes
+    return moved

@@ -1,0 +1,249 @@
+"""The IR: a TensorFlow GraphDef as a ``networkx.MultiDiGraph``, lossless both ways.
+
+One node per TF op, keyed by op name, holding
+
+- ``node_def``: the op's ``NodeDef`` with its ``input`` list cleared (the edges hold it);
+- ``op``: the op type; ``outputs``: a list of ``(tf.DType | None, tf.TensorShape)`` per
+  output, derived, cheap to query, filled when a ``tf.Graph`` or shapes are at hand;
+- after capture, ``variable`` on the placeholder of a captured variable (its name); after
+  partition, ``stage`` (``None`` for inputs and dead ops) and ``stages`` (where copies run).
+
+One edge per use. A data edge ``u -> v`` carries ``src_output`` (the producer's output
+index) and ``dst_input`` (the consumer's input index) and is keyed ``dst_input`` so that
+parallel edges survive; a control edge carries ``control=True`` and its position among
+the consumer's control inputs and is keyed ``"^" + str(position)``.
+
+The graph-level dict holds the function ``library``, the ``versions`` and the original
+node order is the networkx node order.
+
+Examples
+--------
+>>> import tensorflow as tf
+>>> import gradsplit_compiler as gsc
+>>> gd = tf.function(lambda x: tf.tanh(x) * 2).get_concrete_function(
+...     tf.TensorSpec([None, 3])).graph.as_graph_def()
+>>> gsc.from_networkx(gsc.to_networkx(gd)) == gd
+True
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+__all__ = [
+    "CONTROL_FLOW_OPS",
+    "add_control_edge",
+    "add_data_edge",
+    "ancestors",
+    "called_functions",
+    "data_consumers",
+    "data_inputs",
+    "descendants",
+    "from_networkx",
+    "node_inputs",
+    "parse_tensor_name",
+    "tensor_name",
+    "to_networkx",
+]
+
+
+def parse_tensor_name(name: str) -> tuple[str, int]:
+    """``"op:1"`` -> ``("op", 1)``; ``"op"`` -> ``("op", 0)``."""
+    op, sep, index = name.rpartition(":")
+    if sep and index.isdigit():
+        return op, int(index)
+    return name, 0
+
+
+def tensor_name(op: str, index: int) -> str:
+    return f"{op}:{index}"
+
+
+def _split_input(inp: str) -> tuple[str, int, bool]:
+    if inp.startswith("^"):
+        return inp[1:], -1, True
+    op, index = parse_tensor_name(inp)
+    return op, index, False
+
+
+def _input_string(op: str, index: int) -> str:
+    return op if index == 0 else f"{op}:{index}"
+
+
+def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) -> nx.MultiDiGraph:
+    """Convert a ``GraphDef`` to the IR. ``graph``, when given, supplies dtypes and shapes.
+
+    Parameters
+    ----------
+    graph_def : GraphDef
+        Any GraphDef TensorFlow produced.
+    graph : tf.Graph, optional
+        The graph ``graph_def`` was exported from; its ops give each node's output dtypes
+        and static shapes. Without it, shapes come from the ``_output_shapes`` attribute
+        when present and dtypes are left unknown.
+
+    Returns
+    -------
+    networkx.MultiDiGraph
+    """
+    g = nx.MultiDiGraph()
+    library = graph_pb2.GraphDef().library
+    library.CopyFrom(graph_def.library)
+    g.graph["library"] = library
+    versions = graph_pb2.GraphDef().versions
+    versions.CopyFrom(graph_def.versions)
+    g.graph["versions"] = versions
+    g.graph["has_versions"] = graph_def.HasField("versions")
+    g.graph["has_library"] = graph_def.HasField("library")
+
+    for nd in graph_def.node:
+        stored = node_def_pb2.NodeDef()
+        stored.CopyFrom(nd)
+        del stored.input[:]
+        g.add_node(nd.name, node_def=stored, op=nd.op, outputs=_outputs_of(nd, graph))
+    for nd in graph_def.node:
+        data_index = 0
+        control_index = 0
+        for inp in nd.input:
+            src, index, control = _split_input(inp)
+            if src not in g:
+                raise ValueError(f"GraphDef node {nd.name!r} reads {inp!r}, which is not a node")
+            if control:
+                g.add_edge(
+                    src, nd.name, key=f"^{control_index}", control=True, position=control_index
+                )
+                control_index += 1
+            else:
+                g.add_edge(
+                    src, nd.name, key=data_index, control=False,
+                    src_output=index, dst_input=data_index,
+                )
+                data_index += 1
+    return g
+
+
+def _outputs_of(nd: node_def_pb2.NodeDef, graph: tf.Graph | None) -> list:
+    if graph is not None:
+        try:
+            op = graph.get_operation_by_name(nd.name)
+        except (KeyError, ValueError):
+            op = None
+        if op is not None:
+            return [(t.dtype, t.shape) for t in op.outputs]
+    if "_output_shapes" in nd.attr:
+        return [(None, tf.TensorShape(s)) for s in nd.attr["_output_shapes"].list.shape]
+    return []
+
+
+def from_networkx(graph: nx.MultiDiGraph) -> graph_pb2.GraphDef:
+    """Convert the IR back to a ``GraphDef``: nodes in graph order, inputs from the edges.
+
+    ``from_networkx(to_networkx(gd)) == gd`` for every GraphDef TensorFlow produced.
+    """
+    gd = graph_pb2.GraphDef()
+    if graph.graph.get("has_versions", True) and "versions" in graph.graph:
+        gd.versions.CopyFrom(graph.graph["versions"])
+    if graph.graph.get("has_library", True) and "library" in graph.graph:
+        gd.library.CopyFrom(graph.graph["library"])
+    for name in graph.nodes:
+        nd = gd.node.add()
+        nd.CopyFrom(graph.nodes[name]["node_def"])
+        nd.input.extend(node_inputs(graph, name))
+    return gd
+
+
+def node_inputs(graph: nx.MultiDiGraph, name: str) -> list[str]:
+    """The ``NodeDef.input`` strings of node ``name``: data inputs in order, then control."""
+    data, control = [], []
+    for src, _, attrs in graph.in_edges(name, data=True):
+        if attrs["control"]:
+            control.append((attrs.get("position", 1 << 30), src))
+        else:
+            data.append((attrs["dst_input"], _input_string(src, attrs["src_output"])))
+    data.sort()
+    control.sort()
+    return [s for _, s in data] + ["^" + s for _, s in control]
+
+
+def add_control_edge(graph: nx.MultiDiGraph, src: str, dst: str) -> None:
+    """Add ``^src`` as the last control input of ``dst`` (no-op if already there)."""
+    positions = [a.get("position", 0) for _, _, a in graph.in_edges(dst, data=True) if a["control"]]
+    if any(a["control"] for a in (graph.get_edge_data(src, dst) or {}).values()):
+        return
+    position = max(positions, default=-1) + 1
+    graph.add_edge(src, dst, key=f"^{position}", control=True, position=position)
+
+
+def add_data_edge(graph: nx.MultiDiGraph, src: str, src_output: int, dst: str,
+                  dst_input: int) -> None:
+    graph.add_edge(src, dst, key=dst_input, control=False, src_output=src_output,
+                   dst_input=dst_input)
+
+
+def data_inputs(graph: nx.MultiDiGraph, name: str) -> list[tuple[str, int]]:
+    """The ``(producer, output index)`` of each data input of ``name``, in input order."""
+    edges = [
+        (a["dst_input"], src, a["src_output"])
+        for src, _, a in graph.in_edges(name, data=True)
+        if not a["control"]
+    ]
+    return [(src, idx) for _, src, idx in sorted(edges)]
+
+
+def data_consumers(graph: nx.MultiDiGraph, name: str) -> list[tuple[str, int, int]]:
+    """``(consumer, producer output index, consumer input index)`` for each data use."""
+    return [
+        (dst, a["src_output"], a["dst_input"])
+        for _, dst, a in graph.out_edges(name, data=True)
+        if not a["control"]
+    ]
+
+
+def ancestors(graph: nx.MultiDiGraph, nodes, within: set | None = None,
+              data_only: bool = False) -> set[str]:
+    """``nodes`` and every node they depend on, in one sweep over all sources.
+
+    ``networkx.ancestors`` answers one source at a time, which is quadratic when a pass
+    asks for the ancestors of hundreds of stateful ops; this is the multi-source form.
+    ``within`` restricts the walk to a set of nodes; ``data_only`` ignores control edges.
+    """
+    return _reach(graph.pred, graph, nodes, within, data_only)
+
+
+def descendants(graph: nx.MultiDiGraph, nodes, within: set | None = None,
+                data_only: bool = False) -> set[str]:
+    """``nodes`` and every node that depends on them (the multi-source form)."""
+    return _reach(graph.succ, graph, nodes, within, data_only)
+
+
+def _reach(adjacency, graph, nodes, within, data_only) -> set[str]:
+    found = {n for n in nodes if within is None or n in within}
+    stack = list(found)
+    while stack:
+        node = stack.pop()
+        for other, edges in adjacency[node].items():
+            if other in found or (within is not None and other not in within):
+                continue
+            if data_only and all(a["control"] for a in edges.values()):
+                continue
+            found.add(other)
+            stack.append(other)
+    return found
+
+
+# Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
+CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
+
+
+def called_functions(node_def: node_def_pb2.NodeDef, functions) -> list[str]:
+    """The names in ``functions`` (the library, by name) that ``node_def``'s attributes
+    name: a single function (``then_branch``, ``body``, ``f``, ...) or a list of them
+    (``branches``), in attribute order."""
+    names = []
+    for value in node_def.attr.values():
+        if value.HasField("func") and value.func.name in functions:
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func if f.name in functions)
+    return names

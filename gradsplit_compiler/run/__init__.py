@@ -1,0 +1,3 @@
+"""The runtime: schedules as data, the step engine that runs them on devices, pipelines,
+and TensorFlow clusters. Reads the core layer; draws nothing (pictures live in ``show``).
+"""

@@ -1,0 +1,3 @@
+"""Pictures: the program with its cuts (``render``), pipeline timelines (``timeline``), and
+TensorBoard graphs. Reads what the other layers record; runs nothing.
+"""

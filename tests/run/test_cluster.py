@@ -1,0 +1,175 @@
+"""``LocalCluster`` and ``gsc.pipeline`` across processes on TensorFlow's runtime (issue 8).
+
+Connecting to a cluster changes the eager context of a whole process, so every test that
+connects runs ``tests/cluster_driver.py`` in a subprocess and reads its JSON; the pytest
+processes only start and stop workers. Everything stays on loopback.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gradsplit_compiler import GradSplitError
+from gradsplit_compiler.run.cluster import LocalCluster, task_devices
+
+DRIVER = Path(__file__).with_name("cluster_driver.py")
+TOL = 1e-12
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _drive(*args: str, timeout: float = 120) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"driver printed no result (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- the helper, without connecting -----------------------------------------------------------
+
+
+def test_local_cluster_starts_names_and_stops():
+    with LocalCluster(2) as cluster:
+        assert cluster.running()
+        assert cluster.devices == [f"/job:worker/replica:0/task:{i}/device:CPU:0"
+                                   for i in range(2)]
+        spec = cluster.cluster_spec.as_dict()
+        assert list(spec) == ["worker"] and len(spec["worker"]) == 2
+        ports = [int(a.rsplit(":", 1)[1]) for a in spec["worker"]]
+        assert len(set(ports)) == 2
+        assert all(a.startswith("localhost:") for a in spec["worker"])
+        pids = [p.pid for p in cluster.processes]
+        assert all(_alive(p) for p in pids)
+    assert not cluster.running()
+    assert _wait_gone(pids, 1) == []
+    cluster.stop()  # twice is fine
+
+
+def test_task_devices_of_a_cluster_spec():
+    assert task_devices({"worker": ["a:1", "b:2", "c:3"]})[2] == \
+        "/job:worker/replica:0/task:2/device:CPU:0"
+
+
+def test_bad_worker_count_is_refused():
+    with pytest.raises(GradSplitError, match="num_workers"):
+        LocalCluster(0)
+
+
+def test_no_orphan_workers_when_the_client_is_killed():
+    """A client killed outright (no atexit) leaves no worker behind."""
+    script = ("from gradsplit_compiler.cluster import LocalCluster\n"
+              "import time\n"
+              "c = LocalCluster(2)\n"
+              "print(' '.join(str(p.pid) for p in c.processes), flush=True)\n"
+              "time.sleep(60)\n")
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        pids = [int(p) for p in client.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+        client.stdout.close()
+    assert _wait_gone(pids, 5) == []
+
+
+def test_pipeline_timeout_must_be_positive():
+    import tensorflow as tf
+
+    import gradsplit_compiler as gsc
+
+    w = tf.Variable(1.0)
+    split = gsc.split(lambda x: gsc.mark(x * w, "h") * w, [tf.TensorSpec([], tf.float32)],
+                      ["h"])
+    with pytest.raises(GradSplitError, match="timeout"):
+        gsc.pipeline(split, 1, loss_reduction="sum", timeout=-1)
+
+
+def test_bytes_moved_between_logical_devices_match_the_boundary():
+    import tensorflow as tf
+
+    import gradsplit_compiler as gsc
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs 2 logical CPU devices (tests/conftest.py configures them)")
+    w = tf.Variable(tf.ones([3, 5], tf.float64))
+    v = tf.Variable(tf.ones([5, 1], tf.float64))
+
+    def loss(x):
+        return tf.reduce_mean(gsc.mark(tf.tanh(x @ w), "h") @ v)
+
+    split = gsc.split(loss, [tf.TensorSpec([None, 3], tf.float64)], ["h"])
+    pipe = gsc.pipeline(split, 2, "gpipe", devices=["/CPU:0", "/CPU:1"],
+                        loss_reduction="mean", timeout=60)
+    pipe.step(tf.ones([4, 3], tf.float64))
+    moved = pipe.bytes_moved()
+    assert moved["activations"] == 4 * 5 * 8  # h, the whole batch, stage 0 -> stage 1
+    assert moved["cotangents"] == 4 * 5 * 8  # its cotangent back
+    assert moved["replicas"] == 5 * 8  # v refreshed on /CPU:1
+
+
+# -- the pipeline across processes (subprocesses that connect) --------------------------------
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_pipeline_on_cluster_equals_one_process(workers):
+    result = _drive("exact", str(workers))
+    assert len(result["devices"]) == workers
+    assert [r["jit_compile"] for r in result["runs"]] == [True, True] + [False] * (workers == 2)
+    for run in result["runs"]:
+        assert run["max_rel_error"] <= TOL, run
+        # every stage ran on its own task; the results come back to the client
+        assert run["devices_used"] == result["devices"], run
+        assert run["value_device"].startswith("/job:localhost/"), run
+        # activations crossing tasks: exactly the boundary tensors of the whole batch
+        assert run["bytes_moved"]["activations"] == result["boundary_bytes"], run
+        assert run["bytes_moved"]["cotangents"] > 0
+    assert result["variables_unchanged"]
+
+
+def test_worker_killed_or_hung_mid_step_then_restarted_cluster():
+    result = _drive("fault", timeout=150)
+    killed, stopped = result["killed"], result["stopped"]
+    # SIGKILL during stage 1's forward on task 1
+    assert killed["raised"] == "GradSplitError", killed
+    assert "task 1 " in killed["message"] and "stage 1" in killed["message"], killed
+    assert killed["seconds"] < 20, killed
+    assert killed["variables_unchanged"]
+    # SIGSTOP: the task hangs; the pipeline's timeout (8 s) gives up and names it
+    assert stopped["raised"] == "GradSplitError", stopped
+    assert "timeout=8" in stopped["message"], stopped
+    assert "task 1 " in stopped["message"] and "stage 1" in stopped["message"], stopped
+    assert 7.5 < stopped["seconds"] < 12, stopped
+    assert stopped["variables_unchanged"]
+    # a new cluster, a new pipeline: exact again
+    assert result["restarted_max_rel_error"] <= TOL
