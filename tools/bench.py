@@ -218,7 +218,7 @@ def _speed_of(build, repeats):
     log(f"[1,2] {name}: split at {len(cuts)} cuts ...")
     split = gsc.split(loss, sig, cuts)
     mono = monolithic_step(loss, split.variables)
-    written = [split.variables[i] for i in split._program.written_variables()]
+    written = split.written_variables()
     start = [v.numpy() for v in written]
     sides = {
         "mono": flat(mono, *args),

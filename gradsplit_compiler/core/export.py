@@ -41,6 +41,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from gradsplit_compiler.core.compose import compose
+
 __all__ = ["FORMAT", "MANIFEST", "export_split", "load_manifest", "run_exported"]
 
 MANIFEST = "manifest.json"
@@ -162,31 +164,31 @@ def run_exported(directory: str | os.PathLike, args: Sequence[Any],
 
     directory = os.fspath(directory)
     manifest = load_manifest(directory)
-    stages = [tf.saved_model.load(os.path.join(directory, s["path"]))
-              for s in manifest["stages"]]
-    env = {a["name"]: tf.convert_to_tensor(v, dtype=a["dtype"])
-           for a, v in zip(manifest["args"], args)}
-    residuals = []
-    for entry, stage in zip(manifest["stages"], stages):
-        outputs, res = stage.forward(*[env[i["name"]] for i in entry["inputs"]])
-        env.update(zip([o["name"] for o in entry["outputs"]], outputs))
-        residuals.append(res)
-    outputs = [env[o["name"]] for o in manifest["outputs"]]
-    if output_cotangents is None:
-        output_cotangents = [tf.ones_like(t) if t.dtype.is_floating else tf.zeros_like(t)
-                             for t in outputs]
-    cotangents: dict[str, Any] = {}
-    for o, c in zip(manifest["outputs"], output_cotangents):
-        cotangents[o["name"]] = tf.convert_to_tensor(c, dtype=o["dtype"])
-    grads: list[Any] = [None] * len(manifest["variables"])
-    for entry, stage, res in reversed(list(zip(manifest["stages"], stages, residuals))):
-        cots = [cotangents.get(o["name"], tf.zeros_like(env[o["name"]]))
-                for o in entry["outputs"]]
-        input_cots, var_grads = stage.backward(res, cots)
-        for i, c in zip(entry["inputs"], input_cots):
-            if c is not None:
-                name = i["name"]
-                cotangents[name] = c if name not in cotangents else cotangents[name] + c
-        for index, g in zip(entry["variables"], var_grads):
-            grads[index] = g if grads[index] is None else grads[index] + g
+    stages = [_ExportedStage(entry, tf.saved_model.load(os.path.join(directory, entry["path"])))
+              for entry in manifest["stages"]]
+    args = [tf.convert_to_tensor(v, dtype=a["dtype"]) for a, v in zip(manifest["args"], args)]
+    if output_cotangents is not None:
+        output_cotangents = [tf.convert_to_tensor(c, dtype=o["dtype"])
+                             for o, c in zip(manifest["outputs"], output_cotangents)]
+    else:  # ones for every floating-point output, once the outputs are known
+        def output_cotangents(outputs):
+            return [tf.ones_like(t) if t.dtype.is_floating else None for t in outputs]
+    outputs, _, grads = compose(
+        stages, [a["name"] for a in manifest["args"]], args,
+        [o["name"] for o in manifest["outputs"]], output_cotangents,
+        forward=lambda stage, inputs: stage.module.forward(*inputs),
+        backward=lambda stage, residuals, cotangents: stage.module.backward(residuals,
+                                                                            cotangents),
+        variable_zeros=[lambda v=v: tf.zeros(v["shape"], v["dtype"])
+                        for v in manifest["variables"]])
     return outputs, grads
+
+
+class _ExportedStage:
+    """A manifest entry and its loaded SavedModel, as the compose loop reads a stage."""
+
+    def __init__(self, entry: dict, module: Any):
+        self.inputs = [i["name"] for i in entry["inputs"]]
+        self.outputs = [o["name"] for o in entry["outputs"]]
+        self.variable_indices = list(entry["variables"])
+        self.module = module

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,9 +12,11 @@ import tensorflow as tf
 
 from gradsplit_compiler import ir
 from gradsplit_compiler._tf_internal import flat_caller
+from gradsplit_compiler.core.compose import compose
 from gradsplit_compiler.core.pass_manager import run_passes
 from gradsplit_compiler.core.rebuild import build_stage_vjp, is_differentiable
 from gradsplit_compiler.core.stage import Stage
+from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
@@ -152,6 +153,29 @@ class Split:
         index = self._program.variable_placeholders.get(placeholder)
         return None if index is None else self.variables[index]
 
+    # -- the package's internal interface: what verify, plan and run read of a Split ------
+    # (documented, stable within the package; not part of the user promise)
+
+    @property
+    def program(self) -> Program:
+        """The ``Program`` the stages were built from, after the passes ran."""
+        return self._program
+
+    def written_variables(self) -> list[tf.Variable]:
+        """The variables ``fn`` assigns (batch-norm statistics, counters), in
+        ``self.variables`` order."""
+        return [self.variables[i] for i in self._program.written_variables()]
+
+    def check_arguments(self, args: Sequence) -> list[tf.Tensor]:
+        """``args`` as flat tensors checked against the input signature; a
+        ``GradSplitError`` in the caller's terms otherwise."""
+        return self._check_args(args)
+
+    def fresh_functions(self):
+        """A context in which composed programs are traced anew (stateful random kernels
+        start from their seeds, as a fresh reference does)."""
+        return self._fresh_functions()
+
     def _spec(self, name: str) -> tf.TensorSpec:
         if name in self.arg_names:
             return self.arg_specs[self.arg_names.index(name)]
@@ -266,47 +290,17 @@ class Split:
         return self._functions[key]
 
     def _emit_vjp(self, args, output_cotangents):
-        env = dict(zip(self.arg_names, args))
-        residuals = []
-        for stage in self.stages:
-            outs, res = stage.emit_forward([env[n] for n in stage.inputs],
-                                           f"stage{stage.index}.forward")
-            env.update(zip(stage.outputs, outs))
-            residuals.append(res)
-        outputs = [env[n] for n in self.output_names]
-        if output_cotangents is None:
-            output_cotangents = [tf.ones_like(outputs[0])]
-        cotangents: dict[str, tf.Tensor] = {}
-        for name, cot in zip(self.output_names, output_cotangents):
-            if cot is not None:
-                _accumulate(cotangents, name, cot)
-        grads: dict[int, tf.Tensor] = {}
-        for stage in reversed(self.stages):
-            outs = [
-                cotangents[n] if n in cotangents else tf.zeros_like(env[n])
-                for n in stage.outputs
-            ]
-            in_cots, var_grads = stage.emit_backward(
-                residuals[stage.index], outs, f"stage{stage.index}.backward"
-            )
-            for name, cot in zip(stage.inputs, in_cots):
-                if cot is not None:
-                    _accumulate(cotangents, name, cot)
-            for idx, grad in zip(stage.variable_indices, var_grads):
-                _accumulate(grads, idx, grad)
-        input_cotangents = []
-        for name, arg in zip(self.arg_names, args):
-            if name in cotangents:
-                input_cotangents.append(cotangents[name])
-            elif is_differentiable(arg.dtype):
-                input_cotangents.append(tf.zeros_like(arg))
-            else:
-                input_cotangents.append(None)
-        var_grads = [
-            grads[i] if i in grads else tf.zeros(v.shape, v.dtype)
-            for i, v in enumerate(self.variables)
-        ]
-        return outputs, input_cotangents, var_grads
+        """The composed VJP emitted into the function being traced: each stage's forward
+        and backward inlined, named ``stage<k>.forward`` / ``stage<k>.backward``."""
+        return compose(
+            self.stages, self.arg_names, args, self.output_names, output_cotangents,
+            forward=lambda st, inputs: st.emit_forward(inputs, f"stage{st.index}.forward"),
+            backward=lambda st, res, cots: st.emit_backward(
+                res, cots, f"stage{st.index}.backward"),
+            variable_zeros=self._variable_zeros())
+
+    def _variable_zeros(self) -> list:
+        return [lambda v=v: tf.zeros(v.shape, v.dtype) for v in self.variables]
 
     def value_and_gradients(self, *args, jit_compile: bool = True):
         """Run the stages forward and their VJPs back: ``(value, grads)``.
@@ -323,7 +317,7 @@ class Split:
             )
         tensors = self._check_args(args)
         fn = self._flat_composed("value_and_gradients", jit_compile)
-        value, grads = _run(fn, *tensors)
+        value, grads = run_reporting_xla_errors(fn, *tensors)
         return value, list(grads)
 
     def vjp(self, args: Sequence, output_cotangents: Any, jit_compile: bool = True):
@@ -336,7 +330,8 @@ class Split:
         cots = self._check_cotangents(output_cotangents)
         zeros = tuple(i for i, c in enumerate(cots) if c is None)
         fn = self._flat_composed("vjp", jit_compile, zeros)
-        outputs, input_cotangents, grads = _run(fn, *tensors, *[c for c in cots if c is not None])
+        given = [c for c in cots if c is not None]
+        outputs, input_cotangents, grads = run_reporting_xla_errors(fn, *tensors, *given)
         structured = tf.nest.pack_sequence_as(self._program.output_structure, list(outputs))
         return structured, list(input_cotangents), list(grads)
 
@@ -387,74 +382,23 @@ class Split:
         self._check_xla(jit_compile)
         checked = None if output_cotangents is None else self._check_cotangents(
             output_cotangents)
-        env = dict(zip(self.arg_names, tensors))
-        residuals = []
-        written = [self.variables[i] for i in self._program.written_variables()]
+        written = self.written_variables()
         before = self._snapshot(written)
+
+        def forward(stage, inputs):
+            return run_reporting_xla_errors(stage.callers(jit_compile)[0], *inputs)
+
+        def backward(stage, residuals, cotangents):
+            return run_reporting_xla_errors(stage.callers(jit_compile)[1], *residuals,
+                                            *cotangents)
         try:
-            for stage in self.stages:
-                forward, _ = stage.callers(jit_compile)
-                outs, res = _run(forward, *[env[n] for n in stage.inputs])
-                env.update(zip(stage.outputs, outs))
-                residuals.append(res)
+            outputs, input_cotangents, var_grads = compose(
+                self.stages, self.arg_names, tensors, self.output_names, checked,
+                forward=forward, backward=backward, variable_zeros=self._variable_zeros())
         except Exception:
             # A stage that failed after earlier ones ran must not leave their updates.
             for v, value in zip(written, before):
                 v.assign(value)
             raise
-        outputs = [env[n] for n in self.output_names]
-        if checked is None:
-            checked = [tf.ones_like(outputs[0])]
-        cotangents: dict[str, tf.Tensor] = {}
-        for name, cot in zip(self.output_names, checked):
-            if cot is not None:
-                _accumulate(cotangents, name, cot)
-        grads: dict[int, tf.Tensor] = {}
-        for stage in reversed(self.stages):
-            _, backward = stage.callers(jit_compile)
-            outs = [cotangents[n] if n in cotangents else tf.zeros_like(env[n])
-                    for n in stage.outputs]
-            in_cots, var_grads = _run(backward, *residuals[stage.index], *outs)
-            for name, cot in zip(stage.inputs, in_cots):
-                if cot is not None:
-                    _accumulate(cotangents, name, cot)
-            for idx, grad in zip(stage.variable_indices, var_grads):
-                _accumulate(grads, idx, grad)
-        input_cotangents = [
-            cotangents[n] if n in cotangents
-            else tf.zeros_like(t) if is_differentiable(t.dtype) else None
-            for n, t in zip(self.arg_names, tensors)
-        ]
-        var_grads = [grads[i] if i in grads else tf.zeros(v.shape, v.dtype)
-                     for i, v in enumerate(self.variables)]
         structured = tf.nest.pack_sequence_as(self._program.output_structure, outputs)
         return structured, input_cotangents, var_grads
-
-
-def _accumulate(store: dict, key, value) -> None:
-    store[key] = store[key] + value if key in store else value
-
-
-_UNSUPPORTED_NODE = re.compile(r"compatible with node \{\{node ([^}]+)\}\}")
-_STAGE_OF_NODE = re.compile(r"^stage(\d+)\.(forward|backward)/(.+)$")
-_UNSUPPORTED = re.compile(r"Detected unsupported operations.*?: (\w+) \(No registered '(\w+)'")
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except tf.errors.InvalidArgumentError as exc:
-        match = _UNSUPPORTED.search(str(exc))
-        if match:
-            where = _UNSUPPORTED_NODE.search(str(exc))
-            node = where.group(1) if where else match.group(1)
-            stage = _STAGE_OF_NODE.match(node)
-            place = (
-                f"op {stage.group(3)!r} in the {stage.group(2)} of stage {stage.group(1)}"
-                if stage else f"op {node!r}"
-            )
-            raise GradSplitError(
-                f"XLA cannot compile {place}: no XLA kernel for op type {match.group(2)!r}. "
-                "Run with jit_compile=False, or rewrite that op with XLA-supported ops."
-            ) from None
-        raise

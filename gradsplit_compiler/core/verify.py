@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from gradsplit_compiler.core.split import Split, _run
+from gradsplit_compiler.core.split import Split
+from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
 
 # How many units in the last place of the largest gradient entry count as rounding.
@@ -62,7 +63,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     output cotangents) and the variable updates ``fn`` makes are compared. Variables are
     restored afterwards: verifying does not train the model.
     """
-    program = split._program  # noqa: SLF001 - verify is part of the same package
+    program = split.program
     for label, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and (isinstance(value, bool) or not isinstance(
                 value, (int, float, np.floating)) or not value >= 0):
@@ -87,7 +88,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
             "numbers, so no reference can see the composed stages' draw. Give the op a "
             "seed= or call tf.random.set_seed before split(), then verify."
         )
-    tensors = split._check_args(args)  # noqa: SLF001
+    tensors = split.check_arguments(args)
     structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
         if program.input_signature is not None else tensors
     dtype = _dominant_dtype(split, tensors)
@@ -99,15 +100,15 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
 
     reference = _reference_fn(program.tf_function, split.variables, scalar, jit_compile, seed)
     if scalar:
-        ref_out, ref_grads = _run(reference, *structured)
+        ref_out, ref_grads = run_reporting_xla_errors(reference, *structured)
         ref_out, ref_extra = [ref_out], []
     else:
-        ref_out, ref_extra, ref_grads, cots = _run(reference, *structured)
+        ref_out, ref_extra, ref_grads, cots = run_reporting_xla_errors(reference, *structured)
     ref_after = [tf.identity(v) for v in written]
     _restore(written, before)
     # Stateful random kernels keep their state per function: a fresh composed function draws
     # what a fresh reference draws, however many steps the split has already run.
-    fresh = split._fresh_functions() if random_ops else contextlib.nullcontext()  # noqa: SLF001
+    fresh = split.fresh_functions() if random_ops else contextlib.nullcontext()
     try:
         with fresh:
             if scalar:

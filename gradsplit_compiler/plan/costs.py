@@ -507,7 +507,7 @@ def _is_variable_read(split: Any, name: str) -> bool:
     if op not in g or g.nodes[op]["op"] != "ReadVariableOp":
         return False
     preds = [u for u, _, a in g.in_edges(op, data=True) if not a["control"]]
-    return len(preds) == 1 and preds[0] in split._program.variable_placeholders
+    return len(preds) == 1 and preds[0] in split.program.variable_placeholders
 
 
 def summarize(split: Any, batch_size: int | None = None,

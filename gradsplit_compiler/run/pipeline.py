@@ -62,7 +62,9 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from gradsplit_compiler.core.split import Split, _run
+from gradsplit_compiler.core.compose import GradientTotals, sum_in_order
+from gradsplit_compiler.core.split import Split
+from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.schedules import (
     BACKWARD,
@@ -243,9 +245,9 @@ class Pipeline:
         outlives ``timeout``.
         """
         self._last = None
-        tensors = self.split._check_args(list(args))
+        tensors = self.split.check_arguments(list(args))
         per_microbatch = self._cut_into_microbatches(tensors)
-        written = [self.split.variables[i] for i in self.split._program.written_variables()]
+        written = self.split.written_variables()
         before = [tf.identity(v) for v in written]
         run = _StepRun(self, per_microbatch)
         try:
@@ -607,7 +609,7 @@ class _StepRun:
         for name, value in zip(runner.inputs, inputs):
             self._count("inputs" if name in self.arg_position else "activations", value,
                         runner.device)
-        outputs, residuals = _run(runner.forward, *inputs)
+        outputs, residuals = run_reporting_xla_errors(runner.forward, *inputs)
         if self.sync:
             _wait_for(list(outputs) + list(residuals))
         with self.condition:
@@ -645,12 +647,11 @@ class _StepRun:
             if not by_source:  # nobody sends one (integer, or unused downstream)
                 cotangents.append(tf.zeros(shape, dtype))
                 continue
-            sources = sorted(by_source, reverse=True)
-            total = by_source[sources[0]]
-            for s in sources[1:]:
-                total = total + by_source[s]
-            cotangents.append(total)
-        input_cotangents, variable_grads = _run(runner.backward, residuals, cotangents)
+            # the caller's seed (source K) first, then later stages first, as compose sums
+            cotangents.append(sum_in_order([by_source[s]
+                                            for s in sorted(by_source, reverse=True)]))
+        input_cotangents, variable_grads = run_reporting_xla_errors(
+            runner.backward, residuals, cotangents)
         if self.sync:
             _wait_for([c for c in input_cotangents if c is not None] + list(variable_grads))
         del residuals  # dropped right after their backward
@@ -682,16 +683,13 @@ class _StepRun:
         return total
 
     def gradients(self) -> list[tf.Tensor]:
-        totals: dict[int, tf.Tensor] = {}
-        for runner in reversed(self.pipe._runners):  # later stages first, as run_stages
+        totals = GradientTotals([lambda v=v: tf.zeros(v.shape, v.dtype)
+                                 for v in self.pipe.split.variables])
+        for runner in reversed(self.pipe._runners):  # later stages first, as compose sums
             for grad in self.grads[runner.index]:
                 self._count("results", grad, self.pipe._home)
-            for idx, grad in zip(runner.variable_indices, self.grads[runner.index]):
-                totals[idx] = totals[idx] + grad if idx in totals else grad
-        return [
-            totals[i] if i in totals else tf.zeros(v.shape, v.dtype)
-            for i, v in enumerate(self.pipe.split.variables)
-        ]
+            totals.add(runner.variable_indices, self.grads[runner.index])
+        return totals.result()
 
 
 def _noted(exc: BaseException, action: Action | None, d: int, pipe: Pipeline) -> BaseException:
@@ -882,7 +880,7 @@ def _plan_replicas(split: Split, devices: list[str], jit_compile: bool):
     if not jit_compile:  # a graph function reads across devices by itself
         return {}, []
     cache = _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
-    written = set(split._program.written_variables())
+    written = set(split.program.written_variables())
     readers: dict[int, int] = {}
     for stage in split.stages:
         for idx in stage.variable_indices:
