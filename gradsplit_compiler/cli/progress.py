@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+__all__ = ["Progress"]
+
 
 class Progress:
     """``[k/n] text ... 1.2 s``: one line per step on ``out``, flushed as the step starts,

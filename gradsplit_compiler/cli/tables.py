@@ -25,14 +25,18 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from gradsplit_compiler.frontend.mark import mark_name_of
-from gradsplit_compiler.ir import parse_tensor_name
+from gradsplit_compiler.ir.names import mark_name_of, parse_tensor_name
+from gradsplit_compiler.units import human_bytes
+
+__all__ = ["SplitSummary", "TensorListing", "TensorRow", "batch_dimension", "cut_table",
+           "cuttable_tensors", "format_bytes", "format_shape", "format_table", "stage_table",
+           "summarize", "tensor_bytes", "tensor_labels", "tensor_table"]
 
 # Ops whose tensors are never worth a cut even when computed from the arguments.
 _NOT_CUTTABLE_OPS = {"Placeholder", "Const", "NoOp"}
@@ -65,20 +69,10 @@ class TensorListing:
 
 
 def format_bytes(nbytes: int | None, per_example: bool) -> str:
+    """A table's bytes cell: ``human_bytes``, ``/ex`` when per example, ``?`` when unknown."""
     if nbytes is None:
         return "?"
     return f"{human_bytes(nbytes)}/ex" if per_example else human_bytes(nbytes)
-
-
-def human_bytes(nbytes: int) -> str:
-    """``"748 B"``, ``"128 KB"``, ``"5.6 MB"``, ``"1.2 GB"``."""
-    if nbytes >= 1 << 30:
-        return f"{nbytes / (1 << 30):.1f} GB"
-    if nbytes >= 1 << 20:
-        return f"{nbytes / (1 << 20):.1f} MB"
-    if nbytes >= 10 << 10:
-        return f"{nbytes / (1 << 10):.0f} KB"
-    return f"{nbytes} B"
 
 
 def batch_dimension(arg_specs: Sequence[Any]) -> tuple[bool, int | None]:
@@ -332,9 +326,8 @@ def tensor_labels(split: Any, arg_labels: Sequence[str],
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
-                 right: set[int] | None = None) -> str:
+                 right: Collection[int] = ()) -> str:
     """Columns padded to their widest cell; columns in ``right`` aligned right."""
-    right = right or set()
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:

@@ -38,6 +38,10 @@ import numpy as np
 
 from gradsplit_compiler.errors import GradSplitError, close_names
 
+__all__ = ["COMMON_LOSSES", "NO_LOSS", "SAVED_MODEL_KEY", "SIGNATURE_HELP", "FlagError",
+           "Target", "TargetError", "format_spec", "load_target", "parse_signature",
+           "random_args"]
+
 SIGNATURE_HELP = (
     "specs separated by commas, each [dims]:dtype, a dim an integer or None, the dtype "
     "float32 when left out; e.g. \"[None,10]:float32,[None,5]:float32\""

@@ -7,12 +7,11 @@ import re
 import tensorflow as tf
 
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.ir.names import mark_name_of, mark_op_name
 
-_PREFIX = "gsc.mark."
+__all__ = ["mark", "mark_name_of"]
+
 _VALID = re.compile(r"^[A-Za-z0-9_.\-]+$")
-# TF makes repeated op names unique by appending "_<n>"; the trailing dot keeps that suffix
-# apart from the user's own name.
-_MARK_OP = re.compile(r"^gsc\.mark\.(?P<name>.+)\.(?:_\d+)?$")
 
 
 def mark(tensor: tf.Tensor, name: str) -> tf.Tensor:
@@ -38,10 +37,4 @@ def mark(tensor: tf.Tensor, name: str) -> tf.Tensor:
         )
     if tf.executing_eagerly():
         return tensor
-    return tf.identity(tensor, name=f"{_PREFIX}{name}.")
-
-
-def mark_name_of(op_name: str) -> str | None:
-    """The ``gsc.mark`` name of op ``op_name`` (any scope), or ``None``."""
-    match = _MARK_OP.match(op_name.rsplit("/", 1)[-1])
-    return match.group("name") if match else None
+    return tf.identity(tensor, name=mark_op_name(name))

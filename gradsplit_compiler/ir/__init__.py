@@ -3,8 +3,45 @@
 Every other layer reads this one; it reads only ``gradsplit_compiler.errors`` and
 ``gradsplit_compiler._tf_internal``. ``gradsplit_compiler.ir.graph`` documents the graph's
 node, edge and graph attributes; ``gradsplit_compiler.ir.program`` the ``Program`` that
-passes receive and return.
+passes receive and return; ``gradsplit_compiler.ir.names`` the names of tensors and marks.
+
+The names of ``ir.graph`` are loaded on first use: ``ir.graph`` imports TensorFlow, and
+``ir.names`` (which drawing and ``gradsplit --help`` read) must not.
 """
 
-from gradsplit_compiler.ir.graph import *  # noqa: F403
-from gradsplit_compiler.ir.graph import __all__  # noqa: F401
+from __future__ import annotations
+
+from typing import Any
+
+from gradsplit_compiler.ir.names import parse_tensor_name, tensor_name
+
+__all__ = [  # the two names above, and those of ir.graph (imported on first use)
+    "CONTROL_FLOW_OPS",
+    "add_control_edge",
+    "add_data_edge",
+    "ancestors",
+    "called_functions",
+    "data_consumers",
+    "data_inputs",
+    "descendants",
+    "from_networkx",
+    "node_inputs",
+    "parse_tensor_name",
+    "tensor_name",
+    "to_networkx",
+]
+_GRAPH = frozenset(__all__) - {"parse_tensor_name", "tensor_name"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GRAPH:
+        from gradsplit_compiler.ir import graph
+
+        value = getattr(graph, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_GRAPH))

@@ -32,33 +32,7 @@ import networkx as nx
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-__all__ = [
-    "CONTROL_FLOW_OPS",
-    "add_control_edge",
-    "add_data_edge",
-    "ancestors",
-    "called_functions",
-    "data_consumers",
-    "data_inputs",
-    "descendants",
-    "from_networkx",
-    "node_inputs",
-    "parse_tensor_name",
-    "tensor_name",
-    "to_networkx",
-]
-
-
-def parse_tensor_name(name: str) -> tuple[str, int]:
-    """``"op:1"`` -> ``("op", 1)``; ``"op"`` -> ``("op", 0)``."""
-    op, sep, index = name.rpartition(":")
-    if sep and index.isdigit():
-        return op, int(index)
-    return name, 0
-
-
-def tensor_name(op: str, index: int) -> str:
-    return f"{op}:{index}"
+from gradsplit_compiler.ir.names import parse_tensor_name
 
 
 def _split_input(inp: str) -> tuple[str, int, bool]:

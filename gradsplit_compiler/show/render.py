@@ -28,6 +28,10 @@ from typing import Any
 
 import networkx as nx
 
+# ir.names, not ir.graph or frontend.mark: no TensorFlow, so checking a picture's name
+# (``picture_format``) is instant.
+from gradsplit_compiler.ir.names import mark_name_of, parse_tensor_name
+
 __all__ = ["STAGE_COLOURS", "ARGUMENT_COLOUR", "BOUNDARY_COLOUR", "MAX_OPS", "FORMATS",
            "layout_graph", "picture_format", "render_split", "stage_colour", "tensor_label"]
 
@@ -43,20 +47,6 @@ MATPLOTLIB_HINT = (
     "drawing the graph needs matplotlib, which is not installed; install it with "
     "pip install 'gradsplit-compiler[render]' (or pip install matplotlib)"
 )
-
-
-# ``ir`` and ``mark`` import TensorFlow; imported on use, so that checking a picture's name
-# (``picture_format``) is instant.
-def parse_tensor_name(name: str) -> tuple[str, int]:
-    from gradsplit_compiler.ir import parse_tensor_name as parse
-
-    return parse(name)
-
-
-def mark_name_of(op: str) -> str | None:
-    from gradsplit_compiler.frontend.mark import mark_name_of as marked
-
-    return marked(op)
 
 
 def picture_format(path: str | os.PathLike) -> str:
