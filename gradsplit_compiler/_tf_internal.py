@@ -137,3 +137,17 @@ def registered_gradient(name: str):
         return ops._gradient_registry.lookup(name)  # noqa: SLF001
     except LookupError:
         return None
+
+
+def connected_server_def():
+    """``context.context()._server_def``: the ``tensorflow.ServerDef`` this process joined a
+    cluster with (``tf.config.experimental_connect_to_cluster``), or ``None`` when it joined
+    none.
+
+    Why: TensorFlow has no public way to ask the eager context which cluster it is connected
+    to. A pipeline reads the tasks' ``host:port`` from it (a task whose port refuses
+    connections is dead) and keys its variable replicas on a task by its serialized form (a
+    restarted cluster has the same device names but none of the old variables). Checked on
+    TensorFlow 2.21.
+    """
+    return getattr(_context.context(), "_server_def", None)

@@ -47,33 +47,43 @@ Clusters
     error on a task becomes a ``GradSplitError`` naming the task and the stage, and
     ``timeout=`` bounds a step whose task stopped answering. ``bytes_moved()`` says what the
     last step sent between devices.
+
+This module holds the public ``pipeline`` and ``Pipeline``; ``run.engine`` runs a step (a
+thread per device, given a ``StepPlan``), ``run.devices`` resolves device names and places
+variable replicas, ``run.faults`` says which action or task failed, and ``show.timeline``
+draws the timeline a step records.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-import time
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from gradsplit_compiler.core.compose import GradientTotals, sum_in_order
 from gradsplit_compiler.core.split import Split
-from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.run.devices import (
+    default_device,
+    device_label,
+    is_remote,
+    plan_replicas,
+    resolve_devices,
+    stage_runner,
+)
+from gradsplit_compiler.run.engine import (
+    StepPlan,
+    StepRecord,
+    StepRun,
+    TimelineEvent,
+    measured_idle_fraction,
+)
 from gradsplit_compiler.run.schedules import (
-    BACKWARD,
     BUILTIN_SCHEDULES,
-    FORWARD,
-    Action,
-    _validate,
     ideal_idle_fraction,
     schedule_dependencies,
+    validate_schedule,
 )
 
 __all__ = ["IdleFraction", "Pipeline", "TimelineEvent", "pipeline"]
@@ -123,18 +133,6 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
                     jit_compile=jit_compile, timeout=timeout)
 
 
-class TimelineEvent(NamedTuple):
-    """One action of the last step; ``start`` and ``end`` in seconds from the step start."""
-
-    device_index: int
-    device: str
-    kind: str
-    stage: int
-    microbatch: int
-    start: float
-    end: float
-
-
 class IdleFraction(NamedTuple):
     """``measured``: the share of device time spent waiting, between the first action's start
     and the last action's end. ``ideal``: the same when every forward and backward takes
@@ -142,20 +140,6 @@ class IdleFraction(NamedTuple):
 
     measured: float
     ideal: float
-
-
-@dataclass
-class _StageRunner:
-    """What one device needs to run one stage."""
-
-    index: int
-    device: str
-    forward: Any
-    backward: Any
-    inputs: list[str]
-    outputs: list[str]
-    output_dtypes: list[tf.DType]
-    variable_indices: list[int]
 
 
 class Pipeline:
@@ -189,7 +173,6 @@ class Pipeline:
             raise GradSplitError(
                 f"timeout must be a positive number of seconds or None; got {timeout!r}.")
         self.timeout = timeout
-        self._dependencies = dependencies = schedule_dependencies(split)
         if isinstance(schedule, str):
             maker = BUILTIN_SCHEDULES.get(schedule.lower())
             if maker is None:
@@ -198,11 +181,10 @@ class Pipeline:
                     f"{', '.join(repr(n) for n in BUILTIN_SCHEDULES)}, or a list with one list "
                     f"of Action(kind, stage, microbatch) per device."
                 )
-            # Checked all the same: the dependencies come from this split.
-            self.schedule = _validate(maker(self.num_stages, microbatches), self.num_stages,
-                                      microbatches, dependencies)
-        else:
-            self.schedule = _validate(schedule, self.num_stages, microbatches, dependencies)
+            schedule = maker(self.num_stages, microbatches)
+        # A built-in one is checked all the same: the dependencies come from this split.
+        self.schedule = validate_schedule(schedule, split, microbatches)
+        dependencies = schedule_dependencies(split)
         self._ideal_idle = ideal_idle_fraction(self.schedule, dependencies)
         self._batched = _batched_arguments(split)
         if microbatches > 1 and not self._batched:
@@ -212,14 +194,17 @@ class Pipeline:
                 f"into micro-batches. Declare the batch dimension as None, or use "
                 f"microbatches=1."
             )
-        self.devices = _resolve_devices(devices, self.num_stages)
-        self._home = _default_device()
-        self._replicas, self._copied_back = _plan_replicas(split, self.devices, self.jit_compile)
-        self._runners = [
-            _runner(split, stage, device, self._replicas, self.jit_compile)
-            for stage, device in zip(split.stages, self.devices)
-        ]
-        self._last: _StepRun | None = None
+        self.devices = resolve_devices(devices, self.num_stages)
+        home = default_device()
+        self._replicas, self._copied_back = plan_replicas(split, self.devices, self.jit_compile)
+        self._plan = StepPlan(
+            runners=tuple(stage_runner(split, stage, device, self._replicas, self.jit_compile)
+                          for stage, device in zip(split.stages, self.devices)),
+            schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,
+            loss_reduction=loss_reduction, variables=tuple(split.variables),
+            arg_names=tuple(split.arg_names), loss_name=split.output_names[0],
+            loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout)
+        self._last: StepRecord | None = None
 
     def __repr__(self) -> str:
         return (
@@ -249,7 +234,7 @@ class Pipeline:
         per_microbatch = self._cut_into_microbatches(tensors)
         written = self.split.written_variables()
         before = [tf.identity(v) for v in written]
-        run = _StepRun(self, per_microbatch)
+        run = StepRun(self._plan, per_microbatch)
         try:
             run.execute()
         except BaseException:
@@ -260,11 +245,10 @@ class Pipeline:
         for idx, device in self._copied_back:
             self.split.variables[idx].assign(self._replicas[(idx, device)])
         value, grads = run.value(), run.gradients()
-        if any(_is_remote(d) for d in self.devices):  # results live here, not on a task
-            with tf.device(self._home):
+        if any(is_remote(d) for d in self.devices):  # results live here, not on a task
+            with tf.device(self._plan.home):
                 value, grads = tf.identity(value), [tf.identity(g) for g in grads]
-        run.release()
-        self._last = run
+        self._last = run.record()  # none of the step's tensors
         return value, grads
 
     def _cut_into_microbatches(self, tensors: list[tf.Tensor]) -> list[list[tf.Tensor]]:
@@ -292,7 +276,7 @@ class Pipeline:
 
     # -- what the last step did -------------------------------------------------------------
 
-    def _last_run(self) -> _StepRun:
+    def _last_run(self) -> StepRecord:
         if self._last is None:
             raise GradSplitError("no step has run yet: call step(*args) first.")
         return self._last
@@ -318,463 +302,27 @@ class Pipeline:
 
     def idle_fraction(self) -> IdleFraction:
         """``(measured, ideal)`` idle share of the devices in the last step."""
-        events = self.timeline()
-        span = max(e.end for e in events) - min(e.start for e in events)
-        busy = sum(e.end - e.start for e in events)
-        measured = 1.0 - busy / (self.num_stages * span) if span > 0 else 0.0
-        return IdleFraction(measured, self._ideal_idle)
+        return IdleFraction(measured_idle_fraction(self.timeline(), self.num_stages),
+                            self._ideal_idle)
 
     def write_chrome_trace(self, path: str | os.PathLike) -> str:
         """Write the last step's timeline as Chrome trace JSON (open it in Perfetto or
         chrome://tracing): one thread per device, one complete event per action."""
-        events: list[dict] = [
-            {"name": "process_name", "ph": "M", "pid": 0,
-             "args": {"name": f"gradsplit pipeline ({self.microbatches} micro-batches)"}},
-        ]
-        for d in range(self.num_stages):
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": d,
-                           "args": {"name": f"device {d}: {self._device_label(d)}"}})
-        for e in self.timeline():
-            events.append({
-                "name": f"{e.kind}{e.microbatch}",
-                "cat": "forward" if e.kind == FORWARD else "backward",
-                "ph": "X", "pid": 0, "tid": e.device_index,
-                "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6,
-                "args": {"stage": e.stage, "microbatch": e.microbatch, "device": e.device},
-            })
-        path = os.fspath(path)
-        with open(path, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-        return path
+        from gradsplit_compiler.show.timeline import write_chrome_trace
+
+        return write_chrome_trace(self.timeline(), path, labels=self._device_labels(),
+                                  microbatches=self.microbatches)
 
     def plot_timeline(self, path: str | os.PathLike) -> str:
         """Draw the last step as a PNG Gantt chart: one row per device, one colour per stage,
         forwards plain and backwards hatched, the micro-batch index in each box."""
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-            from matplotlib.patches import Patch
-        except ImportError:  # pragma: no cover - matplotlib is an optional extra
-            raise GradSplitError(
-                "plotting the timeline needs matplotlib; install it with pip install "
-                "'gradsplit-compiler[render]' (or pip install matplotlib)."
-            ) from None
-        from gradsplit_compiler.show.render import stage_colour
+        from gradsplit_compiler.show.timeline import plot_timeline
 
-        events = self.timeline()
-        k = self.num_stages
-        fig = Figure(figsize=(11, 1.2 + 0.6 * k))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        span = max(e.end for e in events) or 1.0
-        for e in events:
-            ax.barh(e.device_index, (e.end - e.start) * 1e3, left=e.start * 1e3, height=0.8,
-                    color=stage_colour(e.stage), edgecolor="black", linewidth=0.5,
-                    hatch="///" if e.kind == BACKWARD else None)
-            if (e.end - e.start) > span / 150:
-                ax.text((e.start + e.end) / 2 * 1e3, e.device_index, str(e.microbatch),
-                        ha="center", va="center", fontsize=7)
-        ax.set_yticks(range(k), [f"device {d}\n{self._device_label(d)}" for d in range(k)],
-                      fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("time since step start (ms)")
-        idle = self.idle_fraction()
-        ax.set_title(
-            f"{k} stages, {self.microbatches} micro-batches: idle {idle.measured:.0%} "
-            f"(ideal {idle.ideal:.0%}); plain = forward, hatched = backward, number = "
-            f"micro-batch", fontsize=9)
-        handles = [Patch(facecolor=stage_colour(s), edgecolor="black", label=f"stage {s}")
-                   for s in range(k)]
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
-                             label="backward"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-        fig.tight_layout()
-        path = os.fspath(path)
-        fig.savefig(path, format="png", dpi=100)
-        return path
+        return plot_timeline(self.timeline(), path, labels=self._device_labels(),
+                             microbatches=self.microbatches, idle=self.idle_fraction())
 
-    def _device_label(self, d: int) -> str:
-        device = self.devices[d]
-        spec = tf.DeviceSpec.from_string(device)
-        short = f"{spec.device_type}:{spec.device_index}"
-        return short if spec.job in (None, "localhost") else device
-
-
-# -- one step ---------------------------------------------------------------------------------
-
-
-class _StepRun:
-    """The state of one step, shared by the device threads under one condition variable.
-
-    Activations wait in ``activations`` until every stage that reads them ran its forward;
-    cotangents wait in ``cotangents`` (one entry per sending stage, summed in a fixed order
-    so the result does not depend on thread timing) until their stage's backward takes them;
-    residuals live in ``residuals`` from a forward to its backward.
-    """
-
-    def __init__(self, pipe: Pipeline, per_microbatch: list[list[tf.Tensor]]):
-        split = pipe.split
-        self.pipe = pipe
-        self.args = per_microbatch
-        self.arg_position = {n: i for i, n in enumerate(split.arg_names)}
-        self.loss_name = split.output_names[0]
-        self.readers: dict[str, int] = {}
-        for runner in pipe._runners:
-            for name in runner.inputs:
-                if name not in self.arg_position:
-                    self.readers[name] = self.readers.get(name, 0) + 1
-        self.dependencies = pipe._dependencies
-        self.condition = threading.Condition()
-        self.done: set[Action] = set()
-        self.failed = False
-        self.errors: list[BaseException] = []
-        self.activations: dict[tuple[str, int], tf.Tensor] = {}
-        self.unread: dict[tuple[str, int], int] = {}
-        self.cotangents: dict[tuple[str, int], dict[int, tf.Tensor]] = {}
-        self.residuals: list[dict[int, tuple]] = [{} for _ in pipe._runners]
-        self.live = [0] * pipe.num_stages
-        self.peak_live = [0] * pipe.num_stages
-        self.values: dict[int, tf.Tensor] = {}
-        self.grads: list[list[tf.Tensor] | None] = [None] * pipe.num_stages
-        self.events: list[TimelineEvent] = []
-        self.running: dict[int, tuple[Action, float]] = {}
-        self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
-                      "replicas": 0}
-        self.sync = any(_is_remote(r.device) for r in pipe._runners)
-        loss_dtype = split.output_specs[0].dtype
-        seed = tf.constant(1.0 / pipe.microbatches if pipe.loss_reduction == "mean" else 1.0,
-                           loss_dtype)
-        # The caller's cotangent of the loss comes first, as in run_stages: source K.
-        for m in range(pipe.microbatches):
-            self.cotangents[(self.loss_name, m)] = {pipe.num_stages: seed}
-
-    def execute(self) -> None:
-        self.start = time.perf_counter()
-        threads = [
-            threading.Thread(target=self._device_loop, args=(d,), daemon=True,
-                             name=f"gradsplit-pipeline-device{d}")
-            for d in range(self.pipe.num_stages)
-        ]
-        for t in threads:
-            t.start()
-        timeout = self.pipe.timeout
-        # keep a little of the timeout to find out which task does not answer
-        self.probe_time = 0.0 if timeout is None else min(2.0, timeout / 4)
-        deadline = None if timeout is None else time.monotonic() + timeout - self.probe_time
-        try:
-            for t in threads:
-                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                if t.is_alive():  # past the deadline
-                    raise self._timed_out()
-        except BaseException:  # KeyboardInterrupt, timeout: stop the devices before leaving
-            self._fail(None)
-            if deadline is None:
-                for t in threads:
-                    t.join()
-            # else: a thread stuck in a call to a dead task stays behind (a daemon); its
-            # results go nowhere, since this step is abandoned.
-            raise
-        if self.errors:
-            raise self._blame(self.errors)
-
-    def _blame(self, errors: list[BaseException]) -> BaseException:
-        """The error to raise: when tasks of a cluster failed, the one about a task that no
-        longer answers (when one task dies, calls to the others can fail too, and which
-        thread reports first is a race)."""
-        remote = [e for e in errors if isinstance(e, GradSplitError)
-                  and isinstance(e.__cause__, tf.errors.OpError)]
-        if not remote:
-            return errors[0]
-        used = list(dict.fromkeys(r.device for r in self.pipe._runners))
-        wait = 5.0 if self.pipe.timeout is None else min(5.0, self.pipe.timeout)
-        remote_used = [d for d in used if _is_remote(d)]
-        # One dead task breaks this process's calls to every task, so ask the network first:
-        # a task whose port refuses connections is gone.
-        dead = [d for d in remote_used if _refuses_connections(d)]
-        if not dead:
-            dead = _unreachable(remote_used, wait)
-        if not dead or len(dead) == len(used):
-            return remote[0]
-        stages = [r.index for r in self.pipe._runners if r.device in dead]
-        tasks = ", ".join(_task_label(d) for d in dead)
-        error = GradSplitError(
-            f"{tasks} no longer answers (it died or stopped answering) during the step; "
-            f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))} ran "
-            f"there. First failure: {remote[0]} The step was abandoned and no variable of "
-            f"the split changed; restart the cluster, connect again and build a new pipeline.")
-        error.__cause__ = remote[0].__cause__
-        return error
-
-    def _timed_out(self) -> GradSplitError:
-        with self.condition:
-            if self.errors:  # an action failed just now: that is the news
-                return self.errors[0]
-            running = sorted(self.running.items(), key=lambda item: item[1][1])
-            pending = [self.pipe.schedule[d][0] for d in range(self.pipe.num_stages)
-                       if d not in self.running and not any(
-                           e.device_index == d for e in self.events)]
-        now = time.perf_counter() - self.start
-        parts = [
-            f"{action} of stage {action.stage} on {_task_label(self.pipe.devices[d])}, "
-            f"running for {now - started:.1f} s"
-            for d, (action, started) in running
-        ]
-        dead = _unreachable([d for d in dict.fromkeys(self.pipe.devices) if _is_remote(d)],
-                            self.probe_time)
-        if dead:
-            parts.insert(0, f"{', '.join(_task_label(d) for d in dead)} does not answer")
-        what = "; ".join(parts) if parts else (
-            "nothing was running: waiting for " + ", ".join(map(str, pending or ["?"])))
-        return GradSplitError(
-            f"the pipeline step did not finish within timeout={self.pipe.timeout:g} s: "
-            f"{what}. A worker that died or stopped answering does this. The step was "
-            f"abandoned and no variable of the split changed; restart the cluster, connect "
-            f"again, and build a new pipeline (or raise timeout= if the step is just slow)."
-        )
-
-    def _fail(self, error: BaseException | None) -> None:
-        with self.condition:
-            if error is not None:
-                self.errors.append(error)
-            self.failed = True
-            self.condition.notify_all()
-
-    def _device_loop(self, d: int) -> None:
-        runner = self.pipe._runners[d]
-        action = None
-        try:
-            self._refresh_replicas(runner)
-            for action in self.pipe.schedule[d]:
-                needs = self.dependencies.of(action)
-                with self.condition:
-                    self.condition.wait_for(
-                        lambda needs=needs: self.failed or all(a in self.done for a in needs))
-                    if self.failed:
-                        return
-                start = time.perf_counter() - self.start
-                with self.condition:
-                    self.running[d] = (action, start)
-                with tf.device(runner.device):
-                    if action.kind == FORWARD:
-                        self._forward(runner, action.microbatch)
-                    else:
-                        self._backward(runner, action.microbatch)
-                end = time.perf_counter() - self.start
-                with self.condition:
-                    del self.running[d]
-                    self.events.append(TimelineEvent(
-                        d, runner.device, action.kind, action.stage,
-                        action.microbatch, start, end))
-                    self.done.add(action)
-                    self.condition.notify_all()
-        except tf.errors.OpError as exc:
-            if not _is_remote(runner.device):
-                self._fail(_noted(exc, action, d, self.pipe))
-                return
-            doing = (f"running {action}" if action is not None
-                     else "refreshing its variable replicas")
-            error = GradSplitError(
-                f"{_task_label(runner.device)} failed while {doing} of stage {runner.index}: "
-                f"{type(exc).__name__}: {_first_line(exc.message)}.")
-            error.__cause__ = exc
-            self._fail(error)
-        except BaseException as exc:
-            self._fail(_noted(exc, action, d, self.pipe))
-
-    def _refresh_replicas(self, runner: _StageRunner) -> None:
-        """Copy the variables into this stage's replicas (each stage in its own thread, so
-        that a dead task holds up only its stage)."""
-        mine = [(idx, device) for idx, device in self.pipe._replicas
-                if device == runner.device and idx in runner.variable_indices]
-        for idx, device in mine:
-            replica = self.pipe._replicas[(idx, device)]
-            with tf.device(device):
-                replica.assign(self.pipe.split.variables[idx])
-            self._count("replicas", replica)
-        if self.sync:
-            _wait_for([self.pipe._replicas[key] for key in mine])
-
-    def _count(self, kind: str, tensor: Any, device: str | None = None) -> None:
-        """Add ``tensor``'s bytes under ``kind`` if it moves (held elsewhere than
-        ``device``; ``device=None``: it always moves)."""
-        if device is not None and _same_device(tensor.device, device):
-            return
-        size = tensor.shape.num_elements() or 0
-        with self.condition:
-            self.moved[kind] += size * tensor.dtype.size
-
-    def _forward(self, runner: _StageRunner, m: int) -> None:
-        with self.condition:
-            inputs = [self._take_activation(name, m) for name in runner.inputs]
-        for name, value in zip(runner.inputs, inputs):
-            self._count("inputs" if name in self.arg_position else "activations", value,
-                        runner.device)
-        outputs, residuals = run_reporting_xla_errors(runner.forward, *inputs)
-        if self.sync:
-            _wait_for(list(outputs) + list(residuals))
-        with self.condition:
-            for name, value in zip(runner.outputs, outputs):
-                if self.readers.get(name):
-                    self.activations[(name, m)] = value
-                    self.unread[(name, m)] = self.readers[name]
-                if name == self.loss_name:
-                    self.values[m] = value
-            self.residuals[runner.index][m] = (residuals, [o.shape for o in outputs])
-            self.live[runner.index] += 1
-            self.peak_live[runner.index] = max(self.peak_live[runner.index],
-                                               self.live[runner.index])
-
-    def _take_activation(self, name: str, m: int) -> tf.Tensor:
-        if name in self.arg_position:
-            return self.args[m][self.arg_position[name]]
-        value = self.activations[(name, m)]
-        self.unread[(name, m)] -= 1
-        if not self.unread[(name, m)]:  # every reader has it: let it go
-            del self.activations[(name, m)], self.unread[(name, m)]
-        return value
-
-    def _backward(self, runner: _StageRunner, m: int) -> None:
-        with self.condition:
-            residuals, shapes = self.residuals[runner.index].pop(m)
-            received = [self.cotangents.pop((name, m), None) for name in runner.outputs]
-        cotangents = []
-        for by_source in received:
-            for source, value in (by_source or {}).items():
-                # source K: the caller's seed of the loss, sent from this process
-                kind = "inputs" if source == self.pipe.num_stages else "cotangents"
-                self._count(kind, value, runner.device)
-        for by_source, shape, dtype in zip(received, shapes, runner.output_dtypes):
-            if not by_source:  # nobody sends one (integer, or unused downstream)
-                cotangents.append(tf.zeros(shape, dtype))
-                continue
-            # the caller's seed (source K) first, then later stages first, as compose sums
-            cotangents.append(sum_in_order([by_source[s]
-                                            for s in sorted(by_source, reverse=True)]))
-        input_cotangents, variable_grads = run_reporting_xla_errors(
-            runner.backward, residuals, cotangents)
-        if self.sync:
-            _wait_for([c for c in input_cotangents if c is not None] + list(variable_grads))
-        del residuals  # dropped right after their backward
-        k = runner.index
-        if self.grads[k] is None:
-            self.grads[k] = list(variable_grads)
-        else:
-            self.grads[k] = [a + g for a, g in zip(self.grads[k], variable_grads)]
-        with self.condition:
-            for name, cotangent in zip(runner.inputs, input_cotangents):
-                if cotangent is not None and name not in self.arg_position:
-                    self.cotangents.setdefault((name, m), {})[k] = cotangent
-            self.live[k] -= 1
-
-    def release(self) -> None:
-        """Let go of the tensors; keep what the timeline and the memory counts need."""
-        self.args = self.values = self.grads = None
-        self.activations, self.cotangents = {}, {}
-        self.residuals = [{} for _ in self.residuals]
-
-    def value(self) -> tf.Tensor:
-        for m in range(self.pipe.microbatches):
-            self._count("results", self.values[m], self.pipe._home)
-        total = self.values[0]
-        for m in range(1, self.pipe.microbatches):
-            total = total + self.values[m]
-        if self.pipe.loss_reduction == "mean":
-            total = total / tf.cast(self.pipe.microbatches, total.dtype)
-        return total
-
-    def gradients(self) -> list[tf.Tensor]:
-        totals = GradientTotals([lambda v=v: tf.zeros(v.shape, v.dtype)
-                                 for v in self.pipe.split.variables])
-        for runner in reversed(self.pipe._runners):  # later stages first, as compose sums
-            for grad in self.grads[runner.index]:
-                self._count("results", grad, self.pipe._home)
-            totals.add(runner.variable_indices, self.grads[runner.index])
-        return totals.result()
-
-
-def _noted(exc: BaseException, action: Action | None, d: int, pipe: Pipeline) -> BaseException:
-    if action is not None and hasattr(exc, "add_note"):
-        exc.add_note(f"(while running {action} on device {d}: {pipe._device_label(d)})")
-    return exc
-
-
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "(no message)"
-
-
-def _wait_for(tensors: list) -> None:
-    """Block until remote ``tensors`` exist: a remote call returns before its task has run
-    it, and its failure (or a hang) would surface later, in someone else's action. Asking
-    a handle for its shape waits for the task."""
-    for t in tensors:
-        if t is not None:
-            t.shape  # noqa: B018 - resolving the remote handle is the point
-
-
-def _refuses_connections(device: str) -> bool:
-    """Whether the server of ``device``'s task refuses TCP connections (its process is gone).
-    ``False`` when unknown; a stopped (hung) process still accepts them."""
-    import socket
-
-    from tensorflow.python.eager import context
-
-    spec = tf.DeviceSpec.from_string(device)
-    server_def = getattr(context.context(), "_server_def", None)
-    if server_def is None:
-        return False
-    for job in server_def.cluster.job:
-        if job.name == spec.job and (spec.task or 0) in job.tasks:
-            host, _, port = job.tasks[spec.task or 0].rpartition(":")
-            try:
-                with socket.create_connection((host, int(port)), timeout=1.0):
-                    return False
-            except ConnectionRefusedError:
-                return True
-            except (OSError, ValueError):
-                return False
-    return False
-
-
-def _unreachable(devices: list[str], seconds: float) -> list[str]:
-    """Those of ``devices`` that do not run a trivial op within ``seconds``."""
-    answered: set[str] = set()
-
-    def probe(device: str) -> None:
-        try:
-            with tf.device(device):
-                tf.identity(tf.constant(0.0)).numpy()  # a copy back waits for the task
-            answered.add(device)
-        except Exception:  # noqa: BLE001 - any failure means it does not answer
-            pass
-
-    threads = [threading.Thread(target=probe, args=(d,), daemon=True) for d in devices]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + seconds
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return [d for d in devices if d not in answered]
-
-
-def _is_remote(device: str) -> bool:
-    """Whether ``device`` belongs to another process of a cluster (a task of a job)."""
-    job = tf.DeviceSpec.from_string(device).job
-    return job not in (None, "localhost")
-
-
-def _same_device(a: str, b: str) -> bool:
-    if not a or not b:
-        return False
-    x, y = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
-    return all(str(getattr(x, part)).upper() == str(getattr(y, part)).upper()
-               for part in ("job", "replica", "task", "device_type", "device_index"))
-
-
-def _task_label(device: str) -> str:
-    spec = tf.DeviceSpec.from_string(device)
-    if spec.job in (None, "localhost"):
-        return f"device {device}"
-    return f"task {spec.task} of job {spec.job!r} ({device})"
+    def _device_labels(self) -> list[str]:
+        return [device_label(device) for device in self.devices]
 
 
 # -- checks and setup -------------------------------------------------------------------------
@@ -811,159 +359,3 @@ def _batched_arguments(split: Split) -> list[int]:
 
 def _arg_label(name: str) -> str:
     return name.rsplit(":", 1)[0]
-
-
-def _resolve_devices(devices: Any, num_stages: int) -> list[str]:
-    if devices is None:
-        return [_default_device()] * num_stages
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
-        raise GradSplitError(
-            f"devices must be a list of device names, one per stage (e.g. ['/CPU:0', "
-            f"'/CPU:1']); got {devices!r}."
-        )
-    names = [getattr(d, "name", d) for d in devices]  # tf.config.LogicalDevice works too
-    if len(names) < num_stages:
-        raise GradSplitError(
-            f"the split has {num_stages} stages but only {len(names)} devices were given "
-            f"({names}); give one device per stage (a name may repeat), or devices=None to "
-            f"run every stage on the default device."
-        )
-    return [_resolve_device(n) for n in names[:num_stages]]
-
-
-def _default_device() -> str:
-    """The device an op lands on in a thread with no device scope (the device threads see:
-    the caller's ``with tf.device`` does not reach them)."""
-    placed: list[str] = []
-    thread = threading.Thread(target=lambda: placed.append(tf.zeros([]).device))
-    thread.start()
-    thread.join()
-    return placed[0]
-
-
-def _resolve_device(name: Any) -> str:
-    """The full name of the device ``name`` places ops on; refuses a device that TensorFlow
-    would silently replace by another (soft placement)."""
-    available = [d.name for d in tf.config.list_logical_devices()]
-    try:
-        wanted = tf.DeviceSpec.from_string(name)
-        with tf.device(name):
-            placed = tf.zeros([]).device
-    except (TypeError, ValueError) as exc:
-        raise GradSplitError(f"device {name!r} is not a device name: {exc}") from None
-    got = tf.DeviceSpec.from_string(placed)
-    for part in ("job", "replica", "task", "device_type", "device_index"):
-        want = getattr(wanted, part)
-        if want is not None and str(want).upper() != str(getattr(got, part)).upper():
-            raise GradSplitError(
-                f"device {name!r} does not exist here (TensorFlow would run on {placed} "
-                f"instead); devices: {', '.join(available)}. More CPU devices come from "
-                f"tf.config.set_logical_device_configuration before TensorFlow starts."
-            )
-    return placed
-
-
-# Replicas and stage copies per split, so pipelines over one split share their XLA programs.
-_REPLICA_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# Functions and replicas ever placed on a task of a cluster, kept for the life of the process.
-# When a tf.function is garbage-collected, eager TensorFlow asks every task of the cluster it
-# is connected to *now* to forget it; after a reconnect to a restarted cluster, whose tasks
-# never had it, that request fails ("Tried to remove non-existent function") and the failure
-# surfaces in the next remote call, a step of an unrelated pipeline. Keeping them avoids that.
-_KEEP_ALIVE: list = []
-
-
-def _plan_replicas(split: Split, devices: list[str], jit_compile: bool):
-    """``{(variable index, device): replica}`` for every variable a compiled stage reads on a
-    device that does not hold it, and the written ones to copy back after a step."""
-    if not jit_compile:  # a graph function reads across devices by itself
-        return {}, []
-    cache = _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
-    written = set(split.program.written_variables())
-    readers: dict[int, int] = {}
-    for stage in split.stages:
-        for idx in stage.variable_indices:
-            readers[idx] = readers.get(idx, 0) + 1
-    replicas, copied_back = {}, []
-    for stage, device in zip(split.stages, devices):
-        for idx in stage.variable_indices:
-            v = split.variables[idx]
-            if v.device == device:
-                continue
-            if idx in written and readers[idx] > 1:
-                raise GradSplitError(
-                    f"variable {v.name!r} is assigned by the program and read by "
-                    f"{readers[idx]} stages; stage {stage.index} runs on {device} but the "
-                    f"variable lives on {v.device}, and XLA cannot read across devices. "
-                    f"Create it under `with tf.device({device!r})`, or pass jit_compile=False."
-                )
-            key = (idx, device)
-            cached = (idx, device, _incarnation(device))
-            if cached not in cache["replicas"]:
-                with tf.init_scope(), tf.device(device):
-                    cache["replicas"][cached] = tf.Variable(
-                        v.read_value(), trainable=v.trainable,
-                        name=f"{v.name.split(':')[0]}_on_stage{stage.index}")
-                    if _is_remote(device):
-                        _KEEP_ALIVE.append(cache["replicas"][cached])
-            replicas[key] = cache["replicas"][cached]
-            if idx in written:
-                copied_back.append(key)
-    return replicas, copied_back
-
-
-def _runner(split: Split, stage: Any, device: str, replicas: dict,
-            jit_compile: bool) -> _StageRunner:
-    mine = {idx: r for (idx, d), r in replicas.items() if d == device
-            and idx in stage.variable_indices}
-    # read the replicas on this device instead of the variables they stand for
-    variables = [mine.get(idx, split.variables[idx]) for idx in stage.variable_indices] \
-        if mine else None
-    if jit_compile and _is_remote(device):
-        forward, backward = stage.compiled(jit_compile, variables)
-        wrappers = _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
-        key = ("remote", stage.index, device, _incarnation(device))
-        if key not in wrappers["stages"]:
-            wrappers["stages"][key] = _remote_callable(stage, forward, backward)
-            _KEEP_ALIVE.append(wrappers["stages"][key])
-        forward, backward = wrappers["stages"][key]
-    else:
-        forward, flat_backward = stage.callers(jit_compile, variables)
-
-        def backward(residuals, cotangents, flat_backward=flat_backward):
-            return flat_backward(*residuals, *cotangents)
-    return _StageRunner(
-        index=stage.index, device=device, forward=forward, backward=backward,
-        inputs=list(stage.inputs), outputs=list(stage.outputs),
-        output_dtypes=[s.dtype for s in stage.output_specs],
-        variable_indices=list(stage.variable_indices),
-    )
-
-
-def _incarnation(device: str) -> Any:
-    """What a replica on ``device`` is only valid for: the cluster this process is connected
-    to (a restarted cluster has the same device names, but none of the old variables)."""
-    if not _is_remote(device):
-        return None
-    from tensorflow.python.eager import context
-
-    server_def = getattr(context.context(), "_server_def", None)
-    return None if server_def is None else server_def.SerializeToString()
-
-
-def _remote_callable(stage: Any, forward: Any, backward: Any) -> tuple[Any, Any]:
-    """Plain functions that call the XLA ones, for a device of another process.
-
-    TensorFlow 2.21 cannot run a ``jit_compile=True`` function as the top-level call on a
-    remote task: eager raises ``InternalError: KernelAndDeviceOp does not support
-    EagerFunctionParams``. Called from inside a plain function, the same XLA function runs
-    on the task as a compiled cluster (``_XlaMustCompile``), as on a local device.
-    """
-    outer_forward = tf.function(lambda *inputs: forward(*inputs),
-                                input_signature=stage.input_specs, autograph=False)
-    outer_backward = tf.function(
-        lambda residuals, cotangents: backward(residuals, cotangents),
-        input_signature=[list(stage.residual_specs), list(stage.output_specs)],
-        autograph=False)
-    return outer_forward, outer_backward

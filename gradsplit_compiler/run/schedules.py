@@ -23,9 +23,13 @@ from typing import Any, NamedTuple
 from gradsplit_compiler.errors import GradSplitError
 
 __all__ = [
+    "BACKWARD",
+    "BUILTIN_SCHEDULES",
+    "FORWARD",
     "Action",
     "Dependencies",
     "gpipe_schedule",
+    "ideal_idle_fraction",
     "one_f_one_b_schedule",
     "schedule_dependencies",
     "simulate_schedule",

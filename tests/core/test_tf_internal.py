@@ -110,3 +110,39 @@ def test_registered_gradient_finds_a_custom_gradient_by_its_op_type_name():
              if "_gradient_op_type" in op.node_def.attr]
     assert kinds and callable(_tf_internal.registered_gradient(kinds[0]))
     assert _tf_internal.registered_gradient("no such gradient") is None
+
+
+def test_connected_server_def_is_none_until_connected_then_names_the_tasks():
+    # Connecting changes the eager context of the whole process: do it in a process of its own.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import json, socket\n"
+        "import tensorflow as tf\n"
+        "from gradsplit_compiler import _tf_internal\n"
+        "before = _tf_internal.connected_server_def()\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "spec = tf.train.ClusterSpec({'worker': [f'localhost:{port}']})\n"
+        "server = tf.distribute.Server(spec, job_name='worker', task_index=0, start=True)\n"
+        "tf.config.experimental_connect_to_cluster(spec)\n"
+        "sd = _tf_internal.connected_server_def()\n"
+        "print('RESULT ' + json.dumps({'before': before is None, 'port': port,\n"
+        "      'jobs': {j.name: dict(j.tasks) for j in sd.cluster.job},\n"
+        "      'serialized': len(sd.SerializeToString())}), flush=True)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["before"]
+    assert result["jobs"]["worker"] == {"0": f"localhost:{result['port']}"}
+    assert "localhost" in result["jobs"]  # the client's own job, added by connecting
+    assert result["serialized"] > 0

@@ -156,8 +156,11 @@ def fault() -> dict:
     # A task that stops answering: SIGSTOP, caught by the timeout.
     cluster = LocalCluster(2)
     devices = cluster.connect()
+    # Warm up (compile on the new tasks) without the short timeout: on a loaded machine that
+    # alone can take longer than 8 s. The pipeline under test shares the compiled stages.
+    gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
+                 timeout=60).step(*args)
     pipe = gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean", timeout=8)
-    pipe.step(*args)
     stopper = threading.Timer(0.2, cluster.kill, args=(1, 19))  # SIGSTOP
     out["stopped"] = step_under_fault(pipe, args, split.variables, stopper)
     cluster.stop()
