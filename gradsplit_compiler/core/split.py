@@ -344,21 +344,32 @@ class Split:
         checks but do not fit together, as a ``GradSplitError`` in the caller's terms: batched
         arguments of different batch sizes, or a cotangent whose shape is not its output's
         for these arguments. Any other failure is raised as it is."""
+        # Arguments of different batch sizes may be what fn wants (a batch and a set of
+        # prototypes), so they are not refused up front; but if fn fails on them, what it
+        # assigned before failing (a counter, batch statistics) is put back.
+        written = self.written_variables() if self._batch_sizes(tensors) else []
+        before = self._snapshot(written)
         try:
             yield
         except tf.errors.InvalidArgumentError as exc:
+            for v, value in zip(written, before):
+                v.assign(value)
             error = self._mismatched_batches(tensors, exc) or self._mismatched_cotangents(
                 tensors, cotangents)
             if error is None:
                 raise
             raise error from exc
 
-    def _mismatched_batches(self, tensors, exc) -> GradSplitError | None:
+    def _batch_sizes(self, tensors) -> list:
+        """``(label, tensor)`` of the batched arguments when their batch sizes differ."""
         batched = [(label, t) for label, spec, t in zip(self._arg_labels(), self.arg_specs,
                                                         tensors)
                    if spec.shape.rank and spec.shape[0] is None and t.shape.rank]
-        sizes = {int(t.shape[0]) for _, t in batched}
-        if len(sizes) < 2:
+        return batched if len({int(t.shape[0]) for _, t in batched}) > 1 else []
+
+    def _mismatched_batches(self, tensors, exc) -> GradSplitError | None:
+        batched = self._batch_sizes(tensors)
+        if not batched:
             return None
         listed = ", ".join(f"{label} (batch {int(t.shape[0])})" for label, t in batched)
         said = next((line.strip() for line in exc.message.splitlines() if line.strip()
@@ -380,8 +391,10 @@ class Split:
         signature = self._program.input_signature
         structured = tf.nest.pack_sequence_as(signature, specs) if signature is not None \
             else specs
+        body = getattr(self._program.tf_function, "python_function",
+                       self._program.tf_function)
         try:
-            concrete = self._program.tf_function.get_concrete_function(*structured)
+            concrete = tf.function(body, autograph=False).get_concrete_function(*structured)
         except Exception:  # noqa: BLE001 - only a diagnosis; the original error stands
             return None
         shapes = [t.shape for t in tf.nest.flatten(concrete.structured_outputs)]
