@@ -198,6 +198,27 @@ def test_no_cuts(counted):
         gsc.split(case.fn, case.input_signature, [])
 
 
+@pytest.mark.parametrize("cut, match", [
+    (3, r"cut 0 is 3, a int; name a cut with a string \('op:index', a gsc\.mark name or a Keras "
+        r"layer name\) or a list of strings\."),
+    ([], r"cut 0 is an empty list; name at least one tensor\."),
+    (["h1", 3], r"cut 0 entry 3 is a int; name tensors with strings \('op:index', a gsc\.mark "
+                r"name or a Keras layer name\)\."),
+])
+def test_a_cut_that_names_nothing(counted, cut, match):
+    case, _ = counted
+    with pytest.raises(GradSplitError, match=match):
+        gsc.split(case.fn, case.input_signature, [cut])
+
+
+def test_a_tensor_cut_twice_says_remove_the_repeat(counted):
+    case, _ = counted
+    with pytest.raises(GradSplitError, match=r"cut 1 names 'h1' .*, which cut 0 already names; "
+                                             r"each tensor may be cut once\. Remove the repeated "
+                                             r"entry\."):
+        gsc.split(case.fn, case.input_signature, ["h1", "h1"])
+
+
 def test_cuts_out_of_order_say_which_first():
     case = mlp(depth=3)
     with pytest.raises(GradSplitError, match=r"cut 0 \('h2'\) is computed from cut 1 "
