@@ -317,7 +317,8 @@ class Split:
             )
         tensors = self._check_args(args)
         fn = self._flat_composed("value_and_gradients", jit_compile)
-        value, grads = run_reporting_xla_errors(fn, *tensors)
+        with self._explaining_failures(tensors):
+            value, grads = run_reporting_xla_errors(fn, *tensors)
         return value, list(grads)
 
     def vjp(self, args: Sequence, output_cotangents: Any, jit_compile: bool = True):
@@ -331,10 +332,83 @@ class Split:
         zeros = tuple(i for i, c in enumerate(cots) if c is None)
         fn = self._flat_composed("vjp", jit_compile, zeros)
         given = [c for c in cots if c is not None]
-        outputs, input_cotangents, grads = run_reporting_xla_errors(fn, *tensors, *given)
+        with self._explaining_failures(tensors, cots):
+            outputs, input_cotangents, grads = run_reporting_xla_errors(fn, *tensors, *given)
         structured = tf.nest.pack_sequence_as(self._program.output_structure, list(outputs))
         return structured, list(input_cotangents), list(grads)
 
+
+    @contextlib.contextmanager
+    def _explaining_failures(self, tensors: Sequence[tf.Tensor], cotangents: Sequence = ()):
+        """TensorFlow's refusal of arguments (or output cotangents) that pass the signature's
+        checks but do not fit together, as a ``GradSplitError`` in the caller's terms: batched
+        arguments of different batch sizes, or a cotangent whose shape is not its output's
+        for these arguments. Any other failure is raised as it is."""
+        # Arguments of different batch sizes may be what fn wants (a batch and a set of
+        # prototypes), so they are not refused up front; but if fn fails on them, what it
+        # assigned before failing (a counter, batch statistics) is put back.
+        written = self.written_variables() if self._batch_sizes(tensors) else []
+        before = self._snapshot(written)
+        try:
+            yield
+        except tf.errors.InvalidArgumentError as exc:
+            for v, value in zip(written, before):
+                v.assign(value)
+            error = self._mismatched_batches(tensors, exc) or self._mismatched_cotangents(
+                tensors, cotangents)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _batch_sizes(self, tensors) -> list:
+        """``(label, tensor)`` of the batched arguments when their batch sizes differ."""
+        batched = [(label, t) for label, spec, t in zip(self._arg_labels(), self.arg_specs,
+                                                        tensors)
+                   if spec.shape.rank and spec.shape[0] is None and t.shape.rank]
+        return batched if len({int(t.shape[0]) for _, t in batched}) > 1 else []
+
+    def _mismatched_batches(self, tensors, exc) -> GradSplitError | None:
+        batched = self._batch_sizes(tensors)
+        if not batched:
+            return None
+        listed = ", ".join(f"{label} (batch {int(t.shape[0])})" for label, t in batched)
+        said = next((line.strip() for line in exc.message.splitlines() if line.strip()
+                     and not line.startswith(("Graph execution", "Detected at", "<stack"))),
+                    type(exc).__name__)
+        return GradSplitError(
+            f"the batched arguments {listed} have different batch sizes (a None leading "
+            f"dimension in input_signature), and fn cannot combine them: TensorFlow says "
+            f"{said!r}. Give every batched argument the same batch size."
+        )
+
+    def _mismatched_cotangents(self, tensors, cotangents) -> GradSplitError | None:
+        loose = [i for i, (spec, c) in enumerate(zip(self.output_specs, cotangents))
+                 if c is not None and not spec.shape.is_fully_defined()]
+        if not loose or self._program.tf_function is None:
+            return None
+        # the outputs' static shapes for arguments of these shapes: a trace, nothing runs
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
+        signature = self._program.input_signature
+        structured = tf.nest.pack_sequence_as(signature, specs) if signature is not None \
+            else specs
+        body = getattr(self._program.tf_function, "python_function",
+                       self._program.tf_function)
+        try:
+            concrete = tf.function(body, autograph=False).get_concrete_function(*structured)
+        except Exception:  # noqa: BLE001 - only a diagnosis; the original error stands
+            return None
+        shapes = [t.shape for t in tf.nest.flatten(concrete.structured_outputs)]
+        if len(shapes) != len(self.output_names):
+            return None
+        for i in loose:
+            if not shapes[i].is_compatible_with(cotangents[i].shape):
+                return GradSplitError(
+                    f"the output cotangent for {self.output_names[i]} must have the shape of "
+                    f"that output for these arguments, {shapes[i]}; got "
+                    f"{cotangents[i].shape}. Give each output's cotangent its output's shape "
+                    "(the same batch size as the arguments)."
+                )
+        return None
 
     def _check_cotangents(self, output_cotangents: Any) -> list:
         """One tensor (or ``None``: zero) per output, of the output's dtype and shape."""
@@ -392,9 +466,11 @@ class Split:
             return run_reporting_xla_errors(stage.callers(jit_compile)[1], *residuals,
                                             *cotangents)
         try:
-            outputs, input_cotangents, var_grads = compose(
-                self.stages, self.arg_names, tensors, self.output_names, checked,
-                forward=forward, backward=backward, variable_zeros=self._variable_zeros())
+            with self._explaining_failures(tensors, checked or ()):
+                outputs, input_cotangents, var_grads = compose(
+                    self.stages, self.arg_names, tensors, self.output_names, checked,
+                    forward=forward, backward=backward,
+                    variable_zeros=self._variable_zeros())
         except Exception:
             # A stage that failed after earlier ones ran must not leave their updates.
             for v, value in zip(written, before):

@@ -37,7 +37,7 @@ class Report:
 
     def __str__(self) -> str:
         lines = [
-            f"{'OK' if self.ok else 'MISMATCH'}: max relative error {self.max_rel_error:.2e} "
+            f"{self._verdict()}: max relative error {self.max_rel_error:.2e} "
             f"(tolerance {self.rtol:.0e}), max absolute error {self.max_abs_error:.2e}, "
             f"value error {self.value_error:.2e}, {self.dtype}, "
             f"{'XLA' if self.jit_compile else 'graph mode'} on both sides",
@@ -50,8 +50,21 @@ class Report:
             lines.append(
                 f"{r['name']:<{width}}  {str(r['shape']):<16} {r['max_abs_error']:>12.2e} "
                 f"{r['rel_error']:>10.2e}{'' if r['ok'] else '  <-'}"
+                f"{'  ' + r['note'] if r.get('note') else ''}"
             )
         return "\n".join(lines)
+
+    def _verdict(self) -> str:
+        """``OK`` or ``MISMATCH``; an ``OK`` whose relative error exceeds ``rtol`` says what
+        excused it, so that the line never reads as a contradiction."""
+        if not self.ok:
+            return "MISMATCH"
+        if self.max_rel_error <= self.rtol:
+            return "OK"
+        if self.max_abs_error <= self.rounding_floor:
+            return (f"OK within the rounding floor {self.rounding_floor:.1e} "
+                    f"({ROUNDING_ULPS} ulps of the largest gradient)")
+        return f"OK within the absolute tolerance {self.atol:.1e}"
 
 
 def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = None,
@@ -128,20 +141,37 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     # noise of a few ulps of the largest gradient; an error that small is not a mismatch.
     rounding = ROUNDING_ULPS * float(np.finfo(dtype.as_numpy_dtype).eps) * scale
     max_abs = max_rel = 0.0
-    for var, got, ref in zip(split.variables, grads, ref_grads):
-        abs_err, rel_err = _errors(got, ref, floor)
+    # A composed gradient list of another length than split.variables is a broken split,
+    # not a caller's error: it is reported (a row per missing or extra gradient, never ok),
+    # as any other wrong gradient is, rather than zipped away.
+    grads, extra = list(grads), list(extra)
+    for k, var in enumerate(split.variables):
+        if k >= len(grads):
+            rows.append(_missing_row(var.name, tuple(var.shape),
+                                     "no gradient from the composed stages"))
+            continue
+        abs_err, rel_err = _errors(grads[k], ref_grads[k], floor)
         ok = rel_err <= rtol or abs_err <= max(atol, rounding)
         rows.append({"name": var.name, "shape": tuple(var.shape), "max_abs_error": abs_err,
                      "rel_error": rel_err, "ok": ok})
         max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
-    for got, ref in zip(list(extra), list(ref_extra)):
+    for k in range(len(split.variables), len(grads)):
+        rows.append(_missing_row(f"(gradient #{k})", tuple(np.shape(grads[k])),
+                                 f"extra: split has {len(split.variables)} variables"))
+    if len(extra) != len(ref_extra):
+        rows.append(_missing_row("(input cotangents)", (len(extra),),
+                                 f"{len(extra)} input cotangents for {len(ref_extra)} arguments"))
+    for got, ref in zip(extra, list(ref_extra)):
         if got is None or ref is None:
             continue
         abs_err, rel_err = _errors(got, ref, floor)
         max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
+    if any(not r["ok"] and "note" in r for r in rows):
+        max_abs = max_rel = float("inf")
+    ref_out = tf.nest.flatten(ref_out)
     value_error = max(
-        (_errors(g, r, 1e-300)[1] for g, r in zip(out, tf.nest.flatten(ref_out))), default=0.0
-    )
+        (_errors(g, r, 1e-300)[1] for g, r in zip(out, ref_out)), default=0.0
+    ) if len(out) == len(ref_out) else float("inf")
     side = max((_errors(a, r, 1e-300)[1] for a, r in zip(after, ref_after)), default=0.0)
     ok = value_error <= max(rtol, 1e-15) and side <= max(rtol, 1e-15) and all(
         r["ok"] for r in rows
@@ -226,6 +256,11 @@ def _dominant_dtype(split: Split, tensors) -> tf.DType:
         if t.dtype.is_floating:
             return t.dtype
     return tf.float32
+
+
+def _missing_row(name: str, shape: tuple, note: str) -> dict:
+    return {"name": name, "shape": shape, "max_abs_error": float("inf"),
+            "rel_error": float("inf"), "ok": False, "note": note}
 
 
 def _max_abs(t) -> float:
