@@ -229,6 +229,12 @@ class Pipeline:
         ``GradSplitError`` naming the task, the stage and the action; so does a step that
         outlives ``timeout``.
         """
+        if not tf.executing_eagerly():
+            raise GradSplitError(
+                "pipeline.step was called inside a tf.function (or graph mode): a step runs "
+                "one thread per device and compiled stage programs eagerly, and cannot be "
+                "traced into another function. Call step() from plain Python, outside "
+                "tf.function; each stage's forward and backward are compiled already.")
         self._last = None
         tensors = self.split.check_arguments(list(args))
         per_microbatch = self._cut_into_microbatches(tensors)
