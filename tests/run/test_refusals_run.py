@@ -229,7 +229,8 @@ def test_step_inside_a_tf_function_is_refused(two):
     def train(x, t):
         return pipe.step(x, t)[0]
 
-    with pytest.raises(GradSplitError, match=r"inside a tf\.function.*Call step\(\) from plain Python"):
+    with pytest.raises(GradSplitError,
+                       match=r"inside a tf\.function.*Call step\(\) from plain Python"):
         train(*case.args())
 
 
