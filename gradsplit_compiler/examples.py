@@ -5,7 +5,9 @@
 * ``mlp_model``: a Keras ``Sequential`` model, ``Dense -> BatchNormalization -> Dense ->
   Dense(softmax)``, layers ``dense1``, ``bn``, ``dense2``, ``head``, saved without a loss.
 
-Their weights are drawn from fixed seeds, so every run prints the same numbers.
+Their weights are drawn from fixed seeds, so every run prints the same numbers. The model is
+``gradsplit_compiler.zoo.keras_mlp()``; the zoo holds the other programs the tests and
+benchmarks use.
 
 Example
 -------
@@ -18,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradsplit_compiler.frontend.mark import mark
+from gradsplit_compiler.zoo import keras_mlp
 
 _rng = np.random.default_rng(0)
 W1 = tf.Variable((_rng.normal(size=(8, 16)) / np.sqrt(8)).astype(np.float32), name="W1")
@@ -33,17 +36,4 @@ def mlp_loss(x, target):
     return tf.reduce_mean(tf.square(hidden @ W2 + b2 - target))
 
 
-def _mlp_model():
-    import keras
-
-    init = keras.initializers.GlorotUniform(seed=0)
-    return keras.Sequential([
-        keras.Input((8,), name="x"),
-        keras.layers.Dense(16, activation="relu", kernel_initializer=init, name="dense1"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Dense(16, activation="tanh", kernel_initializer=init, name="dense2"),
-        keras.layers.Dense(4, activation="softmax", kernel_initializer=init, name="head"),
-    ], name="mlp")
-
-
-mlp_model = _mlp_model()
+mlp_model = keras_mlp().model

@@ -1,9 +1,11 @@
-"""Programs the core tests cut, and the reference they are checked against.
+"""The checks the tests share, and the programs they cut (re-exported from the zoo).
 
-Every builder returns a ``Case``: the function to split, its ``input_signature``, a function
-that makes random arguments from a seeded ``numpy`` generator (never zeros), the suggested
-cuts, the variables it owns and ``names``: graph tensor names recorded while ``fn`` was
-traced (filled on the first trace), so a test can name a tensor the way TensorFlow does.
+The programs live in ``gradsplit_compiler.zoo`` (shared with ``tools/``): every builder there
+returns a ``Case`` (the function to split, its ``input_signature``, random arguments from a
+seeded ``numpy`` generator, never zeros, the suggested cuts, the variables it owns and
+``names`` recorded while tracing). This module re-exports them, so ``from models import mlp``
+keeps working, and adds what only tests need: the tape reference, relative errors, the
+asserts, snapshots of variables, Grappler off.
 
 The reference is always ``tf.GradientTape`` on the original ``fn``, compiled the same way as
 the composed stages (``jit_compile`` on both sides or on neither): compare like with like.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,55 +23,44 @@ import tensorflow as tf
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.core.verify import reference_value_and_grads  # noqa: F401 - for the tests
+from gradsplit_compiler.zoo import (  # noqa: F401 - the programs, for the tests
+    CONTROL_FLOW_BUILDERS,
+    KERAS_SMALL_BUILDERS,
+    MOBILENETV2_CUTS,
+    RESNET50_CUTS,
+    SMALL_BUILDERS,
+    Case,
+    cond_between_cuts,
+    counted_mlp,
+    integer_labels,
+    keras_case,
+    keras_floatx,
+    keras_small_functional,
+    keras_small_resnet,
+    keras_small_sequential,
+    mlp,
+    mobilenetv2,
+    multi_use,
+    nested_functions,
+    normal,
+    parallel_branches,
+    resnet50,
+    seed_model,
+    seed_outputs_model,
+    shared_variable,
+    skip_connection,
+    skip_net,
+    tensor,
+    unconnected_variables,
+    variable,
+    while_between_cuts,
+)
 
 # Relative tolerance by dtype, as in CONTRACT.md.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}
 
 # Both sides under XLA, or both in graph mode.
 MODES = pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "graph"])
-
-
-@dataclass
-class Case:
-    """One program to split: ``fn``, its signature, random arguments and suggested cuts."""
-
-    name: str
-    fn: Callable
-    input_signature: list
-    make_args: Callable[[np.random.Generator], list]
-    cuts: list
-    variables: list = field(default_factory=list)
-    names: dict = field(default_factory=dict)
-    dtype: tf.DType = tf.float64
-    model: Any = None  # the keras.Model, for Keras cases
-
-    def args(self, seed: int = 0) -> list:
-        return self.make_args(np.random.default_rng(seed))
-
-    def concrete(self):
-        """The traced ``fn`` (a ``ConcreteFunction``), tracing it if needed."""
-        fn = self.fn if hasattr(self.fn, "get_concrete_function") else tf.function(self.fn)
-        return fn.get_concrete_function(*self.input_signature)
-
-
-# -- random values -----------------------------------------------------------------------------
-
-
-def normal(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType,
-           scale: float = 1.0) -> np.ndarray:
-    """Standard normal values of ``dtype``, bounded away from zero (never an exact zero)."""
-    values = rng.normal(size=shape) * scale
-    values = np.where(np.abs(values) < 1e-3, 1e-3, values)
-    return values.astype(tf.as_dtype(dtype).as_numpy_dtype)
-
-
-def variable(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType, name: str,
-             scale: float = 0.5) -> tf.Variable:
-    return tf.Variable(normal(rng, shape, dtype, scale), name=name)
-
-
-def tensor(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType) -> tf.Tensor:
-    return tf.constant(normal(rng, shape, dtype))
 
 
 # -- the reference and the comparison ----------------------------------------------------------
@@ -195,19 +185,6 @@ def restore(variables: Sequence[tf.Variable], values: Sequence[np.ndarray]) -> N
 
 
 @contextlib.contextmanager
-def keras_floatx(dtype: str) -> Iterator[None]:
-    """Build Keras layers in ``dtype``; the previous default comes back afterwards."""
-    import keras
-
-    previous = keras.backend.floatx()
-    keras.backend.set_floatx(dtype)
-    try:
-        yield
-    finally:
-        keras.backend.set_floatx(previous)
-
-
-@contextlib.contextmanager
 def grappler_off() -> Iterator[None]:
     """Run graph-mode functions without Grappler's rewrites (same kernels, same order as
     traced). Grappler's arithmetic optimizer and constant folding reassociate float sums,
@@ -222,499 +199,14 @@ def grappler_off() -> Iterator[None]:
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
 
 
-# -- the seed problem --------------------------------------------------------------------------
+# -- Keras helpers -----------------------------------------------------------------------------
 
 
-def seed_model(dtype: tf.DType = tf.float32, marked: bool = True, seed: int = 0) -> Case:
-    """``h = W x + b; y = tanh(h); loss = mse(y, y0)``, cut at ``y``.
-
-    ``marked=True`` names ``y`` with ``gsc.mark(..., "y")``; ``marked=False`` leaves TF's own
-    name, ``Tanh:0``, which the cut then uses.
-    """
-    rng = np.random.default_rng(seed)
-    W = variable(rng, (10, 5), dtype, "W")
-    b = variable(rng, (5,), dtype, "b")
-    names: dict = {}
-
-    @tf.function
-    def loss(x, y0):
-        y = tf.tanh(tf.matmul(x, W) + b)
-        names["tanh"] = y.name
-        if marked:
-            y = gsc.mark(y, "y")
-        names["y"] = y.name
-        return tf.reduce_mean(tf.square(y - y0))
-
-    return Case(
-        name=f"seed_{'marked' if marked else 'graph_name'}_{tf.as_dtype(dtype).name}",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 10], dtype), tf.TensorSpec([None, 5], dtype)],
-        make_args=lambda r: [tensor(r, (6, 10), dtype), tensor(r, (6, 5), dtype)],
-        cuts=["y"] if marked else ["Tanh:0"],
-        variables=[W, b],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def seed_outputs_model(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """The seed model returning ``y = tanh(W x + b)`` itself (not a scalar), cut at ``h``."""
-    rng = np.random.default_rng(seed)
-    W = variable(rng, (10, 5), dtype, "W")
-    b = variable(rng, (5,), dtype, "b")
-
-    @tf.function
-    def forward(x):
-        h = gsc.mark(tf.matmul(x, W) + b, "h")
-        return tf.tanh(h)
-
-    return Case(
-        name=f"seed_outputs_{tf.as_dtype(dtype).name}",
-        fn=forward,
-        input_signature=[tf.TensorSpec([None, 10], dtype)],
-        make_args=lambda r: [tensor(r, (6, 10), dtype)],
-        cuts=["h"],
-        variables=[W, b],
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-# -- topologies --------------------------------------------------------------------------------
-
-
-def mlp(dtype: tf.DType = tf.float64, depth: int = 4, width: int = 8, seed: int = 0) -> Case:
-    """``depth`` tanh layers ``h1 .. h{depth}`` (each a ``gsc.mark``), then a squared error."""
-    rng = np.random.default_rng(seed)
-    weights = [variable(rng, (6 if k == 0 else width, width), dtype, f"W{k + 1}")
-               for k in range(depth)]
-    biases = [variable(rng, (width,), dtype, f"b{k + 1}") for k in range(depth)]
-    head = variable(rng, (width, 3), dtype, "head")
-    names: dict = {}
-
-    @tf.function
-    def loss(x, target):
-        h = x
-        for k, (W, b) in enumerate(zip(weights, biases)):
-            h = gsc.mark(tf.tanh(tf.matmul(h, W) + b), f"h{k + 1}")
-            names[f"h{k + 1}"] = h.name
-        return tf.reduce_mean(tf.square(tf.matmul(h, head) - target))
-
-    return Case(
-        name=f"mlp{depth}",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype), tf.TensorSpec([None, 3], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype), tensor(r, (5, 3), dtype)],
-        cuts=[f"h{k + 1}" for k in range(depth - 1)],
-        variables=[*weights, *biases, head],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def parallel_branches(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """Two branches from ``x``, ``a_branch`` and ``b_branch``, joined after both."""
-    rng = np.random.default_rng(seed)
-    Wa = variable(rng, (6, 8), dtype, "Wa")
-    Wb = variable(rng, (6, 8), dtype, "Wb")
-    Wc = variable(rng, (16, 2), dtype, "Wc")
-    names: dict = {}
-
-    @tf.function
-    def loss(x):
-        a = gsc.mark(tf.tanh(tf.matmul(x, Wa)), "a_branch")
-        b = gsc.mark(tf.sigmoid(tf.matmul(x, Wb)), "b_branch")
-        names["a_branch"], names["b_branch"] = a.name, b.name
-        joined = tf.concat([a * b, a - b], axis=1)
-        return tf.reduce_mean(tf.tanh(tf.matmul(joined, Wc)) ** 2)
-
-    return Case(
-        name="parallel_branches",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=[["a_branch", "b_branch"]],
-        variables=[Wa, Wb, Wc],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def skip_connection(crosses: int, dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """A chain ``h1 -> h2 -> ... -> h{crosses + 1}`` cut at ``h2 .. h{crosses + 1}``, and a
-    skip connection from ``h1`` to the output that crosses all ``crosses`` cuts."""
-    rng = np.random.default_rng(seed)
-    depth = crosses + 1
-    weights = [variable(rng, (6 if k == 0 else 8, 8), dtype, f"W{k + 1}") for k in range(depth)]
-    out = variable(rng, (8, 8), dtype, "out")
-    names: dict = {}
-
-    @tf.function
-    def loss(x):
-        h1 = h = gsc.mark(tf.tanh(tf.matmul(x, weights[0])), "h1")
-        names["h1"] = h1.name
-        for k in range(1, depth):
-            h = gsc.mark(tf.tanh(tf.matmul(h, weights[k])), f"h{k + 1}")
-            names[f"h{k + 1}"] = h.name
-        y = tf.tanh(tf.matmul(h, out)) + h1
-        return tf.reduce_mean(y * y)
-
-    return Case(
-        name=f"skip_over_{crosses}",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=[f"h{k + 1}" for k in range(1, depth)],
-        variables=[*weights, out],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def multi_use(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """``h1`` (stage 0) is read by stages 1, 2 and 3: its cotangents must be summed."""
-    rng = np.random.default_rng(seed)
-    W1, W2, W3, W4 = (variable(rng, (6 if k == 0 else 8, 8), dtype, f"W{k + 1}")
-                      for k in range(4))
-    names: dict = {}
-
-    @tf.function
-    def loss(x):
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W1)), "h1")
-        h2 = gsc.mark(tf.tanh(tf.matmul(h1, W2)), "h2")
-        h3 = gsc.mark(tf.tanh(tf.matmul(h2, W3)) * h1, "h3")
-        names.update(h1=h1.name, h2=h2.name, h3=h3.name)
-        return tf.reduce_mean(tf.tanh(tf.matmul(h3, W4)) + tf.sin(h1))
-
-    return Case(
-        name="multi_use",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=["h1", "h2", "h3"],
-        variables=[W1, W2, W3, W4],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def shared_variable(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """One weight ``W`` used in all three stages (cuts ``h1``, ``h2``); ``c`` in stage 0 only."""
-    rng = np.random.default_rng(seed)
-    W = variable(rng, (8, 8), dtype, "W")
-    c = variable(rng, (8,), dtype, "c")
-
-    @tf.function
-    def loss(x):
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W) + c), "h1")
-        h2 = gsc.mark(tf.tanh(tf.matmul(h1, W)), "h2")
-        return tf.reduce_mean(tf.square(tf.matmul(h2, W)))
-
-    return Case(
-        name="shared_variable",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 8], dtype)],
-        make_args=lambda r: [tensor(r, (5, 8), dtype)],
-        cuts=["h1", "h2"],
-        variables=[W, c],
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def unconnected_variables(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """``fn`` reads ``frozen`` through ``tf.stop_gradient`` and reads ``unused`` without using
-    the value: the value depends on neither, so both gradients are zeros."""
-    rng = np.random.default_rng(seed)
-    W = variable(rng, (6, 8), dtype, "W")
-    frozen = variable(rng, (8,), dtype, "frozen")
-    unused = variable(rng, (3, 2), dtype, "unused")
-    U = variable(rng, (8, 2), dtype, "U")
-
-    @tf.function
-    def loss(x):
-        unused.read_value()
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W) + tf.stop_gradient(frozen)), "h1")
-        return tf.reduce_mean(tf.square(tf.matmul(h1, U)))
-
-    return Case(
-        name="unconnected_variables",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=["h1"],
-        variables=[W, frozen, unused, U],
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def integer_labels(dtype: tf.DType = tf.float64, classes: int = 4, seed: int = 0) -> Case:
-    """Features cut at ``features``; integer ``labels`` flow past the cut into a softmax
-    cross-entropy (``tf.one_hot``) weighted per class (``tf.gather`` of a variable)."""
-    rng = np.random.default_rng(seed)
-    W1 = variable(rng, (6, 8), dtype, "W1")
-    W2 = variable(rng, (8, classes), dtype, "W2")
-    class_weight = variable(rng, (classes,), dtype, "class_weight")
-    names: dict = {}
-
-    @tf.function
-    def loss(x, labels):
-        features = gsc.mark(tf.tanh(tf.matmul(x, W1)), "features")
-        logits = tf.matmul(features, W2)
-        per_example = tf.nn.softmax_cross_entropy_with_logits(
-            tf.one_hot(labels, classes, dtype=logits.dtype), logits)
-        names["labels"] = labels.name
-        return tf.reduce_mean(per_example * tf.gather(class_weight, labels))
-
-    return Case(
-        name="integer_labels",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype), tf.TensorSpec([None], tf.int32)],
-        make_args=lambda r: [tensor(r, (6, 6), dtype),
-                             tf.constant(r.integers(0, classes, size=6), tf.int32)],
-        cuts=["features"],
-        variables=[W1, W2, class_weight],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def counted_mlp(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """A two-layer MLP whose first stage also counts its own calls (``steps.assign_add(1)``),
-    a side effect like a batch-norm statistics update: it must run once per step."""
-    rng = np.random.default_rng(seed)
-    W1 = variable(rng, (6, 8), dtype, "W1")
-    W2 = variable(rng, (8, 3), dtype, "W2")
-    steps = tf.Variable(tf.zeros([], dtype), name="steps")
-    names: dict = {}
-
-    @tf.function
-    def loss(x, target):
-        steps.assign_add(tf.ones([], dtype))
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W1)), "h1")
-        names["h1"] = h1.name
-        return tf.reduce_mean(tf.square(tf.matmul(h1, W2) - target))
-
-    return Case(
-        name="counted_mlp",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype), tf.TensorSpec([None, 3], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype), tensor(r, (5, 3), dtype)],
-        cuts=["h1"],
-        variables=[W1, W2, steps],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-# -- control flow ------------------------------------------------------------------------------
-
-
-def nested_functions(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """``loss`` calls the ``tf.function`` ``inner``, which calls ``innermost``; each inner
-    function holds a ``gsc.mark`` (``inner_mark``, ``innermost_mark``) and a named op
-    (``inner_tanh``, ``innermost_sin``)."""
-    rng = np.random.default_rng(seed)
-    W1, W2, W3, W4 = (variable(rng, (6 if k == 0 else 8, 8), dtype, f"W{k + 1}")
-                      for k in range(4))
-
-    @tf.function
-    def innermost(z):
-        return gsc.mark(tf.sin(tf.matmul(z, W3), name="innermost_sin"), "innermost_mark") * 2
-
-    @tf.function
-    def inner(h):
-        z = gsc.mark(tf.tanh(tf.matmul(h, W2), name="inner_tanh"), "inner_mark")
-        return innermost(z) + z
-
-    @tf.function
-    def loss(x):
-        h = tf.tanh(tf.matmul(x, W1))
-        return tf.reduce_mean(tf.tanh(tf.matmul(inner(h), W4)) ** 2)
-
-    return Case(
-        name="nested_functions",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=["inner_mark", "innermost_mark"],
-        variables=[W1, W2, W3, W4],
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def cond_between_cuts(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """``h1 -> tf.cond(flag, tanh branch, sin branch) -> h2``, cut at ``h1`` and ``h2`` so
-    the ``If`` sits in the middle stage. The true branch holds ``gsc.mark(.., "in_cond")``."""
-    rng = np.random.default_rng(seed)
-    W1, W2, W3 = (variable(rng, (6 if k == 0 else 8, 8), dtype, f"W{k + 1}") for k in range(3))
-    names: dict = {}
-
-    def true_branch(h1):
-        t = tf.tanh(tf.matmul(h1, W2), name="cond_tanh")
-        names["cond_tanh"] = t.name  # TF's own name inside the branch: "cond/cond_tanh:0"
-        return gsc.mark(t, "in_cond")
-
-    @tf.function
-    def loss(x, flag):
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W1)), "h1")
-        h = tf.cond(flag, lambda: true_branch(h1), lambda: tf.sin(tf.matmul(h1, W2)) * h1)
-        h2 = gsc.mark(h, "h2")
-        return tf.reduce_mean(tf.tanh(tf.matmul(h2, W3)) ** 2)
-
-    return Case(
-        name="cond_between_cuts",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype), tf.TensorSpec([], tf.bool)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype), tf.constant(True)],
-        cuts=["h1", "h2"],
-        variables=[W1, W2, W3],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-def while_between_cuts(dtype: tf.DType = tf.float64, iterations: int = 3, seed: int = 0) -> Case:
-    """``h1 -> tf.while_loop(3 x tanh(h W2), maximum_iterations=3) -> h2``, cut at ``h1`` and
-    ``h2``. The body holds ``gsc.mark(.., "in_while")``."""
-    rng = np.random.default_rng(seed)
-    W1, W2, W3 = (variable(rng, (6 if k == 0 else 8, 8), dtype, f"W{k + 1}") for k in range(3))
-    names: dict = {}
-
-    def body(i, h):
-        t = tf.tanh(tf.matmul(h, W2), name="while_tanh")
-        names["while_tanh"] = t.name  # TF's own name inside the body: "while/while_tanh:0"
-        return i + 1, gsc.mark(t, "in_while")
-
-    @tf.function
-    def loss(x):
-        h1 = gsc.mark(tf.tanh(tf.matmul(x, W1)), "h1")
-        _, h = tf.while_loop(lambda i, h: i < iterations, body, [tf.constant(0), h1],
-                             maximum_iterations=iterations)
-        h2 = gsc.mark(h, "h2")
-        return tf.reduce_mean(tf.tanh(tf.matmul(h2, W3)) ** 2)
-
-    return Case(
-        name="while_between_cuts",
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, 6], dtype)],
-        make_args=lambda r: [tensor(r, (5, 6), dtype)],
-        cuts=["h1", "h2"],
-        variables=[W1, W2, W3],
-        names=names,
-        dtype=tf.as_dtype(dtype),
-    )
-
-
-# -- Keras -------------------------------------------------------------------------------------
-
-
-def _keras_case(name: str, model: Any, input_shape: Sequence[int], classes: int, batch: int,
-                cuts: list, dtype: tf.DType, crossentropy: bool) -> Case:
-    import keras
-
-    @tf.function
-    def loss(x, y):
-        # Keras reads its floatx when the model is called, too: trace in the case's dtype
-        # whatever default another test of this worker left.
-        with keras_floatx(tf.as_dtype(dtype).name):
-            out = model(x, training=True)
-        if crossentropy:
-            return tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
-        return tf.reduce_mean(tf.square(out - y))
-
-    def make_args(r):
-        x = tensor(r, (batch, *input_shape), dtype)
-        if crossentropy:
-            y = tf.constant(np.eye(classes)[r.integers(0, classes, size=batch)], dtype)
-        else:
-            y = tensor(r, (batch, classes), dtype)
-        return [x, y]
-
-    return Case(
-        name=name,
-        fn=loss,
-        input_signature=[tf.TensorSpec([None, *input_shape], dtype),
-                         tf.TensorSpec([None, classes], dtype)],
-        make_args=make_args,
-        cuts=cuts,
-        variables=list(model.variables),
-        dtype=tf.as_dtype(dtype),
-        model=model,
-    )
-
-
-def keras_small_functional(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """A functional model with two BatchNormalization layers and a Dropout(0.0), in training
-    mode, cut at the layers ``drop_a`` (no ops of its own) and ``bn_b``."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    with keras_floatx(tf.as_dtype(dtype).name):
-        inputs = keras.Input((8,), name="x")
-        h = layers.Dense(16, name="dense_a")(inputs)
-        h = layers.BatchNormalization(name="bn_a")(h)
-        h = layers.Activation("tanh", name="act_a")(h)
-        h = layers.Dropout(0.0, name="drop_a")(h)
-        h = layers.Dense(16, name="dense_b")(h)
-        h = layers.BatchNormalization(name="bn_b")(h)
-        h = layers.Activation("tanh", name="act_b")(h)
-        out = layers.Dense(3, name="head")(h)
-        model = keras.Model(inputs, out, name="small")
-    return _keras_case("keras_small_functional", model, (8,), 3, 6, ["drop_a", "bn_b"],
-                       dtype, crossentropy=False)
-
-
-def keras_small_sequential(dtype: tf.DType = tf.float64, seed: int = 0) -> Case:
-    """A Sequential model with BatchNormalization, cut at ``seq_bn`` and ``seq_dense_b``."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    with keras_floatx(tf.as_dtype(dtype).name):
-        model = keras.Sequential([
-            keras.Input((8,)),
-            layers.Dense(16, activation="tanh", name="seq_dense_a"),
-            layers.BatchNormalization(name="seq_bn"),
-            layers.Dropout(0.0, name="seq_drop"),
-            layers.Dense(16, activation="tanh", name="seq_dense_b"),
-            layers.Dense(3, name="seq_head"),
-        ], name="small_sequential")
-    return _keras_case("keras_small_sequential", model, (8,), 3, 6,
-                       ["seq_bn", "seq_dense_b"], dtype, crossentropy=False)
-
-
-RESNET50_CUTS = ["conv2_block3_out", "conv3_block4_out", "conv4_block6_out"]
-MOBILENETV2_CUTS = ["block_2_add", "block_6_project_BN", "block_13_expand_relu"]
-
-
-def resnet50(dtype: tf.DType = tf.float64, batch: int = 2, seed: int = 0) -> Case:
-    """ResNet50 (no weights, 32x32 inputs, 10 classes) in training mode, cut at three blocks."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    with keras_floatx(tf.as_dtype(dtype).name):
-        model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
-    return _keras_case("resnet50", model, (32, 32, 3), 10, batch, list(RESNET50_CUTS), dtype,
-                       crossentropy=True)
-
-
-def mobilenetv2(dtype: tf.DType = tf.float64, batch: int = 2, seed: int = 0) -> Case:
-    """MobileNetV2 (no weights, alpha 0.35, 32x32 inputs, 10 classes) in training mode."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    with keras_floatx(tf.as_dtype(dtype).name):
-        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3),
-                                               classes=10, alpha=0.35)
-    return _keras_case("mobilenetv2", model, (32, 32, 3), 10, batch, list(MOBILENETV2_CUTS),
-                       dtype, crossentropy=True)
-
-
-def as_tf_variable(variable: Any) -> tf.Variable:
+def as_tf_variable(var: Any) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras 3 variable (what ``split.variables`` holds)."""
     import keras
 
-    return variable.value if isinstance(variable, keras.Variable) else variable
+    return var.value if isinstance(var, keras.Variable) else var
 
 
 def batchnorm_statistics(model: Any) -> list[tf.Variable]:
@@ -726,29 +218,3 @@ def batchnorm_statistics(model: Any) -> list[tf.Variable]:
         if isinstance(layer, keras.layers.BatchNormalization):
             found += [layer.moving_mean, layer.moving_variance]
     return found
-
-
-# The small programs, for tests that run over all of them.
-SMALL_BUILDERS = {
-    "seed": lambda: seed_model(tf.float64),
-    "mlp": mlp,
-    "parallel_branches": parallel_branches,
-    "skip_over_1": lambda: skip_connection(1),
-    "skip_over_3": lambda: skip_connection(3),
-    "multi_use": multi_use,
-    "shared_variable": shared_variable,
-    "unconnected_variables": unconnected_variables,
-    "integer_labels": integer_labels,
-    "counted_mlp": counted_mlp,
-}
-
-CONTROL_FLOW_BUILDERS = {
-    "nested_functions": nested_functions,
-    "cond_between_cuts": cond_between_cuts,
-    "while_between_cuts": while_between_cuts,
-}
-
-KERAS_SMALL_BUILDERS = {
-    "keras_small_functional": keras_small_functional,
-    "keras_small_sequential": keras_small_sequential,
-}

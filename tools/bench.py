@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import gradsplit_compiler as gsc  # noqa: E402
+from gradsplit_compiler import zoo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,25 +75,15 @@ def _block(result) -> None:
 
 
 def mlp(rng, layers=8, width=512, batch=128, stages=4):
-    ws = [tf.Variable(rng.normal(size=(width, width)).astype("float32") / width ** 0.5)
-          for _ in range(layers)]
-    bs = [tf.Variable(np.zeros(width, "float32")) for _ in range(layers)]
-    per = layers // stages
-    marks = [f"l{i}" for i in range(per - 1, layers - 1, per)]
-
-    @tf.function
-    def loss(x, y):
-        h = x
-        for i in range(layers):
-            h = tf.nn.relu(h @ ws[i] + bs[i])
-            if f"l{i}" in marks:
-                h = gsc.mark(h, f"l{i}")
-        return tf.reduce_mean((h - y) ** 2)
-
-    sig = [tf.TensorSpec([None, width]), tf.TensorSpec([None, width])]
-    args = [tf.constant(rng.normal(size=(batch, width)).astype("float32")) for _ in range(2)]
-    _HAND_WRITTEN[id(loss)] = lambda: hand_staged_mlp(ws, bs, stages, args)
-    return "MLP 8x512, batch 128", loss, sig, marks, args
+    """``zoo.dense_chain``: ReLU layers with biases, a squared error against a target, cut
+    into ``stages``; weights, then ``x`` and ``y``, from ``rng``."""
+    case = zoo.dense_chain(layers, width, activation="relu", bias=True, loss="mse",
+                           stages=stages, dtype=tf.float32, batch=batch, seed=rng)
+    args = case.args(rng)
+    ws, bs = case.extras["weights"], case.extras["biases"]
+    _HAND_WRITTEN[id(case.fn)] = lambda: hand_staged_mlp(ws, bs, stages, args)
+    return (f"MLP {layers}x{width}, batch {batch}", case.fn, case.input_signature, case.cuts,
+            args)
 
 
 # loss function id -> builder of a hand-written per-stage step of the same model
@@ -156,42 +147,19 @@ def hand_staged_mlp(ws, bs, stages, args):
 
 
 def resnet50(rng, batch=16):
-    import keras
-
-    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
-
-    @tf.function
-    def loss(x, y):
-        return tf.reduce_mean(keras.losses.categorical_crossentropy(y, model(x, training=True)))
-
-    sig = [tf.TensorSpec([None, 64, 64, 3]), tf.TensorSpec([None, 10])]
-    args = [tf.constant(rng.normal(size=(batch, 64, 64, 3)).astype("float32")),
-            tf.constant(np.eye(10, dtype="float32")[rng.integers(0, 10, batch)])]
-    cuts = ["conv2_block3_out", "conv3_block4_out", "conv4_block6_out"]
-    return f"ResNet50 64x64, batch {batch}", loss, sig, cuts, args
+    """``zoo.resnet50`` at 64x64, float32, cut at three blocks."""
+    case = zoo.resnet50(tf.float32, batch=batch, resolution=64)
+    return (f"ResNet50 64x64, batch {batch}", case.fn, case.input_signature, case.cuts,
+            case.args(rng))
 
 
 def transformer(rng, blocks=4, seq=64, dim=128, heads=4, batch=16):
-    import keras
-
-    inp = keras.Input((seq, dim))
-    h = inp
-    for i in range(blocks):
-        a = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"attn{i}")(h, h)
-        h = keras.layers.LayerNormalization(name=f"ln{i}a")(h + a)
-        f = keras.layers.Dense(4 * dim, activation="gelu", name=f"ff{i}a")(h)
-        f = keras.layers.Dense(dim, name=f"ff{i}b")(f)
-        h = keras.layers.LayerNormalization(name=f"block{i}")(h + f)
-    model = keras.Model(inp, h)
-
-    @tf.function
-    def loss(x, y):
-        return tf.reduce_mean((model(x, training=True) - y) ** 2)
-
-    sig = [tf.TensorSpec([None, seq, dim]), tf.TensorSpec([None, seq, dim])]
-    args = [tf.constant(rng.normal(size=(batch, seq, dim)).astype("float32")) for _ in range(2)]
-    return f"transformer {blocks}x(d{dim}, seq {seq}), batch {batch}", loss, sig, \
-        [f"block{i}" for i in range(blocks - 1)], args
+    """``zoo.transformer``: GELU feed-forward, squared error against a target, cut after
+    every block but the last."""
+    case = zoo.transformer(tf.float32, batch=batch, blocks=blocks, seq=seq, dim=dim,
+                           heads=heads, activation="gelu", loss="mse")
+    return (f"transformer {blocks}x(d{dim}, seq {seq}), batch {batch}", case.fn,
+            case.input_signature, case.cuts, case.args(rng))
 
 
 def monolithic_step(loss, variables, jit_compile=True):
@@ -300,18 +268,13 @@ def figure_memory(model_names):
 
 
 def chain(layers, rng):
-    ws = [tf.Variable(rng.normal(size=(16, 16)).astype("float32") * 0.2) for _ in range(layers)]
-
-    def body(x):
-        h = x
-        for i, w in enumerate(ws):
-            h = tf.tanh(h @ w)
-            if i in (layers // 4, layers // 2, 3 * layers // 4):
-                h = gsc.mark(h, f"c{i}")
-        return tf.reduce_sum(h ** 2)
-
-    cuts = [f"c{i}" for i in (layers // 4, layers // 2, 3 * layers // 4)]
-    return f"chain of {layers} layers", body, [tf.TensorSpec([None, 16])], cuts, ws
+    """``zoo.dense_chain``: ``layers`` tanh layers of 16 units, ``sum(h ** 2)``, cut at a
+    quarter, half and three quarters; ``fn`` is the Python function (traced here)."""
+    case = zoo.dense_chain(layers, 16, activation="tanh", loss="sum_square",
+                           cut_after=(layers // 4, layers // 2, 3 * layers // 4), scale=0.2,
+                           dtype=tf.float32, seed=rng)
+    return (f"chain of {layers} layers", case.fn.python_function, case.input_signature,
+            case.cuts, case.variables)
 
 
 def figure_split_time(quick):
@@ -354,20 +317,13 @@ def figure_split_time(quick):
 
 
 def seed_problem(cut, rng, features=64, batch=16):
+    """``zoo.seed_model`` with a cut of about ``cut`` elements: ``(loss, y_of, (W, b), x, y0,
+    elements)``."""
     width = max(1, cut // batch)
-    W = tf.Variable(rng.normal(size=(features, width)).astype("float32") / features ** 0.5)
-    b = tf.Variable(np.zeros(width, "float32"))
-
-    def y_of(x):
-        return tf.tanh(x @ W + b)
-
-    @tf.function
-    def loss(x, y0):
-        return tf.reduce_mean((gsc.mark(y_of(x), "y") - y0) ** 2)
-
-    x = tf.constant(rng.normal(size=(batch, features)).astype("float32"))
-    y0 = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
-    return loss, y_of, (W, b), x, y0, batch * width
+    case = zoo.seed_model(tf.float32, seed=rng, features=features, width=width, batch=batch,
+                          scale=features ** -0.5)
+    x, y0 = case.args(rng)
+    return case.fn, case.extras["y_of"], tuple(case.variables), x, y0, batch * width
 
 
 def figure_cut_size(sizes, per_scalar_limit, jacobian_limit, repeats):
@@ -552,28 +508,17 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 4)
 import gradsplit_compiler as gsc
+from gradsplit_compiler import zoo
 from gradsplit_compiler.run.cluster import LocalCluster
 
 width, depth, batch, k, m, repeats = (int(a) for a in sys.argv[1:7])
 cluster = LocalCluster(k)
 cluster.connect()  # before any variable: this process's context changes
 rng = np.random.default_rng(0)
-ws = [tf.Variable(rng.normal(size=(width, width)).astype("float32") / width ** 0.5)
-      for _ in range(depth)]
-per = depth // k
-
-def fn(x, y):
-    h = x
-    for i, w in enumerate(ws):
-        h = tf.tanh(h @ w)
-        if (i + 1) % per == 0 and (i + 1) < depth:
-            h = gsc.mark(h, f"c{(i + 1) // per}")
-    return tf.reduce_mean(tf.reduce_sum((h - y) ** 2, axis=1))
-
-sig = [tf.TensorSpec([None, width], tf.float32)] * 2
-split = gsc.split(fn, sig, [f"c{j}" for j in range(1, k)])
-x = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
-y = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+case = zoo.dense_chain(depth, width, activation="tanh", loss="mse", stages=k,
+                       dtype=tf.float32, batch=batch, seed=rng)
+split = gsc.split(case.fn, case.input_signature, case.cuts)
+x, y = case.args(rng)
 try:
     predicted = sum(row["boundary_bytes"] for row in split.summary(batch_size=batch))
     source = "split.summary()"

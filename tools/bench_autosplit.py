@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gradsplit_compiler as gsc  # noqa: E402
+from gradsplit_compiler import zoo  # noqa: E402
 from gradsplit_compiler.ir.program import Program  # noqa: E402
 from gradsplit_compiler.plan import autosplit, costs  # noqa: E402
 
@@ -154,71 +155,25 @@ def h_dim(b: _Builder, tensor: str) -> int:
 
 
 def resnet50(resolution: int, classes: int = 10):
-    """ResNet50 (weights=None) in training mode with a cross-entropy loss: ``(loss,
+    """``zoo.resnet50`` (weights=None) in float32, training mode, cross-entropy: ``(loss,
     input_signature, make_args(batch))``."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.applications.ResNet50(weights=None, input_shape=(resolution, resolution, 3),
-                                        classes=classes)
-
-    @tf.function
-    def loss(x, y):
-        return tf.reduce_mean(keras.losses.categorical_crossentropy(y, model(x, training=True)))
-
-    signature = [tf.TensorSpec([None, resolution, resolution, 3]),
-                 tf.TensorSpec([None, classes])]
-
-    def make_args(batch):
-        rng = np.random.default_rng(0)
-        x = tf.constant(rng.normal(size=(batch, resolution, resolution, 3)), tf.float32)
-        y = tf.one_hot(rng.integers(0, classes, batch), classes)
-        return [x, y]
-
-    return loss, signature, make_args
+    case = zoo.resnet50(tf.float32, resolution=resolution, classes=classes)
+    return case.fn, case.input_signature, lambda batch: case.args(0, batch)
 
 
 def mlp(width: int = 1024, depth: int = 8):
-    rng = np.random.default_rng(0)
-    weights = [tf.Variable(rng.normal(size=(width, width)).astype(np.float32) * 0.03)
-               for _ in range(depth)]
-
-    @tf.function
-    def loss(x):
-        for w in weights:
-            x = tf.nn.relu(x @ w)
-        return tf.reduce_mean(x * x)
-
-    def make_args(batch):
-        return [tf.constant(np.random.default_rng(1).normal(size=(batch, width)), tf.float32)]
-
-    return loss, [tf.TensorSpec([None, width])], make_args
+    """``zoo.dense_chain``: ReLU layers without biases, ``mean(h * h)``, weights times 0.03."""
+    case = zoo.dense_chain(depth, width, activation="relu", loss="mean_square", scale=0.03,
+                           dtype=tf.float32)
+    return case.fn, case.input_signature, lambda batch: case.args(1, batch)
 
 
 def transformer(blocks: int = 4, seq: int = 64, dim: int = 128, heads: int = 4):
-    """Keras MultiHeadAttention blocks (einsum) with layer norm and a dense MLP."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    layers = keras.layers
-    inputs = keras.Input((seq, dim))
-    h = inputs
-    for b in range(blocks):
-        a = layers.MultiHeadAttention(heads, dim // heads, name=f"attn{b}")(h, h)
-        h = layers.LayerNormalization(name=f"ln{b}a")(h + a)
-        f = layers.Dense(4 * dim, activation="relu", name=f"ff{b}a")(h)
-        h = layers.LayerNormalization(name=f"ln{b}b")(h + layers.Dense(dim, name=f"ff{b}b")(f))
-    model = keras.Model(inputs, h)
-
-    @tf.function
-    def loss(x):
-        return tf.reduce_mean(tf.square(model(x, training=True)))
-
-    def make_args(batch):
-        return [tf.constant(np.random.default_rng(2).normal(size=(batch, seq, dim)),
-                            tf.float32)]
-
-    return loss, [tf.TensorSpec([None, seq, dim])], make_args
+    """``zoo.transformer``: Keras MultiHeadAttention blocks (einsum) with layer norm and a
+    ReLU dense MLP, ``mean(out ** 2)``."""
+    case = zoo.transformer(tf.float32, blocks=blocks, seq=seq, dim=dim, heads=heads,
+                           activation="relu", loss="mean_square")
+    return case.fn, case.input_signature, lambda batch: case.args(2, batch)
 
 
 def analysed(fn, signature):
@@ -400,64 +355,20 @@ def objectives(resolution: int, batch: int, stages: int = 4) -> dict:
 
 
 def verification() -> list[tuple[str, int, float, bool]]:
-    """``auto_split`` on three float64 programs, checked by ``gsc.verify`` without XLA."""
-    import keras
-
+    """``auto_split`` on three float64 programs, checked by ``gsc.verify`` without XLA: zoo
+    programs, weights (then inputs) of the chains from one stream."""
     rng = np.random.default_rng(0)
-
-    def weight(*shape):
-        return tf.Variable(rng.normal(size=shape) * 0.5)
-
-    mlp_w = [weight(8, 8) for _ in range(6)]
-
-    @tf.function
-    def mlp64(x):
-        for w in mlp_w:
-            x = tf.tanh(x @ w)
-        return tf.reduce_mean(x * x)
-
-    skip_w = [weight(8, 8) for _ in range(5)]
-
-    @tf.function
-    def skip64(x):
-        h1 = h = tf.tanh(x @ skip_w[0])
-        for w in skip_w[1:]:
-            h = tf.tanh(h @ w)
-        return tf.reduce_mean((h + h1) ** 2)
-
-    keras.utils.set_random_seed(0)
-    previous = keras.backend.floatx()
-    keras.backend.set_floatx("float64")
-    try:
-        layers = keras.layers
-        inputs = keras.Input((8, 8, 3))
-        h = layers.Activation("relu")(layers.BatchNormalization()(
-            layers.Conv2D(8, 3, padding="same")(inputs)))
-        for _ in range(3):
-            r = layers.Conv2D(8, 3, padding="same")(h)
-            r = layers.Activation("relu")(layers.BatchNormalization()(r))
-            r = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(r))
-            h = layers.Activation("relu")(layers.Add()([h, r]))
-        out = layers.Dense(3)(layers.GlobalAveragePooling2D()(h))
-        model = keras.Model(inputs, out)
-    finally:
-        keras.backend.set_floatx(previous)
-
-    @tf.function
-    def resnet64(x):
-        return tf.reduce_mean(tf.square(model(x, training=True)))
-
-    cases = [("MLP, 6 layers", mlp64, [tf.TensorSpec([None, 8], tf.float64)], (5, 8), 3),
-             ("skip connection over every cut", skip64, [tf.TensorSpec([None, 8], tf.float64)],
-              (5, 8), 3),
-             ("small Keras ResNet, batch norm in training", resnet64,
-              [tf.TensorSpec([None, 8, 8, 3], tf.float64)], (4, 8, 8, 3), 3)]
+    chain = {"activation": "tanh", "loss": "mean_square", "scale": 0.5, "dtype": tf.float64,
+             "batch": 5, "seed": rng}
+    cases = [("MLP, 6 layers", zoo.dense_chain(6, 8, **chain), 3),
+             ("skip connection over every cut", zoo.dense_chain(5, 8, skip=True, **chain), 3),
+             ("small Keras ResNet, batch norm in training",
+              zoo.keras_small_resnet(tf.float64, batch=4, loss="mean_square"), 3)]
     rows = []
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    for name, fn, signature, shape, stages in cases:
-        split = gsc.auto_split(fn, signature, stages, batch_size=shape[0])
-        x = tf.constant(rng.normal(size=shape))
-        report = gsc.verify(split, x, jit_compile=False)
+    for name, case, stages in cases:
+        split = gsc.auto_split(case.fn, case.input_signature, stages, batch_size=case.batch)
+        report = gsc.verify(split, *case.args(rng), jit_compile=False)
         above = [r["rel_error"] for r in report.rows
                  if r["max_abs_error"] > report.rounding_floor]
         rows.append((name, stages, report.max_rel_error, bool(report.ok),

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from gradsplit_compiler import zoo
 from gradsplit_compiler.cli import parser as cli
 from gradsplit_compiler.show.render import BOUNDARY_COLOUR, STAGE_COLOURS
 
@@ -174,20 +175,9 @@ def in_process(capfd, *argv: str) -> tuple[int, str, str]:
 
 
 def make_programs(path: Path) -> None:
-    import keras
-
     # dtype spelled out: another test of the same worker may hold Keras' floatx at float64
-    init = keras.initializers.GlorotUniform(seed=0)
-    f32 = {"dtype": "float32"}
-    x = keras.Input((6,), name="x", dtype="float32")
-    h = keras.layers.Dense(8, activation="relu", kernel_initializer=init, name="dense1",
-                           **f32)(x)
-    h = keras.layers.BatchNormalization(name="bn", **f32)(h)
-    h = keras.layers.Dense(8, activation="tanh", kernel_initializer=init, name="dense2",
-                           **f32)(h)
-    y = keras.layers.Dense(3, activation="softmax", kernel_initializer=init, name="head",
-                           **f32)(h)
-    keras.Model(x, y, name="small").save(path / "small.keras")
+    model = zoo.keras_mlp(6, 8, 3, dtype="float32", sequential=False, name="small").model
+    model.save(path / "small.keras")
     (path / "userprog.py").write_text(USERPROG)
 
     class Regression(tf.Module):

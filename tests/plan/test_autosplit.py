@@ -65,32 +65,8 @@ def test_auto_split_of_a_skip_connection_sends_the_skip_across_every_cut_it_span
     _verify(split, case)
 
 
-def _small_resnet(dtype=tf.float64, seed=0):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    with models.keras_floatx(tf.as_dtype(dtype).name):
-        inputs = keras.Input((8, 8, 3))
-        h = layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
-        h = layers.BatchNormalization(name="stem_bn")(h)
-        h = layers.Activation("relu")(h)
-        for b in range(3):
-            r = layers.Conv2D(8, 3, padding="same", name=f"block{b}_conv1")(h)
-            r = layers.BatchNormalization(name=f"block{b}_bn1")(r)
-            r = layers.Activation("relu")(r)
-            r = layers.Conv2D(8, 3, padding="same", name=f"block{b}_conv2")(r)
-            r = layers.BatchNormalization(name=f"block{b}_bn2")(r)
-            h = layers.Activation("relu")(layers.Add(name=f"block{b}_add")([h, r]))
-        h = layers.GlobalAveragePooling2D()(h)
-        out = layers.Dense(3, name="head")(h)
-        model = keras.Model(inputs, out, name="small_resnet")
-    return models._keras_case("small_resnet", model, (8, 8, 3), 3, 4, [], dtype,
-                              crossentropy=True)
-
-
 def test_auto_split_of_a_small_resnet_passes_verify_with_batch_norm_in_training():
-    case = _small_resnet()
+    case = models.keras_small_resnet()
     split = gsc.auto_split(case.fn, case.input_signature, 3, batch_size=4)
     assert split.plan.mismatches == []
     # statistics updates stay beside their layer: each stage writes what its layers own
@@ -356,16 +332,8 @@ def test_refusals_name_what_would_work():
 
 @pytest.mark.heavy
 def test_resnet50_four_stages_are_balanced_and_no_recipe_crosses_fewer_bytes_at_its_balance():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
-
-    @tf.function
-    def loss(x, y):
-        return tf.reduce_mean(keras.losses.categorical_crossentropy(y, model(x, training=True)))
-
-    signature = [tf.TensorSpec([None, 64, 64, 3]), tf.TensorSpec([None, 10])]
+    case = models.resnet50(tf.float32, resolution=64)
+    loss, signature = case.fn, case.input_signature
     program = run_passes(capture(loss, signature), default_passes()[:2])
     plan = autosplit.plan_partition(program, 4, batch_size=32)
     assert plan.imbalance <= 1.05

@@ -18,9 +18,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import gradsplit_compiler as gsc  # noqa: E402
+from gradsplit_compiler import zoo  # noqa: E402
 from gradsplit_compiler.run.cluster import LocalCluster  # noqa: E402
 
 BATCH = 16
@@ -28,30 +28,13 @@ CUTS = {2: ["c2"], 3: ["c1", "c2"], 4: ["c1", "c2", "c3"]}
 
 
 def model(slow: int = 0, seed: int = 0):
-    """Four layers, a skip from the input to layer 3 and from layer 1 to the loss, ``W2``
-    shared by layers 2 and 3 (float64). ``slow``: that many 600x600 matmuls in stage 1's
-    forward (outside the gradient), so a step takes long enough to kill a worker in it."""
+    """``zoo.skip_net``: four layers, a skip from the input to layer 3 and from layer 1 to the
+    loss, ``W2`` shared by layers 2 and 3 (float64). ``slow``: that many 600x600 matmuls in
+    stage 1's forward (outside the gradient), so a step takes long enough to kill a worker in
+    it. Weights, then arguments, from one stream."""
     rng = np.random.default_rng(seed)
-    v = {name: tf.Variable(rng.normal(size=shape) * 0.5, name=name)
-         for name, shape in [("W1", (4, 4)), ("b1", (4,)), ("W2", (4, 4)), ("V", (4, 4)),
-                             ("W3", (4, 2))]}
-
-    def fn(x, y):
-        h1 = gsc.mark(tf.tanh(x @ v["W1"] + v["b1"]), "c1")
-        h2 = tf.tanh(h1 @ v["W2"])
-        if slow:
-            b = tf.tile(tf.stop_gradient(v["W2"]), [150, 150]) * 0.01
-            for _ in range(slow):
-                b = tf.tanh(b @ b)
-            h2 = h2 + 1e-300 * tf.reduce_sum(b)
-        h2 = gsc.mark(h2, "c2")
-        h3 = gsc.mark(tf.tanh(h2 @ v["W2"] + x @ v["V"]), "c3")
-        out = (h3 + h1) @ v["W3"]
-        return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=1))
-
-    signature = [tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([None, 2], tf.float64)]
-    args = [tf.constant(rng.normal(size=(BATCH, 4))), tf.constant(rng.normal(size=(BATCH, 2)))]
-    return fn, signature, args
+    case = zoo.skip_net("mean", slow=slow, batch=BATCH, seed=rng)
+    return case.fn, case.input_signature, case.args(rng)
 
 
 def rel_error(got, want) -> float:

@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import gradsplit_compiler as gsc  # noqa: E402
+from gradsplit_compiler import zoo  # noqa: E402
 from gradsplit_compiler.run.schedules import (  # noqa: E402
     Action,
     gpipe_schedule,
@@ -69,27 +70,13 @@ def _devices(k):
 
 
 def _model(reduction: str, seed: int = 0):
-    """A four-layer net with a skip from the input to layer 3, a skip from layer 1 to the
-    loss, and ``W2`` used by layers 2 and 3; ``scale`` (a scalar) and ``shift`` (fixed
-    leading dimension) are replicated to every micro-batch."""
+    """``zoo.skip_net``: four layers, a skip from the input to layer 3, a skip from layer 1 to
+    the loss, and ``W2`` used by layers 2 and 3; ``scale`` (a scalar) and ``shift`` (fixed
+    leading dimension) are replicated to every micro-batch. Weights, then arguments, from one
+    stream."""
     rng = np.random.default_rng(seed)
-    v = {name: tf.Variable(rng.normal(size=shape) * 0.5, name=name)
-         for name, shape in [("W1", (4, 4)), ("b1", (4,)), ("W2", (4, 4)), ("V", (4, 4)),
-                             ("W3", (4, 2))]}
-    reduce = tf.reduce_mean if reduction == "mean" else tf.reduce_sum
-
-    def fn(x, y, scale, shift):
-        h1 = gsc.mark(tf.tanh(x @ v["W1"] + v["b1"] + shift), "c1")
-        h2 = gsc.mark(tf.tanh(h1 @ v["W2"]), "c2")
-        h3 = gsc.mark(tf.tanh(h2 @ v["W2"] + x @ v["V"]), "c3")
-        out = (h3 + h1) @ v["W3"] * scale
-        return reduce(tf.reduce_sum((out - y) ** 2, axis=1))
-
-    signature = [tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([None, 2], tf.float64),
-                 tf.TensorSpec([], tf.float64), tf.TensorSpec([4], tf.float64)]
-    args = [tf.constant(rng.normal(size=(BATCH, 4))), tf.constant(rng.normal(size=(BATCH, 2))),
-            tf.constant(1.5, tf.float64), tf.constant(rng.normal(size=(4,)))]
-    return fn, signature, args
+    case = zoo.skip_net(reduction, replicated=True, batch=BATCH, seed=rng)
+    return case.fn, case.input_signature, case.args(rng)
 
 
 class _Bench:
