@@ -75,15 +75,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     progress = _progress(args, 3)
     target = _load(args, progress)
 
+    import passes
     from gradsplit_compiler.cli.tables import cuttable_tensors, tensor_table
-    from gradsplit_compiler.core.pass_manager import run_passes
-    from gradsplit_compiler.core.split import default_passes
     from gradsplit_compiler.errors import GradSplitError, close_names
     from gradsplit_compiler.frontend.capture import capture
 
     with progress.step("tracing and inlining nested calls"):
         program = capture(target.fn, target.input_signature)
-        program = run_passes(program, default_passes()[:2])  # inline_calls, refresh_shapes
+        program = passes.run(program, "analysis")
         listing = cuttable_tensors(program, include_all=args.all)
     rows = listing.rows
     if args.layer is not None:
