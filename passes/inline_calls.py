@@ -1,14 +1,18 @@
 """Inline nested function calls.
 
 Guarantees afterwards: the top-level graph has no ``PartitionedCall`` or
-``StatefulPartitionedCall`` op. Each call's body is spliced in under the call's name
-(``call/inner_op``), reading the call's inputs directly; consumers of the call's outputs
-read the body's return tensors; control edges into the call reach every body op without
-inputs, and control edges out of it leave from the body's control returns (its stateful
-ops), so every side effect still runs exactly once and in order. ``If``/``While`` stay
-functional: a cut may sit between them, never inside a body. Nested calls are inlined
-until none remain, so a cut can name a tensor of a nested ``tf.function`` by its inlined
-name, and gradients never fall back to ``SymbolicGradient``.
+``StatefulPartitionedCall`` op, and no ``SymbolicGradient``. Each call's body is spliced in
+under the call's name (``call/inner_op``), reading the call's inputs directly; consumers of
+the call's outputs read the body's return tensors; control edges into the call reach every
+body op without inputs, and control edges out of it leave from the body's control returns
+(its stateful ops), so every side effect still runs exactly once and in order. ``If``/``While``
+stay functional: a cut may sit between them, never inside a body; no body of theirs calls a
+``tf.function`` (that was refused). Nested calls are inlined until none remain, so a cut can
+name a tensor of a nested ``tf.function`` by its inlined name, and gradients never fall back
+to ``SymbolicGradient``.
+
+``check`` (the pass's ``ensures``) tests the first and the last two sentences in full; how
+each body was spliced is not tested (that needs the call ops, which are gone).
 
 Example
 -------
@@ -20,6 +24,9 @@ Example
 ...                                [tf.TensorSpec([None])]))
 >>> any(program.graph.nodes[n]["op"].endswith("PartitionedCall") for n in program.graph)
 False
+>>> from passes.inline_calls import check
+>>> check(program)
+[]
 """
 
 from __future__ import annotations
@@ -116,6 +123,18 @@ def _refuse_calls_in_bodies(g: nx.MultiDiGraph, functions: dict) -> None:
     """A tf.function called inside a tf.cond / tf.while_loop body stays a call op in that
     body, whose gradient TensorFlow can only build as ``SymbolicGradient`` (no kernel, no
     XLA): refuse it by name instead of failing at run time."""
+    for node, inner in _calls_in_bodies(g, functions):
+        raise GradSplitError(
+            f"{g.nodes[node]['op']} {node!r} calls a tf.function "
+            f"({inner!r}) inside its body; its gradient would "
+            "need SymbolicGradient, which TensorFlow cannot run under XLA or "
+            "rebuild here. Call the inner function's Python body directly inside "
+            "the tf.cond / tf.while_loop (without tf.function)."
+        )
+
+
+def _calls_in_bodies(g: nx.MultiDiGraph, functions: dict):
+    """``(control-flow node, called function)`` for each call op inside a body, at any depth."""
     for node in g.nodes:
         if g.nodes[node]["op"] not in ir.CONTROL_FLOW_OPS:
             continue
@@ -128,14 +147,38 @@ def _refuse_calls_in_bodies(g: nx.MultiDiGraph, functions: dict) -> None:
             seen.add(fname)
             for nd in functions[fname].node_def:
                 if nd.op in CALL_OPS:
-                    raise GradSplitError(
-                        f"{g.nodes[node]['op']} {node!r} calls a tf.function "
-                        f"({nd.attr['f'].func.name!r}) inside its body; its gradient would "
-                        "need SymbolicGradient, which TensorFlow cannot run under XLA or "
-                        "rebuild here. Call the inner function's Python body directly inside "
-                        "the tf.cond / tf.while_loop (without tf.function)."
-                    )
+                    yield node, nd.attr["f"].func.name
                 stack.extend(ir.called_functions(nd, functions))
+
+
+def check(program: Program) -> list[str]:
+    """What the docstring guarantees, as violations (empty when it holds).
+
+    Tested in full: no call op and no ``SymbolicGradient`` in the top-level graph (one look
+    at each node), and no call inside an ``If``/``While``/``Case`` body (the bodies are
+    walked only when the graph has such an op). Not tested: how each body was spliced
+    (names under the call's, control edges moved); the IR check (every output tensor has a
+    producer, no cycle) covers what a wrong splice most often breaks.
+    """
+    g = program.graph
+    problems = []
+    has_control_flow = False
+    for node, attrs in g.nodes(data=True):
+        op = attrs["op"]
+        if op in CALL_OPS or op == "SymbolicGradient":
+            problems.append(f"node {node!r} is a {op} op")
+        elif op in ir.CONTROL_FLOW_OPS:
+            has_control_flow = True
+    if has_control_flow:
+        functions = {f.signature.name: f for f in g.graph["library"].function}
+        problems += [
+            f"{g.nodes[node]['op']} {node!r} calls the tf.function {inner!r} inside its body"
+            for node, inner in _calls_in_bodies(g, functions)
+        ]
+    return problems
+
+
+inline_calls.ensures = check
 
 
 def _shapes(nd) -> list:

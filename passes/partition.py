@@ -5,19 +5,29 @@ Guarantees afterwards, with ``K = len(program.cuts)``:
 - every live op (one the outputs, the control outputs or a cut depend on) has a node
   attribute ``stage`` in ``0..K``; dead ops and the argument and capture placeholders have
   ``stage=None``; data never flows from a later stage to an earlier one;
-- stage ``k < K`` holds what cut ``k`` needs that no earlier stage holds; the last stage holds
-  what computes the outputs; an op that only feeds side effects (a batch-norm statistics
-  update, a print) runs in the earliest stage where its inputs are ready, so statistics
-  stay beside the layer they belong to; every stateful op is in exactly one stage;
+- stage ``k < K`` holds what cut ``k`` needs that no earlier stage holds (the tensors of cut
+  ``k`` are computed in stage ``k``); the last stage holds what computes the outputs; an op
+  that only feeds side effects (a batch-norm statistics update, a print) runs in the earliest
+  stage where its inputs are ready, so statistics stay beside the layer they belong to;
+  every stage runs at least one op that does work (not only ``Const``, ``Identity``, reads);
 - constants, and reads of variables that nothing in the program writes, are copied into
   every stage that uses them (node attribute ``stages``), so a variable is read where it is
-  used and never travels across a cut;
-- ``program.stages[k]`` lists the stage's ops, its inputs (argument tensors and outputs of
-  earlier stages), its outputs (what later stages or the caller read), its variables and
-  captures; ``program.boundaries[k]`` lists every tensor that crosses cut ``k``: the named
-  tensors plus skip connections and arguments;
+  used and never travels across a cut; every other op (every stateful op among them) runs
+  in exactly one stage, its own (``stages == [stage]``);
+- ``program.stages[k]`` lists the stage's ops (those whose ``stages`` hold ``k``), its inputs
+  (argument tensors and outputs of earlier stages), its outputs (what later stages or the
+  caller read), its variables and captures; ``program.boundaries[k]`` lists every tensor that
+  crosses cut ``k``, that is every input of a later stage computed in stage ``k`` or before
+  or passed as an argument: the named tensors, skip connections and arguments;
 - cuts out of data-flow order, and cuts that leave a stage with nothing to do, were refused
   with a ``GradSplitError``.
+
+``check`` (the pass's ``ensures``) tests these in one sweep over the nodes and edges and one
+over the stage plans, except two that need a walk per cut or per op: that stage ``k`` holds
+*only* what cut ``k`` needs (it tests that cut ``k``'s tensors are computed in stage ``k``,
+which with forward data flow puts all they need in stages ``0..k``), and where a side-effect
+op lands (it tests only that it has a stage). The refusals are tested where they are raised.
+Of a stage plan's variables and captures it tests nothing.
 
 Example
 -------
@@ -32,6 +42,9 @@ Example
 >>> program = partition(resolve_cuts(program))
 >>> program.boundaries
 [['x:0', 'gsc.mark.y.:0']]
+>>> from passes.partition import check
+>>> check(program)
+[]
 """
 
 from __future__ import annotations
@@ -242,3 +255,124 @@ def _boundaries(program: Program, num_stages: int) -> list[list[str]]:
                     crossing.append(name)
         boundaries.append(crossing)
     return boundaries
+
+
+def check(program: Program) -> list[str]:
+    """What the docstring guarantees, as violations (empty when it holds); see the module
+    docstring for the two properties tested only in part."""
+    g = program.graph
+    last = len(program.cuts)
+    problems: list[str] = []
+    placeholders = program.input_placeholders
+    live = _live_nodes(program) - placeholders
+    written = program.written_resources()
+    members: list[set[str]] = [set() for _ in range(last + 1)]
+    busy = [False] * (last + 1)
+    for node, attrs in g.nodes(data=True):
+        own = attrs.get("stage")
+        if node not in live:
+            if own is not None:
+                kind = "an input placeholder" if node in placeholders else "dead"
+                problems.append(f"node {node!r} is {kind} but has stage {own!r}")
+            continue
+        if own is None:
+            problems.append(f"live node {node!r} has no stage")
+            continue
+        if not isinstance(own, int) or not 0 <= own <= last:
+            problems.append(f"live node {node!r} has stage {own!r}, not one of 0..{last}")
+            continue
+        copies = attrs.get("stages")
+        if attrs.get("replicated"):
+            if not _replicable(program, node, written):
+                problems.append(
+                    f"node {node!r} ({attrs['op']}) runs in stages {copies!r}, but only "
+                    "constants and reads of unwritten variables may be copied"
+                )
+        elif copies != [own]:
+            problems.append(f"node {node!r} runs in stages {copies!r}, not only in its "
+                            f"stage {own}")
+        for k in copies or ():
+            if isinstance(k, int) and 0 <= k <= last:
+                members[k].add(node)
+            else:
+                problems.append(f"node {node!r} runs in stage {k!r}, not one of 0..{last}")
+        if attrs["op"] not in TRIVIAL_OPS:
+            busy[own] = True
+    nodes = g.nodes
+    for u, v, a in g.edges(data=True):
+        if a["control"]:
+            continue
+        su, sv = nodes[u].get("stage"), nodes[v].get("stage")
+        if su is None or sv is None:
+            continue
+        if nodes[u].get("replicated"):
+            if sv not in nodes[u].get("stages", ()):
+                problems.append(f"node {v!r} (stage {sv}) reads the copied node {u!r}, which "
+                                f"has no copy in stage {sv}")
+        elif su > sv:
+            problems.append(f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs "
+                            "backwards")
+    for k, cut in enumerate(program.cuts):
+        for tensor in cut:
+            op = ir.parse_tensor_name(tensor)[0]
+            if op in g and nodes[op].get("stage") != k:
+                problems.append(f"cut {k}'s tensor {tensor!r} is computed in stage "
+                                f"{nodes[op].get('stage')!r}, not {k}")
+    problems += [f"stage {k} runs no op that does work" for k, b in enumerate(busy) if not b]
+    if problems:
+        return problems
+    return _check_plans(program, members)
+
+
+def _check_plans(program: Program, members: list[set[str]]) -> list[str]:
+    """The stage plans and boundaries against the ``stage``/``stages`` attributes."""
+    g = program.graph
+    last = len(program.cuts)
+    if len(program.stages) != last + 1 or len(program.boundaries) != last:
+        return [f"{len(program.stages)} stage plans and {len(program.boundaries)} boundaries "
+                f"for {last} cuts"]
+    problems: list[str] = []
+    arg_ops = {ir.parse_tensor_name(n)[0] for n in program.arg_names}
+    outputs = [set(plan.outputs) for plan in program.stages]
+    crossing: list[set[str]] = [set() for _ in range(last)]
+    for k, plan in enumerate(program.stages):
+        listed = set(plan.nodes)
+        if plan.index != k or listed != members[k]:
+            odd = sorted(listed ^ members[k])[:3]
+            problems.append(f"program.stages[{k}] (index {plan.index}) does not list the ops "
+                            f"whose stages hold {k}; e.g. {odd}")
+        for tensor in plan.outputs:
+            op = ir.parse_tensor_name(tensor)[0]
+            if g.nodes[op].get("stage") != k:
+                problems.append(f"stage {k} lists the output {tensor!r}, computed in stage "
+                                f"{g.nodes[op].get('stage')!r}")
+        for tensor in plan.inputs:
+            op = ir.parse_tensor_name(tensor)[0]
+            came = g.nodes[op].get("stage")
+            if came is None:
+                if op not in arg_ops:
+                    problems.append(f"stage {k} reads {tensor!r}, neither an argument nor "
+                                    "computed in a stage")
+            elif came >= k or g.nodes[op].get("replicated"):
+                problems.append(f"stage {k} reads {tensor!r} from stage {came} (a copied op "
+                                "or not an earlier stage)")
+            elif tensor not in outputs[came]:
+                problems.append(f"stage {k} reads {tensor!r}, which stage {came} does not "
+                                "list as an output")
+            for cut in range(came or 0, k):
+                crossing[cut].add(tensor)
+    for name in program.output_names:
+        op = ir.parse_tensor_name(name)[0]
+        own = g.nodes[op].get("stage")
+        if own is not None and own in g.nodes[op].get("stages", ()) and name not in outputs[own]:
+            problems.append(f"the output {name!r} is not an output of stage {own}, which "
+                            "computes it")
+    for cut, boundary in enumerate(program.boundaries):
+        if set(boundary) != crossing[cut]:
+            odd = sorted(set(boundary) ^ crossing[cut])[:3]
+            problems.append(f"program.boundaries[{cut}] is not what crosses cut {cut}; e.g. "
+                            f"{odd}")
+    return problems
+
+
+partition.ensures = check

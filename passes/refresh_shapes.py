@@ -1,10 +1,26 @@
 """Refresh the derived dtypes and static shapes of every node.
 
 Guarantees afterwards: every node's ``outputs`` attribute lists ``(dtype, shape)`` for each
-of its outputs, as TensorFlow's shape inference gives them on the current graph (inlined
-bodies included, with the arguments' shapes from the input signature). The graph itself is
-unchanged. Nodes whose dtypes are already all known are left as they are, so the pass costs
-one C++ import only when an earlier pass added nodes.
+of its outputs, a known ``tf.DType`` and a ``tf.TensorShape``, as TensorFlow's shape
+inference gives them on the current graph (inlined bodies included, with the arguments'
+shapes from the input signature); every output index a data edge reads is listed. The graph
+itself is unchanged. Nodes whose dtypes are already all known are left as they are, so the
+pass costs one C++ import only when an earlier pass added nodes.
+
+``check`` (the pass's ``ensures``) tests the list, the types and the indices read, one look
+at each node and edge. Not tested: that the values are what inference would give (that is
+the C++ import the pass avoids repeating), that an op nothing reads lists all its outputs
+(that needs TensorFlow's op registry), and that the graph is unchanged.
+
+Example
+-------
+>>> import tensorflow as tf
+>>> from gradsplit_compiler.frontend.capture import capture
+>>> from passes.refresh_shapes import check, refresh_shapes
+>>> program = refresh_shapes(capture(tf.function(lambda x: tf.tanh(x)),
+...                                  [tf.TensorSpec([None, 3])]))
+>>> check(program)
+[]
 """
 
 from __future__ import annotations
@@ -33,3 +49,33 @@ def _known(outputs) -> bool:
     return outputs is not None and all(dtype is not None for dtype, _ in outputs) and (
         outputs != []
     )
+
+
+def check(program: Program) -> list[str]:
+    """What the docstring guarantees, as violations (empty when it holds); see the module
+    docstring for what is tested and what is not."""
+    g = program.graph
+    problems = []
+    listed: dict[str, int] = {}
+    for node, attrs in g.nodes(data=True):
+        outputs = attrs.get("outputs")
+        if not isinstance(outputs, list):
+            problems.append(f"node {node!r} has no outputs list (dtypes and shapes)")
+            continue
+        listed[node] = len(outputs)
+        for i, entry in enumerate(outputs):
+            dtype, shape = entry
+            if not isinstance(dtype, tf.DType):
+                problems.append(f"output {i} of node {node!r} has no known dtype ({dtype!r})")
+            if not isinstance(shape, tf.TensorShape):
+                problems.append(f"output {i} of node {node!r} has no TensorShape ({shape!r})")
+    for src, dst, a in g.edges(data=True):
+        if not a["control"] and src in listed and a["src_output"] >= listed[src]:
+            problems.append(
+                f"node {dst!r} reads output {a['src_output']} of node {src!r}, which lists "
+                f"{listed[src]} outputs"
+            )
+    return problems
+
+
+refresh_shapes.ensures = check

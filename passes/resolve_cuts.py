@@ -1,12 +1,16 @@
 """Resolve the caller's cut names to graph tensors.
 
-Guarantees afterwards: ``program.cuts`` holds, per cut, a non-empty list of distinct
-``"op:index"`` names of floating-point tensors of the top-level graph; no tensor is named by
-two cuts. A name may be a graph tensor (``"op:1"``, or ``"op"`` for output 0), a
-``gsc.mark`` name, or a Keras layer name (its output). Every refusal is a ``GradSplitError``
-in the caller's terms: unknown names (with up to five close names), names that could mean
-more than one tensor (with the candidates), tensors of integer, boolean or resource dtype,
-tensors inside a ``tf.cond``/``tf.while_loop`` body, and repeated cuts.
+Guarantees afterwards: ``program.cuts`` holds, per entry of ``program.cut_specs``, a
+non-empty list of distinct ``"op:index"`` names of floating-point (or complex) tensors of
+the top-level graph; no tensor is named by two cuts. A name may be a graph tensor
+(``"op:1"``, or ``"op"`` for output 0), a ``gsc.mark`` name, or a Keras layer name (its
+output). Every refusal is a ``GradSplitError`` in the caller's terms: unknown names (with
+up to five close names), names that could mean more than one tensor (with the candidates),
+tensors of integer, boolean or resource dtype, tensors inside a ``tf.cond``/``tf.while_loop``
+body, and repeated cuts.
+
+``check`` (the pass's ``ensures``) tests the first sentence in full (one look at each cut
+tensor); that each tensor is the one its name means is not tested (that is the pass).
 
 Example
 -------
@@ -19,6 +23,9 @@ Example
 >>> program.cut_specs = ["y"]
 >>> resolve_cuts(program).cuts
 [['gsc.mark.y.:0']]
+>>> from passes.resolve_cuts import check
+>>> check(program)
+[]
 """
 
 from __future__ import annotations
@@ -173,3 +180,40 @@ def _check_dtype(program: Program, name: str, tensor: str) -> None:
             "floating-point tensor so a cotangent can flow back through it. Cut at a float "
             "tensor that this value is computed from or feeds."
         )
+
+
+def check(program: Program) -> list[str]:
+    """What the docstring guarantees, as violations (empty when it holds)."""
+    g = program.graph
+    problems = []
+    if len(program.cuts) != len(program.cut_specs):
+        problems.append(
+            f"there are {len(program.cuts)} resolved cuts for {len(program.cut_specs)} cut "
+            "entries"
+        )
+    seen: dict[str, int] = {}
+    for k, cut in enumerate(program.cuts):
+        if not cut:
+            problems.append(f"cut {k} names no tensor")
+        for tensor in cut:
+            op, _, index = str(tensor).rpartition(":")
+            if not op or not index.isdigit() or op not in g:
+                problems.append(f"cut {k} names {tensor!r}, not a tensor of the top-level graph")
+                continue
+            outputs = g.nodes[op].get("outputs") or []
+            if int(index) >= len(outputs):
+                problems.append(f"cut {k} names {tensor!r}, but node {op!r} lists "
+                                f"{len(outputs)} outputs")
+                continue
+            dtype = outputs[int(index)][0]
+            if dtype is None or not (dtype.is_floating or dtype.is_complex):
+                problems.append(f"cut {k} names {tensor!r} of dtype "
+                                f"{getattr(dtype, 'name', dtype)}, not floating-point")
+            if tensor in seen:
+                other = "twice" if seen[tensor] == k else f"as cut {seen[tensor]} does"
+                problems.append(f"cut {k} names {tensor!r} {other}")
+            seen.setdefault(tensor, k)
+    return problems
+
+
+resolve_cuts.ensures = check

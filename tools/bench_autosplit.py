@@ -178,11 +178,10 @@ def transformer(blocks: int = 4, seq: int = 64, dim: int = 128, heads: int = 4):
 
 def analysed(fn, signature):
     """The program after the passes that do not depend on cuts (what auto_split plans on)."""
-    from gradsplit_compiler.core.pass_manager import run_passes
-    from gradsplit_compiler.core.split import default_passes
+    import passes
     from gradsplit_compiler.frontend.capture import capture
 
-    return run_passes(capture(fn, signature), default_passes()[:2])
+    return passes.run(capture(fn, signature), "analysis")
 
 
 def carried_bytes(split, batch: int) -> list[int]:

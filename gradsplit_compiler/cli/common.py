@@ -188,12 +188,10 @@ def load(args: argparse.Namespace, progress: Progress):
 
 def trace_and_inline(target: Any):
     """The program ``inspect`` lists: traced, nested calls inlined, shapes refreshed."""
-    from gradsplit_compiler.core.pass_manager import run_passes
-    from gradsplit_compiler.core.split import default_passes
+    import passes
     from gradsplit_compiler.frontend.capture import capture
 
-    program = capture(target.fn, target.input_signature)
-    return run_passes(program, default_passes()[:2])  # inline_calls, refresh_shapes
+    return passes.run(capture(target.fn, target.input_signature), "analysis")
 
 
 def _split_at_cuts(args: argparse.Namespace, target: Any, progress: Progress):

@@ -3,6 +3,13 @@
 After torch.fx's ``PassManager``: a failing pass is reported by name together with the
 passes that ran before it, and the invariants of the IR are checked after every pass so a
 broken graph is caught where it was broken, not three passes later.
+
+A pass may carry an ``ensures`` attribute (torch.fx's ``PassBase.ensures``): a function of
+the program returning the violations of what the pass guarantees (an empty list when it
+holds). A pass may assume the guarantees of the passes before it and must keep them, so
+after each pass the manager checks the guarantees of every pass that has run so far, its
+own included, and names both the pass that broke one and the pass whose guarantee it was.
+The order of the passes, in phases, is declared in ``passes/__init__.py``.
 """
 
 from __future__ import annotations
@@ -15,18 +22,37 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program
 
 Pass = Callable[[Program], Program]
+# What a pass guarantees afterwards, as a function: the violations, empty when it holds.
+Check = Callable[[Program], list]
 
 
 class PassError(RuntimeError):
-    """A pass failed or left the graph invalid: a bug in gradsplit_compiler, not the caller's."""
+    """A pass failed, left the graph invalid or broke a guarantee: a bug in that pass (of
+    gradsplit_compiler, or of the caller when it passes its own), not in the caller's input."""
 
 
 def pass_name(p: Pass) -> str:
     module = getattr(p, "__module__", "") or ""
-    return module.rsplit(".", 1)[-1] if module.startswith("passes") else p.__name__
+    return module.rsplit(".", 1)[-1] if module.startswith("passes.") else p.__name__
 
 
-def run_passes(program: Program, passes: Sequence[Pass]) -> Program:
+def run_passes(program: Program, passes: Sequence[Pass], *,
+               established: Sequence[Pass] = ()) -> Program:
+    """Run ``passes`` in order, checking the IR and the guarantees in force after each.
+
+    ``established`` are passes that ran on ``program`` before (an earlier phase): their
+    guarantees are in force from the start and checked after every pass too.
+    """
+    in_force: list[tuple[str, Check]] = []
+    for p in established:
+        _establish(in_force, p)
+    for owner, ensures in in_force:
+        problems = ensures(program)
+        if problems:
+            raise PassError(
+                f"The program does not meet the guarantee of the {owner!r} pass, which ran "
+                "before these passes: " + "; ".join(problems[:5])
+            )
     done: list[str] = []
     for p in passes:
         name = pass_name(p)
@@ -45,8 +71,24 @@ def run_passes(program: Program, passes: Sequence[Pass]) -> Program:
                 f"The graph is invalid after the {name!r} pass (after {done}): "
                 + "; ".join(problems[:5])
             )
+        _establish(in_force, p)
+        for owner, ensures in in_force:
+            problems = ensures(program)
+            if problems:
+                what = ("did not meet its guarantee" if owner == name
+                        else f"broke the guarantee of the {owner!r} pass")
+                raise PassError(
+                    f"The {name!r} pass {what} (after {done}): "
+                    + "; ".join(problems[:5])
+                )
         done.append(name)
     return program
+
+
+def _establish(in_force: list[tuple[str, Check]], p: Pass) -> None:
+    ensures = getattr(p, "ensures", None)
+    if ensures is not None and all(e is not ensures for _, e in in_force):
+        in_force.append((pass_name(p), ensures))
 
 
 def check_program(program: Program) -> list[str]:

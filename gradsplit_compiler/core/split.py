@@ -23,12 +23,10 @@ from gradsplit_compiler.ir.program import Program
 
 
 def default_passes() -> list:
-    from passes.inline_calls import inline_calls
-    from passes.partition import partition
-    from passes.refresh_shapes import refresh_shapes
-    from passes.resolve_cuts import resolve_cuts
+    """The whole pass pipeline (``passes.pipeline()``); a phase is asked for by name there."""
+    import passes
 
-    return [inline_calls, refresh_shapes, resolve_cuts, partition]
+    return passes.pipeline()
 
 
 def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool | None = None,
@@ -48,8 +46,10 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
     training : bool, optional
         When ``fn`` is a ``keras.Model``, the ``training`` flag it is called with.
     passes : list, optional
-        The graph passes to run; default ``inline_calls, refresh_shapes, resolve_cuts,
-        partition``.
+        The graph passes to run; default ``passes.pipeline()``, the phases ``analysis``
+        (``inline_calls, refresh_shapes``) and ``cutting`` (``resolve_cuts, partition``).
+        ``passes.pipeline(after={"analysis": [my_pass]})`` adds passes of one's own after a
+        phase; each pass must keep what the passes before it guarantee.
 
     Returns
     -------
@@ -78,10 +78,14 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
             f"cuts must be a list with one entry per cut, e.g. ['y'] or [['a', 'b']]; got "
             f"{cuts!r}."
         )
+    import passes as pass_pipeline
+
+    chosen = pass_pipeline.pipeline() if passes is None else list(passes)
+    pass_pipeline.check_order(chosen)
     with _collector_paused():
         program = capture(fn, input_signature, training=training)
         program.cut_specs = list(cuts)
-        program = run_passes(program, list(passes) if passes is not None else default_passes())
+        program = run_passes(program, chosen)
         return Split(program)
 
 

@@ -1041,24 +1041,21 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     GradSplitError
         For arguments that cannot work, naming what would.
     """
-    from gradsplit_compiler.core.pass_manager import run_passes
-    from gradsplit_compiler.core.split import Split, _collector_paused, default_passes
+    import passes
+    from gradsplit_compiler.core.split import Split, _collector_paused
     from gradsplit_compiler.frontend.capture import capture
 
     _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps)
     model = cost_model or _costs.DEFAULT_MODEL
-    passes = default_passes()
-    names = [getattr(p, "__name__", "") for p in passes]
-    at = names.index("resolve_cuts") if "resolve_cuts" in names else len(passes) - 2
-    # One trace: the analysis passes, then the cut-dependent ones, as split() runs them.
+    # One trace: the analysis phase, then the cutting phase, as split() runs them.
     with _collector_paused():
         program = capture(fn, input_signature, training=training)
-        program = run_passes(program, passes[:at])
+        program = passes.run(program, "analysis")
         plan = plan_partition(program, num_stages, batch_size=batch_size,
                               memory_limit=memory_limit, microbatches=microbatches, eps=eps,
                               polish=polish, model=model)
         program.cut_specs = [list(c) for c in plan.cuts]
-        program = run_passes(program, passes[at:])
+        program = passes.run(program, "cutting")
         result = Split(program)
     plan.compare(result)
     result.plan = plan

@@ -12,8 +12,7 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
-from gradsplit_compiler.core.pass_manager import run_passes
-from gradsplit_compiler.core.split import default_passes
+import passes
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.plan import autosplit, costs
 
@@ -334,7 +333,7 @@ def test_refusals_name_what_would_work():
 def test_resnet50_four_stages_are_balanced_and_no_recipe_crosses_fewer_bytes_at_its_balance():
     case = models.resnet50(tf.float32, resolution=64)
     loss, signature = case.fn, case.input_signature
-    program = run_passes(capture(loss, signature), default_passes()[:2])
+    program = passes.run(capture(loss, signature), "analysis")
     plan = autosplit.plan_partition(program, 4, batch_size=32)
     assert plan.imbalance <= 1.05
     for by in ("ops", "params"):

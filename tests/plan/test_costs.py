@@ -6,14 +6,13 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
-from gradsplit_compiler.core.pass_manager import run_passes
-from gradsplit_compiler.core.split import default_passes
+import passes
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.plan import costs
 
 
 def _graph(fn, signature):
-    program = run_passes(capture(tf.function(fn), signature), default_passes()[:2])
+    program = passes.run(capture(tf.function(fn), signature), "analysis")
     return program.graph
 
 
