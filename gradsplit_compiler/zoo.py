@@ -170,15 +170,22 @@ def tensor(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType) -> t
 
 @contextlib.contextmanager
 def keras_floatx(dtype: str) -> Iterator[None]:
-    """Build Keras layers in ``dtype``; the previous default comes back afterwards."""
+    """Build Keras layers in ``dtype``; the previous default comes back afterwards.
+
+    Sets the global dtype policy too: once anything has asked Keras for it
+    (``keras.config.dtype_policy()``, which loading a model does), Keras keeps that policy
+    and no longer follows ``floatx``.
+    """
     import keras
 
-    previous = keras.backend.floatx()
+    previous, previous_policy = keras.backend.floatx(), keras.config.dtype_policy()
     keras.backend.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
     try:
         yield
     finally:
         keras.backend.set_floatx(previous)
+        keras.config.set_dtype_policy(previous_policy)
 
 
 # -- the seed problem --------------------------------------------------------------------------
