@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from gradsplit_compiler.errors import GradSplitError
 
+__all__ = ["mark", "mark_name_of"]
+
 _PREFIX = "gsc.mark."
 _VALID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # TF makes repeated op names unique by appending "_<n>"; the trailing dot keeps that suffix

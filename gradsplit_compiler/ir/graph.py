@@ -42,15 +42,25 @@ __all__ = [
     "data_inputs",
     "descendants",
     "from_networkx",
+    "node_attributes",
     "node_inputs",
     "parse_tensor_name",
+    "predecessor_edges",
+    "successor_edges",
     "tensor_name",
     "to_networkx",
 ]
 
 
 def parse_tensor_name(name: str) -> tuple[str, int]:
-    """``"op:1"`` -> ``("op", 1)``; ``"op"`` -> ``("op", 0)``."""
+    """``"op:1"`` -> ``("op", 1)``; ``"op"`` -> ``("op", 0)``.
+
+    The one parser of tensor names in the package (``NodeDef`` inputs, cuts, stage inputs
+    and outputs); ``tensor_name`` writes them.
+
+    >>> parse_tensor_name("dense/MatMul:1"), parse_tensor_name("x")
+    (('dense/MatMul', 1), ('x', 0))
+    """
     op, sep, index = name.rpartition(":")
     if sep and index.isdigit():
         return op, int(index)
@@ -58,6 +68,7 @@ def parse_tensor_name(name: str) -> tuple[str, int]:
 
 
 def tensor_name(op: str, index: int) -> str:
+    """``("op", 1)`` -> ``"op:1"``."""
     return f"{op}:{index}"
 
 
@@ -231,6 +242,30 @@ def _reach(adjacency, graph, nodes, within, data_only) -> set[str]:
             found.add(other)
             stack.append(other)
     return found
+
+
+# -- the whole graph at once, as plain dicts ------------------------------------------------------
+# For passes over every node of programs of 100,000 ops: networkx's views (``graph.nodes[n]``,
+# ``graph.pred[n]``) build a wrapper object per lookup, which then costs more than the work.
+# These hand out networkx's own dicts through its public API, in one call each; read them,
+# never change them (change the graph through networkx).
+
+
+def node_attributes(graph: nx.MultiDiGraph) -> dict[str, dict]:
+    """``{op name: its attribute dict}`` in node order (``graph.nodes(data=True)``)."""
+    return dict(iter(graph.nodes(data=True)))
+
+
+def successor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
+    """``{u: {v: {key: edge attributes}}}`` over the edges leaving each node, in node order
+    (``graph.adjacency()``)."""
+    return dict(graph.adjacency())
+
+
+def predecessor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
+    """``{v: {u: {key: edge attributes}}}`` over the edges entering each node, in node order
+    (``graph.reverse(copy=False).adjacency()``: the reverse view costs nothing)."""
+    return dict(graph.reverse(copy=False).adjacency())
 
 
 # Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
