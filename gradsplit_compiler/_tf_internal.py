@@ -1,7 +1,29 @@
-"""Every private TensorFlow API gradsplit_compiler touches, in one place.
+"""Every private TensorFlow and Keras API gradsplit_compiler touches, in one place.
 
-Checked on TensorFlow 2.16 to 2.21. Each helper names the API it wraps; tests in
-``tests/test_tf_internal.py`` pin their behaviour so an upgrade that breaks one shows here.
+Checked on TensorFlow 2.16 to 2.21 and Keras 3.15 (the TensorFlow backend); no other module
+of the package (``tests/test_boundary.py`` checks it) reads a private attribute of TensorFlow
+or Keras, or imports ``tensorflow.python`` / ``keras.src``. Each helper names the API it wraps;
+``tests/core/test_tf_internal.py`` pins their behaviour so that an upgrade that breaks one
+shows there.
+
+TensorFlow
+    - ``function_body_graph_def``: ``function_def_to_graph.function_def_to_graph_def``
+    - ``capture_in_current_graph``: ``FuncGraph.capture``
+    - ``with_fresh_function_names``: no private API; why it exists is TensorFlow's rule on
+      duplicate function names
+    - ``register_functions``: ``atomic_function.from_function_def``, ``context.context()``,
+      ``Graph._is_function``, ``Graph._functions``
+    - ``call_flat`` / ``flat_caller``: ``ConcreteFunction._call_flat``
+    - ``registered_gradient``: ``ops._gradient_registry``
+    - ``has_control_outputs``: ``Operation._control_outputs``
+    - ``shape_dims``: ``TensorShape._dims``
+    - ``connected_server_def``: ``context.context()._server_def``
+
+Keras
+    - ``sublayers``: ``Layer._flatten_layers``
+    - ``functional_of``: ``Sequential._functional``, ``Functional._nodes_by_depth``
+    - ``nodes_by_depth``: ``Functional._nodes_by_depth``
+    - ``input_layer_of``: ``KerasTensor._keras_history``
 """
 
 from __future__ import annotations
@@ -15,6 +37,23 @@ from tensorflow.core.function.polymorphism import function_type as _function_typ
 from tensorflow.python.eager import context as _context
 from tensorflow.python.eager.polymorphic_function import atomic_function as _atomic
 from tensorflow.python.framework import function_def_to_graph as _fdef_to_graph
+
+__all__ = [
+    "call_flat",
+    "capture_in_current_graph",
+    "connected_server_def",
+    "flat_caller",
+    "function_body_graph_def",
+    "functional_of",
+    "has_control_outputs",
+    "input_layer_of",
+    "nodes_by_depth",
+    "register_functions",
+    "registered_gradient",
+    "shape_dims",
+    "sublayers",
+    "with_fresh_function_names",
+]
 
 _SUFFIX = re.compile(r"_gsc\d+$")
 
@@ -110,6 +149,15 @@ def register_functions(library) -> None:
 _KEPT: list = []
 
 
+def call_flat(concrete, args: list, captured: list | None = None):
+    """``ConcreteFunction._call_flat`` (TF 2.16-2.21): run ``concrete`` on ``args``, a flat
+    list of tensors in its signature's order, and ``captured`` (default: its own
+    ``captured_inputs``), without ``tf.function``'s per-call argument binding. Returns the
+    structured outputs."""
+    return concrete._call_flat(  # noqa: SLF001
+        args, concrete.captured_inputs if captured is None else captured)
+
+
 def flat_caller(function):
     """``ConcreteFunction._call_flat``: call a ``tf.function`` that has an input signature
     on a flat list of tensors, skipping the per-call argument binding.
@@ -123,7 +171,7 @@ def flat_caller(function):
     concrete = function.get_concrete_function()
 
     def call(*flat):
-        return concrete._call_flat(list(flat), concrete.captured_inputs)
+        return call_flat(concrete, list(flat))
 
     return call
 
@@ -151,3 +199,57 @@ def connected_server_def():
     TensorFlow 2.21.
     """
     return getattr(_context.context(), "_server_def", None)
+
+
+def has_control_outputs(op: tf.Operation) -> bool:
+    """``Operation._control_outputs`` (TF 2.16-2.21): whether some op of ``op``'s graph
+    has a control dependency on ``op``. TensorFlow has no public way to ask."""
+    return bool(op._control_outputs)  # noqa: SLF001
+
+
+def shape_dims(shape) -> tuple | None:
+    """``TensorShape._dims`` (TF 2.16-2.21): the dims of a static shape as a tuple of ints and
+    ``None``s, without building a list (``as_list``) or ``Dimension`` objects (``dims``);
+    ``None`` for an unknown rank or for anything that is not a ``TensorShape``.
+
+    Why: the cost model reads the shape of every tensor of programs of 100,000 ops; the
+    public accessors cost 10-30x more per call.
+    """
+    dims = getattr(shape, "_dims", None)
+    return dims if isinstance(dims, tuple) else None
+
+
+# -- Keras 3 (TensorFlow backend; checked on Keras 3.15) ------------------------------------------
+
+
+def sublayers(layer) -> list:
+    """``Layer._flatten_layers(include_self=False, recursive=False)`` (Keras 3.x): the direct
+    sublayers of ``layer``, models and plain layers alike, in tracking order; a layer without
+    it gives its public ``layers`` (or nothing)."""
+    try:
+        return list(layer._flatten_layers(include_self=False, recursive=False))  # noqa: SLF001
+    except Exception:
+        return list(getattr(layer, "layers", []))
+
+
+def functional_of(model):
+    """The ``Functional`` graph of layers behind ``model``: ``Sequential._functional``
+    (Keras 3.x: a ``Sequential`` wraps one once built), ``model`` itself when it is a
+    ``Functional`` (it has ``_nodes_by_depth``), else ``None`` (a subclassed model)."""
+    found = getattr(model, "_functional", None)
+    if found is not None:
+        return found
+    return model if hasattr(model, "_nodes_by_depth") else None
+
+
+def nodes_by_depth(functional) -> dict:
+    """``Functional._nodes_by_depth`` (Keras 3.x): ``{depth: [Node, ...]}``, depth 0 at the
+    outputs; each ``Node`` has public ``operation``, ``is_input``, ``input_tensors`` and
+    ``outputs``."""
+    return functional._nodes_by_depth  # noqa: SLF001
+
+
+def input_layer_of(keras_tensor):
+    """``KerasTensor._keras_history.operation`` (Keras 3.x): the layer (an ``InputLayer`` for
+    a model input) whose call made ``keras_tensor``."""
+    return keras_tensor._keras_history.operation  # noqa: SLF001

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+__all__ = ["GradSplitError", "close_names", "unknown_name_message"]
+
 
 class GradSplitError(ValueError):
     """Raised for every failure caused by what the caller passed.

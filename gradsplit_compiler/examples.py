@@ -22,6 +22,8 @@ import tensorflow as tf
 from gradsplit_compiler.frontend.mark import mark
 from gradsplit_compiler.zoo import keras_mlp
 
+__all__ = ["W1", "W2", "b1", "b2", "mlp_loss", "mlp_model"]
+
 _rng = np.random.default_rng(0)
 W1 = tf.Variable((_rng.normal(size=(8, 16)) / np.sqrt(8)).astype(np.float32), name="W1")
 b1 = tf.Variable(np.zeros(16, np.float32), name="b1")

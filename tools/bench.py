@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import gradsplit_compiler as gsc  # noqa: E402
-from gradsplit_compiler import zoo  # noqa: E402
+from gradsplit_compiler import _tf_internal, zoo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def flat(fn, *args):
     ``stage.callers`` and ``value_and_gradients`` use), so every side pays the same Python."""
     concrete = fn.get_concrete_function(*args)
     args = list(args)
-    return lambda: concrete._call_flat(args, concrete.captured_inputs)
+    return lambda: _tf_internal.call_flat(concrete, args)
 
 
 def _block(result) -> None:

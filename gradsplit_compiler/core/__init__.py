@@ -4,3 +4,5 @@
 Reads the IR and frontend layers and ``passes``; nothing in ``plan``, ``run``, ``show`` or
 ``cli``.
 """
+
+__all__: list[str] = []  # the modules are the API: import them by name

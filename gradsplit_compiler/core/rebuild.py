@@ -19,6 +19,7 @@ inputs' producers are not part of the piece, so no ``Placeholder`` is left for X
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -30,6 +31,17 @@ from gradsplit_compiler.core.residuals import cut_forward_backward  # noqa: E402
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program, StagePlan
+
+__all__ = [
+    "ListResidual",
+    "StageVJP",
+    "build_stage_vjp",
+    "capture_map",
+    "emit",
+    "external_inputs",
+    "is_differentiable",
+    "stage_graph_def",
+]
 
 CONTROL_FLOW_OPS = ir.CONTROL_FLOW_OPS
 
@@ -166,17 +178,79 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     ``static``: ``input_specs`` are the static shapes of one call; the shapes recorded on
     library function arguments at capture (``_output_shapes``, a ``None`` batch) are dropped
     so that gradient construction sees the branches with the shapes they are called with.
+
+    The steps, each a function below: ``_stage_piece`` (the stage's GraphDef),
+    ``_trace_with_gradients`` (one trace of the stage and ``tf.gradients``),
+    ``_cut_traced`` (forward, backward and residuals of that trace), ``_residuals`` (their
+    order, loop accumulators, specs), ``_gradient_sources`` (where each gradient comes
+    from) and ``_capture_keys`` (variables and other captures of the pieces).
     """
+    stage_gd = _stage_piece(program, plan, static)
+    if cotangent_outputs is None:
+        cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
+    diff_outputs = list(cotangent_outputs)
+    diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
+    trace = _trace_with_gradients(program, plan, stage_gd, input_specs, output_specs,
+                                  diff_outputs, diff_inputs)
+    h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph)
+    lists = _ListAccumulators(h, trace.graph)
+    cut = _cut_traced(program, plan, stage_gd, trace, h, lists)
+    residual_names, list_residuals, residual_specs = _residuals(
+        h, trace.graph, cut.residuals, lists)
+    input_gradients, variable_gradients = _gradient_sources(
+        plan, trace, residual_names, set(cut.backward), len(input_specs), diff_outputs,
+        diff_inputs)
+    variable_keys, capture_keys = _capture_keys(program, plan, trace.capture_kind)
+    return StageVJP(
+        xla_compatible=trace.xla_compatible,
+        list_residuals=list_residuals,
+        forward_graph_def=_piece_graph_def(h, cut.forward),
+        backward_graph_def=_piece_graph_def(h, cut.backward),
+        input_keys=[ph + ":0" for ph in trace.input_ops],
+        output_names=trace.output_names,
+        residual_names=residual_names,
+        residual_specs=residual_specs,
+        cotangent_keys={diff_outputs[k]: ph + ":0" for k, ph in enumerate(trace.cotangent_ops)},
+        input_gradients=input_gradients,
+        variable_gradients=variable_gradients,
+        capture_keys=capture_keys,
+        variable_keys=variable_keys,
+    )
+
+
+def _stage_piece(program: Program, plan: StagePlan, static: bool) -> graph_pb2.GraphDef:
+    """The stage's GraphDef; with ``static``, without the ``_output_shapes`` recorded on
+    library function arguments."""
     stage_gd = stage_graph_def(program, plan)
     if static:
         for fdef in stage_gd.library.function:
             for arg in fdef.arg_attr.values():
                 if "_output_shapes" in arg.attr:
                     del arg.attr["_output_shapes"]
-    if cotangent_outputs is None:
-        cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
-    diff_outputs = list(cotangent_outputs)
-    diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
+    return stage_gd
+
+
+@dataclass
+class _Trace:
+    """One trace of a stage with its gradient: the graph and the names in it."""
+
+    graph: Any  # the FuncGraph
+    xla_compatible: bool
+    input_ops: list[str]  # the placeholder op of each stage input
+    cotangent_ops: list[str]  # the placeholder op of each cotangent (diff_outputs order)
+    output_names: list[str]  # each stage output's tensor
+    gradient_names: list[str | None]  # per differentiable input, then per variable
+    capture_kind: dict[str, Any]  # placeholder op of a capture -> the external it stands for
+
+
+def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2.GraphDef,
+                          input_specs: list[tf.TensorSpec], output_specs: list[tf.TensorSpec],
+                          diff_outputs: list[int], diff_inputs: list[int]) -> _Trace:
+    """Trace the stage's ops and ``tf.gradients(outputs, inputs + variables, cotangents)``
+    in one function, as XLA traces (cond intermediates stay plain tensors, not Optionals,
+    and loop accumulators get a fixed size, so every piece compiles on its own); without
+    XLA's rules when a loop has no ``maximum_iterations`` (the stage is then not
+    ``xla_compatible``)."""
     var_placeholders = {
         ph: idx for ph, idx in program.variable_placeholders.items()
         if idx in plan.variable_indices
@@ -223,8 +297,6 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     named_inputs = [
         tf.TensorSpec(s.shape, s.dtype, name=f"gsc.in.{i}") for i, s in enumerate(input_specs)
     ]
-    # Traced as XLA traces: cond intermediates stay plain tensors (not Optionals) and loop
-    # accumulators get a fixed size, so every piece compiles on its own.
     xla_compatible = True
     try:
         graph = tf.function(body, jit_compile=True, autograph=False).get_concrete_function(
@@ -239,40 +311,54 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     capture_kind = {}
     for external, internal in graph.captures:
         capture_kind[internal.op.name] = external
-    h = ir.to_networkx(graph.as_graph_def(), graph)
-    in_ph = recorded["ins"]
-    cot_ph = recorded["cots"]
+    return _Trace(graph=graph, xla_compatible=xla_compatible, input_ops=recorded["ins"],
+                  cotangent_ops=recorded["cots"], output_names=recorded["outs"],
+                  gradient_names=recorded["grads"], capture_kind=capture_kind)
 
-    grad_names = recorded["grads"]
-    lists: dict = {}
 
-    def as_list(name: str):
-        if name not in lists:
-            lists[name] = _list_accumulator(h, graph, name)
-        return lists[name]
+class _ListAccumulators:
+    """``_list_accumulator`` of each tensor of the traced graph, each asked once."""
 
+    def __init__(self, h: nx.MultiDiGraph, graph):
+        self.h, self.graph = h, graph
+        self.found: dict = {}
+
+    def __call__(self, name: str):
+        if name not in self.found:
+            self.found[name] = _list_accumulator(self.h, self.graph, name)
+        return self.found[name]
+
+
+def _cut_traced(program: Program, plan: StagePlan, stage_gd: graph_pb2.GraphDef,
+                trace: _Trace, h: nx.MultiDiGraph, lists: _ListAccumulators):
+    """The traced graph cut into forward and backward (``residuals.cut_forward_backward``):
+    captured reads of variables nobody writes may be read again in the backward."""
     written = set(program.written_variables())
     rereadable = {
-        ph for ph, external in capture_kind.items()
+        ph for ph, external in trace.capture_kind.items()
         if any(program.variables[i].handle is external and i not in written
                for i in plan.variable_indices)
     }
-    cut = cut_forward_backward(
+    return cut_forward_backward(
         h,
-        gradients={ir.parse_tensor_name(n)[0] for n in grad_names if n is not None},
-        cotangents=set(cot_ph),
-        inputs=set(in_ph),
-        captures=set(capture_kind),
+        gradients={ir.parse_tensor_name(n)[0] for n in trace.gradient_names if n is not None},
+        cotangents=set(trace.cotangent_ops),
+        inputs=set(trace.input_ops),
+        captures=set(trace.capture_kind),
         stage_ops={nd.name for nd in stage_gd.node},
-        travels=as_list,
+        travels=lists,
         rereadable=rereadable,
     )
-    forward_nodes, backward_nodes = cut.forward, cut.backward
-    backward = set(backward_nodes)
-    residual_names = list(cut.residuals)
+
+
+def _residuals(h: nx.MultiDiGraph, graph, cut_residuals, lists: _ListAccumulators
+               ) -> tuple[list[str], dict[int, ListResidual], list[tf.TensorSpec]]:
+    """The residuals in the traced graph's order (a loop accumulator brings its trip
+    count along), which of them are loop accumulators, and the spec of each."""
+    residual_names = list(cut_residuals)
     order = {n: i for i, n in enumerate(h.nodes)}
-    list_infos = {name: as_list(name) for name in residual_names
-                  if graph.get_tensor_by_name(name).dtype == tf.variant and as_list(name)}
+    list_infos = {name: lists(name) for name in residual_names
+                  if graph.get_tensor_by_name(name).dtype == tf.variant and lists(name)}
     for info in list_infos.values():
         if info["counter"] not in residual_names:
             residual_names.append(info["counter"])
@@ -285,6 +371,14 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         )
         for name, info in list_infos.items()
     }
+    return residual_names, list_residuals, _residual_specs(graph, residual_names,
+                                                           list_residuals)
+
+
+def _residual_specs(graph, residual_names: list[str],
+                    list_residuals: dict[int, ListResidual]) -> list[tf.TensorSpec]:
+    """One spec per residual: a loop accumulator's as the stacked tensor that carries it; an
+    ``If`` intermediate's with its rank only."""
     residual_specs = []
     for i, name in enumerate(residual_names):
         t = graph.get_tensor_by_name(name)
@@ -302,6 +396,17 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             # (a 0 where the batch goes): keep only the rank.
             shape = tf.TensorShape([None] * shape.rank)
         residual_specs.append(tf.TensorSpec(shape, t.dtype))
+    return residual_specs
+
+
+def _gradient_sources(plan: StagePlan, trace: _Trace, residual_names: list[str],
+                      backward: set[str], num_inputs: int, diff_outputs: list[int],
+                      diff_inputs: list[int]) -> tuple[list, list]:
+    """Per stage input and per variable, where its gradient comes from: a tensor the backward
+    returns, ``("cotangent", j)`` (the gradient is an output's cotangent itself),
+    ``("residual", r)`` or ``None`` (no gradient)."""
+    cot_ph = trace.cotangent_ops
+    grad_names = trace.gradient_names
 
     def grad_source(name: str | None):
         if name is None:
@@ -314,7 +419,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         return name
 
     n_diff_in = len(diff_inputs)
-    input_gradients = [None] * len(input_specs)
+    input_gradients = [None] * num_inputs
     for k, i in enumerate(diff_inputs):
         input_gradients[i] = grad_source(grad_names[k])
     variable_gradients = [grad_source(n) for n in grad_names[n_diff_in:]]
@@ -324,8 +429,13 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             raise GradSplitError(  # pragma: no cover - a gradient that ignores its cotangent
                 f"stage {plan.index}: gradient {name} does not depend on the cotangents."
             )
-    forward_gd = _piece_graph_def(h, forward_nodes)
-    backward_gd = _piece_graph_def(h, backward_nodes)
+    return input_gradients, variable_gradients
+
+
+def _capture_keys(program: Program, plan: StagePlan, capture_kind: dict[str, Any]
+                  ) -> tuple[dict[str, int], dict[str, Any]]:
+    """The pieces' ``input_map`` keys of captured variables (-> variable index) and of other
+    captured tensors (-> the tensor)."""
     variable_keys = {}
     capture_keys = {}
     for ph, external in capture_kind.items():
@@ -335,21 +445,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
             variable_keys[ph + ":0"] = idx
         else:
             capture_keys[ph + ":0"] = external
-    return StageVJP(
-        xla_compatible=xla_compatible,
-        list_residuals=list_residuals,
-        forward_graph_def=forward_gd,
-        backward_graph_def=backward_gd,
-        input_keys=[ph + ":0" for ph in in_ph],
-        output_names=recorded["outs"],
-        residual_names=residual_names,
-        residual_specs=residual_specs,
-        cotangent_keys={diff_outputs[k]: ph + ":0" for k, ph in enumerate(cot_ph)},
-        input_gradients=input_gradients,
-        variable_gradients=variable_gradients,
-        capture_keys=capture_keys,
-        variable_keys=variable_keys,
-    )
+    return variable_keys, capture_keys
 
 
 def _unbounded_lists(graph) -> bool:

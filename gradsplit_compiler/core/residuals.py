@@ -51,6 +51,8 @@ import tensorflow as tf
 
 from gradsplit_compiler import ir
 
+__all__ = ["INTEGER_DTYPES", "SHAPE_OPS", "ForwardBackward", "cut_forward_backward"]
+
 SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
 INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
 

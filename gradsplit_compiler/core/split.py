@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,9 @@ from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
+from gradsplit_compiler.util import collector_paused
+
+__all__ = ["Split", "default_passes", "split"]
 
 
 def default_passes() -> list:
@@ -89,29 +91,21 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
         return Split(program)
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cyclic garbage collector off while a split is built.
-
-    Building creates graph objects by the hundred thousand; each full collection walks
-    every object of the process, so with a big model already in memory the collector alone
-    made split time per node grow with the size of the heap (~20% at 4,000 nodes beside
-    ResNet50). What the split leaves as garbage is collected when the collector resumes.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+# The collector pause of ``split`` (shared with ``plan``): see ``util.collector_paused``.
+_collector_paused = collector_paused
 
 
 class Split:
-    """A program cut into stages. See ``CONTRACT.md`` for the promise it keeps."""
+    """A program cut into stages. See ``CONTRACT.md`` for the promise it keeps.
 
-    def __init__(self, program: Program):
+    ``plan`` is what ``gsc.auto_split`` chose (a ``plan.autosplit.Plan``: the intended
+    stages, estimated costs and bytes, and any op placed elsewhere); ``None`` for a split
+    whose cuts the caller gave.
+    """
+
+    def __init__(self, program: Program, plan: Any = None):
         self._program = program
+        self.plan = plan
         self.arg_names = list(program.arg_names)
         self.output_names = list(program.output_names)
         self.variables = list(program.variables)

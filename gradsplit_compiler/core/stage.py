@@ -12,6 +12,8 @@ from gradsplit_compiler.core.rebuild import StageVJP, capture_map, emit
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program, StagePlan
 
+__all__ = ["Stage"]
+
 
 class Stage:
     """One stage of a ``Split``.

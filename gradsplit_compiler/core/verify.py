@@ -12,6 +12,15 @@ from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError
 
+__all__ = [
+    "DEFAULT_RTOL",
+    "RANDOM_OPS",
+    "ROUNDING_ULPS",
+    "Report",
+    "reference_value_and_grads",
+    "verify",
+]
+
 # How many units in the last place of the largest gradient entry count as rounding.
 ROUNDING_ULPS = 64
 DEFAULT_RTOL = {tf.float16: 1e-2, tf.bfloat16: 1e-2, tf.float32: 1e-5, tf.float64: 1e-12}

@@ -4,3 +4,5 @@
 keeps ``tf.custom_gradient`` ops differentiable once cut; ``keras_layers`` maps Keras layer
 names to graph tensors. Reads only the IR layer.
 """
+
+__all__: list[str] = []  # the modules are the API: import them by name

@@ -13,6 +13,8 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program
 
+__all__ = ["as_tf_function", "capture", "check_signature"]
+
 
 def as_tf_function(fn: Any, training: bool | None = None) -> tuple[Callable, Any]:
     """Return ``(tf_function, keras_model_or_None)`` for a tf.function, callable or Keras model."""

@@ -26,6 +26,8 @@ from tensorflow.core.framework import graph_pb2
 from gradsplit_compiler import _tf_internal
 from gradsplit_compiler.errors import GradSplitError
 
+__all__ = ["make_portable", "names_in_trace"]
+
 _ids = itertools.count(1)
 _ACTIVE: list[dict] = []  # original tensor name -> tensor standing for it in the trace
 
@@ -92,6 +94,6 @@ def _portable(traced, externals: list, kind: str):
             captured.append(tensor)
         cotangents = [tf.zeros_like(t) if c is None else c
                       for c, t in zip(cotangents, op.outputs)]
-        return list(traced._call_flat(list(cotangents), captured))  # noqa: SLF001
+        return list(_tf_internal.call_flat(traced, list(cotangents), captured))
 
     return gradient

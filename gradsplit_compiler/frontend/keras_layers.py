@@ -12,8 +12,9 @@ Facts this relies on (Keras 3 TensorFlow backend, checked on Keras 3.15 / TF 2.2
 * Layers without ops (``InputLayer``, pass-through layers) are resolved from the
   functional model's topology.
 
-Keras internals used (read only): ``Layer._flatten_layers``, ``Sequential._functional``,
-``Functional._nodes_by_depth``, ``KerasTensor._keras_history``.
+Keras internals used (read only, through ``gradsplit_compiler._tf_internal``):
+``Layer._flatten_layers``, ``Sequential._functional``, ``Functional._nodes_by_depth``,
+``KerasTensor._keras_history``; and TensorFlow's ``Operation._control_outputs``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import re
 from collections import defaultdict
 
 import tensorflow as tf
+
+from gradsplit_compiler import _tf_internal
+from gradsplit_compiler.ir import from_networkx
+
+__all__ = ["keras_layer_calls", "keras_layer_outputs", "layer_names", "layer_outputs"]
 
 _SUFFIX = re.compile(r"^(.*)_(\d+)$")
 _SKIP_OPS = {"Const", "NoOp", "VarHandleOp", "ReadVariableOp", "Placeholder",
@@ -35,13 +41,7 @@ def _strip(comp):
     return (m.group(1), int(m.group(2))) if m else (None, None)
 
 
-def _sublayers(layer):
-    subs = []
-    try:
-        subs = list(layer._flatten_layers(include_self=False, recursive=False))
-    except Exception:
-        subs = list(getattr(layer, "layers", []))
-    return subs
+_sublayers = _tf_internal.sublayers
 
 
 class _GraphIndex:
@@ -78,7 +78,8 @@ class _GraphIndex:
             outs = [t for t in op.outputs if t.dtype.base_dtype not in _BAD_DTYPES]
             if not outs:
                 continue
-            op_consumed = any(t.consumers() for t in op.outputs) or op._control_outputs
+            op_consumed = (any(t.consumers() for t in op.outputs)
+                           or _tf_internal.has_control_outputs(op))
             for t in outs:
                 cons = t.consumers()
                 if any(not self.inside(c.name, scope) for c in cons):
@@ -136,11 +137,7 @@ class _GraphIndex:
         return res
 
 
-def _functional_of(m):
-    f = getattr(m, "_functional", None)          # Sequential wraps a Functional
-    if f is not None:
-        return f
-    return m if hasattr(m, "_nodes_by_depth") else None
+_functional_of = _tf_internal.functional_of
 
 
 def keras_layer_calls(graph_def, model, root_scope=None):
@@ -200,12 +197,13 @@ def keras_layer_calls(graph_def, model, root_scope=None):
             if len(f.inputs) == len(ext):   # exact for 1 input; >1: by first use
                 for kt, tn in zip(f.inputs, ext):
                     kt2name[id(kt)] = tn
-                    il = kt._keras_history.operation
+                    il = _tf_internal.input_layer_of(kt)
                     if not any(c["parent"] == mscope for c in by_layer.get(id(il), [])):
                         add(il, None, mscope, [tn], "model-input")
             used = defaultdict(int)
-            for depth in sorted(f._nodes_by_depth, reverse=True):
-                for node in f._nodes_by_depth[depth]:
+            by_depth = _tf_internal.nodes_by_depth(f)
+            for depth in sorted(by_depth, reverse=True):
+                for node in by_depth[depth]:
                     op = node.operation
                     if node.is_input:
                         continue
@@ -263,8 +261,6 @@ def layer_names(models: list) -> set[str]:
 
 def layer_outputs(g, models: list) -> dict[str, list[str]]:
     """``{layer name: [tensor, ...]}`` for every layer of ``models`` called in graph ``g``."""
-    from gradsplit_compiler.ir import from_networkx
-
     if not models:
         return {}
     graph_def = from_networkx(g)

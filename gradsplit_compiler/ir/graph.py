@@ -207,6 +207,30 @@ def _reach(adjacency, graph, nodes, within, data_only) -> set[str]:
     return found
 
 
+# -- the whole graph at once, as plain dicts ------------------------------------------------------
+# For passes over every node of programs of 100,000 ops: networkx's views (``graph.nodes[n]``,
+# ``graph.pred[n]``) build a wrapper object per lookup, which then costs more than the work.
+# These hand out networkx's own dicts through its public API, in one call each; read them,
+# never change them (change the graph through networkx).
+
+
+def node_attributes(graph: nx.MultiDiGraph) -> dict[str, dict]:
+    """``{op name: its attribute dict}`` in node order (``graph.nodes(data=True)``)."""
+    return dict(iter(graph.nodes(data=True)))
+
+
+def successor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
+    """``{u: {v: {key: edge attributes}}}`` over the edges leaving each node, in node order
+    (``graph.adjacency()``)."""
+    return dict(graph.adjacency())
+
+
+def predecessor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
+    """``{v: {u: {key: edge attributes}}}`` over the edges entering each node, in node order
+    (``graph.reverse(copy=False).adjacency()``: the reverse view costs nothing)."""
+    return dict(graph.reverse(copy=False).adjacency())
+
+
 # Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
 CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
 

@@ -8,6 +8,10 @@ from typing import Any
 import networkx as nx
 import tensorflow as tf
 
+from gradsplit_compiler.ir.graph import parse_tensor_name
+
+__all__ = ["READ_ONLY_RESOURCE_OPS", "Program", "StagePlan"]
+
 # Resource ops that only read: a variable used only by these is never written.
 READ_ONLY_RESOURCE_OPS = {"ReadVariableOp", "ResourceGather", "ResourceGatherNd", "VariableShape"}
 
@@ -28,7 +32,7 @@ class StagePlan:
 class Program:
     """A traced program and everything the passes learn about it.
 
-    ``graph`` is the IR (see ``ir.py``). Tensor names are ``"op:index"`` throughout.
+    ``graph`` is the IR (see ``ir/graph.py``). Tensor names are ``"op:index"`` throughout.
     """
 
     graph: nx.MultiDiGraph
@@ -52,12 +56,12 @@ class Program:
     boundaries: list[list[str]] = field(default_factory=list)
 
     def tensor_dtype(self, name: str) -> tf.DType | None:
-        op, index = _parse(name)
+        op, index = parse_tensor_name(name)
         outputs = self.graph.nodes[op].get("outputs") or []
         return outputs[index][0] if index < len(outputs) else None
 
     def tensor_shape(self, name: str) -> tf.TensorShape:
-        op, index = _parse(name)
+        op, index = parse_tensor_name(name)
         outputs = self.graph.nodes[op].get("outputs") or []
         return outputs[index][1] if index < len(outputs) else tf.TensorShape(None)
 
@@ -80,12 +84,7 @@ class Program:
     def input_placeholders(self) -> set[str]:
         """Op names of the argument and capture placeholders: inputs, not stage ops."""
         return (
-            {_parse(n)[0] for n in self.arg_names}
+            {parse_tensor_name(n)[0] for n in self.arg_names}
             | set(self.variable_placeholders)
             | set(self.other_captures)
         )
-
-
-def _parse(name: str) -> tuple[str, int]:
-    op, _, index = name.rpartition(":")
-    return op, int(index)

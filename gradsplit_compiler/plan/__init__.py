@@ -2,3 +2,5 @@
 
 Reads the IR and core layers.
 """
+
+__all__: list[str] = []  # the modules are the API: import them by name

@@ -69,9 +69,14 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+import passes
+from gradsplit_compiler import ir
+from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import READ_ONLY_RESOURCE_OPS, Program
 from gradsplit_compiler.plan import costs as _costs
+from gradsplit_compiler.util import collector_paused, format_bytes
 
 __all__ = ["auto_split", "plan_partition", "baseline_plan", "Plan"]
 
@@ -152,16 +157,14 @@ class _Indexed:
 
     def __init__(self, program: Program):
         g = program.graph
-        # networkx's own dicts (``_node``, ``_succ``): the public views cost a wrapper
-        # object per lookup, which dominates on a 100,000-op graph.
-        attrs = g._node
-        self.names = list(attrs)
-        n = len(self.names)
-        index = dict(zip(self.names, range(n)))
-        self.index = index
+        # One pass over each of networkx's iterators (``g.nodes(data=True)``,
+        # ``g.adjacency()``): the views ``g.nodes[n]``, ``g.succ[n]`` cost a wrapper object
+        # per lookup, which dominates on 100,000 ops.
+        self.names = []
         self.ops, self.outputs, self.float_out = [], [], []
-        is_float = _costs._is_float
-        for a in attrs.values():
+        is_float = _costs.is_float
+        for name, a in g.nodes(data=True):
+            self.names.append(name)
             self.ops.append(a["op"])
             outs = a.get("outputs") or ()
             self.outputs.append(outs)
@@ -171,6 +174,9 @@ class _Indexed:
                     found = True
                     break
             self.float_out.append(found)
+        n = len(self.names)
+        index = dict(zip(self.names, range(n)))
+        self.index = index
         self.data_out: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (out, reader)
         self.data_pred: list[list[int]] = [[] for _ in range(n)]
         self.ctrl_pred: list[list[int]] = [[] for _ in range(n)]
@@ -178,7 +184,7 @@ class _Indexed:
         in_order = True
         data_out, data_pred, ctrl_pred, ctrl_succ = (self.data_out, self.data_pred,
                                                      self.ctrl_pred, self.ctrl_succ)
-        for u, nbrs in g._succ.items():
+        for u, nbrs in g.adjacency():
             iu = index[u]
             out = data_out[iu]
             for v, keyed in nbrs.items():
@@ -237,7 +243,7 @@ class _Indexed:
         return seen
 
 
-_is_float = _costs._is_float
+_is_float = _costs.is_float
 
 
 # -- coarsening ---------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
                 excluded[v] = True
                 read_of[v] = ph
 
-    out_ops = [ix.index[o.rpartition(":")[0]] for o in program.output_names]
+    out_ops = [ix.index[ir.parse_tensor_name(o)[0]] for o in program.output_names]
     roots = out_ops + [ix.index[c] for c in program.control_outputs if c in ix.index]
     live = ix.reach_back(roots, data_only=False)
     main = ix.reach_back(out_ops, data_only=True)
@@ -416,8 +422,7 @@ def _memory_items(program, ix, members, excluded, inputs, read_of, var_ph, batch
     def var_bytes(ph: int, user: int) -> int:
         index = program.variable_placeholders[names[ph]]
         if index < len(program.variables):
-            var = program.variables[index]
-            return int(var.shape.num_elements() or 0) * var.dtype.size
+            return _costs.variable_bytes(program.variables[index])
         outs = ix.outputs[user]  # a synthetic program: the read's output says
         return _costs.tensor_bytes(*outs[0], 1) if user != ph and outs else 0
 
@@ -430,7 +435,7 @@ def _memory_items(program, ix, members, excluded, inputs, read_of, var_ph, batch
                     seen_vars.add(ph)
                     var_items[gi].append((ph, var_bytes(ph, u)))
             for name in _costs.residual_tensors(g, names[v]):
-                op_name, _, idx = name.rpartition(":")
+                op_name, idx = ir.parse_tensor_name(name)
                 producer = ix.index[op_name]
                 if excluded[producer] and producer not in inputs:
                     continue  # a constant or a variable read: not the stage's memory
@@ -438,7 +443,7 @@ def _memory_items(program, ix, members, excluded, inputs, read_of, var_ph, batch
                 if tid not in seen_res:
                     seen_res.add(tid)
                     outs = ix.outputs[producer]
-                    dtype, shape = outs[int(idx)] if int(idx) < len(outs) else (None, None)
+                    dtype, shape = outs[idx] if idx < len(outs) else (None, None)
                     residual_items[gi].append(
                         (tid, _costs.tensor_bytes(dtype, shape, batch)))
 
@@ -752,7 +757,7 @@ def plan_partition(program: Program, num_stages: int, *, batch_size: int | None 
     -> forward + backward seconds) replaces the cost model when given; ``max_stage_cost``
     (seconds) replaces the cap ``(1 + eps) B*`` when it is larger."""
     _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps)
-    with _costs.no_gc():
+    with collector_paused():
         return _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
                                eps, polish, model, op_seconds, polish_window, max_stage_cost)
 
@@ -763,7 +768,7 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
     clock = time.perf_counter()
     g = program.graph
     if op_seconds is None:
-        outputs = {o.rpartition(":")[0] for o in program.output_names}
+        outputs = {ir.parse_tensor_name(o)[0] for o in program.output_names}
         op_seconds = _costs.op_costs(g, outputs, batch_size, model)
     timings["cost model"] = time.perf_counter() - clock
 
@@ -794,10 +799,10 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
     if not math.isfinite(best_cap):
         smallest = _smallest_memory(gr, order, cand, k, in_flight)
         raise GradSplitError(
-            f"memory_limit={_human(memory_limit)} per stage cannot hold this program in "
-            f"{k} stages (variables + residuals x micro-batches in flight); the smallest "
-            f"limit that works is {_human(smallest)}. Raise memory_limit or ask for more "
-            "stages."
+            f"memory_limit={format_bytes(memory_limit, exact=True)} per stage cannot hold "
+            f"this program in {k} stages (variables + residuals x micro-batches in flight); "
+            f"the smallest limit that works is {format_bytes(smallest, exact=True)}. Raise "
+            "memory_limit or ask for more stages."
         )
     timings["bottleneck"] = time.perf_counter() - clock
 
@@ -906,13 +911,6 @@ def _smallest_memory(gr: _Groups, order: np.ndarray, cand: np.ndarray, k: int,
     return hi
 
 
-def _human(nbytes: float) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit} ({int(nbytes)} bytes)"
-    return f"{int(nbytes)} bytes"
-
-
 def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
                bounds: Sequence[int], k: int, lower_bound: float, in_flight: Sequence[int],
                model: _costs.CostModel, microbatches: int | None,
@@ -962,7 +960,7 @@ def baseline_plan(program: Program, num_stages: int, by: str, *,
     if by not in ("ops", "params"):
         raise GradSplitError(f"by must be 'ops' or 'params'; got {by!r}.")
     _check_arguments(num_stages, batch_size, None, None, 0.0)
-    outputs = {o.rpartition(":")[0] for o in program.output_names}
+    outputs = {ir.parse_tensor_name(o)[0] for o in program.output_names}
     op_seconds = _costs.op_costs(program.graph, outputs, batch_size, model)
     ix = _Indexed(program)
     gr = _coarsen(program, ix, op_seconds, batch_size or 1, with_memory=True)
@@ -1041,14 +1039,10 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     GradSplitError
         For arguments that cannot work, naming what would.
     """
-    import passes
-    from gradsplit_compiler.core.split import Split, _collector_paused
-    from gradsplit_compiler.frontend.capture import capture
-
     _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps)
     model = cost_model or _costs.DEFAULT_MODEL
     # One trace: the analysis phase, then the cutting phase, as split() runs them.
-    with _collector_paused():
+    with collector_paused():
         program = capture(fn, input_signature, training=training)
         program = passes.run(program, "analysis")
         plan = plan_partition(program, num_stages, batch_size=batch_size,
@@ -1056,7 +1050,6 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
                               polish=polish, model=model)
         program.cut_specs = [list(c) for c in plan.cuts]
         program = passes.run(program, "cutting")
-        result = Split(program)
+        result = Split(program, plan=plan)
     plan.compare(result)
-    result.plan = plan
     return result

@@ -43,8 +43,6 @@ Example
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -54,20 +52,27 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from gradsplit_compiler import ir
+from gradsplit_compiler import _tf_internal, ir
+from gradsplit_compiler.util import collector_paused
 
 __all__ = [
     "CostModel",
     "DEFAULT_MODEL",
     "XLA_CPU",
     "OpCost",
+    "PARTS",
+    "calibrate",
+    "einsum_flops",
+    "fit",
+    "gradient_ops",
+    "is_float",
     "op_cost",
     "op_costs",
     "residual_tensors",
-    "tensor_bytes",
+    "stage_nodes",
     "summarize",
-    "calibrate",
-    "fit",
+    "tensor_bytes",
+    "variable_bytes",
 ]
 
 
@@ -202,8 +207,8 @@ def tensor_bytes(dtype: Any, shape: Any, batch_size: int | None = None) -> int:
     batch = batch_size or 1
     # TensorShape keeps its dims as a tuple; reading it (and remembering the answer) is what
     # makes costing a 100,000-op program take a fraction of a second.
-    dims = getattr(shape, "_dims", None)
-    if isinstance(dims, tuple):
+    dims = _shape_dims(shape)
+    if dims is not None:
         key = (dims, batch)
         found = _ELEMENTS.get(key)
         if found is None:
@@ -214,8 +219,15 @@ def tensor_bytes(dtype: Any, shape: Any, batch_size: int | None = None) -> int:
     return _elements(shape, batch) * size
 
 
+_shape_dims = _tf_internal.shape_dims
 _ELEMENTS: dict[tuple, int] = {}
 _DTYPE_SIZES: dict[int, tuple[Any, int]] = {}
+
+
+def variable_bytes(variable: Any) -> int:
+    """Bytes a variable (``tf.Variable``, or anything with a static ``shape`` and a
+    ``dtype``) holds; 0 for an unknown size."""
+    return int(variable.shape.num_elements() or 0) * variable.dtype.size
 
 
 def _dtype_size(dtype: Any) -> int:
@@ -366,9 +378,12 @@ def _kernel_exceeds_input(g: nx.MultiDiGraph, node: str, inputs: list, batch: in
 
 def gradient_ops(g: nx.MultiDiGraph, output_ops: Iterable[str]) -> set[str]:
     """Ops with a backward: floating-point ops that the outputs depend on through data."""
-    # networkx's own dicts (``_pred``, ``_node``): its views cost an object per lookup,
-    # which dominates on programs of 100,000 ops.
-    pred, attrs = g._pred, g._node
+    return _gradient_ops(ir.predecessor_edges(g), ir.node_attributes(g), output_ops)
+
+
+def _gradient_ops(pred: dict, attrs: dict, output_ops: Iterable[str]) -> set[str]:
+    # plain dicts (``ir.predecessor_edges``, ``ir.node_attributes``): networkx's views cost
+    # an object per lookup, which dominates on programs of 100,000 ops.
     seen = {o for o in output_ops if o in attrs}
     stack = list(seen)
     while stack:
@@ -384,13 +399,16 @@ def gradient_ops(g: nx.MultiDiGraph, output_ops: Iterable[str]) -> set[str]:
     found = set()
     for n in seen:
         for d, _ in attrs[n].get("outputs") or ():
-            if _is_float(d):
+            if is_float(d):
                 found.add(n)
                 break
     return found
 
 
-def _is_float(dtype: Any) -> bool:
+def is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` (a ``tf.DType`` or ``None``) is floating point or complex: a
+    tensor a gradient flows through. Remembered per dtype object (hashing a ``tf.DType``
+    goes through pybind)."""
     if dtype is None:
         return False
     entry = _FLOAT.get(id(dtype))  # by id, as in _dtype_size
@@ -409,29 +427,15 @@ def op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | No
 
     The same numbers as ``op_cost(...).seconds(model)``, each tensor's bytes computed once.
     """
-    with no_gc():
+    with collector_paused():  # on 100,000 ops one collection costs more than the pass
         return _op_costs(g, output_ops, batch_size, model, nodes)
-
-
-@contextlib.contextmanager
-def no_gc():
-    """The collector off while a pass over a big program builds its lists: on a
-    100,000-op program each full collection walks every NodeDef and costs more than the
-    pass itself."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | None,
               model: CostModel, nodes: Iterable[str] | None) -> dict[str, float]:
-    with_backward = gradient_ops(g, output_ops)
+    pred, attrs = ir.predecessor_edges(g), ir.node_attributes(g)
+    with_backward = _gradient_ops(pred, attrs, output_ops)
     batch = batch_size or 1
-    pred, attrs = g._pred, g._node
     out_bytes: dict[str, list[int]] = {}
 
     def bytes_of(n: str) -> list[int]:
@@ -471,11 +475,11 @@ def residual_tensors(g: nx.MultiDiGraph, node: str) -> list[str]:
     found = []
     if rule in ("in", "inout"):
         for src, idx in ir.data_inputs(g, node):
-            if _is_float(_output(g, src, idx)[0]):
+            if is_float(_output(g, src, idx)[0]):
                 found.append(ir.tensor_name(src, idx))
     if rule in ("out", "inout"):
         found += [ir.tensor_name(node, i) for i, (d, _) in enumerate(_outputs(g, node))
-                  if _is_float(d)]
+                  if is_float(d)]
     elif isinstance(rule, tuple):
         found += [ir.tensor_name(node, i) for i in rule]
     return found
@@ -542,9 +546,7 @@ def summarize(split: Any, batch_size: int | None = None,
             "index": stage.index,
             "ops": stage.num_ops,
             "cost": cost,
-            "variable_bytes": sum(
-                v.shape.num_elements() * v.dtype.size for v in stage.variables
-            ),
+            "variable_bytes": sum(variable_bytes(v) for v in stage.variables),
             "boundary_tensors": len(crossing),
             "boundary_bytes": sum(_name_bytes(g, n, batch) for n in crossing),
             "residual_bytes": sum(residual),

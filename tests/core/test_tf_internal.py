@@ -146,3 +146,81 @@ def test_connected_server_def_is_none_until_connected_then_names_the_tasks():
     assert result["jobs"]["worker"] == {"0": f"localhost:{result['port']}"}
     assert "localhost" in result["jobs"]  # the client's own job, added by connecting
     assert result["serialized"] > 0
+
+
+def test_call_flat_runs_a_concrete_function_on_its_flat_arguments_and_given_captures():
+    v = tf.Variable(2.0)
+
+    @tf.function(autograph=False)
+    def f(x):
+        return x * v
+
+    concrete = f.get_concrete_function(tf.TensorSpec([2]))
+    x = tf.constant([1.0, 3.0])
+    assert _tf_internal.call_flat(concrete, [x]).numpy().tolist() == [2.0, 6.0]
+    other = tf.Variable(5.0)  # captures in their order: another handle stands in for v
+    got = _tf_internal.call_flat(concrete, [x], [other.handle])
+    assert got.numpy().tolist() == [5.0, 15.0]
+
+
+def test_has_control_outputs_sees_control_dependencies_on_an_op():
+    graph = tf.Graph()
+    with graph.as_default():
+        a = tf.constant(1.0, name="a")
+        b = tf.constant(2.0, name="b")
+        with tf.control_dependencies([a]):
+            tf.identity(b, name="c")
+    assert _tf_internal.has_control_outputs(a.op)
+    assert not _tf_internal.has_control_outputs(b.op)
+
+
+def test_shape_dims_is_the_static_shape_as_a_tuple():
+    assert _tf_internal.shape_dims(tf.TensorShape([None, 3])) == (None, 3)
+    assert _tf_internal.shape_dims(tf.TensorShape([])) == ()
+    assert _tf_internal.shape_dims(tf.TensorShape(None)) is None
+    assert _tf_internal.shape_dims([None, 3]) is None  # not a TensorShape
+
+
+def test_connected_server_def_is_none_without_a_cluster():
+    assert _tf_internal.connected_server_def() is None
+
+
+def _keras_models():
+    import keras
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1")],
+                             name="inner")
+    x = keras.Input((4,), name="x")
+    y = keras.layers.Dense(2, name="d2")(inner(x))
+    return inner, keras.Model(x, y, name="outer")
+
+
+def test_sublayers_are_the_direct_sublayers_of_models_and_layers():
+    inner, outer = _keras_models()
+    # a Sequential tracks the InputLayer it made from keras.Input before its own layers
+    assert [layer.name for layer in _tf_internal.sublayers(inner)][-1:] == ["d1"]
+    assert [layer.name for layer in _tf_internal.sublayers(outer)] == ["x", "inner", "d2"]
+    assert _tf_internal.sublayers(inner.layers[0]) == []
+    assert _tf_internal.sublayers(object()) == []
+
+
+def test_functional_of_models_and_their_nodes_by_depth():
+    import keras
+
+    inner, outer = _keras_models()
+    assert _tf_internal.functional_of(outer) is outer
+    assert _tf_internal.functional_of(inner) is not None  # a built Sequential wraps one
+    assert _tf_internal.functional_of(keras.layers.Dense(2)) is None
+    by_depth = _tf_internal.nodes_by_depth(outer)
+    assert min(by_depth) == 0
+    operations = [node.operation.name for depth in sorted(by_depth, reverse=True)
+                  for node in by_depth[depth]]
+    assert operations == ["x", "inner", "d2"]
+    assert all(hasattr(node, "is_input") and hasattr(node, "input_tensors")
+               and hasattr(node, "outputs") for nodes in by_depth.values() for node in nodes)
+
+
+def test_input_layer_of_a_model_input_is_its_input_layer():
+    _, outer = _keras_models()
+    layer = _tf_internal.input_layer_of(outer.inputs[0])
+    assert layer.name == "x" and type(layer).__name__ == "InputLayer"
