@@ -1,5 +1,6 @@
 """Small helpers every layer may use: the garbage-collector pause around big graph work, and
-byte counts for people.
+byte counts for people, in two styles: ``human_bytes`` for tables (short, rounded to
+what a column needs) and ``format_bytes`` for messages (two decimals, optionally exact).
 
 The lowest layer with ``errors`` and ``_tf_internal``: it imports nothing of the package (and
 not TensorFlow).
@@ -8,6 +9,8 @@ not TensorFlow).
 '1.50 KB'
 >>> format_bytes(3 * 2**20, exact=True)
 '3.00 MB (3145728 bytes)'
+>>> [human_bytes(n) for n in (748, 131072, 5_872_026, 1_288_490_189)]
+['748 B', '128 KB', '5.6 MB', '1.2 GB']
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-__all__ = ["collector_paused", "format_bytes"]
+__all__ = ["collector_paused", "format_bytes", "human_bytes"]
 
 
 @contextlib.contextmanager
@@ -51,3 +54,15 @@ def format_bytes(nbytes: float, digits: int = 2, exact: bool = False) -> str:
             text = f"{nbytes / size:.{digits}f} {unit}"
             return f"{text} ({int(nbytes)} bytes)" if exact else text
     return f"{int(nbytes)} bytes"
+
+
+def human_bytes(nbytes: int) -> str:
+    """``"748 B"``, ``"128 KB"``, ``"5.6 MB"``, ``"1.2 GB"``: bytes below 10 KB, whole KB
+    below 1 MB, tenths of MB and GB above."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GB"
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f} MB"
+    if nbytes >= 10 << 10:
+        return f"{nbytes / (1 << 10):.0f} KB"
+    return f"{nbytes} B"

@@ -69,7 +69,7 @@ A pass that breaks a guarantee is named, with the pass whose guarantee it broke 
 ...           passes=passes.pipeline(after={"cutting": [unstage]}))
 Traceback (most recent call last):
     ...
-gradsplit_compiler.core.pass_manager.PassError: The 'unstage' pass broke the guarantee of
+passes.manager.PassError: The 'unstage' pass broke the guarantee of
 the 'partition' pass (after [...]): live node 'gsc.mark.y.' has no stage; ...
 """
 
@@ -78,7 +78,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gradsplit_compiler.core.pass_manager import Pass, pass_name, run_passes
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program
 
@@ -87,6 +86,7 @@ from passes import inline_calls as _inline_calls
 from passes import partition as _partition
 from passes import refresh_shapes as _refresh_shapes
 from passes import resolve_cuts as _resolve_cuts
+from passes.manager import Pass, pass_name, run_passes
 
 __all__ = ["ORDER", "PHASES", "Constraint", "Phase", "check_order", "pipeline", "run"]
 

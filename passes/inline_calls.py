@@ -39,6 +39,8 @@ from gradsplit_compiler import _tf_internal, ir
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program
 
+__all__ = ["CALL_OPS", "check", "inline_calls"]
+
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 
 

@@ -56,6 +56,8 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program, StagePlan
 
 # Ops that do no work of their own: a stage made only of these is empty.
+__all__ = ["TRIVIAL_OPS", "check", "partition"]
+
 TRIVIAL_OPS = {"Const", "NoOp", "Identity", "ReadVariableOp"}
 
 

@@ -30,6 +30,7 @@ import tensorflow as tf
 from gradsplit_compiler import ir
 from gradsplit_compiler.ir.program import Program
 
+__all__ = ["check", "refresh_shapes"]
 
 def refresh_shapes(program: Program) -> Program:
     g = program.graph

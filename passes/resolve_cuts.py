@@ -40,6 +40,7 @@ from gradsplit_compiler.frontend import keras_layers
 from gradsplit_compiler.frontend.mark import mark_name_of
 from gradsplit_compiler.ir.program import Program
 
+__all__ = ["check", "resolve_cuts"]
 
 def resolve_cuts(program: Program) -> Program:
     if not isinstance(program.cut_specs, (list, tuple)) or not program.cut_specs:

@@ -35,7 +35,7 @@ def run_split(args: argparse.Namespace) -> int:
     progress, target, s = load_and_split(args, 0 if args.export is None else stages)
 
     from gradsplit_compiler.cli.tables import cut_table, stage_table, summarize
-    from gradsplit_compiler.units import human_bytes
+    from gradsplit_compiler.util import human_bytes
 
     if args.export is not None:
         from gradsplit_compiler.core.export import export_split

@@ -32,7 +32,7 @@ from typing import Any
 import networkx as nx
 
 from gradsplit_compiler.ir.names import mark_name_of, parse_tensor_name
-from gradsplit_compiler.units import human_bytes
+from gradsplit_compiler.util import human_bytes
 
 __all__ = ["SplitSummary", "TensorListing", "TensorRow", "batch_dimension", "cut_table",
            "cuttable_tensors", "format_bytes", "format_shape", "format_table", "stage_table",

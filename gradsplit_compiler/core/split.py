@@ -9,10 +9,10 @@ from typing import Any
 import networkx as nx
 import tensorflow as tf
 
+import passes as pass_pipeline
 from gradsplit_compiler import ir
 from gradsplit_compiler._tf_internal import flat_caller
 from gradsplit_compiler.core.compose import compose
-from gradsplit_compiler.core.pass_manager import run_passes
 from gradsplit_compiler.core.rebuild import build_stage_vjp, is_differentiable
 from gradsplit_compiler.core.stage import Stage
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
@@ -20,15 +20,9 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
 from gradsplit_compiler.util import collector_paused
+from passes.manager import run_passes
 
-__all__ = ["Split", "default_passes", "split"]
-
-
-def default_passes() -> list:
-    """The whole pass pipeline (``passes.pipeline()``); a phase is asked for by name there."""
-    import passes
-
-    return passes.pipeline()
+__all__ = ["Split", "split"]
 
 
 def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool | None = None,
@@ -80,19 +74,14 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
             f"cuts must be a list with one entry per cut, e.g. ['y'] or [['a', 'b']]; got "
             f"{cuts!r}."
         )
-    import passes as pass_pipeline
-
     chosen = pass_pipeline.pipeline() if passes is None else list(passes)
     pass_pipeline.check_order(chosen)
-    with _collector_paused():
+    with collector_paused():
         program = capture(fn, input_signature, training=training)
         program.cut_specs = list(cuts)
         program = run_passes(program, chosen)
         return Split(program)
 
-
-# The collector pause of ``split`` (shared with ``plan``): see ``util.collector_paused``.
-_collector_paused = collector_paused
 
 
 class Split:

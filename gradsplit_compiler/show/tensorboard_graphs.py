@@ -25,6 +25,8 @@ import glob
 import os
 from typing import Any
 
+__all__ = ["PROGRAM_RUN", "graph_runs", "program_graph_def", "stage_device", "write_graphs"]
+
 PROGRAM_RUN = "program"
 
 

@@ -12,7 +12,6 @@ from tensorflow.core.framework import node_def_pb2
 import gradsplit_compiler as gsc
 import passes
 from gradsplit_compiler import ir
-from gradsplit_compiler.core.pass_manager import PassError, pass_name, run_passes
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend.capture import capture
 from passes import inline_calls as inline_module
@@ -20,6 +19,7 @@ from passes import partition as partition_module
 from passes import refresh_shapes as refresh_module
 from passes import resolve_cuts as resolve_module
 from passes.inline_calls import CALL_OPS, inline_calls
+from passes.manager import PassError, pass_name, run_passes
 from passes.partition import partition
 from passes.refresh_shapes import refresh_shapes
 from passes.resolve_cuts import resolve_cuts

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
-from gradsplit_compiler.core.pass_manager import PassError, check_program, run_passes
 from gradsplit_compiler.frontend.capture import capture
 from passes.inline_calls import CALL_OPS, inline_calls
+from passes.manager import PassError, check_program, run_passes
 from passes.partition import partition
 from passes.refresh_shapes import refresh_shapes
 from passes.resolve_cuts import resolve_cuts

@@ -21,6 +21,8 @@ import networkx as nx
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program
 
+__all__ = ["Pass", "PassError", "check_program", "pass_name", "run_passes"]
+
 Pass = Callable[[Program], Program]
 # What a pass guarantees afterwards, as a function: the violations, empty when it holds.
 Check = Callable[[Program], list]
