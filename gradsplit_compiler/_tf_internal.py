@@ -101,8 +101,8 @@ def register_functions(library) -> None:
         if ctx.has_function(name):
             continue
         atomic = _atomic.from_function_def(fdef, _function_type.FunctionType([]))
-        if graph._is_function(name):  # noqa: SLF001
-            graph._functions[name] = atomic  # noqa: SLF001
+        if graph._is_function(name):
+            graph._functions[name] = atomic
         else:  # imported outside any graph that outlives this call: keep it for good
             _KEPT.append(atomic)
 
@@ -134,6 +134,6 @@ def registered_gradient(name: str):
     from tensorflow.python.framework import ops
 
     try:
-        return ops._gradient_registry.lookup(name)  # noqa: SLF001
+        return ops._gradient_registry.lookup(name)
     except LookupError:
         return None

@@ -5,9 +5,9 @@ import os
 # Before TensorFlow is imported anywhere: its C++ INFO and WARNING lines drown pytest's output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
 
 # models.py holds checks the tests share (assert_round_trip, assert_matches_tape): pytest
 # explains their failing asserts as it does a test's own (before any test imports it).

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
-from gradsplit_compiler.core.verify import reference_value_and_grads  # noqa: F401 - for the tests
+from gradsplit_compiler.core.verify import reference_value_and_grads
 
 # Relative tolerance by dtype, as in CONTRACT.md.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}

@@ -29,10 +29,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-import gradsplit_compiler as gsc  # noqa: E402
+import gradsplit_compiler as gsc
 
 ROOT = Path(__file__).resolve().parent.parent
 

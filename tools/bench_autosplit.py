@@ -27,10 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow.core.framework import node_def_pb2  # noqa: E402
+import networkx as nx
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import node_def_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

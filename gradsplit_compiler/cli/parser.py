@@ -77,7 +77,7 @@ _count = _int_at_least(0, "an integer >= 0")
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from gradsplit_compiler.cli import demo as d  # noqa: PLC0415 - names only; keeps this module light
+    from gradsplit_compiler.cli import demo as d  # names only; keeps this module light
 
     parser.add_argument("-o", "--output", metavar="PNG", default=d.DEFAULT_PICTURE,
                         help=f"where to write the picture of the graph (default: "

@@ -26,7 +26,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from gradsplit_compiler import _tf_internal, ir
-from gradsplit_compiler.core.residuals import cut_forward_backward  # noqa: E402  (the passes live beside us)
+from gradsplit_compiler.core.residuals import cut_forward_backward
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program, StagePlan

@@ -62,7 +62,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     output cotangents) and the variable updates ``fn`` makes are compared. Variables are
     restored afterwards: verifying does not train the model.
     """
-    program = split._program  # noqa: SLF001 - verify is part of the same package
+    program = split._program  # verify is part of the same package
     for label, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and (isinstance(value, bool) or not isinstance(
                 value, (int, float, np.floating)) or not value >= 0):
@@ -87,7 +87,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
             "numbers, so no reference can see the composed stages' draw. Give the op a "
             "seed= or call tf.random.set_seed before split(), then verify."
         )
-    tensors = split._check_args(args)  # noqa: SLF001
+    tensors = split._check_args(args)
     structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
         if program.input_signature is not None else tensors
     dtype = _dominant_dtype(split, tensors)
@@ -107,7 +107,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
     _restore(written, before)
     # Stateful random kernels keep their state per function: a fresh composed function draws
     # what a fresh reference draws, however many steps the split has already run.
-    fresh = split._fresh_functions() if random_ops else contextlib.nullcontext()  # noqa: SLF001
+    fresh = split._fresh_functions() if random_ops else contextlib.nullcontext()
     try:
         with fresh:
             if scalar:

@@ -92,6 +92,6 @@ def _portable(traced, externals: list, kind: str):
             captured.append(tensor)
         cotangents = [tf.zeros_like(t) if c is None else c
                       for c, t in zip(cotangents, op.outputs)]
-        return list(traced._call_flat(list(cotangents), captured))  # noqa: SLF001
+        return list(traced._call_flat(list(cotangents), captured))
 
     return gradient

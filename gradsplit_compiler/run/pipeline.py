@@ -746,7 +746,7 @@ def _unreachable(devices: list[str], seconds: float) -> list[str]:
             with tf.device(device):
                 tf.identity(tf.constant(0.0)).numpy()  # a copy back waits for the task
             answered.add(device)
-        except Exception:  # noqa: BLE001 - any failure means it does not answer
+        except Exception:  # any failure means it does not answer
             pass
 
     threads = [threading.Thread(target=probe, args=(d,), daemon=True) for d in devices]

@@ -121,7 +121,7 @@ def _stage_inputs(split, args):
 
 
 def _written_variables(stage):
-    program = stage._program  # noqa: SLF001
+    program = stage._program
     return [program.variables[i] for i in program.written_variables()]
 
 
@@ -294,7 +294,7 @@ def test_a_cond_stage_with_a_none_batch_compiles_per_shape_under_xla():
         expected = split.value_and_gradients(*args, jit_compile=False)
         got = split.run_stages(args, jit_compile=True)
         assert max_rel_error([got[0]] + got[2], [expected[0]] + expected[1]) <= TOL
-    assert len(stage._static_vjps) == 2  # noqa: SLF001
+    assert len(stage._static_vjps) == 2
     forward, backward = stage.compiled(True)
     outputs, residuals = forward(*_stage_inputs(split, case.args(2))[1])
     odd = [tf.zeros([3] + r.shape.as_list()[1:], r.dtype) if r.shape.rank else r
