@@ -1,7 +1,7 @@
 """Every private TensorFlow API gradsplit_compiler touches, in one place.
 
 Checked on TensorFlow 2.16 to 2.21. Each helper names the API it wraps; tests in
-``tests/test_tf_internal.py`` pin their behaviour so an upgrade that breaks one shows here.
+``tests/core/test_tf_internal.py`` pin their behaviour so an upgrade that breaks one shows here.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import tensorflow as tf
 # explains their failing asserts as it does a test's own (before any test imports it).
 pytest.register_assert_rewrite("models")
 
-# Four logical CPU devices, so that tests/test_pipeline.py can give each stage a device of its
+# Four logical CPU devices, so that tests/run/test_pipeline.py can give each stage a device of its
 # own. It must run before TensorFlow initialises its devices (the first op or variable in the
 # process); conftest is imported before any test module, in every pytest-xdist worker too.
 try:

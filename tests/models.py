@@ -23,7 +23,7 @@ import tensorflow as tf
 import gradsplit_compiler as gsc
 from gradsplit_compiler.core.verify import reference_value_and_grads
 
-# Relative tolerance by dtype, as in CONTRACT.md.
+# Relative tolerance by dtype, as in docs/api.md.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}
 
 # Both sides under XLA, or both in graph mode.

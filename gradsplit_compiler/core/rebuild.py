@@ -1,7 +1,7 @@
 """Rebuild: one stage's ops -> a forward function that returns residuals and a backward
 function (its vector-Jacobian product) that consumes them.
 
-How (the residuals cut, after DESIGN.md): the stage's ops are imported into a scratch trace
+How (the residuals cut): the stage's ops are imported into a scratch trace
 together with ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``. That
 graph is then cut a second time: ops that depend on the cotangents are backward; the rest
 are forward, and the forward tensors the backward reads are the residuals. Two exceptions

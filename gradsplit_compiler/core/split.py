@@ -103,7 +103,7 @@ def _collector_paused():
 
 
 class Split:
-    """A program cut into stages. See ``CONTRACT.md`` for the promise it keeps."""
+    """A program cut into stages. See ``docs/api.md`` for the promise it keeps."""
 
     def __init__(self, program: Program):
         self._program = program
@@ -377,7 +377,7 @@ class Split:
                    jit_compile: bool = True):
         """Drive the stages one by one, each forward and backward its own program.
 
-        What a pipeline does, and what CONTRACT.md describes for callers in other processes:
+        What a pipeline does, and what docs/api.md describes for callers in other processes:
         a dictionary from tensor names to values, each stage's ``forward`` on its inputs,
         then each ``backward`` in reverse, summing cotangents of tensors several stages
         read. ``output_cotangents`` defaults to 1 for a scalar ``fn``. Returns

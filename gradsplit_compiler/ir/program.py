@@ -28,7 +28,8 @@ class StagePlan:
 class Program:
     """A traced program and everything the passes learn about it.
 
-    ``graph`` is the IR (see ``ir.py``). Tensor names are ``"op:index"`` throughout.
+    ``graph`` is the IR (see ``gradsplit_compiler.ir.graph``). Tensor names are ``"op:index"``
+    throughout.
     """
 
     graph: nx.MultiDiGraph

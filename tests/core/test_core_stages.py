@@ -1,6 +1,6 @@
 """Stages on their own: forward returns residuals, backward consumes them without running the
 forward again, every stage compiles under XLA alone, and driving the stages by hand exactly as
-CONTRACT.md describes gives ``value_and_gradients`` and the tape's gradient.
+docs/api.md describes gives ``value_and_gradients`` and the tape's gradient.
 """
 
 import contextlib
@@ -71,7 +71,7 @@ def _is_float(dtype):
 
 
 def drive_by_hand(split, args, output_cotangents):
-    """Run a split with a dictionary from names to values, exactly as CONTRACT.md describes.
+    """Run a split with a dictionary from names to values, exactly as docs/api.md describes.
 
     Returns ``(outputs, input_cotangents, grads)``: ``input_cotangents`` aligned with
     ``split.arg_names`` (``None`` where no stage gives one, e.g. integer arguments) and

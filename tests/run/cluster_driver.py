@@ -1,6 +1,6 @@
 """Run ``gsc.pipeline`` on a ``LocalCluster`` and print the results as one JSON line.
 
-Run by tests/test_cluster.py in a subprocess of its own: connecting to a cluster changes the
+Run by tests/run/test_cluster.py in a subprocess of its own: connecting to a cluster changes the
 eager context of the whole process, which the pytest processes must not see.
 
     python tests/cluster_driver.py exact WORKERS   # 1F1B and GPipe against the one-process run
