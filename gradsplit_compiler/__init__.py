@@ -2,20 +2,76 @@
 
 >>> import gradsplit_compiler as gsc
 
-See ``CONTRACT.md`` (shared with this project) for the public API: ``split``, ``mark``,
-``Split``, ``Stage``, ``verify``, ``Report``, ``to_networkx``, ``from_networkx``,
-``pipeline``, ``Pipeline`` and ``GradSplitError``.
+The public API (``split``, ``mark``, ``Split``, ``Stage``, ``verify``, ``Report``,
+``to_networkx``, ``from_networkx``, ``pipeline``, ``Pipeline``, ``auto_split`` and
+``GradSplitError``) and what each promises are in ``docs/api.md``.
 
 Names are loaded on first use, so ``import gradsplit_compiler`` (and ``gradsplit --help``)
-does not pay for importing TensorFlow until something needs it.
+does not pay for importing TensorFlow until something needs it. TensorFlow is not a
+dependency of the package, so that installing it never replaces the TensorFlow build a
+user chose (CPU, CUDA, a nightly); importing checks, from package metadata alone, that one
+is installed and recent enough.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import re
 from typing import Any
 
 from gradsplit_compiler.errors import GradSplitError
+
+_MINIMUM_TENSORFLOW = (2, 16)
+# The distributions that install the `tensorflow` module, most common first.
+_TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-macos",
+                             "tensorflow-intel", "tensorflow-aarch64", "intel-tensorflow",
+                             "tf-nightly", "tf-nightly-cpu")
+_INSTALL_HINT = (
+    'Install it with the package: pip install "gradsplit-compiler[cpu]" (CPU build) or '
+    'pip install "gradsplit-compiler[gpu]" (CUDA build, Linux), or install TensorFlow '
+    "yourself: https://www.tensorflow.org/install."
+)
+
+
+def _installed_tensorflow() -> tuple[str, str] | None:
+    """``(distribution, version)`` of the installed TensorFlow, without importing it.
+
+    ``None`` when no ``tensorflow`` module can be found; ``("unknown", "")`` when the module
+    is there but no known distribution claims it (a build from source).
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        return None
+    for dist in _TENSORFLOW_DISTRIBUTIONS:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown", ""
+
+
+def _check_tensorflow(found: tuple[str, str] | None) -> None:
+    """Raise ``ImportError`` saying what to install when ``found`` (as returned by
+    ``_installed_tensorflow``) is no TensorFlow or one older than ``_MINIMUM_TENSORFLOW``."""
+    need = ".".join(map(str, _MINIMUM_TENSORFLOW))
+    if found is None:
+        raise ImportError(
+            f"gradsplit_compiler needs TensorFlow >= {need}, and none is installed. TensorFlow "
+            "is not a dependency of gradsplit-compiler, so that installing it never replaces "
+            f"the TensorFlow build you chose. {_INSTALL_HINT}"
+        )
+    dist, version = found
+    release = re.match(r"(\d+)\.(\d+)", version)
+    if release and tuple(map(int, release.groups())) < _MINIMUM_TENSORFLOW:
+        raise ImportError(
+            f"gradsplit_compiler needs TensorFlow >= {need}; {dist} {version} is installed. "
+            f'Upgrade it (pip install --upgrade "{dist}>={need}"), or, in an environment '
+            f"without TensorFlow: {_INSTALL_HINT}"
+        )
+
+
+_check_tensorflow(_installed_tensorflow())
 
 _LAZY = {
     "auto_split": ".plan.autosplit",

@@ -140,8 +140,8 @@ def register_functions(library) -> None:
         if ctx.has_function(name):
             continue
         atomic = _atomic.from_function_def(fdef, _function_type.FunctionType([]))
-        if graph._is_function(name):  # noqa: SLF001
-            graph._functions[name] = atomic  # noqa: SLF001
+        if graph._is_function(name):
+            graph._functions[name] = atomic
         else:  # imported outside any graph that outlives this call: keep it for good
             _KEPT.append(atomic)
 
@@ -154,7 +154,7 @@ def call_flat(concrete, args: list, captured: list | None = None):
     list of tensors in its signature's order, and ``captured`` (default: its own
     ``captured_inputs``), without ``tf.function``'s per-call argument binding. Returns the
     structured outputs."""
-    return concrete._call_flat(  # noqa: SLF001
+    return concrete._call_flat(
         args, concrete.captured_inputs if captured is None else captured)
 
 
@@ -182,7 +182,7 @@ def registered_gradient(name: str):
     from tensorflow.python.framework import ops
 
     try:
-        return ops._gradient_registry.lookup(name)  # noqa: SLF001
+        return ops._gradient_registry.lookup(name)
     except LookupError:
         return None
 
@@ -204,7 +204,7 @@ def connected_server_def():
 def has_control_outputs(op: tf.Operation) -> bool:
     """``Operation._control_outputs`` (TF 2.16-2.21): whether some op of ``op``'s graph
     has a control dependency on ``op``. TensorFlow has no public way to ask."""
-    return bool(op._control_outputs)  # noqa: SLF001
+    return bool(op._control_outputs)
 
 
 def shape_dims(shape) -> tuple | None:
@@ -227,7 +227,7 @@ def sublayers(layer) -> list:
     sublayers of ``layer``, models and plain layers alike, in tracking order; a layer without
     it gives its public ``layers`` (or nothing)."""
     try:
-        return list(layer._flatten_layers(include_self=False, recursive=False))  # noqa: SLF001
+        return list(layer._flatten_layers(include_self=False, recursive=False))
     except Exception:
         return list(getattr(layer, "layers", []))
 
@@ -246,10 +246,10 @@ def nodes_by_depth(functional) -> dict:
     """``Functional._nodes_by_depth`` (Keras 3.x): ``{depth: [Node, ...]}``, depth 0 at the
     outputs; each ``Node`` has public ``operation``, ``is_input``, ``input_tensors`` and
     ``outputs``."""
-    return functional._nodes_by_depth  # noqa: SLF001
+    return functional._nodes_by_depth
 
 
 def input_layer_of(keras_tensor):
     """``KerasTensor._keras_history.operation`` (Keras 3.x): the layer (an ``InputLayer`` for
     a model input) whose call made ``keras_tensor``."""
-    return keras_tensor._keras_history.operation  # noqa: SLF001
+    return keras_tensor._keras_history.operation

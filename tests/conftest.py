@@ -6,15 +6,15 @@ import sys
 # Before TensorFlow is imported anywhere: its C++ INFO and WARNING lines drown pytest's output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
 
 # models.py holds checks the tests share (assert_round_trip, assert_matches_tape): pytest
 # explains their failing asserts as it does a test's own (before any test imports it).
 pytest.register_assert_rewrite("models")
 
-# Four logical CPU devices, so that tests/test_pipeline.py can give each stage a device of its
+# Four logical CPU devices, so that tests/run/test_pipeline.py can give each stage a device of its
 # own. It must run before TensorFlow initialises its devices (the first op or variable in the
 # process); conftest is imported before any test module, in every pytest-xdist worker too.
 try:

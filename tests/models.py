@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
-from gradsplit_compiler.core.verify import reference_value_and_grads  # noqa: F401 - for the tests
+from gradsplit_compiler.core.verify import reference_value_and_grads
 from gradsplit_compiler.zoo import (  # noqa: F401 - the programs, for the tests
     CONTROL_FLOW_BUILDERS,
     KERAS_SMALL_BUILDERS,
@@ -56,7 +56,7 @@ from gradsplit_compiler.zoo import (  # noqa: F401 - the programs, for the tests
     while_between_cuts,
 )
 
-# Relative tolerance by dtype, as in CONTRACT.md.
+# Relative tolerance by dtype, as docs/api.md states for gsc.verify.
 RTOL = {tf.float32: 1e-5, tf.float64: 1e-12}
 
 # Both sides under XLA, or both in graph mode.

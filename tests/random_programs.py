@@ -11,7 +11,7 @@ every op in order, so value numbers are a topological order of the data flow. Ev
 is a float64 matrix ``[rows, width]`` with ``rows`` the batch (``"B"``) or 1 (after a mean
 over the batch), so adds and products broadcast. ``build`` turns a program into a
 ``tf.function`` whose values ``gsc.mark`` names ``m<value>``; ``cut_lists`` draws cut
-lists that the contract says are valid: marks in data-flow order, every stage doing some
+lists that docs/api.md says are valid: marks in data-flow order, every stage doing some
 work, several tensors of one cut on parallel branches.
 """
 
@@ -524,7 +524,7 @@ ROUNDING_ULPS = 64  # as gsc.verify: rounding on entries that are zero in exact 
 
 
 def contract_errors(got: Sequence, ref: Sequence) -> list[tuple[float, float, bool]]:
-    """Per tensor ``(max abs error, relative error, ok)`` as CONTRACT.md measures them.
+    """Per tensor ``(max abs error, relative error, ok)`` as docs/api.md measures them.
 
     The relative error divides by ``max|reference|`` of that tensor, floored at 1e-6 of the
     largest reference entry over all of them; an error within ``ROUNDING_ULPS`` ulps of that

@@ -29,11 +29,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-import gradsplit_compiler as gsc  # noqa: E402
-from gradsplit_compiler import _tf_internal, zoo  # noqa: E402
+import gradsplit_compiler as gsc
+from gradsplit_compiler import _tf_internal, zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -522,7 +522,7 @@ x, y = case.args(rng)
 try:
     predicted = sum(row["boundary_bytes"] for row in split.summary(batch_size=batch))
     source = "split.summary()"
-except Exception:  # noqa: BLE001 - costs.py missing or different
+except Exception:  # costs.py missing or different
     predicted = sum(int(np.prod([batch if d is None else d for d in spec.shape]))
                     * spec.dtype.size for st in split.stages
                     for name, spec in zip(st.inputs, st.input_specs)

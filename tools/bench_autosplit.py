@@ -1,4 +1,4 @@
-"""Benchmark of automatic cut selection (issue 6): writes docs/autosplit.md.
+"""Benchmark of automatic cut selection: writes docs/autosplit.md.
 
     .venv/bin/python tools/bench_autosplit.py            # everything, ~15 minutes on 2 cores
     .venv/bin/python tools/bench_autosplit.py --quick    # smaller models, fewer repeats
@@ -27,10 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow.core.framework import node_def_pb2  # noqa: E402
+import networkx as nx
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import node_def_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -404,9 +404,9 @@ split (manual or automatic), one row per stage: `ops`, `cost`, `variable_bytes`,
 `boundary_tensors`, `boundary_bytes` (what enters the stage from earlier ones, arguments
 aside) and `residual_bytes`.
 
-## The method (`gradsplit_compiler/autosplit.py`)
+## The method (`gradsplit_compiler/plan/autosplit.py`)
 
-1. **Cost** every op, forward + backward (`gradsplit_compiler/costs.py`, below).
+1. **Cost** every op, forward + backward (`gradsplit_compiler/plan/costs.py`, below).
 2. **Coarsen.** Constants and reads of variables nothing writes are folded into their users
    (split copies them into every stage that reads them, so they never cross a cut). Ops that
    only feed side effects (batch-norm statistics updates) join the op they hang off, shape
@@ -441,7 +441,7 @@ times the micro-batches in flight (1F1B: `min(K - k, M)`, 1 without `microbatche
 pointers over the order; when no plan fits, `GradSplitError` names the smallest limit that
 does.
 
-## The cost model (`gradsplit_compiler/costs.py`)
+## The cost model (`gradsplit_compiler/plan/costs.py`)
 
 From op types and static shapes, `None` dimensions at `batch_size`:
 
@@ -466,7 +466,7 @@ From op types and static shapes, `None` dimensions at `batch_size`:
 `costs.calibrate(split, args)` times each stage's compiled forward + backward under XLA and
 returns measured against estimated time per stage; `costs.fit(rows)` rescales the rates.
 
-## Against the known methods (`/work/shared/research/partition.md`)
+## Against the known methods
 
 - Alpa's layer DP fills an (n+1)^2 table of input bytes and runs in O(L n^2); here the bytes
   come from one difference array and the DP is O(K n log n), so 100,000 ops take under a
@@ -681,7 +681,7 @@ def write_report(path: Path, command: str, quality_rows, runtime_rows, calibrati
         out.append("")
     if verify_rows:
         out += ["## verify", "", "`auto_split`, then `gsc.verify(split, x, jit_compile=False)` "
-                "in float64 (the same checks run in `tests/test_autosplit.py`).", "",
+                "in float64 (the same checks run in `tests/plan/test_autosplit.py`).", "",
                 "`max_rel_error` counts, relative to a floor, gradients that are zero in exact "
                 "arithmetic (a convolution's bias before batch norm); the next column leaves "
                 "out the gradients whose whole error is below the rounding floor (64 ulps of "

@@ -166,7 +166,8 @@ def jacobian_gradient(problem: SeedProblem, jit_compile: bool) -> Callable:
 
 
 def relative_error(grads: Sequence, reference: Sequence) -> float:
-    """Largest over the gradients of ``max|g - r| / max|r|`` (CONTRACT.md's ``max_rel_error``)."""
+    """Largest over the gradients of ``max|g - r| / max|r|`` (``gsc.verify``'s
+    ``max_rel_error``)."""
     refs = [np.asarray(r, dtype=np.float64) for r in reference]
     floor = 1e-6 * max(float(np.max(np.abs(r))) for r in refs)
     worst = 0.0

@@ -1,7 +1,7 @@
 """Rebuild: one stage's ops -> a forward function that returns residuals and a backward
 function (its vector-Jacobian product) that consumes them.
 
-How (the residuals cut, after DESIGN.md): the stage's ops are imported into a scratch trace
+How (the residuals cut): the stage's ops are imported into a scratch trace
 together with ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``. That
 graph is then cut a second time: ops that depend on the cotangents are backward; the rest
 are forward, and the forward tensors the backward reads are the residuals. Two exceptions
@@ -27,7 +27,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from gradsplit_compiler import _tf_internal, ir
-from gradsplit_compiler.core.residuals import cut_forward_backward  # noqa: E402  (the passes live beside us)
+from gradsplit_compiler.core.residuals import cut_forward_backward
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program, StagePlan

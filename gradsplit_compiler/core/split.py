@@ -85,7 +85,7 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
 
 
 class Split:
-    """A program cut into stages. See ``CONTRACT.md`` for the promise it keeps.
+    """A program cut into stages. See ``docs/api.md`` for the promise it keeps.
 
     ``plan`` is what ``gsc.auto_split`` chose (a ``plan.autosplit.Plan``: the intended
     stages, estimated costs and bytes, and any op placed elsewhere); ``None`` for a split
@@ -382,7 +382,7 @@ class Split:
                        self._program.tf_function)
         try:
             concrete = tf.function(body, autograph=False).get_concrete_function(*structured)
-        except Exception:  # noqa: BLE001 - only a diagnosis; the original error stands
+        except Exception:
             return None
         shapes = [t.shape for t in tf.nest.flatten(concrete.structured_outputs)]
         if len(shapes) != len(self.output_names):
@@ -433,7 +433,7 @@ class Split:
                    jit_compile: bool = True):
         """Drive the stages one by one, each forward and backward its own program.
 
-        What a pipeline does, and what CONTRACT.md describes for callers in other processes:
+        What a pipeline does, and what docs/api.md describes for callers in other processes:
         a dictionary from tensor names to values, each stage's ``forward`` on its inputs,
         then each ``backward`` in reverse, summing cotangents of tensors several stages
         read. ``output_cotangents`` defaults to 1 for a scalar ``fn``. Returns

@@ -121,7 +121,7 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
         concrete = tf_fn.get_concrete_function(*input_signature)
     except GradSplitError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is the caller's program
+    except Exception as exc:  # any tracing failure is the caller's program
         raise GradSplitError(
             f"fn could not be traced with input_signature {_specs_text(specs)}: "
             f"{_reason(exc)}. Check that fn runs on tensors of these shapes and dtypes "

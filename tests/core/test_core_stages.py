@@ -1,6 +1,6 @@
 """Stages on their own: forward returns residuals, backward consumes them without running the
 forward again, every stage compiles under XLA alone, and driving the stages by hand exactly as
-CONTRACT.md describes gives ``value_and_gradients`` and the tape's gradient.
+docs/api.md describes gives ``value_and_gradients`` and the tape's gradient.
 """
 
 import contextlib
@@ -71,7 +71,7 @@ def _is_float(dtype):
 
 
 def drive_by_hand(split, args, output_cotangents):
-    """Run a split with a dictionary from names to values, exactly as CONTRACT.md describes.
+    """Run a split with a dictionary from names to values, exactly as docs/api.md describes.
 
     Returns ``(outputs, input_cotangents, grads)``: ``input_cotangents`` aligned with
     ``split.arg_names`` (``None`` where no stage gives one, e.g. integer arguments) and
@@ -121,7 +121,7 @@ def _stage_inputs(split, args):
 
 
 def _written_variables(stage):
-    program = stage._program  # noqa: SLF001
+    program = stage._program
     return [program.variables[i] for i in program.written_variables()]
 
 
@@ -294,7 +294,7 @@ def test_a_cond_stage_with_a_none_batch_compiles_per_shape_under_xla():
         expected = split.value_and_gradients(*args, jit_compile=False)
         got = split.run_stages(args, jit_compile=True)
         assert max_rel_error([got[0]] + got[2], [expected[0]] + expected[1]) <= TOL
-    assert len(stage._static_vjps) == 2  # noqa: SLF001
+    assert len(stage._static_vjps) == 2
     forward, backward = stage.compiled(True)
     outputs, residuals = forward(*_stage_inputs(split, case.args(2))[1])
     odd = [tf.zeros([3] + r.shape.as_list()[1:], r.dtype) if r.shape.rank else r

@@ -34,7 +34,7 @@ def test_pieces_without_control_flow_carry_no_functions():
     split = gsc.split(case.fn, case.input_signature, case.cuts)
     assert len(split.graph.graph["library"].function) > 0
     for stage in split.stages:
-        for piece in (stage._vjp.forward_graph_def, stage._vjp.backward_graph_def):  # noqa: SLF001
+        for piece in (stage._vjp.forward_graph_def, stage._vjp.backward_graph_def):
             assert len(piece.library.function) == 0
 
 
@@ -44,7 +44,7 @@ def test_a_control_flow_piece_carries_exactly_the_functions_it_calls():
         split = gsc.split(case.fn, case.input_signature, case.cuts)
         carried = 0
         for stage in split.stages:
-            for piece in (stage._vjp.forward_graph_def, stage._vjp.backward_graph_def):  # noqa: SLF001
+            for piece in (stage._vjp.forward_graph_def, stage._vjp.backward_graph_def):
                 names = {f.signature.name for f in piece.library.function}
                 assert _called(piece) == names, build.__name__
                 carried += len(names)

@@ -82,7 +82,7 @@ def test_thousand_steps_keep_memory_flat_and_never_retrace(counted, jit_compile)
     gc.collect()
     growth = rss_mb() - before
 
-    composed = [f for key, f in split._functions.items()  # noqa: SLF001
+    composed = [f for key, f in split._functions.items()
                 if key[:2] == ("value_and_gradients", jit_compile)]
     assert [f.experimental_get_tracing_count() for f in composed] == [1]
     assert growth < MAX_GROWTH_MB, f"resident memory grew {growth:.1f} MB in {STEPS} steps"

@@ -1,6 +1,6 @@
 """Property-based tests: random programs, cut at random valid places, give the tape's
 gradient through every route (``value_and_gradients``, ``vjp``, ``run_stages``) within
-1e-12 in float64 (CONTRACT.md's relative error, with ``gsc.verify``'s rounding allowance).
+1e-12 in float64 (docs/api.md's relative error, with ``gsc.verify``'s rounding allowance).
 
 The programs (``random_programs.py``) are small DAGs of matmuls, broadcasting adds and
 products, tanh, sin, concat, split, means over an axis, skip connections, shared, frozen and

@@ -7,7 +7,7 @@ import gradsplit_compiler as gsc
 
 
 def _drive(split, x, replicas, device):
-    """The contract's hand-driven procedure, each stage reading its replicas on ``device``."""
+    """The hand-driven procedure of docs/api.md, each stage reading its replicas on ``device``."""
     env = {split.arg_names[0]: x}
     residuals = []
     with tf.device(device):

@@ -17,11 +17,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import gradsplit_compiler as gsc  # noqa: E402
-from gradsplit_compiler import zoo  # noqa: E402
-from gradsplit_compiler.run.cluster import LocalCluster  # noqa: E402
+import gradsplit_compiler as gsc
+from gradsplit_compiler import zoo
+from gradsplit_compiler.run.cluster import LocalCluster
 
 BATCH = 16
 CUTS = {2: ["c2"], 3: ["c1", "c2"], 4: ["c1", "c2", "c3"]}
@@ -74,7 +74,7 @@ def step_under_fault(pipe, args, variables, fault: threading.Timer) -> dict:
     try:
         pipe.step(*args)
         result = {"raised": None}
-    except Exception as exc:  # noqa: BLE001 - what was raised is the result
+    except Exception as exc:
         result = {"raised": type(exc).__name__, "message": str(exc),
                   "seconds": time.perf_counter() - t0}
     fault.join()

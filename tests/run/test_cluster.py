@@ -1,4 +1,4 @@
-"""``LocalCluster`` and ``gsc.pipeline`` across processes on TensorFlow's runtime (issue 8).
+"""``LocalCluster`` and ``gsc.pipeline`` across processes on TensorFlow's runtime.
 
 Connecting to a cluster changes the eager context of a whole process, so every test that
 connects runs ``tests/cluster_driver.py`` in a subprocess and reads its JSON; the pytest
