@@ -170,15 +170,31 @@ def tensor(rng: np.random.Generator, shape: Sequence[int], dtype: tf.DType) -> t
 
 @contextlib.contextmanager
 def keras_floatx(dtype: str) -> Iterator[None]:
-    """Build Keras layers in ``dtype``; the previous default comes back afterwards."""
+    """Build (and call) Keras layers in ``dtype``; the previous defaults come back afterwards.
+
+    Sets Keras' ``floatx`` and its global dtype policy: Keras 3 fixes the policy the first time
+    a layer is made without a ``dtype`` (from the floatx of that moment, per thread), after
+    which ``set_floatx`` alone no longer changes the type of new layers.
+    """
     import keras
 
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - another Keras layout: restore the policy by name
+        global_state = None
     previous = keras.backend.floatx()
+    previous_policy = (global_state.get_global_attribute("dtype_policy", None)
+                       if global_state is not None else keras.config.dtype_policy())
     keras.backend.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
     try:
         yield
     finally:
         keras.backend.set_floatx(previous)
+        if global_state is not None:
+            global_state.set_global_attribute("dtype_policy", previous_policy)
+        else:  # pragma: no cover
+            keras.config.set_dtype_policy(previous_policy)
 
 
 # -- the seed problem --------------------------------------------------------------------------
