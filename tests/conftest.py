@@ -47,36 +47,58 @@ def _seeded():
     np.random.seed(0)
 
 
-def _floatx() -> str:
+def _keras_defaults() -> tuple:
+    """Keras' floatx and global dtype policy (``None`` until a layer without a dtype fixes
+    it); ``("float32", None)`` before Keras is imported."""
     keras = sys.modules.get("keras")
-    return keras.backend.floatx() if keras is not None else "float32"
+    if keras is None:
+        return ("float32", None)
+    from keras.src.backend.common import global_state
+
+    return (keras.backend.floatx(), global_state.get_global_attribute("dtype_policy", None))
 
 
-# Keras floatx values that a fixture wider than a test (module or session scope) set while a
-# test ran: it holds them for its scope and restores them at its teardown.
-_HELD_FLOATX: list[str] = []
+def _restore_keras_defaults(state: tuple) -> None:
+    from keras.src.backend.common import global_state
+
+    sys.modules["keras"].backend.set_floatx(state[0])
+    global_state.set_global_attribute("dtype_policy", state[1])
+
+
+# Keras defaults that a fixture wider than a test (module or session scope) set while a test
+# ran: it holds them for its scope and restores them at its teardown.
+_HELD: list[tuple] = []
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef, request):
-    before = _floatx()
+    before = _keras_defaults()
     yield
-    if fixturedef.scope != "function" and _floatx() != before:
-        _HELD_FLOATX.append(_floatx())
+    if fixturedef.scope != "function" and _keras_defaults() != before:
+        _HELD.append(_keras_defaults())
+
+
+def _changed(before: tuple, after: tuple) -> bool:
+    """A different floatx, or a policy of another name (a layer made without a dtype fixes the
+    policy from ``None`` to the floatx of the moment: Keras' own default, not a leak)."""
+    def effective(state):
+        return state[1].name if state[1] is not None else state[0]
+
+    return after[0] != before[0] or effective(after) != effective(before)
 
 
 @pytest.fixture(autouse=True)
-def _keras_floatx_unchanged():
-    """No test leaves Keras' default float type changed: the zoo's builders set it only inside
-    ``keras_floatx``, which restores it. A leak is undone and reported as an error here, not
-    seen later as a wrong dtype in another test of the same worker. A module-scoped fixture
-    may hold another floatx for its module (it restores it at its teardown)."""
-    _HELD_FLOATX.clear()
-    before = _floatx()
+def _keras_defaults_unchanged():
+    """No test leaves Keras' floatx or dtype policy changed: the zoo's builders set them only
+    inside ``keras_floatx``, which restores them. A leak is undone and reported as an error
+    here, not seen later as a wrong dtype in another test of the same worker. A module-scoped
+    fixture may hold other defaults for its module (it restores them at its teardown)."""
+    _HELD.clear()
+    before = _keras_defaults()
     yield
-    after, held = _floatx(), list(_HELD_FLOATX)
-    _HELD_FLOATX.clear()
-    if after != before and after not in held:
-        sys.modules["keras"].backend.set_floatx(before)
-        pytest.fail(f"the test left Keras' floatx at {after} (was {before}): set it with "
-                    "gradsplit_compiler.zoo.keras_floatx, which restores it")
+    after, held = _keras_defaults(), list(_HELD)
+    _HELD.clear()
+    if _changed(before, after) and after not in held:
+        _restore_keras_defaults(before)
+        pytest.fail(f"the test left Keras' floatx / dtype policy at {after} (was {before}): "
+                    "set them with gradsplit_compiler.zoo.keras_floatx, which restores them")

@@ -217,7 +217,7 @@ def test_polished_cuts_of_interleaved_branches_pass_verify():
         return tf.reduce_mean(a * b)
 
     case = models.Case("interleaved", loss, [tf.TensorSpec([None, 6], tf.float64)],
-                       lambda r: [models.tensor(r, (5, 6), tf.float64)], [],
+                       lambda r, n: [models.tensor(r, (n, 6), tf.float64)], [],
                        variables=Wa + Wb)
     split = gsc.auto_split(loss, case.input_signature, 3, batch_size=5)
     assert split.plan.mismatches == []
