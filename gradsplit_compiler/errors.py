@@ -15,11 +15,6 @@ class GradSplitError(ValueError):
     work instead.
     """
 
-    # Autograph re-raises an error from a traced function as its own type only when that
-    # type's __init__ is Exception's (else it becomes a StagingError): keep it so, for a
-    # GradSplitError raised while a caller's tf.function traces.
-    __init__ = Exception.__init__
-
 
 def close_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
     """Up to ``limit`` names from ``candidates`` that look like ``name``, best first.

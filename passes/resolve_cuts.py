@@ -90,26 +90,8 @@ def resolve_cuts(program: Program) -> Program:
         for t in tensors:
             seen[t] = i
         cuts.append(tensors)
-    _check_used(program, cuts)
     program.cuts = cuts
     return program
-
-
-def _check_used(program: Program, cuts: list[list[str]]) -> None:
-    """Refuse a cut tensor no output is computed from: nothing would cross that cut, and the
-    stage before it would compute a value nobody reads."""
-    outputs = {ir.parse_tensor_name(n)[0] for n in program.output_names}
-    used = ir.ancestors(program.graph, outputs, data_only=True)
-    for i, (entry, tensors) in enumerate(zip(program.cut_specs, cuts)):
-        names = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        for name, tensor in zip(names, tensors):
-            if ir.parse_tensor_name(tensor)[0] not in used:
-                raise GradSplitError(
-                    f"cut {i} names {name!r} ({tensor}), but the loss does not depend on it: "
-                    "no output of fn is computed from that tensor, so nothing would cross "
-                    "the cut. Cut at a tensor on the way to the outputs (`gradsplit "
-                    "inspect` lists them), or return what depends on it."
-                )
 
 
 def _marks(g: nx.MultiDiGraph) -> dict[str, list[str]]:
