@@ -15,7 +15,8 @@ from typing import Any
 
 from gradsplit_compiler.ir.names import parse_tensor_name, tensor_name
 
-__all__ = [  # the two names above, and those of ir.graph (imported on first use)
+# The names of ir.graph, imported on first use (ir.graph's own __all__ is this tuple).
+GRAPH_NAMES = (
     "CONTROL_FLOW_OPS",
     "add_control_edge",
     "add_data_edge",
@@ -29,11 +30,10 @@ __all__ = [  # the two names above, and those of ir.graph (imported on first use
     "node_inputs",
     "predecessor_edges",
     "successor_edges",
-    "parse_tensor_name",
-    "tensor_name",
     "to_networkx",
-]
-_GRAPH = frozenset(__all__) - {"parse_tensor_name", "tensor_name"}
+)
+__all__ = ["parse_tensor_name", "tensor_name", *GRAPH_NAMES]
+_GRAPH = frozenset(GRAPH_NAMES)
 
 
 def __getattr__(name: str) -> Any:

@@ -32,24 +32,10 @@ import networkx as nx
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
+from gradsplit_compiler.ir import GRAPH_NAMES
 from gradsplit_compiler.ir.names import parse_tensor_name
 
-__all__ = [  # parse_tensor_name and tensor_name live in ir.names; gradsplit_compiler.ir has all
-    "CONTROL_FLOW_OPS",
-    "add_control_edge",
-    "add_data_edge",
-    "ancestors",
-    "called_functions",
-    "data_consumers",
-    "data_inputs",
-    "descendants",
-    "from_networkx",
-    "node_attributes",
-    "node_inputs",
-    "predecessor_edges",
-    "successor_edges",
-    "to_networkx",
-]
+__all__ = list(GRAPH_NAMES)  # parse_tensor_name, tensor_name: ir.names
 
 
 def _split_input(inp: str) -> tuple[str, int, bool]:
