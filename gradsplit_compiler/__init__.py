@@ -77,6 +77,7 @@ _LAZY = {
     "auto_split": ".plan.autosplit",
     "from_networkx": ".ir",
     "to_networkx": ".ir",
+    "load_variables": ".run.training",
     "mark": ".frontend.mark",
     "Pipeline": ".run.pipeline",
     "pipeline": ".run.pipeline",

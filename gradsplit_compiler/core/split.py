@@ -135,6 +135,14 @@ class Split:
         """The ``tf.TensorSpec`` (static shape, dtype) of graph tensor ``name``."""
         return self._spec(name)
 
+    @property
+    def trainable_variables(self) -> list[tf.Variable]:
+        """The variables an optimizer may update (``trainable=True``, as Keras marks them), in
+        ``variables`` order; batch-norm moving statistics and other non-trainable
+        variables are left out: their gradients (in ``value_and_gradients``) are not for
+        training."""
+        return [v for v in self.variables if v.trainable]
+
     def variable_of(self, placeholder: str) -> tf.Variable | None:
         """The variable a captured-variable placeholder op of ``graph`` stands for."""
         index = self._program.variable_placeholders.get(placeholder)

@@ -18,6 +18,7 @@ __all__ = [
     "ROUNDING_ULPS",
     "Report",
     "reference_value_and_grads",
+    "stateful_random_ops",
     "verify",
 ]
 
@@ -93,7 +94,7 @@ def verify(split: Split, *args, jit_compile: bool = True, rtol: float | None = N
                 f"{label} must be a non-negative number (or None for the dtype's default); "
                 f"got {value!r}."
             )
-    random_ops = _stateful_random_ops(program)
+    random_ops = stateful_random_ops(program)
     if jit_compile and random_ops:
         raise GradSplitError(
             f"this program draws random numbers with stateful ops ({', '.join(random_ops[:3])}"
@@ -246,7 +247,8 @@ RANDOM_OPS = ("RandomStandardNormal", "RandomUniform", "RandomUniformInt", "Trun
               "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoisson", "RandomPoissonV2")
 
 
-def _stateful_random_ops(program) -> list[str]:
+def stateful_random_ops(program) -> list[str]:
+    """The ops of ``program``'s stages that draw random numbers from a kernel's state."""
     g = program.graph
     return [n for n in g.nodes if g.nodes[n]["op"] in RANDOM_OPS
             and g.nodes[n].get("stage") is not None]

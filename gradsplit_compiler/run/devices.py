@@ -33,6 +33,7 @@ __all__ = [
     "default_device",
     "device_label",
     "is_remote",
+    "keep_alive",
     "plan_replicas",
     "resolve_device",
     "resolve_devices",
@@ -154,6 +155,12 @@ _REPLICA_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _KEEP_ALIVE: list = []
 
 
+def keep_alive(*objects: Any) -> None:
+    """Keep ``objects`` (functions, variables placed on a task of a cluster) for the life of
+    the process; see ``_KEEP_ALIVE``."""
+    _KEEP_ALIVE.extend(objects)
+
+
 def _cache(split: Split) -> dict:
     return _REPLICA_CACHE.setdefault(split, {"replicas": {}, "stages": {}})
 
@@ -210,7 +217,8 @@ def stage_runner(split: Split, stage: Any, device: str,
     if jit_compile and is_remote(device):
         forward, backward = stage.compiled(jit_compile, variables)
         wrappers = _cache(split)
-        key = ("remote", stage.index, device, _incarnation(device))
+        key = ("remote", stage.index, device, _incarnation(device),
+               None if variables is None else tuple(map(id, variables)))
         if key not in wrappers["stages"]:
             wrappers["stages"][key] = _remote_callable(stage, forward, backward)
             _KEEP_ALIVE.append(wrappers["stages"][key])

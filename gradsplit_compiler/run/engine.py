@@ -130,7 +130,7 @@ class StepRun:
         self.events: list[TimelineEvent] = []
         self.running: dict[int, tuple[Action, float]] = {}
         self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
-                      "replicas": 0}
+                      "replicas": 0, "gradients": 0, "scalars": 0}
         self.sync = any(is_remote(r.device) for r in plan.runners)
         seed = tf.constant(1.0 / plan.microbatches if plan.loss_reduction == "mean" else 1.0,
                            plan.loss_dtype)
@@ -226,11 +226,11 @@ class StepRun:
         for idx, replica in runner.replicas:
             with tf.device(runner.device):
                 replica.assign(self.plan.variables[idx])
-            self._count("replicas", replica)
+            self.count("replicas", replica)
         if self.sync:
             wait_for([replica for _, replica in runner.replicas])
 
-    def _count(self, kind: str, tensor: Any, device: str | None = None) -> None:
+    def count(self, kind: str, tensor: Any, device: str | None = None) -> None:
         """Add ``tensor``'s bytes under ``kind`` if it moves (held elsewhere than
         ``device``; ``device=None``: it always moves)."""
         if device is not None and same_device(tensor.device, device):
@@ -243,7 +243,7 @@ class StepRun:
         with self.condition:
             inputs = [self._take_activation(name, m) for name in runner.inputs]
         for name, value in zip(runner.inputs, inputs):
-            self._count("inputs" if name in self.arg_position else "activations", value,
+            self.count("inputs" if name in self.arg_position else "activations", value,
                         runner.device)
         outputs, residuals = run_reporting_xla_errors(runner.forward, *inputs)
         if self.sync:
@@ -278,7 +278,7 @@ class StepRun:
             for source, value in (by_source or {}).items():
                 # source K: the caller's seed of the loss, sent from this process
                 kind = "inputs" if source == self.plan.num_stages else "cotangents"
-                self._count(kind, value, runner.device)
+                self.count(kind, value, runner.device)
         for by_source, shape, dtype in zip(received, shapes, runner.output_dtypes):
             if not by_source:  # nobody sends one (integer, or unused downstream)
                 cotangents.append(tf.zeros(shape, dtype))
@@ -304,11 +304,15 @@ class StepRun:
 
     # -- after the step ----------------------------------------------------------------------
 
+    def micro_values(self) -> list[tf.Tensor]:
+        """The loss of each micro-batch, in order, where its stage computed it."""
+        return [self.values[m] for m in range(self.plan.microbatches)]
+
     def value(self) -> tf.Tensor:
         """The loss over the whole batch: the micro-batch values summed in order (their
         mean for ``loss_reduction="mean"``)."""
         for m in range(self.plan.microbatches):
-            self._count("results", self.values[m], self.plan.home)
+            self.count("results", self.values[m], self.plan.home)
         total = sum_in_order([self.values[m] for m in range(self.plan.microbatches)])
         if self.plan.loss_reduction == "mean":
             total = total / tf.cast(self.plan.microbatches, total.dtype)
@@ -321,9 +325,14 @@ class StepRun:
                                  for v in self.plan.variables])
         for runner in reversed(self.plan.runners):  # later stages first, as compose sums
             for grad in self.grads[runner.index]:
-                self._count("results", grad, self.plan.home)
+                self.count("results", grad, self.plan.home)
             totals.add(runner.variable_indices, self.grads[runner.index])
         return totals.result()
+
+    def stage_gradients(self) -> list[list[tf.Tensor]]:
+        """Per stage, its variable gradients summed over the micro-batches, on the stage's
+        device (aligned with the stage's ``variable_indices``); nothing moves."""
+        return [list(g) for g in self.grads]
 
     def record(self) -> StepRecord:
         """What the timeline and the memory counts need; none of the step's tensors."""

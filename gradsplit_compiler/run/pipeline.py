@@ -56,13 +56,16 @@ draws the timeline a step records.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import tensorflow as tf
 
 from gradsplit_compiler.core.split import Split
+from gradsplit_compiler.core.verify import stateful_random_ops
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import (
     default_device,
@@ -85,6 +88,7 @@ from gradsplit_compiler.run.schedules import (
     schedule_dependencies,
     validate_schedule,
 )
+from gradsplit_compiler.run.training import TrainingState
 
 __all__ = ["IdleFraction", "Pipeline", "TimelineEvent", "pipeline"]
 
@@ -93,7 +97,9 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
-             jit_compile: bool = True, timeout: float | None = None) -> Pipeline:
+             optimizer: Any = None, clip_global_norm: float | None = None,
+             on_nonfinite: str = "raise", jit_compile: bool = True,
+             timeout: float | None = None) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -110,7 +116,22 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         runs on ``devices[k]`` (extra names are ignored). ``None``: every stage on
         TensorFlow's default device, still one thread each.
     loss_reduction : "mean" or "sum"
-        Required: how ``fn`` reduces the per-example losses of a batch.
+        Required: how ``fn`` reduces the per-example losses of a batch. Checked on the
+        first step: a loss declared ``"mean"`` that sums (or the reverse) is refused.
+    optimizer : keras.optimizers.Optimizer, optional
+        A fresh Keras optimizer: the pipeline then owns the training state. Each stage's
+        device gets, once, its own copy of the variables its stages read and an optimizer
+        like this one (same class and configuration) over the trainable ones;
+        ``train_step`` updates them there, and ``write_back``, ``save`` and ``restore``
+        move the state in and out. See "Training" below.
+    clip_global_norm : float, optional
+        With ``optimizer``: scale the gradients so that their norm over all stages is at
+        most this (``tf.clip_by_global_norm``); an optimizer's own ``global_clipnorm`` is
+        taken as this.
+    on_nonfinite : "raise" or "skip"
+        With ``optimizer``: a step whose gradients are not all finite changes no variable,
+        and raises ``GradSplitError`` naming the variable (``"raise"``) or is skipped and
+        counted in ``skipped_steps`` (``"skip"``).
     jit_compile : bool
         Run each stage's forward and backward as its own XLA program.
     timeout : float, optional
@@ -127,10 +148,12 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
     GradSplitError
         For a missing or unknown ``loss_reduction`` or schedule, a bad ``microbatches``,
         fewer devices than stages, a device that does not exist, an ``fn`` that does not
-        return a scalar. Nothing runs.
+        return a scalar, an optimizer that is not a fresh Keras optimizer, a clip norm that
+        is not positive. Nothing runs.
     """
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
-                    jit_compile=jit_compile, timeout=timeout)
+                    optimizer=optimizer, clip_global_norm=clip_global_norm,
+                    on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout)
 
 
 class IdleFraction(NamedTuple):
@@ -157,7 +180,9 @@ class Pipeline:
 
     def __init__(self, split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
                  devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
-                 jit_compile: bool = True, timeout: float | None = None):
+                 optimizer: Any = None, clip_global_norm: float | None = None,
+                 on_nonfinite: str = "raise", jit_compile: bool = True,
+                 timeout: float | None = None):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -195,16 +220,40 @@ class Pipeline:
                 f"microbatches=1."
             )
         self.devices = resolve_devices(devices, self.num_stages)
+        if optimizer is None and (clip_global_norm is not None or on_nonfinite != "raise"):
+            raise GradSplitError(
+                "clip_global_norm and on_nonfinite act on the optimizer's step; they need "
+                "optimizer= (a Keras optimizer). Without one, step() returns the gradients "
+                "and clipping is yours (tf.clip_by_global_norm)."
+            )
         home = default_device()
-        self._replicas, self._copied_back = plan_replicas(split, self.devices, self.jit_compile)
+        self.optimizer = optimizer
+        self._training: TrainingState | None = None
+        if optimizer is not None:
+            self._training = TrainingState(
+                split, self.devices, optimizer, clip_global_norm=clip_global_norm,
+                on_nonfinite=on_nonfinite, jit_compile=self.jit_compile)
+            self._replicas, self._copied_back = {}, []
+            runners = tuple(
+                replace(stage_runner(split, stage, device, {
+                    (idx, device): copy for idx, copy in zip(
+                        stage.variable_indices, self._training.stage_variables(stage.index))},
+                    self.jit_compile), replicas=())
+                for stage, device in zip(split.stages, self.devices))
+        else:
+            self._replicas, self._copied_back = plan_replicas(split, self.devices,
+                                                              self.jit_compile)
+            runners = tuple(stage_runner(split, stage, device, self._replicas,
+                                         self.jit_compile)
+                            for stage, device in zip(split.stages, self.devices))
         self._plan = StepPlan(
-            runners=tuple(stage_runner(split, stage, device, self._replicas, self.jit_compile)
-                          for stage, device in zip(split.stages, self.devices)),
+            runners=runners,
             schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,
             loss_reduction=loss_reduction, variables=tuple(split.variables),
             arg_names=tuple(split.arg_names), loss_name=split.output_names[0],
             loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout)
         self._last: StepRecord | None = None
+        self._reduction_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -220,7 +269,8 @@ class Pipeline:
         Equal to ``split.value_and_gradients(*args)`` up to rounding: ``grads`` align with
         ``split.variables`` (zeros for a variable the value does not depend on). The first
         step also traces and compiles each stage for the micro-batch shape, which its
-        timeline shows; time the second.
+        timeline shows; time the second. On a pipeline with an optimizer, the stages read
+        their stage-resident copies and nothing is updated.
 
         If any action fails, the other devices stop at their next action (one already
         running finishes), every variable the program assigns is put back as it was before
@@ -229,33 +279,118 @@ class Pipeline:
         ``GradSplitError`` naming the task, the stage and the action; so does a step that
         outlives ``timeout``.
         """
-        if not tf.executing_eagerly():
-            raise GradSplitError(
-                "pipeline.step was called inside a tf.function (or graph mode): a step runs "
-                "one thread per device and compiled stage programs eagerly, and cannot be "
-                "traced into another function. Call step() from plain Python, outside "
-                "tf.function; each stage's forward and backward are compiled already.")
-        self._last = None
-        tensors = self.split.check_arguments(list(args))
-        per_microbatch = self._cut_into_microbatches(tensors)
-        written = self.split.written_variables()
-        before = [tf.identity(v) for v in written]
-        run = StepRun(self._plan, per_microbatch)
-        try:
-            run.execute()
-        except BaseException:
-            # Micro-batches that finished may have assigned variables: undo them all.
-            for v, value in zip(written, before):
-                v.assign(value)
-            raise
-        for idx, device in self._copied_back:
-            self.split.variables[idx].assign(self._replicas[(idx, device)])
+        run, restore = self._run_schedule(args, "step")
+        if self._training is None:
+            for idx, device in self._copied_back:
+                self.split.variables[idx].assign(self._replicas[(idx, device)])
         value, grads = run.value(), run.gradients()
         if any(is_remote(d) for d in self.devices):  # results live here, not on a task
             with tf.device(self._plan.home):
                 value, grads = tf.identity(value), [tf.identity(g) for g in grads]
         self._last = run.record()  # none of the step's tensors
         return value, grads
+
+    def train_step(self, *args) -> tf.Tensor:
+        """One training step over a whole batch; returns the loss (the full-batch value).
+
+        Runs the schedule on the stage-resident copies, then every device applies its
+        optimizer to its own variables (after one scalar per device for the global norm
+        and the finiteness check). Equal, up to rounding, to one step of the same optimizer
+        on ``split.value_and_gradients(*args)`` applied to the trainable variables. Neither
+        variable values nor gradients cross devices, except the gradients of a variable
+        that stages on several devices read. A failure changes no variable.
+        """
+        if self._training is None:
+            raise GradSplitError(
+                "train_step needs a pipeline built with optimizer= (a Keras optimizer, e.g. "
+                "gsc.pipeline(split, 4, optimizer=keras.optimizers.Adam(1e-3), ...)); this "
+                "one has none. step() returns the gradients for your own optimizer."
+            )
+        run, restore = self._run_schedule(args, "train_step")
+        try:
+            outcome = self._training.update(run.stage_gradients(), run.count)
+        except BaseException:
+            restore()
+            raise
+        if outcome == "skipped":
+            restore()
+        value = run.value()
+        if any(is_remote(d) for d in self.devices):
+            with tf.device(self._plan.home):
+                value = tf.identity(value)
+        self._last = run.record()
+        return value
+
+    def _run_schedule(self, args: Sequence, caller: str):
+        """Run the schedule on ``args``: the finished ``StepRun`` and a function that puts
+        back what the program assigned during it."""
+        if not tf.executing_eagerly():
+            raise GradSplitError(
+                f"pipeline.{caller} was called inside a tf.function (or graph mode): a step "
+                "runs one thread per device and compiled stage programs eagerly, and cannot "
+                f"be traced into another function. Call {caller}() from plain Python, outside "
+                "tf.function; each stage's forward and backward are compiled already.")
+        self._last = None
+        tensors = self.split.check_arguments(list(args))
+        per_microbatch = self._cut_into_microbatches(tensors)
+        if self._training is None:
+            written = [(v, None) for v in self.split.written_variables()]
+        else:
+            written = self._training.written_copies()
+        before = []
+        for v, device in written:
+            with tf.device(device or v.device):
+                before.append(tf.identity(v))
+
+        def restore():
+            for (v, device), value in zip(written, before):
+                with tf.device(device or v.device):
+                    v.assign(value)
+
+        run = StepRun(self._plan, per_microbatch)
+        try:
+            run.execute()
+            if not self._reduction_checked:
+                self._check_reduction(tensors, run)
+        except BaseException:
+            # Micro-batches that finished may have assigned variables: undo them all.
+            restore()
+            raise
+        return run, restore
+
+    def _check_reduction(self, tensors: list[tf.Tensor], run: StepRun) -> None:
+        """On the first step: the full-batch value of ``fn`` against the micro-batch values
+        combined as ``loss_reduction`` says; refuse a declared reduction that does not
+        match when the other one does."""
+        self._reduction_checked = True
+        program = self.split.program
+        m = self.microbatches
+        if m == 1 or program.tf_function is None or stateful_random_ops(program):
+            return  # one micro-batch cannot tell; random draws differ between the two runs
+        values = [float(v) for v in run.micro_values()]
+        structured = tf.nest.pack_sequence_as(program.input_signature, tensors) \
+            if program.input_signature is not None else tensors
+        written = self.split.written_variables()
+        before = [tf.identity(v) for v in written]
+        try:
+            with tf.device(self._plan.home):
+                full = float(tf.nest.flatten(program.tf_function(*structured))[0])
+        finally:
+            for v, value in zip(written, before):
+                v.assign(value)
+        total = math.fsum(values)
+        rtol = 1e-4 if self.split.output_specs[0].dtype.size < 8 else 1e-8
+        fits = {"sum": _close(full, total, rtol), "mean": _close(full, total / m, rtol)}
+        declared = self.loss_reduction
+        other = "sum" if declared == "mean" else "mean"
+        if not fits[declared] and fits[other]:
+            raise GradSplitError(
+                f"loss_reduction={declared!r}, but fn's value on the whole batch ({full:.6g}) "
+                f"is the {other} of its values on the {m} micro-batches ({values[0]:.6g}, ...), "
+                f"not their {declared}: fn {'sums' if other == 'sum' else 'averages'} over the "
+                f"batch. Pass loss_reduction={other!r} (with {declared!r} every gradient "
+                f"would be {m}x too {'small' if declared == 'mean' else 'large'})."
+            )
 
     def _cut_into_microbatches(self, tensors: list[tf.Tensor]) -> list[list[tf.Tensor]]:
         m = self.microbatches
@@ -280,6 +415,55 @@ class Pipeline:
         ]
         return [[p[j] for p in pieces] for j in range(m)]
 
+    # -- training state ----------------------------------------------------------------------
+
+    def _state(self, what: str) -> TrainingState:
+        if self._training is None:
+            raise GradSplitError(
+                f"{what} needs a pipeline built with optimizer= (a Keras optimizer): only then "
+                "does it hold training state of its own. Without one, the variables are "
+                "split.variables themselves."
+            )
+        return self._training
+
+    def write_back(self) -> None:
+        """Copy the stage-resident variables into ``split.variables`` (the user's own
+        model). Training never touches those otherwise."""
+        self._state("write_back()").write_back()
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the training state (every variable once, the optimizer slots, the iteration
+        count; by the variables' own names) as a TensorFlow checkpoint; returns its path
+        prefix. ``restore`` reads it into a pipeline of the same program on any cuts and
+        devices; ``gsc.load_variables`` reads the variables into the plain model."""
+        return self._state("save()").save(path)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Read a checkpoint written by ``save`` into this pipeline's training state. A
+        checkpoint of another program is refused (naming the missing and unexpected
+        variables) before anything changes."""
+        self._state("restore()").restore(path)
+
+    @property
+    def iterations(self) -> int:
+        """Optimizer steps taken (advanced once per ``train_step``; a skipped step does not
+        count)."""
+        return self._state("iterations").iterations
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``on_nonfinite="skip"``)."""
+        return self._state("skipped_steps").skipped_steps
+
+    def stage_variables(self, stage: int) -> list[tf.Variable]:
+        """The stage-resident copies stage ``stage`` reads, aligned with its ``variables``."""
+        return self._state("stage_variables()").stage_variables(stage)
+
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Per device (full name): bytes of the variables (``"variables"``) and optimizer
+        slots (``"slots"``) it holds. Each device holds only its stages' share."""
+        return self._state("memory()").memory()
+
     # -- what the last step did -------------------------------------------------------------
 
     def _last_run(self) -> StepRecord:
@@ -298,8 +482,12 @@ class Pipeline:
         ``"cotangents"`` (between stages on different devices), ``"inputs"`` (arguments
         from this process to the stages that read them), ``"results"`` (losses and
         gradients back to this process) and ``"replicas"`` (variables refreshed on the
-        stages' devices). A tensor counts when it is consumed on a device other than the one
-        holding it; sizes are ``num_elements * dtype.size``."""
+        stages' devices). After a ``train_step``: ``"gradients"`` (the gradients of a
+        variable read on several devices, sent between those devices) and ``"scalars"``
+        (each device's squared norm and finiteness flag, and the clipping scale sent back);
+        ``"replicas"`` is 0 and ``"results"`` holds only the loss values. A tensor counts
+        when it is consumed on a device other than the one holding it; sizes are
+        ``num_elements * dtype.size``."""
         return dict(self._last_run().moved)
 
     def timeline(self) -> list[TimelineEvent]:
@@ -361,6 +549,10 @@ def _batched_arguments(split: Split) -> list[int]:
     """Arguments cut into micro-batches: those with a ``None`` leading dimension."""
     return [i for i, spec in enumerate(split.arg_specs)
             if spec.shape.rank is not None and spec.shape.rank >= 1 and spec.shape[0] is None]
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-30)
 
 
 def _arg_label(name: str) -> str:

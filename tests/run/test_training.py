@@ -1,0 +1,506 @@
+"""Training state that lives on the stages: ``gsc.pipeline(..., optimizer=...)``.
+
+The oracle is the tape: the same Keras optimizer applied to ``tf.GradientTape`` gradients of
+the original loss function on the whole batch, step after step, on the user's own variables
+(which the pipeline never touches until ``write_back``). Float64, random data and weights,
+weights moving every step; 4 stages on 4 logical CPUs (tests/conftest.py), with a variable
+tied between the first and the last stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradsplit_compiler as gsc
+from gradsplit_compiler.errors import GradSplitError
+
+DEVICES = ["/CPU:0", "/CPU:1", "/CPU:2", "/CPU:3"]
+STEPS = 20
+BATCH, WIDTH = 16, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def four_devices():
+    found = len(tf.config.list_logical_devices("CPU"))
+    assert found >= 4, (
+        f"tests/conftest.py must configure 4 logical CPUs before TensorFlow starts; found "
+        f"{found}")
+
+
+class TiedModel:
+    """Four stages; ``embed`` is read by the first and the last (tied weights); ``scale`` is
+    non-trainable and read in the forward (it has a gradient, which must not be applied)."""
+
+    def __init__(self, seed: int = 0, dtype=tf.float64):
+        rng = np.random.default_rng(seed)
+        self.dtype = dtype
+
+        def var(shape, name, scale=0.4, trainable=True):
+            return tf.Variable(rng.normal(size=shape) * scale, dtype=dtype, name=name,
+                               trainable=trainable)
+        self.embed = var((WIDTH, WIDTH), "embed")
+        self.w = [var((WIDTH, WIDTH), f"layer{i}/kernel") for i in range(3)]
+        self.b = [var((WIDTH,), f"layer{i}/bias", 0.1) for i in range(3)]
+        self.scale = var((WIDTH,), "scale", 0.5, trainable=False)
+        self.variables = [self.embed, *self.w, *self.b, self.scale]
+
+    def loss(self, x, y):
+        h = tf.tanh(x @ self.embed)
+        h = gsc.mark(tf.tanh(h @ self.w[0] + self.b[0]), "c1")
+        h = gsc.mark(tf.tanh(h @ self.w[1] + self.b[1]) * (1.0 + self.scale), "c2")
+        h = gsc.mark(tf.tanh(h @ self.w[2] + self.b[2]), "c3")
+        out = h @ tf.transpose(self.embed)
+        return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=1))
+
+    def split(self, cuts=("c1", "c2", "c3")):
+        spec = tf.TensorSpec([None, WIDTH], self.dtype)
+        return gsc.split(self.loss, [spec, spec], cuts=list(cuts))
+
+
+def _batches(n: int, seed: int = 1, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(BATCH, WIDTH)).astype(dtype),
+             rng.normal(size=(BATCH, WIDTH)).astype(dtype)) for _ in range(n)]
+
+
+def _tape_training(model: TiedModel, optimizer, batches, clip=None) -> list[float]:
+    """The oracle: ``optimizer`` on tape gradients of the whole batch, on the model's own
+    trainable variables."""
+    trainable = [v for v in model.variables if v.trainable]
+    losses = []
+    for x, y in batches:
+        with tf.GradientTape() as tape:
+            loss = model.loss(tf.constant(x), tf.constant(y))
+        grads = tape.gradient(loss, trainable)
+        if clip is not None:
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+        optimizer.apply(grads, trainable)
+        losses.append(float(loss))
+    return losses
+
+
+def _resident(pipe, split) -> dict[str, np.ndarray]:
+    """Each variable's stage-resident value (from the first stage reading it)."""
+    values = {}
+    for k, stage in enumerate(split.stages):
+        for idx, copy in zip(stage.variable_indices, pipe.stage_variables(k)):
+            values.setdefault(split.variables[idx].name, copy.numpy())
+    return values
+
+
+def _max_rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw-schedule": lambda: keras.optimizers.AdamW(
+        keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=4, decay_rate=0.7),
+        weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_train_steps_equal_the_optimizer_on_tape_gradients(name, schedule):
+    model = TiedModel(seed=3)
+    split = model.split()
+    batches = _batches(STEPS)
+    pipe = gsc.pipeline(split, 4, schedule, DEVICES, loss_reduction="mean",
+                        optimizer=OPTIMIZERS[name]())
+    start = [v.numpy() for v in model.variables]
+    losses = [float(pipe.train_step(x, y)) for x, y in batches]
+    # training never touched the user's variables
+    for v, before in zip(model.variables, start):
+        np.testing.assert_array_equal(v.numpy(), before)
+    expected = _tape_training(model, OPTIMIZERS[name](), batches)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+    resident = _resident(pipe, split)
+    moved = 0.0
+    for v, before in zip(model.variables, start):
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+        moved = max(moved, _max_rel(resident[v.name], before))
+    assert moved > 1e-2  # the weights did move
+    np.testing.assert_array_equal(resident["scale:0"], start[-1])  # non-trainable: unchanged
+    assert pipe.iterations == STEPS
+
+
+def test_tied_copies_stay_bitwise_equal_and_only_their_gradients_travel():
+    model = TiedModel(seed=4)
+    split = model.split()
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.01))
+    for x, y in _batches(5, seed=2):
+        pipe.train_step(x, y)
+    embed = split.variables.index(model.embed)
+    first = pipe.stage_variables(0)[split.stages[0].variable_indices.index(embed)]
+    last = pipe.stage_variables(3)[split.stages[3].variable_indices.index(embed)]
+    assert first.device.endswith("CPU:0") and last.device.endswith("CPU:3")
+    np.testing.assert_array_equal(first.numpy(), last.numpy())
+    moved = pipe.bytes_moved()
+    assert moved["replicas"] == 0
+    # the tied variable's gradient, each way between the two devices holding it
+    assert moved["gradients"] == 2 * WIDTH * WIDTH * 8
+    assert moved["results"] == 4 * 8  # the four micro-batch losses, nothing else
+    # what crosses between stages is what the split predicts, one direction each way
+    predicted = sum(row["boundary_bytes"] for row in split.summary(batch_size=BATCH)[1:])
+    assert moved["activations"] == predicted
+    assert moved["cotangents"] == predicted
+    assert 0 < moved["scalars"] <= 64
+
+
+def test_memory_report_shows_each_device_holds_its_stages_share():
+    model = TiedModel(seed=5)
+    split = model.split()
+    pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.01))
+    memory = pipe.memory()
+    assert len(memory) == 4
+    for stage, device in zip(split.stages, pipe.devices):
+        held = [split.variables[i] for i in stage.variable_indices]
+        nbytes = sum(int(np.prod(v.shape)) * 8 for v in held)
+        trainable = sum(int(np.prod(v.shape)) * 8 for v in held if v.trainable)
+        assert memory[device] == {"variables": nbytes, "slots": 2 * trainable}  # m and v
+
+
+def test_global_norm_clipping_over_all_stages():
+    model = TiedModel(seed=6)
+    split = model.split()
+    batches = _batches(STEPS, seed=7)
+    # a clip well below the gradient norm, so that every step is clipped
+    with tf.GradientTape() as tape:
+        loss = model.loss(*map(tf.constant, batches[0]))
+    norm = float(tf.linalg.global_norm(tape.gradient(loss, split.trainable_variables)))
+    clip = norm / 3
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                        clip_global_norm=clip)
+    losses = [float(pipe.train_step(x, y)) for x, y in batches]
+    expected = _tape_training(model, keras.optimizers.SGD(0.1, momentum=0.5), batches,
+                              clip=clip)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+
+
+def test_the_optimizers_own_global_clipnorm_is_taken_over_all_stages():
+    model = TiedModel(seed=8)
+    split = model.split()
+    batches = _batches(6, seed=9)
+    pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.2, global_clipnorm=0.05))
+    losses = [float(pipe.train_step(x, y)) for x, y in batches]
+    expected = _tape_training(model, keras.optimizers.SGD(0.2), batches, clip=0.05)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+
+
+def test_save_and_restore_into_other_cuts_and_devices_resumes_exactly(tmp_path):
+    model = TiedModel(seed=10)
+    batches = _batches(10, seed=11)
+    make = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
+    whole = gsc.pipeline(model.split(), 4, "1f1b", DEVICES, loss_reduction="mean",
+                         optimizer=make())
+    for x, y in batches:
+        whole.train_step(x, y)
+
+    first = gsc.pipeline(model.split(), 4, "1f1b", DEVICES, loss_reduction="mean",
+                         optimizer=make())
+    for x, y in batches[:5]:
+        first.train_step(x, y)
+    path = first.save(tmp_path / "ckpt")
+    other = model.split(cuts=("c2",))  # two stages, cut elsewhere, on other devices
+    second = gsc.pipeline(other, 2, "gpipe", ["/CPU:3", "/CPU:1"], loss_reduction="mean",
+                          optimizer=make())
+    second.restore(path)
+    assert second.iterations == 5
+    for x, y in batches[5:]:
+        second.train_step(x, y)
+    assert second.iterations == 10
+    want, got = _resident(whole, whole.split), _resident(second, other)
+    for name, value in want.items():
+        assert _max_rel(got[name], value) < 1e-12, name
+
+    # the plain model reads the variables from the checkpoint
+    plain = TiedModel(seed=99)
+    gsc.load_variables(path, plain.variables)
+    resident = _resident(first, first.split)
+    for v in plain.variables:
+        np.testing.assert_array_equal(v.numpy(), resident[v.name])
+
+
+def test_write_back_copies_the_trained_values_into_the_users_variables():
+    model = TiedModel(seed=12)
+    split = model.split()
+    pipe = gsc.pipeline(split, 2, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    for x, y in _batches(3, seed=13):
+        pipe.train_step(x, y)
+    resident = _resident(pipe, split)
+    assert _max_rel(model.w[0].numpy(), resident["layer0/kernel:0"]) > 1e-3
+    pipe.write_back()
+    for v in model.variables:
+        np.testing.assert_array_equal(v.numpy(), resident[v.name])
+
+
+def test_a_checkpoint_of_another_program_is_refused_and_nothing_changes(tmp_path):
+    model = TiedModel(seed=14)
+    pipe = gsc.pipeline(model.split(), 2, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.01))
+    v = tf.Variable(np.ones((3, 3)), name="someone_else")
+
+    def other(x):
+        h = gsc.mark(tf.tanh(x @ v), "h")
+        return tf.reduce_mean(h @ v)
+
+    foreign = gsc.split(other, [tf.TensorSpec([None, 3], tf.float64)], cuts=["h"])
+    foreign_pipe = gsc.pipeline(foreign, 2, "1f1b", DEVICES[:2], loss_reduction="mean",
+                                optimizer=keras.optimizers.Adam(0.01))
+    path = foreign_pipe.save(tmp_path / "foreign")
+    before = _resident(pipe, pipe.split)
+    with pytest.raises(GradSplitError, match="is not of this program's training state") as e:
+        pipe.restore(path)
+    assert "'embed'" in str(e.value) and "'someone_else'" in str(e.value)
+    assert "holds variables this program does not read" in str(e.value)
+    after = _resident(pipe, pipe.split)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    with pytest.raises(GradSplitError, match="cannot read a checkpoint at"):
+        pipe.restore(tmp_path / "nothing-here")
+    with pytest.raises(GradSplitError, match="has no value for"):
+        gsc.load_variables(path, model.variables)
+
+
+def test_a_nonfinite_gradient_changes_nothing_and_names_the_variable():
+    model = TiedModel(seed=15)
+    split = model.split()
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.01))
+    (x, y), = _batches(1, seed=16)
+    pipe.train_step(x, y)
+    before = _resident(pipe, split)
+    bad = y.copy()
+    bad[3, 2] = np.inf
+    with pytest.raises(GradSplitError, match="is not finite") as e:
+        pipe.train_step(x, bad)
+    assert "no variable was changed" in str(e.value) and "read by stage" in str(e.value)
+    after = _resident(pipe, split)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert pipe.iterations == 1
+
+    skipping = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                            optimizer=keras.optimizers.Adam(0.01), on_nonfinite="skip")
+    start = _resident(skipping, split)
+    skipping.train_step(x, bad)
+    assert skipping.skipped_steps == 1 and skipping.iterations == 0
+    for name, value in _resident(skipping, split).items():
+        np.testing.assert_array_equal(value, start[name])
+    skipping.train_step(x, y)
+    assert skipping.skipped_steps == 1 and skipping.iterations == 1
+
+
+class CountingModel:
+    """A stage that assigns a non-trainable variable (a running mean, as batch norm keeps)."""
+
+    def __init__(self):
+        rng = np.random.default_rng(17)
+        self.w0 = tf.Variable(rng.normal(size=(WIDTH, WIDTH)) * 0.4, name="w0")
+        self.w1 = tf.Variable(rng.normal(size=(WIDTH, 1)) * 0.4, name="w1")
+        self.mean = tf.Variable(np.zeros(WIDTH), trainable=False, name="running_mean")
+
+    def loss(self, x):
+        h = tf.tanh(x @ self.w0)
+        self.mean.assign(0.9 * self.mean + 0.1 * tf.reduce_mean(h, axis=0))
+        h = gsc.mark(h - self.mean, "h")
+        return tf.reduce_mean(tf.tanh(h @ self.w1) ** 2)
+
+
+def test_variables_the_program_assigns_live_on_their_stage():
+    model = CountingModel()
+    split = gsc.split(model.loss, [tf.TensorSpec([None, WIDTH], tf.float64)], cuts=["h"])
+    assert [v.name for v in split.trainable_variables] == ["w0:0", "w1:0"]
+    pipe = gsc.pipeline(split, 1, "1f1b", DEVICES[:2], loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    xs = [x for x, _ in _batches(4, seed=18)]
+    for x in xs:
+        pipe.train_step(x)
+    assert model.mean.numpy().max() == 0.0  # the user's variable is not touched
+    resident = _resident(pipe, split)
+    optimizer = keras.optimizers.SGD(0.1)
+    for x in xs:
+        with tf.GradientTape() as tape:
+            loss = model.loss(tf.constant(x))
+        grads = tape.gradient(loss, [model.w0, model.w1])
+        optimizer.apply(grads, [model.w0, model.w1])
+    for v in (model.w0, model.w1, model.mean):
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-12, v.name
+
+
+def test_a_mean_loss_that_sums_is_refused_on_the_first_step():
+    model = TiedModel(seed=19)
+
+    def summed(x, y):
+        return model.loss(x, y) * tf.cast(tf.shape(x)[0], tf.float64)
+
+    spec = tf.TensorSpec([None, WIDTH], tf.float64)
+    split = gsc.split(summed, [spec, spec], cuts=["c2"])
+    (x, y), = _batches(1, seed=20)
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES[:2], loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    before = _resident(pipe, split)
+    with pytest.raises(GradSplitError, match="is the sum of its values on the 4 "
+                                             "micro-batches") as e:
+        pipe.train_step(x, y)
+    assert "Pass loss_reduction='sum'" in str(e.value) and "4x too small" in str(e.value)
+    assert "over the batch. Pass loss_reduction=" in str(e.value)
+    for name, value in _resident(pipe, split).items():
+        np.testing.assert_array_equal(value, before[name])
+    assert pipe.iterations == 0
+    # the same for step(), and a declared sum that is a mean
+    with pytest.raises(GradSplitError, match="not their mean: fn sums over the batch"):
+        gsc.pipeline(split, 2, "gpipe", loss_reduction="mean").step(x, y)
+    mean_split = model.split(cuts=("c2",))
+    with pytest.raises(GradSplitError, match="4x too large"):
+        gsc.pipeline(mean_split, 4, "gpipe", loss_reduction="sum").step(x, y)
+    ok = gsc.pipeline(split, 4, "gpipe", loss_reduction="sum")
+    value, _ = ok.step(x, y)
+    assert math.isclose(float(value), float(summed(x, y)), rel_tol=1e-12)
+
+
+def test_step_on_a_training_pipeline_reads_the_resident_copies():
+    model = TiedModel(seed=21)
+    split = model.split()
+    pipe = gsc.pipeline(split, 2, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    batches = _batches(2, seed=22)
+    pipe.train_step(*batches[0])
+    value, grads = pipe.step(*batches[1])
+    pipe.write_back()
+    with tf.GradientTape() as tape:
+        tape.watch(split.variables)  # the non-trainable one too: step() gives every gradient
+        loss = model.loss(*map(tf.constant, batches[1]))
+    expected = tape.gradient(loss, split.variables)
+    assert math.isclose(float(value), float(loss), rel_tol=1e-12)
+    for g, e in zip(grads, expected):
+        assert _max_rel(g, e) < 1e-12
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    return TiedModel(seed=23).split(cuts=("c2",))
+
+
+def test_an_optimizer_that_is_not_keras_is_refused(small_split):
+    with pytest.raises(GradSplitError, match="optimizer must be a Keras optimizer"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean",
+                     optimizer=tf.compat.v1.train.AdamOptimizer(0.01))
+
+
+def test_an_optimizer_already_bound_to_variables_is_refused(small_split):
+    used = keras.optimizers.Adam(0.01)
+    used.build([tf.Variable(np.ones(3))])
+    with pytest.raises(GradSplitError, match="give the pipeline a fresh optimizer"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean", optimizer=used)
+
+
+@pytest.mark.parametrize("clip", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_a_clip_norm_that_is_not_positive_is_refused(small_split, clip):
+    with pytest.raises(GradSplitError, match="clip_global_norm must be a positive finite"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean",
+                     optimizer=keras.optimizers.SGD(0.1), clip_global_norm=clip)
+
+
+def test_two_different_clip_norms_are_refused(small_split):
+    with pytest.raises(GradSplitError, match="give one of them"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean", clip_global_norm=1.0,
+                     optimizer=keras.optimizers.SGD(0.1, global_clipnorm=2.0))
+
+
+def test_clipping_without_an_optimizer_is_refused(small_split):
+    with pytest.raises(GradSplitError, match="act on the optimizer's step; they need"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean", clip_global_norm=1.0)
+
+
+def test_an_unknown_nonfinite_action_is_refused(small_split):
+    with pytest.raises(GradSplitError, match="on_nonfinite must be 'raise'"):
+        gsc.pipeline(small_split, 2, loss_reduction="mean",
+                     optimizer=keras.optimizers.SGD(0.1), on_nonfinite="ignore")
+
+
+def test_training_calls_without_an_optimizer_are_refused(small_split):
+    pipe = gsc.pipeline(small_split, 2, loss_reduction="mean")
+    (x, y), = _batches(1)
+    with pytest.raises(GradSplitError, match="train_step needs a pipeline built with"):
+        pipe.train_step(x, y)
+    for call in (pipe.write_back, lambda: pipe.save("/tmp/x"), lambda: pipe.iterations):
+        with pytest.raises(GradSplitError, match="does it hold training state of its own"):
+            call()
+
+
+def test_train_step_arguments_are_checked_and_nothing_changes(small_split):
+    pipe = gsc.pipeline(small_split, 4, "1f1b", DEVICES[:2], loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    before = _resident(pipe, small_split)
+    (x, y), = _batches(1)
+    with pytest.raises(GradSplitError):
+        pipe.train_step(x)  # one argument of two
+    with pytest.raises(GradSplitError, match="does not cut into 4 equal micro-batches"):
+        pipe.train_step(x[:6], y[:6])
+    for name, value in _resident(pipe, small_split).items():
+        np.testing.assert_array_equal(value, before[name])
+    assert pipe.iterations == 0
+
+
+def test_a_variable_assigned_and_read_on_two_devices_is_refused():
+    counter = tf.Variable(np.zeros(WIDTH), trainable=False, name="shared_counter")
+    w = tf.Variable(np.ones((WIDTH, WIDTH)) * 0.1, name="w")
+
+    def loss(x):
+        counter.assign_add(tf.reduce_mean(x, axis=0))
+        h = gsc.mark(tf.tanh(x @ w + counter), "h")
+        return tf.reduce_mean(tf.tanh(h @ w + counter) ** 2)
+
+    split = gsc.split(loss, [tf.TensorSpec([None, WIDTH], tf.float64)], cuts=["h"])
+    with pytest.raises(GradSplitError, match="the assignment would reach only one"):
+        gsc.pipeline(split, 2, "1f1b", DEVICES[:2], loss_reduction="mean",
+                     optimizer=keras.optimizers.SGD(0.1))
+
+
+class _Halving(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule Keras does not know (not registered)."""
+
+    def __call__(self, step):
+        return 0.1 / (1.0 + tf.cast(step, tf.float32))
+
+    def get_config(self):
+        return {}
+
+
+def test_an_optimizer_keras_cannot_rebuild_is_refused(small_split):
+    with pytest.raises(GradSplitError, match="Keras cannot rebuild it") as e:
+        gsc.pipeline(small_split, 2, loss_reduction="mean",
+                     optimizer=keras.optimizers.SGD(_Halving()))
+    assert "register_keras_serializable" in str(e.value)
+
+
+def test_train_step_inside_a_tf_function_is_refused(small_split):
+    pipe = gsc.pipeline(small_split, 2, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    (x, y), = _batches(1)
+    traced = tf.function(lambda a, b: pipe.train_step(a, b), autograph=False)
+    with pytest.raises(GradSplitError, match="was called inside a tf.function \\(or graph "
+                                             "mode\\)") as e:
+        traced(x, y)
+    assert "Call train_step() from plain Python" in str(e.value)
+    assert pipe.iterations == 0
