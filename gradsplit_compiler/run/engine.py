@@ -26,7 +26,13 @@ import tensorflow as tf
 from gradsplit_compiler.core.compose import GradientTotals, sum_in_order
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.run.devices import StageRunner, is_remote, same_device
-from gradsplit_compiler.run.faults import action_failure, blame, timeout_error, wait_for
+from gradsplit_compiler.run.faults import (
+    RESTART,
+    action_failure,
+    blame,
+    timeout_error,
+    wait_for,
+)
 from gradsplit_compiler.run.schedules import FORWARD, Action, Dependencies
 
 __all__ = ["StepPlan", "StepRecord", "StepRun", "TimelineEvent", "measured_idle_fraction"]
@@ -67,7 +73,8 @@ class StepPlan:
     variables (gradients align with them; replicas are refreshed from them); ``arg_names``
     its argument graph names; ``loss_name`` and ``loss_dtype`` its one output. ``home`` is
     the device of this process that results come back to; ``timeout`` bounds a step
-    (``None``: wait).
+    (``None``: wait). ``after_fault`` ends the error about a task that died or hung: what
+    the caller does next (``faults.RESTART`` or ``faults.RESTART_AND_RESTORE``).
     """
 
     runners: tuple[StageRunner, ...]
@@ -81,6 +88,7 @@ class StepPlan:
     loss_dtype: tf.DType
     home: str
     timeout: float | None
+    after_fault: str = RESTART
 
     @property
     def num_stages(self) -> int:
@@ -165,7 +173,8 @@ class StepRun:
             # results go nowhere, since this step is abandoned.
             raise
         if self.errors:
-            raise blame(self.errors, self.plan.runners, self.plan.timeout)
+            raise blame(self.errors, self.plan.runners, self.plan.timeout,
+                        self.plan.after_fault)
 
     def _timed_out(self) -> BaseException:
         with self.condition:
@@ -180,7 +189,8 @@ class StepRun:
             self.plan.timeout,
             [(action, self.plan.runners[d].device, now - started)
              for d, (action, started) in running],
-            waiting, [r.device for r in self.plan.runners], self.probe_time)
+            waiting, [r.device for r in self.plan.runners], self.probe_time,
+            self.plan.after_fault)
 
     def _fail(self, error: BaseException | None) -> None:
         with self.condition:

@@ -28,14 +28,25 @@ from gradsplit_compiler.run.devices import StageRunner, device_label, is_remote
 from gradsplit_compiler.run.schedules import Action
 
 __all__ = [
+    "RESTART",
+    "RESTART_AND_RESTORE",
     "action_failure",
     "blame",
     "refuses_connections",
+    "task_failure",
     "task_label",
     "timeout_error",
     "unreachable",
+    "update_timeout_error",
     "wait_for",
 ]
+
+# What a caller does after a task died: the last words of every error about one.
+RESTART = "restart the cluster, connect again and build a new pipeline"
+RESTART_AND_RESTORE = (
+    "the stage-resident variables and optimizer state held on that task are lost with it: "
+    "restart the cluster, connect again, build the pipeline again and restore its last "
+    "checkpoint (pipeline.restore)")
 
 
 def task_label(device: str) -> str:
@@ -58,22 +69,33 @@ def action_failure(exc: BaseException, action: Action | None, device_index: int,
     if isinstance(exc, tf.errors.OpError) and is_remote(runner.device):
         doing = (f"running {action}" if action is not None
                  else "refreshing its variable replicas")
-        error = GradSplitError(
-            f"{task_label(runner.device)} failed while {doing} of stage {runner.index}: "
-            f"{type(exc).__name__}: {_first_line(exc.message)}.")
-        error.__cause__ = exc
-        return error
+        return task_failure(exc, runner.device, doing, [runner.index])
     if action is not None and hasattr(exc, "add_note"):
         exc.add_note(f"(while running {action} on device {device_index}: "
                      f"{device_label(runner.device)})")
     return exc
 
 
+def task_failure(exc: BaseException, device: str, doing: str,
+                 stages: Sequence[int]) -> GradSplitError:
+    """``exc``, a TensorFlow error on the task of ``device`` while ``doing`` something for
+    ``stages``, as a ``GradSplitError`` naming the task and the stages (``exc`` its
+    cause)."""
+    message = exc.message if isinstance(exc, tf.errors.OpError) else str(exc)
+    error = GradSplitError(
+        f"{task_label(device)} failed while {doing} of stage "
+        f"{', '.join(map(str, stages))}: {type(exc).__name__}: {_first_line(message)}.")
+    error.__cause__ = exc
+    return error
+
+
 def blame(errors: Sequence[BaseException], runners: Sequence[StageRunner],
-          timeout: float | None) -> BaseException:
+          timeout: float | None, advice: str = RESTART) -> BaseException:
     """The error to raise for a failed step: when tasks of a cluster failed, the one about a
     task that no longer answers (when one task dies, calls to the others can fail too, and
-    which thread reports first is a race); otherwise the first error."""
+    which thread reports first is a race); otherwise the first error. ``advice`` ends the
+    message about a task that no longer answers (``RESTART``, or ``RESTART_AND_RESTORE``
+    for a pipeline that holds training state on the tasks)."""
     remote = [e for e in errors if isinstance(e, GradSplitError)
               and isinstance(e.__cause__, tf.errors.OpError)]
     if not remote:
@@ -94,14 +116,14 @@ def blame(errors: Sequence[BaseException], runners: Sequence[StageRunner],
         f"{tasks} no longer answers (it died or stopped answering) during the step; "
         f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))} ran "
         f"there. First failure: {remote[0]} The step was abandoned and no variable of "
-        f"the split changed; restart the cluster, connect again and build a new pipeline.")
+        f"the split changed; {advice}.")
     error.__cause__ = remote[0].__cause__
     return error
 
 
 def timeout_error(timeout: float, running: Sequence[tuple[Action, str, float]],
                   waiting: Sequence[Action], devices: Sequence[str],
-                  probe_time: float) -> GradSplitError:
+                  probe_time: float, advice: str = RESTART) -> GradSplitError:
     """The error for a step that outlived ``timeout``: ``running`` holds ``(action, device,
     seconds it has run)`` for every action still running, ``waiting`` the first action of
     each device that has not started any; the tasks among ``devices`` that do not answer
@@ -118,8 +140,27 @@ def timeout_error(timeout: float, running: Sequence[tuple[Action, str, float]],
     return GradSplitError(
         f"the pipeline step did not finish within timeout={timeout:g} s: "
         f"{what}. A worker that died or stopped answering does this. The step was "
-        f"abandoned and no variable of the split changed; restart the cluster, connect "
-        f"again, and build a new pipeline (or raise timeout= if the step is just slow)."
+        f"abandoned and no variable of the split changed; {advice} (or raise timeout= if "
+        f"the step is just slow)."
+    )
+
+
+def update_timeout_error(timeout: float, pending: Sequence[tuple[str, Sequence[int]]],
+                         probe_time: float, advice: str = RESTART_AND_RESTORE
+                         ) -> GradSplitError:
+    """The error for an optimizer update (the end of ``train_step``) that outlived
+    ``timeout``: ``pending`` holds ``(device, its stages)`` for every device whose update
+    had not finished; those among them that do not answer within ``probe_time`` are named
+    first."""
+    dead = unreachable([d for d, _ in pending if is_remote(d)], probe_time)
+    parts = [f"{', '.join(task_label(d) for d in dead)} does not answer"] if dead else []
+    parts += [f"the update of stage {', '.join(map(str, stages))} on {task_label(device)} "
+              "has not finished" for device, stages in pending]
+    return GradSplitError(
+        f"the optimizer update of train_step did not finish within timeout={timeout:g} s: "
+        f"{'; '.join(parts)}. A worker that died or stopped answering does this; devices "
+        f"that finished may have applied their update, and your own variables did not "
+        f"change; {advice} (or raise timeout= if the update is just slow)."
     )
 
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -82,6 +83,7 @@ from gradsplit_compiler.run.engine import (
     TimelineEvent,
     measured_idle_fraction,
 )
+from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
 from gradsplit_compiler.run.schedules import (
     BUILTIN_SCHEDULES,
     ideal_idle_fraction,
@@ -232,7 +234,7 @@ class Pipeline:
         if optimizer is not None:
             self._training = TrainingState(
                 split, self.devices, optimizer, clip_global_norm=clip_global_norm,
-                on_nonfinite=on_nonfinite, jit_compile=self.jit_compile)
+                on_nonfinite=on_nonfinite, jit_compile=self.jit_compile, timeout=timeout)
             self._replicas, self._copied_back = {}, []
             runners = tuple(
                 replace(stage_runner(split, stage, device, {
@@ -251,7 +253,8 @@ class Pipeline:
             schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,
             loss_reduction=loss_reduction, variables=tuple(split.variables),
             arg_names=tuple(split.arg_names), loss_name=split.output_names[0],
-            loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout)
+            loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout,
+            after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE)
         self._last: StepRecord | None = None
         self._reduction_checked = False
 
@@ -308,9 +311,10 @@ class Pipeline:
             )
         run, restore = self._run_schedule(args, "train_step")
         try:
-            outcome = self._training.update(run.stage_gradients(), run.count)
-        except BaseException:
-            restore()
+            outcome = self._training.update(run.stage_gradients(), run.count,
+                                            self._plan.runners)
+        except BaseException as exc:
+            self._undo(restore, exc)
             raise
         if outcome == "skipped":
             restore()
@@ -352,11 +356,35 @@ class Pipeline:
             run.execute()
             if not self._reduction_checked:
                 self._check_reduction(tensors, run)
-        except BaseException:
+        except BaseException as exc:
             # Micro-batches that finished may have assigned variables: undo them all.
-            restore()
+            self._undo(restore, exc)
             raise
         return run, restore
+
+    def _undo(self, restore, error: BaseException) -> None:
+        """``restore()`` after ``error`` failed a step. Assigned copies held on a task that
+        died cannot be put back (nor waited for, on one that hangs): then ``error`` is what
+        the caller needs, with a note, and the wait is bounded by ``timeout``."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                restore()
+            except Exception as exc:  # reported as a note on the error being raised
+                failed.append(exc)
+
+        if self._training is None or not any(is_remote(d) for d in self.devices):
+            run()
+        else:
+            thread = threading.Thread(target=run, daemon=True, name="gradsplit-undo")
+            thread.start()
+            thread.join(self.timeout)
+            if thread.is_alive():
+                failed.append(TimeoutError(f"no answer within timeout={self.timeout:g} s"))
+        if failed and hasattr(error, "add_note"):
+            error.add_note(f"(putting back the variables the program assigned during the "
+                           f"step failed too: {type(failed[0]).__name__}: {failed[0]})")
 
     def _check_reduction(self, tensors: list[tf.Tensor], run: StepRun) -> None:
         """On the first step: the full-batch value of ``fn`` against the micro-batch values

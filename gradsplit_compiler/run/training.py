@@ -19,7 +19,11 @@ After the schedule of a ``train_step`` ran, every device computes, for the varia
 
 The caller adds the squared norms up (the global norm of ``clip_global_norm``), and unless a
 gradient is not finite, every device then applies its optimizer, scaled for clipping, on its
-own copies (in parallel, one thread per device). A step with a non-finite gradient changes no
+own copies (in parallel, one thread per device). Both phases are bounded by the pipeline's
+``timeout``, as its schedule is: a task of a cluster that dies or stops answering during the
+update makes ``train_step`` raise ``GradSplitError`` naming the task and its stages (the
+copies and optimizer state it held are lost; restore the last checkpoint into a new
+pipeline). A step with a non-finite gradient changes no
 variable: what the program assigned during the step (batch-norm statistics) is put back, and
 the step raises ``GradSplitError`` naming the variable and its stages, or is skipped and
 counted (``on_nonfinite="skip"``). Only trainable variables are given to the optimizer;
@@ -29,14 +33,17 @@ Checkpoints hold the training state by the variables' own names (without ``:0``)
 each variable once (a tied one from its first device), each optimizer slot under the name of
 its variable, and the iteration count. So a checkpoint restores into a pipeline of the same
 program cut elsewhere or placed on other devices, and ``load_variables`` reads it into the
-plain model.
+plain model. This process reads and writes every file of a checkpoint, also for copies held
+on tasks of a cluster (their values travel here first), so a cluster needs no filesystem
+shared with its workers.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +54,14 @@ import tensorflow as tf
 from gradsplit_compiler.core.compose import sum_in_order
 from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.run.devices import device_label, is_remote, keep_alive
-from gradsplit_compiler.run.faults import wait_for
+from gradsplit_compiler.run.devices import default_device, device_label, is_remote, keep_alive
+from gradsplit_compiler.run.faults import (
+    RESTART_AND_RESTORE,
+    blame,
+    task_failure,
+    update_timeout_error,
+    wait_for,
+)
 
 __all__ = ["NONFINITE_ACTIONS", "DeviceState", "TrainingState", "checkpoint_names",
            "load_variables"]
@@ -127,9 +140,11 @@ class TrainingState:
     """
 
     def __init__(self, split: Split, devices: Sequence[str], optimizer: Any, *,
-                 clip_global_norm: float | None, on_nonfinite: str, jit_compile: bool):
+                 clip_global_norm: float | None, on_nonfinite: str, jit_compile: bool,
+                 timeout: float | None = None):
         self.split = split
         self.jit_compile = bool(jit_compile)
+        self.timeout = timeout
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
         config = _optimizer_config(optimizer)
         self.clip_global_norm = _check_clip(clip_global_norm, config)
@@ -159,8 +174,8 @@ class TrainingState:
         for state in self.states:
             self._create(state, config)
         self.skipped_steps = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(self.states), thread_name_prefix="gradsplit-optimizer")
+        # Checkpoint files are read and written by this process (see the module docstring).
+        self._io = tf.train.CheckpointOptions(experimental_io_device=default_device())
 
     # -- building --------------------------------------------------------------------------
 
@@ -206,9 +221,12 @@ class TrainingState:
 
     # -- one update ------------------------------------------------------------------------
 
-    def update(self, stage_grads: Sequence[Sequence[tf.Tensor]], count) -> None:
+    def update(self, stage_grads: Sequence[Sequence[tf.Tensor]], count,
+               runners: Sequence[Any] = ()) -> str | None:
         """Apply the optimizers to the gradients of a step (per stage, aligned with each
-        stage's ``variable_indices``); ``count(kind, tensor, device)`` records traffic."""
+        stage's ``variable_indices``); ``count(kind, tensor, device)`` records traffic.
+        ``runners`` (the pipeline's stage runners) name the stages of a task that fails.
+        Returns ``"skipped"`` for a step skipped for a non-finite gradient."""
         position = {k: {idx: j for j, idx in enumerate(self.split.stages[k].variable_indices)}
                     for k in range(len(self.split.stages))}
 
@@ -240,7 +258,8 @@ class TrainingState:
             totals = gather(state)
             return totals, report(state, totals)
 
-        results = list(self._pool.map(gather_and_report, self.states))
+        results = self._on_devices(gather_and_report, self.states,
+                                   "summing its gradients", runners)
         norms = [norm for _, (norm, _) in results]
         if not all(finite for _, (_, finite) in results):
             totals = {}
@@ -252,8 +271,8 @@ class TrainingState:
             global_norm = math.sqrt(math.fsum(norms))
             scale = self.clip_global_norm / max(global_norm, self.clip_global_norm)
 
-        def apply(item):
-            state, (totals, _) = item
+        def apply(state):
+            totals, _ = results[self.states.index(state)]
             if state.optimizer is None:
                 return
             fn = state.functions.get("apply")
@@ -266,8 +285,48 @@ class TrainingState:
             if is_remote(state.device):
                 wait_for([state.optimizer.iterations.value])
 
-        list(self._pool.map(apply, zip(self.states, results)))
+        self._on_devices(apply, self.states, "applying its optimizer", runners)
         return None
+
+    def _on_devices(self, work, states: Sequence[DeviceState], doing: str,
+                    runners: Sequence[Any]) -> list:
+        """``work(state)`` for each of ``states``, in a daemon thread each; their results in
+        order. Waits at most ``timeout`` seconds (keeping a little of it to find a task that
+        does not answer). A TensorFlow error on a task, or a device that has not finished
+        in time, raises ``GradSplitError`` naming the task and its stages; a thread stuck in
+        a call to a dead task stays behind and cannot hold up the interpreter's exit."""
+        results: list = [None] * len(states)
+        errors: dict[int, BaseException] = {}
+
+        def run(i: int, state: DeviceState) -> None:
+            try:
+                results[i] = work(state)
+            except BaseException as exc:  # reported below, in the caller's thread
+                errors[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i, s), daemon=True,
+                                    name=f"gradsplit-optimizer-{s.label}")
+                   for i, s in enumerate(states)]
+        for t in threads:
+            t.start()
+        probe_time = 0.0 if self.timeout is None else min(2.0, self.timeout / 4)
+        deadline = None if self.timeout is None else (
+            time.monotonic() + self.timeout - probe_time)
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        pending = [states[i] for i, t in enumerate(threads) if t.is_alive()]
+        if pending and not errors:
+            raise update_timeout_error(self.timeout, [(s.device, s.stages) for s in pending],
+                                       probe_time)
+        if errors:
+            failures = []
+            for i in sorted(errors):
+                exc = errors[i]
+                if isinstance(exc, tf.errors.OpError) and is_remote(states[i].device):
+                    exc = task_failure(exc, states[i].device, doing, states[i].stages)
+                failures.append(exc)
+            raise blame(failures, runners, self.timeout, RESTART_AND_RESTORE)
+        return results
 
     def _apply_body(self, state: DeviceState):
         variables = [state.copies[i] for i in state.trainable]
@@ -281,11 +340,13 @@ class TrainingState:
 
     def _function(self, state: DeviceState, body):
         function = tf.function(body, jit_compile=self.jit_compile)
-        if self.jit_compile and is_remote(state.device):
-            # As for stages: a remote task runs an XLA function only from a plain one.
-            inner = function
-            function = tf.function(lambda *args: inner(*args))
-            keep_alive(function, inner)
+        if is_remote(state.device):
+            if self.jit_compile:
+                # As for stages: a remote task runs an XLA function only from a plain one.
+                inner = function
+                function = tf.function(lambda *args: inner(*args))
+                keep_alive(inner)
+            keep_alive(function)  # see devices.keep_alive: never collected after a reconnect
         return function
 
     def _nonfinite(self, totals: dict[int, tf.Tensor]):
@@ -338,7 +399,7 @@ class TrainingState:
         return tf.train.Checkpoint(**parts)
 
     def save(self, path: str | os.PathLike) -> str:
-        return self._checkpoint().write(os.fspath(path))
+        return self._checkpoint().write(os.fspath(path), options=self._io)
 
     def restore(self, path: str | os.PathLike) -> None:
         saved = _saved_names(path)
@@ -360,7 +421,7 @@ class TrainingState:
                 f"state: {'; '.join(said)}. Restore a checkpoint saved by a pipeline of the "
                 "same program (any cuts and devices) and optimizer; nothing was changed."
             )
-        self._checkpoint().read(os.fspath(path)).expect_partial()
+        self._checkpoint().read(os.fspath(path), options=self._io).expect_partial()
         # copies on other devices (tied variables) and other optimizers follow the first
         for state in self.states:
             for idx, copy in state.copies.items():
@@ -388,9 +449,6 @@ class TrainingState:
                 "slots": slot_bytes,
             }
         return report
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
 
 
 # -- checks ------------------------------------------------------------------------------------
