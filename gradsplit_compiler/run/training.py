@@ -259,7 +259,7 @@ class TrainingState:
             return totals, report(state, totals)
 
         results = self._on_devices(gather_and_report, self.states,
-                                   "summing its gradients", runners)
+                                   "summing the gradients", runners)
         norms = [norm for _, (norm, _) in results]
         if not all(finite for _, (_, finite) in results):
             totals = {}
@@ -285,7 +285,7 @@ class TrainingState:
             if is_remote(state.device):
                 wait_for([state.optimizer.iterations.value])
 
-        self._on_devices(apply, self.states, "applying its optimizer", runners)
+        self._on_devices(apply, self.states, "applying the optimizer", runners)
         return None
 
     def _on_devices(self, work, states: Sequence[DeviceState], doing: str,
@@ -554,8 +554,14 @@ def _saved_names(path: str | os.PathLike) -> dict[str, set]:
     holds, read from its object graph (the names as saved, not the escaped keys)."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+    prefix = os.fspath(path)
     try:
-        reader = tf.train.load_checkpoint(os.fspath(path))
+        if tf.io.gfile.exists(prefix + ".index"):
+            # a checkpoint prefix: read it as it is (load_checkpoint would take a prefix for
+            # a directory on filesystems where files have no parent, such as ram://)
+            reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+        else:  # a directory: its latest checkpoint
+            reader = tf.train.load_checkpoint(prefix)
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
         graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
     except (tf.errors.OpError, ValueError) as exc:

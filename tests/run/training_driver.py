@@ -1,0 +1,302 @@
+"""Train with ``gsc.pipeline(..., optimizer=...)`` on a ``LocalCluster``; print one JSON line.
+
+Run by tests/run/test_cluster_training.py in a subprocess of its own: connecting to a cluster
+changes the eager context of the whole process, which the pytest processes must not see.
+Each scenario runs several configurations in one process, so that the suite starts few
+clusters.
+
+    python tests/run/training_driver.py train    # optimizers x schedules, clipping; 4 workers
+    python tests/run/training_driver.py resume   # workers killed or frozen mid-training,
+                                                 # restarted, restored from a checkpoint
+
+The oracle is the tape: the same Keras optimizer applied to ``tf.GradientTape`` gradients of
+the original loss on the whole batch, on the user's own variables (which the pipeline never
+touches), in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import gradsplit_compiler as gsc
+from gradsplit_compiler.run import training
+from gradsplit_compiler.run.cluster import LocalCluster
+
+WORKERS = 4
+BATCH, WIDTH = 16, 8
+STEPS = 20
+CUTS = ["c1", "c2", "c3"]
+
+
+class TiedModel:
+    """Four stages; ``embed`` is read by the first and the last (tied weights); ``scale`` is
+    non-trainable. Float64, normal weights from ``seed``."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+
+        def var(shape, name, scale=0.4, trainable=True):
+            return tf.Variable(rng.normal(size=shape) * scale, dtype=tf.float64, name=name,
+                               trainable=trainable)
+        self.embed = var((WIDTH, WIDTH), "embed")
+        self.w = [var((WIDTH, WIDTH), f"layer{i}/kernel") for i in range(3)]
+        self.b = [var((WIDTH,), f"layer{i}/bias", 0.1) for i in range(3)]
+        self.scale = var((WIDTH,), "scale", 0.5, trainable=False)
+        self.variables = [self.embed, *self.w, *self.b, self.scale]
+
+    def loss(self, x, y):
+        h = tf.tanh(x @ self.embed)
+        h = gsc.mark(tf.tanh(h @ self.w[0] + self.b[0]), "c1")
+        h = gsc.mark(tf.tanh(h @ self.w[1] + self.b[1]) * (1.0 + self.scale), "c2")
+        h = gsc.mark(tf.tanh(h @ self.w[2] + self.b[2]), "c3")
+        out = h @ tf.transpose(self.embed)
+        return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=1))
+
+    def split(self):
+        spec = tf.TensorSpec([None, WIDTH], tf.float64)
+        return gsc.split(self.loss, [spec, spec], cuts=CUTS)
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw-schedule": lambda: keras.optimizers.AdamW(
+        keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=4, decay_rate=0.7),
+        weight_decay=0.05),
+}
+
+
+def batches(n: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(BATCH, WIDTH)), rng.normal(size=(BATCH, WIDTH)))
+            for _ in range(n)]
+
+
+def tape_training(model: TiedModel, optimizer, data, clip=None) -> tuple[list, list]:
+    """The oracle, on the model's own trainable variables: the losses, and the global norm
+    of each step's gradients (before clipping)."""
+    trainable = [v for v in model.variables if v.trainable]
+    losses, norms = [], []
+    for x, y in data:
+        with tf.GradientTape() as tape:
+            loss = model.loss(tf.constant(x), tf.constant(y))
+        grads = tape.gradient(loss, trainable)
+        norms.append(float(tf.linalg.global_norm(grads)))
+        if clip is not None:
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+        optimizer.apply(grads, trainable)
+        losses.append(float(loss))
+    return losses, norms
+
+
+def resident(pipe) -> dict[str, np.ndarray]:
+    """Each variable's stage-resident value (from the first stage reading it)."""
+    values = {}
+    for k, stage in enumerate(pipe.split.stages):
+        for idx, copy in zip(stage.variable_indices, pipe.stage_variables(k)):
+            values.setdefault(pipe.split.variables[idx].name, copy.numpy())
+    return values
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def values_of(variables) -> dict[str, np.ndarray]:
+    return {v.name: v.numpy() for v in variables}
+
+
+# -- train: optimizers x schedules against the tape ---------------------------------------------
+
+
+def train() -> dict:
+    out: dict = {"runs": []}
+    with LocalCluster(WORKERS) as cluster:
+        devices = cluster.connect()
+        out["devices"] = devices
+        model = TiedModel(seed=3)
+        split = model.split()  # after connecting: variables of this context
+        start = values_of(model.variables)
+        embed = split.variables.index(model.embed)
+        out["tied_stages"] = [k for k, s in enumerate(split.stages)
+                              if embed in s.variable_indices]
+        out["tied_bytes"] = int(np.prod(model.embed.shape)) * 8
+        data = batches(STEPS, seed=1)
+        with tf.GradientTape() as tape:
+            first = model.loss(*map(tf.constant, data[0]))
+        norm = float(tf.linalg.global_norm(tape.gradient(first, split.trainable_variables)))
+        plans = [(name, schedule, None) for name in sorted(OPTIMIZERS)
+                 for schedule in ("gpipe", "1f1b")]
+        plans.append(("adam", "1f1b", norm / 3))  # every step clipped
+        for name, schedule, clip in plans:
+            pipe = gsc.pipeline(split, 4, schedule, devices, loss_reduction="mean",
+                                optimizer=OPTIMIZERS[name](), clip_global_norm=clip,
+                                timeout=120)
+            losses = [float(pipe.train_step(x, y)) for x, y in data]
+            untouched = all(np.array_equal(v.numpy(), start[v.name])
+                            for v in model.variables)
+            got = resident(pipe)
+            copies = [[c.device for c in pipe.stage_variables(k)]
+                      for k in range(len(split.stages))]
+            moved = pipe.bytes_moved()
+            iterations = pipe.iterations
+            # the oracle on the user's variables, then put them back for the next run
+            expected, norms = tape_training(model, OPTIMIZERS[name](), data, clip)
+            want = values_of(model.variables)
+            for v in model.variables:
+                v.assign(start[v.name])
+            out["runs"].append({
+                "optimizer": name, "schedule": schedule, "clip": clip,
+                "clipped_steps": 0 if clip is None else sum(n > clip for n in norms),
+                "loss_error": rel(losses, expected),
+                "variable_error": max(rel(got[n], want[n]) for n in want),
+                "moved_from_start": max(rel(got[n], start[n]) for n in want),
+                "nontrainable_unchanged": bool(np.array_equal(got["scale:0"],
+                                                              start["scale:0"])),
+                "user_variables_untouched": untouched,
+                "copy_devices": copies, "bytes_moved": moved, "iterations": iterations,
+            })
+    return out
+
+
+# -- resume: faults mid-training, restart, restore -----------------------------------------------
+
+RESUME_STEPS, EVERY = 12, 3
+FROZEN_TIMEOUT = 12
+
+
+def resume() -> dict:
+    out: dict = {}
+    model = None
+    data = batches(RESUME_STEPS, seed=5)
+
+    def make_pipeline(split, devices, timeout=60):
+        return gsc.pipeline(split, 4, "1f1b", devices, loss_reduction="mean",
+                            optimizer=keras.optimizers.Adam(0.01), clip_global_norm=2.0,
+                            timeout=timeout)
+
+    def finish(pipe, path):
+        """Restore ``path`` into ``pipe`` and train to the end; the steps it had and the
+        values it restored."""
+        pipe.restore(path)
+        done, restored = pipe.iterations, resident(pipe)
+        for x, y in data[done:]:
+            pipe.train_step(x, y)
+        return done, restored
+
+    def train_until_failure(pipe, kill_at: int, fault) -> dict:
+        """Train, saving every EVERY steps (into this process's memory filesystem: the
+        client must write every shard itself); ``fault`` starts before step ``kill_at``."""
+        report: dict = {"checkpoint": None, "checkpoint_step": None}
+        for i, (x, y) in enumerate(data):
+            if i and i % EVERY == 0:
+                report["checkpoint"] = pipe.save(f"ram://gradsplit-resume/step{i}")
+                report["checkpoint_step"] = i
+            if i == kill_at:
+                fault()
+            t0 = time.perf_counter()
+            try:
+                pipe.train_step(x, y)
+            except Exception as exc:
+                report.update(raised=type(exc).__name__, message=str(exc),
+                              seconds=time.perf_counter() - t0, step=i)
+                break
+        else:
+            report["raised"] = None
+        return report
+
+    # 1. An uninterrupted run, then the same run with task 2 killed during step 7.
+    cluster = LocalCluster(WORKERS)
+    devices = cluster.connect()
+    model = TiedModel(seed=7)
+    split = model.split()
+    start = values_of(model.variables)
+    whole = make_pipeline(split, devices)
+    for x, y in data:
+        whole.train_step(x, y)
+    want = resident(whole)
+    out["uninterrupted_moved"] = max(rel(want[n], start[n]) for n in want)
+    del whole
+    pipe = make_pipeline(split, devices)
+    killer = threading.Timer(0.05, cluster.kill, args=(2,))
+    out["killed"] = train_until_failure(pipe, 7, killer.start)
+    killer.join()
+    out["killed"]["user_variables_untouched"] = all(
+        np.array_equal(v.numpy(), start[v.name]) for v in model.variables)
+    checkpoint = out["killed"]["checkpoint"]
+    cluster.stop()
+
+    # 2. A new cluster, the pipeline built again, the checkpoint restored: the same end.
+    cluster = LocalCluster(WORKERS)
+    devices = cluster.connect()
+    pipe = make_pipeline(split, devices)
+    out["resumed_from"], restored = finish(pipe, checkpoint)
+    got = resident(pipe)
+    out["resumed_error"] = max(rel(got[n], want[n]) for n in want)
+    out["resumed_iterations"] = pipe.iterations
+    plain = TiedModel(seed=99)  # the plain model reads the same checkpoint
+    gsc.load_variables(checkpoint, plain.variables)
+    out["load_variables_equal"] = all(np.array_equal(v.numpy(), restored[v.name])
+                                      for v in plain.variables)
+
+    # 3. Task 1 frozen (SIGSTOP) just as the optimizer update starts: timeout= gives up.
+    pipe = make_pipeline(split, devices, timeout=FROZEN_TIMEOUT)
+    out["frozen"] = fault_in_update(pipe, data, lambda: cluster.kill(1, signal.SIGSTOP))
+    cluster.stop()
+
+    # 4. Again from the checkpoint on a new cluster; task 3 killed as the update starts.
+    cluster = LocalCluster(WORKERS)
+    devices = cluster.connect()
+    pipe = make_pipeline(split, devices)
+    finish(pipe, checkpoint)
+    got = resident(pipe)
+    out["second_resume_error"] = max(rel(got[n], want[n]) for n in want)
+    out["killed_in_update"] = fault_in_update(pipe, data, lambda: cluster.kill(3))
+    cluster.stop()
+    return out
+
+
+def fault_in_update(pipe, data, fault) -> dict:
+    """A ``train_step`` (compiling), then one whose optimizer update starts with
+    ``fault()``: what that one raised."""
+    pipe.train_step(*data[0])
+    real = training.TrainingState.update
+
+    def update(self, *args, **kwargs):
+        fault()
+        time.sleep(0.3)  # the signal has landed
+        return real(self, *args, **kwargs)
+
+    training.TrainingState.update = update
+    t0 = time.perf_counter()
+    try:
+        pipe.train_step(*data[1])
+        report = {"raised": None}
+    except Exception as exc:
+        report = {"raised": type(exc).__name__, "message": str(exc),
+                  "seconds": time.perf_counter() - t0}
+    finally:
+        training.TrainingState.update = real
+    return report
+
+
+def main() -> None:
+    result = {"train": train, "resume": resume}[sys.argv[1]]()
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # threads stuck in calls to a dead or frozen task must not hold the exit
+
+
+if __name__ == "__main__":
+    main()
