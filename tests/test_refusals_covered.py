@@ -43,13 +43,6 @@ UNCOVERED: dict[str, str] = {
     "plotting the timeline needs matplotlib; install": (
         "run/pipeline.py plot_timeline without matplotlib: the test environment installs the "
         "render extra, so this branch cannot run here."),
-    "The step was abandoned and no": (
-        "run/pipeline.py, a cluster worker killed mid-step: tests/run/test_cluster.py kills "
-        "one with SIGKILL and checks the type in a driver process, not these words (run/ is "
-        "being restructured on another branch)."),
-    "A worker that died or stopped": (
-        "run/pipeline.py, a step past timeout= on a frozen worker: tests/run/test_cluster.py "
-        "(SIGSTOP) checks the type in a driver process, not these words."),
     "failed while": (
         "run/pipeline.py, an OpError on a remote task: needs a cluster whose task fails an "
         "op; no test makes one."),

@@ -168,6 +168,7 @@ def test_worker_killed_or_hung_mid_step_then_restarted_cluster():
     # SIGSTOP: the task hangs; the pipeline's timeout (8 s) gives up and names it
     assert stopped["raised"] == "GradSplitError", stopped
     assert "timeout=8" in stopped["message"], stopped
+    assert "the pipeline step did not finish within timeout=" in stopped["message"], stopped
     assert "task 1 " in stopped["message"] and "stage 1" in stopped["message"], stopped
     assert 7.5 < stopped["seconds"] < 12, stopped
     assert stopped["variables_unchanged"]
