@@ -15,6 +15,10 @@ docs/bench_cut_size.png (figure 5).
    1,000 layers, with time per graph node.
 5. The thread's answers on the seed model as the cut grows: per-scalar ``tf.gradients``,
    ``GradientTape.jacobian``, and ours.
+6. The pipeline's ``step`` on a LocalCluster beside the same pipeline in one process.
+7. Training steps: ``pipeline.step`` plus the caller's optimizer, against ``train_step``
+   (variables and optimizers resident on the stages), in one process (4 logical CPUs) and
+   on 4 worker processes, over one XLA program doing forward, backward and the optimizer.
 """
 
 from __future__ import annotations
@@ -584,13 +588,165 @@ def figure_cluster(quick, repeats):
     return text
 
 
+# -- figure 7: training steps ------------------------------------------------------------------
+
+TRAINING_MODELS = {
+    "mlp": lambda rng, **kw: mlp(rng, **kw),
+    "transformer": lambda rng, **kw: transformer(rng, **kw),
+}
+
+
+def monolithic_train_step(loss, variables, optimizer):
+    """Forward, backward and ``optimizer`` in one ``tf.function(jit_compile=True)``."""
+    python_fn = loss.python_function
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(*args):
+        with tf.GradientTape() as tape:
+            value = python_fn(*args)
+        optimizer.apply(tape.gradient(value, variables), variables)
+        return value
+
+    return step
+
+
+def training_child(config: dict) -> dict:
+    """Figure 7's measurements, in a process of their own (it sets up 4 logical CPUs and
+    connects to a LocalCluster before creating any variable). ``config``: ``models`` (a
+    list of ``[name, keyword arguments]`` for ``TRAINING_MODELS``), ``workers``,
+    ``microbatches``, ``repeats``, ``learning_rate``."""
+    import keras
+
+    from gradsplit_compiler.run.cluster import LocalCluster
+
+    workers = config["workers"]
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * workers)
+    cluster = LocalCluster(workers)
+    cluster.connect()
+    make = lambda: keras.optimizers.Adam(config["learning_rate"])  # noqa: E731
+    m, rows = config["microbatches"], []
+    try:
+        for model, kwargs in config["models"]:
+            name, loss, sig, cuts, args = TRAINING_MODELS[model](np.random.default_rng(0),
+                                                                 **kwargs)
+            split = gsc.split(loss, sig, cuts)
+            trainable = split.trainable_variables
+            position = [split.variables.index(v) for v in trainable]
+            mono = monolithic_train_step(loss, trainable, make())
+            caller = make()
+            caller.build(trainable)
+            # a careful caller compiles its optimizer step too
+            apply = tf.function(lambda grads, opt=caller, vs=trainable: opt.apply(grads, vs),
+                                jit_compile=True)
+            placements = [("one process, logical CPUs",
+                           [f"/CPU:{d}" for d in range(workers)]),
+                          (f"{workers} worker processes", cluster.devices)]
+            for where, devices in placements:
+                times, moved = _training_times(split, devices, args, m, make, apply,
+                                               position, mono, config["repeats"])
+                rows.append({"model": name, "stages": len(split.stages), "where": where,
+                             "times": times, "bytes": moved})
+                log(f"[7] {name}, {where}: monolithic {times['mono'] * 1e3:.1f} ms, step + "
+                    f"apply {times['step_apply'] / times['mono']:.2f}x, train_step "
+                    f"{times['train_step'] / times['mono']:.2f}x")
+    finally:
+        cluster.stop()
+    return {"rows": rows, "config": config}
+
+
+def _training_times(split, devices, args, m, make, apply, position, mono, repeats):
+    """Median seconds of the three training steps on ``devices``, interleaved, and the bytes
+    each pipeline moved in its last step."""
+    stepping = gsc.pipeline(split, m, "1f1b", devices, loss_reduction="mean", timeout=600)
+    training = gsc.pipeline(split, m, "1f1b", devices, loss_reduction="mean",
+                            optimizer=make(), timeout=600)
+
+    def step_and_apply():
+        value, grads = stepping.step(*args)
+        apply([grads[i] for i in position])
+        return value
+
+    times = interleaved({"mono": flat(mono, *args), "step_apply": step_and_apply,
+                         "train_step": lambda: training.train_step(*args)}, repeats)
+    return times, {"step_apply": stepping.bytes_moved(), "train_step": training.bytes_moved()}
+
+
+TRAINING_NOTE = """\
+*Reading it.* `step + apply` is the pipeline as it was before it held training state: every
+step refreshes each stage's replicas of the variables it does not hold (`replicas`), sends
+every gradient back to the caller (`results`), and the caller applies its optimizer there (one
+XLA program). `train_step` keeps each stage's variables and optimizer slots on its device:
+only activations, cotangents, the gradients of variables tied between devices and a few
+scalars travel. When the devices share a few cores (the logical CPUs of one process, or worker
+processes on one machine), their stages cannot run at the same time: a pipeline step then
+costs more than the one XLA program, which spreads each op over every core and dispatches
+nothing per action, and the ratios say what the separate stage programs, the schedule and
+the traffic cost. What pipelining buys needs devices with cores (or accelerators) of their
+own."""
+
+
+def figure_training(quick: bool, repeats: int, workers: int = 4,
+                    models: list | None = None) -> str:
+    """7. ``step`` plus the caller's optimizer against ``train_step``, in one process and on
+    ``workers`` worker processes, beside the monolithic XLA training step (a subprocess:
+    connecting changes a process's context). The section's markdown."""
+    import json
+
+    if models is None:
+        models = ([["mlp", {"layers": 4, "width": 64, "batch": 32}],
+                   ["transformer", {"blocks": 2, "seq": 8, "dim": 16, "heads": 2,
+                                    "batch": 8}]] if quick else
+                  [["mlp", {}], ["transformer", {}]])
+    config = {"models": models, "workers": workers, "microbatches": 4, "repeats": repeats,
+              "learning_rate": 1e-4}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--training-child",
+                           json.dumps(config)], capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        log(f"figure 7 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return ""
+    got = json.loads(lines[-1][len("RESULT "):])
+    table = [
+        "\n## 7. Training steps: the caller's optimizer against stage-resident state\n",
+        f"Adam, float32, {config['microbatches']} micro-batches, 1F1B; medians of "
+        f"{repeats} interleaved repeats after warm-up. Time over one XLA program doing "
+        "forward, backward and Adam (`tf.function(jit_compile=True)`, in the client "
+        "process); bytes moved between devices per step.\n",
+        "| model | stages | where | monolithic | `step` + caller's Adam | `train_step` | "
+        "bytes, step + Adam (replicas / results) | bytes, train_step (gradients / scalars) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in got["rows"]:
+        t, b = row["times"], row["bytes"]
+        before, after = b["step_apply"], b["train_step"]
+        table.append(
+            f"| {row['model']} | {row['stages']} | {row['where']} | "
+            f"{t['mono'] * 1e3:.1f} ms | {t['step_apply'] / t['mono']:.2f}x | "
+            f"{t['train_step'] / t['mono']:.2f}x | {sum(before.values()):,} "
+            f"({before['replicas']:,} / {before['results']:,}) | {sum(after.values()):,} "
+            f"({after['gradients']:,} / {after['scalars']:,}) |")
+    text = "\n".join(table) + "\n\n" + TRAINING_NOTE + "\n"
+    log(text)
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6, 7])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--training-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.training_child:  # figure 7's subprocess
+        import json
+
+        result = training_child(json.loads(args.training_child))
+        print("RESULT " + json.dumps(result), flush=True)
+        os._exit(0)  # workers are stopped; no atexit work left
     repeats = args.repeats or (5 if args.quick else 21)
     command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"machine: {machine()}")
@@ -612,6 +768,9 @@ def main(argv=None) -> int:
     if 6 in args.only:
         with open(args.out, "a") as f:
             f.write(figure_cluster(args.quick, repeats))
+    if 7 in args.only:
+        with open(args.out, "a") as f:
+            f.write(figure_training(args.quick, min(repeats, 9)))
     log(f"wrote {args.out}")
     return 0
 

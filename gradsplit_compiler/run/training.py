@@ -23,11 +23,11 @@ own copies (in parallel, one thread per device). Both phases are bounded by the 
 ``timeout``, as its schedule is: a task of a cluster that dies or stops answering during the
 update makes ``train_step`` raise ``GradSplitError`` naming the task and its stages (the
 copies and optimizer state it held are lost; restore the last checkpoint into a new
-pipeline). A step with a non-finite gradient changes no
-variable: what the program assigned during the step (batch-norm statistics) is put back, and
-the step raises ``GradSplitError`` naming the variable and its stages, or is skipped and
-counted (``on_nonfinite="skip"``). Only trainable variables are given to the optimizer;
-the others (moving statistics) change only through the program's own assignments.
+pipeline). A step with a non-finite gradient changes no variable: what the program assigned
+during the step (batch-norm statistics) is put back, and the step raises ``GradSplitError``
+naming the variable and its stages, or is skipped and counted (``on_nonfinite="skip"``).
+Only trainable variables are given to the optimizer; the others (moving statistics) change
+only through the program's own assignments.
 
 Checkpoints hold the training state by the variables' own names (without ``:0``): the value of
 each variable once (a tied one from its first device), each optimizer slot under the name of
