@@ -634,7 +634,8 @@ def training_child(config: dict) -> dict:
                                                                  **kwargs)
             split = gsc.split(loss, sig, cuts)
             trainable = split.trainable_variables
-            position = [split.variables.index(v) for v in trainable]
+            index = {id(v): i for i, v in enumerate(split.variables)}
+            position = [index[id(v)] for v in trainable]
             mono = monolithic_train_step(loss, trainable, make())
             caller = make()
             caller.build(trainable)
