@@ -65,6 +65,11 @@ def test_train_steps_on_four_workers_equal_the_optimizer_on_tape_gradients():
         assert 0 < moved["scalars"] <= 64, moved
     clipped = next(r for r in runs if r["clip"])
     assert clipped["clipped_steps"] >= 10, clipped
+    # a variable the program assigns (a running mean) lives on its stage's task
+    assigned = result["assigned"]
+    assert assigned["error"] < TRAIN_TOL, assigned
+    assert assigned["mean_moved"] > 1e-3 and assigned["user_mean_untouched"], assigned
+    assert assigned["mean_device"] == devices[0], assigned
 
 
 def test_workers_killed_or_frozen_mid_training_then_resumed_from_a_checkpoint():

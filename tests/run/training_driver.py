@@ -68,6 +68,24 @@ class TiedModel:
         return gsc.split(self.loss, [spec, spec], cuts=CUTS)
 
 
+class CountingModel:
+    """Two stages; the first assigns a non-trainable running mean (as batch norm keeps its
+    statistics), which the second does not read."""
+
+    def __init__(self, seed: int = 17):
+        rng = np.random.default_rng(seed)
+        self.w0 = tf.Variable(rng.normal(size=(WIDTH, WIDTH)) * 0.4, name="w0")
+        self.w1 = tf.Variable(rng.normal(size=(WIDTH, 1)) * 0.4, name="w1")
+        self.mean = tf.Variable(np.zeros(WIDTH), trainable=False, name="running_mean")
+        self.variables = [self.w0, self.w1, self.mean]
+
+    def loss(self, x):
+        h = tf.tanh(x @ self.w0)
+        self.mean.assign(0.9 * self.mean + 0.1 * tf.reduce_mean(h, axis=0))
+        h = gsc.mark(h - self.mean, "h")
+        return tf.reduce_mean(tf.tanh(h @ self.w1) ** 2)
+
+
 OPTIMIZERS = {
     "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
     "adam": lambda: keras.optimizers.Adam(0.01),
@@ -129,7 +147,7 @@ def train() -> dict:
         model = TiedModel(seed=3)
         split = model.split()  # after connecting: variables of this context
         start = values_of(model.variables)
-        embed = split.variables.index(model.embed)
+        embed = next(i for i, v in enumerate(split.variables) if v is model.embed)
         out["tied_stages"] = [k for k, s in enumerate(split.stages)
                               if embed in s.variable_indices]
         out["tied_bytes"] = int(np.prod(model.embed.shape)) * 8
@@ -168,7 +186,32 @@ def train() -> dict:
                 "user_variables_untouched": untouched,
                 "copy_devices": copies, "bytes_moved": moved, "iterations": iterations,
             })
+        out["assigned"] = assigned_on_a_task(devices)
     return out
+
+
+def assigned_on_a_task(devices) -> dict:
+    """A variable the program assigns lives on its stage's task and follows the program's
+    assignments there (one micro-batch: the full batch's statistics); against the tape."""
+    model = CountingModel()
+    split = gsc.split(model.loss, [tf.TensorSpec([None, WIDTH], tf.float64)], cuts=["h"])
+    pipe = gsc.pipeline(split, 1, "1f1b", devices[:2], loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1), timeout=120)
+    xs = [x for x, _ in batches(STEPS, seed=18)]
+    for x in xs:
+        pipe.train_step(x)
+    untouched = float(np.max(np.abs(model.mean.numpy()))) == 0.0
+    got = resident(pipe)
+    optimizer = keras.optimizers.SGD(0.1)
+    for x in xs:
+        with tf.GradientTape() as tape:
+            loss = model.loss(tf.constant(x))
+        optimizer.apply(tape.gradient(loss, [model.w0, model.w1]), [model.w0, model.w1])
+    mean = next(i for i, v in enumerate(split.variables) if v is model.mean)
+    mean_copy = pipe.stage_variables(0)[split.stages[0].variable_indices.index(mean)]
+    return {"error": max(rel(got[v.name], v.numpy()) for v in model.variables),
+            "mean_moved": float(np.max(np.abs(model.mean.numpy()))),
+            "user_mean_untouched": untouched, "mean_device": mean_copy.device}
 
 
 # -- resume: faults mid-training, restart, restore -----------------------------------------------
