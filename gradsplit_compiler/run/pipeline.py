@@ -139,7 +139,8 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
     timeout : float, optional
         Seconds a step may take. A step that has not finished by then (a worker of a
         cluster died or stopped answering) raises ``GradSplitError`` naming the actions
-        still running, their stages and devices; no variable changes. ``None``: wait.
+        still running, their stages and devices; no variable changes. ``None``: wait. In
+        ``train_step`` the optimizer update is bounded by it too.
 
     Returns
     -------
@@ -301,7 +302,11 @@ class Pipeline:
         and the finiteness check). Equal, up to rounding, to one step of the same optimizer
         on ``split.value_and_gradients(*args)`` applied to the trainable variables. Neither
         variable values nor gradients cross devices, except the gradients of a variable
-        that stages on several devices read. A failure changes no variable.
+        that stages on several devices read. A failure changes no variable, except that a
+        task of a cluster that dies or hangs (a ``GradSplitError`` naming it and its
+        stages, within ``timeout`` for the schedule and again for the update) takes the
+        copies and optimizer state it held with it: restart the workers, build the
+        pipeline again and ``restore`` the last checkpoint.
         """
         if self._training is None:
             raise GradSplitError(
