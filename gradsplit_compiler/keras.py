@@ -56,7 +56,7 @@ class PipelineModel(keras.Model):
     model : keras.Model
         A built Keras model (Sequential, functional, or subclassed and called once).
     cuts : list of str, optional
-        Layer names (or ``gsc.mark`` names) to cut after, in data-flow order.
+        Names of the model's layers to cut after, in data-flow order.
     num_stages : int, optional
         Instead of ``cuts``: ``gsc.auto_split`` chooses them.
     microbatches, schedule, devices, jit_compile, timeout
@@ -176,8 +176,6 @@ class PipelineModel(keras.Model):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _pipeline_for(self, flat, structure, batch: int):
-        if not hasattr(self, "loss_reduction"):
-            raise GradSplitError("call compile(optimizer, loss, ...) before fit.")
         m = max(d for d in range(1, min(self.microbatches, batch) + 1) if batch % d == 0)
         specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
         key = (structure[:3], specs)
@@ -189,7 +187,9 @@ class PipelineModel(keras.Model):
         return base.with_microbatches(m)
 
     def _build(self, structure, specs):
-        import gradsplit_compiler as gsc
+        from gradsplit_compiler.core.split import split as make_split
+        from gradsplit_compiler.plan.autosplit import auto_split
+        from gradsplit_compiler.run.pipeline import pipeline
 
         model = self.model
 
@@ -201,16 +201,18 @@ class PipelineModel(keras.Model):
             return loss, y_pred
 
         if self.cuts is not None:
-            split = gsc.split(loss_fn, specs, cuts=self.cuts)
+            split = make_split(loss_fn, specs, cuts=self.cuts)
         else:
-            split = gsc.auto_split(loss_fn, specs, self.num_stages)
+            split = auto_split(loss_fn, specs, self.num_stages)
         if self._run.state is None:
             self._sync_to_model()
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
-            pipe = gsc.pipeline(split, self.microbatches, self.schedule, self.stage_devices,
+            pipe = pipeline(split, self.microbatches, self.schedule, self.stage_devices,
                                 loss_reduction=self.loss_reduction, optimizer=optimizer,
                                 jit_compile=self.pipeline_jit_compile, timeout=self.timeout)
             self._run.state = pipe.training_state
+            if self.optimizer.built:  # state restored into the model (BackupAndRestore)
+                self._sync_from_model()
             return pipe
         raise GradSplitError(
             "fit was given data of another structure or dtype than before (e.g. with and "
@@ -286,6 +288,31 @@ class PipelineModel(keras.Model):
         self._sync_to_model()
         return self.model.save(filepath, *args, **kwargs)
 
+    def summary(self, *args, **kwargs):
+        """Keras' summary of the wrapped model, then one line per stage: its device, the
+        layers whose variables it holds, its parameters, and the bytes entering it and
+        kept for its backward per batch (once ``fit`` has built the pipeline)."""
+        print_fn = kwargs.get("print_fn") or print
+        self.model.summary(*args, **kwargs)
+        if not self._run.pipelines:
+            print_fn("Stages: built by the first training step (cut at "
+                     f"{self.cuts or f'{self.num_stages} stages by auto_split'}).")
+            return
+        pipe = next(iter(self._run.pipelines.values()))
+        split = pipe.split
+        rows = split.summary()
+        print_fn(f"Pipeline: {len(split.stages)} stages, {pipe.microbatches} micro-batches, "
+                 f"schedule {self.schedule!r}; bytes per example")
+        print_fn(f"{'stage':>5}  {'device':<34} {'params':>10} {'in B':>10} "
+                 f"{'kept B':>10}  layers")
+        for stage, row, device in zip(split.stages, rows, pipe.devices):
+            held = [split.variables[i] for i in stage.variable_indices]
+            params = sum(int(v.shape.num_elements()) for v in held if v.trainable)
+            layers = list(dict.fromkeys(v.name.rsplit("/", 1)[0] for v in held))
+            print_fn(f"{stage.index:>5}  {device:<34} {params:>10,} "
+                     f"{row['boundary_bytes']:>10,} {row['residual_bytes']:>10,}  "
+                     f"{', '.join(layers) or '-'}")
+
     @property
     def pipelines(self) -> list:
         """The pipelines built so far (one per kind of data ``fit`` was given)."""
@@ -313,8 +340,6 @@ def _flatten(x, y, sample_weight):
     data = (x, y, sample_weight)
     leaves = tf.nest.flatten(data)
     present = tuple(i for i, t in enumerate(leaves) if t is not None)
-    if not present:
-        raise GradSplitError("fit got no input data.")
     flat = [tf.convert_to_tensor(leaves[i]) for i in present]
     skeleton = tf.nest.map_structure(lambda t: None if t is None else 0, data)
     return flat, (_freeze(skeleton), len(leaves), present, skeleton)

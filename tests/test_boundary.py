@@ -41,7 +41,7 @@ RANKS = {
     "core": 4,
     "plan": 5,
     "run": 6,
-    "show": 7,
+    "show": 7, "keras": 7,
     "cli": 8,
     "tools": 9,
 }
