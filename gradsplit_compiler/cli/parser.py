@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
-from gradsplit_compiler import __version__
+from gradsplit_compiler import TENSORFLOW_PROBLEM, __version__
 from gradsplit_compiler.cli.common import (
     EXAMPLE_FUNCTION,
     PROG,
@@ -71,7 +71,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         epilog=(f"examples:\n  {PROG} demo            the seed problem, end to end\n"
                 f"  {PROG} inspect {EXAMPLE_FUNCTION}\n"
                 f"  {PROG} verify {EXAMPLE_FUNCTION} --cut hidden\n\n"
-                f"Run '{PROG} COMMAND --help' for the options and examples of a command."),
+                f"Run '{PROG} COMMAND --help' for the options and examples of a command."
+                + _tensorflow_note()),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -79,12 +80,21 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     for command in commands:
         sub = subparsers.add_parser(
             command.name, parents=[common], help=command.help,
-            description=textwrap.fill(command.description, 88), epilog=command.epilog,
+            description=textwrap.fill(command.description, 88),
+            epilog=(command.epilog or "") + _tensorflow_note(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(sub)
         sub.set_defaults(run=command.run, command_parser=sub)
     return parser
+
+
+def _tensorflow_note() -> str:
+    """What to install, when the commands cannot run here (``--help`` still works)."""
+    if TENSORFLOW_PROBLEM is None:
+        return ""
+    return "\n\n" + textwrap.fill(f"The commands cannot run here: {TENSORFLOW_PROBLEM}", 88,
+                                  break_on_hyphens=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if TENSORFLOW_PROBLEM is not None:
+        print(f"{PROG} {args.command}: error: {TENSORFLOW_PROBLEM}", file=sys.stderr)
+        return 1
     debug = getattr(args, "debug", False)
     with _quiet_native_stderr(enabled=not debug) as err:
         args.err = err  # progress lines and messages; fd 2 itself is muted
