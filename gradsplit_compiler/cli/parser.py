@@ -1,11 +1,13 @@
 """The ``gradsplit`` command line: the parser and ``main``.
 
 Each subcommand is a ``Command`` (``cli.common``) in a module of its own (``cli.demo``,
-``cli.inspect``, ``cli.split``, ``cli.verify``, ``cli.render``): a name, its help, a function
-that adds its arguments to its ``argparse`` parser and a function that runs it and returns
-the exit status. A new subcommand is one more module and one more entry in ``COMMANDS``;
-``main`` gives every one of them the same ``--debug`` flag and the same error handling: a
-failure prints one line and exits non-zero, never a traceback, unless ``--debug``.
+``cli.inspect_cmd``, ``cli.split``, ``cli.verify``, ``cli.render``; no module takes a
+standard-library name, which would shadow it when a module here is run by path): a name, its
+help, a function that adds its arguments to its ``argparse`` parser and a function that runs
+it and returns the exit status. A new subcommand is one more module and one more entry in
+``COMMANDS``; ``main`` gives every one of them the same ``--debug`` flag and the same error
+handling: a failure prints one line and exits non-zero, never a traceback, unless
+``--debug``.
 
 Exit status: 0 success, 1 failure (the message says what failed), 2 wrong usage,
 130 interrupted.
@@ -30,7 +32,7 @@ from gradsplit_compiler.cli.common import (
     UsageError,
 )
 from gradsplit_compiler.cli.demo import DEMO
-from gradsplit_compiler.cli.inspect import INSPECT
+from gradsplit_compiler.cli.inspect_cmd import INSPECT
 from gradsplit_compiler.cli.render import RENDER
 from gradsplit_compiler.cli.split import SPLIT
 from gradsplit_compiler.cli.verify import VERIFY
