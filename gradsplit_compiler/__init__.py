@@ -71,7 +71,37 @@ def _check_tensorflow(found: tuple[str, str] | None) -> None:
         )
 
 
-_check_tensorflow(_installed_tensorflow())
+def _importing_the_command_line() -> bool:
+    """Whether this import of the package is on the way to ``gradsplit_compiler.cli`` (the
+    ``gradsplit`` command's entry point, or ``python -m`` of one of its modules).
+
+    Read from the import machinery's frames: ``importlib._bootstrap._find_and_load(name,
+    ...)`` is on the stack for the submodule being imported while its parent package runs
+    (CPython 3.9-3.13; ``tests/test_install.py`` runs the command without TensorFlow).
+    """
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_find_and_load":
+            name = frame.f_locals.get("name")
+            if isinstance(name, str) and (name == f"{__name__}.cli"
+                                          or name.startswith(f"{__name__}.cli.")):
+                return True
+        frame = frame.f_back
+    return False
+
+
+# Why the library cannot run here (no TensorFlow, or one too old), or ``None``. Importing the
+# package raises it as an ``ImportError``, except on the way to the command line: the
+# ``gradsplit`` command still shows its help, and each command prints this and fails.
+TENSORFLOW_PROBLEM: str | None = None
+try:
+    _check_tensorflow(_installed_tensorflow())
+except ImportError as error:
+    if not _importing_the_command_line():
+        raise
+    TENSORFLOW_PROBLEM = str(error)
 
 _LAZY = {
     "auto_split": ".plan.autosplit",
@@ -94,6 +124,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        if TENSORFLOW_PROBLEM is not None:
+            raise ImportError(TENSORFLOW_PROBLEM)
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value

@@ -102,3 +102,79 @@ def test_tensorflow_is_an_extra_not_a_dependency():
     assert extras["gpu"] == ["tensorflow[and-cuda]>=2.16"]
     minimum = ".".join(map(str, gradsplit_compiler._MINIMUM_TENSORFLOW))
     assert all(spec.endswith(f">={minimum}") for spec in extras["cpu"] + extras["gpu"])
+
+
+# Run before the code under test: sys.meta_path's finders, except that no `tensorflow` module
+# exists (find_spec answers None, as in an environment without it).
+_WITHOUT_TENSORFLOW = '''
+import sys
+class _WithoutTensorFlow:
+    def __init__(self, finders):
+        self.finders = finders
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            return None
+        for finder in self.finders:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
+        return None
+sys.meta_path[:] = [_WithoutTensorFlow(list(sys.meta_path))]
+'''
+
+
+def _gradsplit_without_tensorflow(tmp_path, *argv: str):
+    """The `gradsplit` command as pip's console script runs it (the entry point declared in
+    pyproject.toml), in a process where TensorFlow is not installed."""
+    tomllib = pytest.importorskip("tomllib")
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"][
+        "gradsplit"]
+    module, function = entry.split(":")
+    script = tmp_path / "gradsplit"
+    script.write_text(f"{_WITHOUT_TENSORFLOW}\nfrom {module} import {function}\n"
+                      f"sys.exit({function}())\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_gradsplit_help_without_tensorflow_says_what_to_install(tmp_path):
+    result = _gradsplit_without_tensorflow(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: gradsplit"), result.stdout
+    for command in ("demo", "inspect", "split", "verify", "render"):
+        assert f"    {command}  " in result.stdout
+    said = " ".join(result.stdout.split())
+    assert "The commands cannot run here: gradsplit_compiler needs TensorFlow >= 2.16" in said
+    assert 'pip install "gradsplit-compiler[cpu]"' in said
+    assert 'pip install "gradsplit-compiler[gpu]"' in said
+    assert "Traceback" not in result.stderr
+
+
+def test_gradsplit_subcommand_help_without_tensorflow(tmp_path):
+    result = _gradsplit_without_tensorflow(tmp_path, "split", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: gradsplit split"), result.stdout
+    assert 'pip install "gradsplit-compiler[cpu]"' in " ".join(result.stdout.split())
+
+
+def test_gradsplit_commands_without_tensorflow_fail_in_one_line(tmp_path):
+    result = _gradsplit_without_tensorflow(
+        tmp_path, "inspect", "gradsplit_compiler.examples:mlp_loss")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gradsplit inspect: error: gradsplit_compiler needs "
+                               "TensorFlow >= 2.16, and none is installed.")
+    assert 'pip install "gradsplit-compiler[cpu]"' in lines[0]
+
+
+def test_the_library_still_refuses_after_the_command_line_imported_it():
+    code = ("import gradsplit_compiler.cli\nimport gradsplit_compiler as gsc\n"
+            "try:\n    gsc.split\nexcept ImportError as e:\n    print('refused:', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW + code], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused: gradsplit_compiler needs TensorFlow >= 2.16")

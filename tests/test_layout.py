@@ -10,7 +10,10 @@ above. Every ``name.py`` and ``name/`` on a line is taken inside the open folder
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,21 @@ def test_every_repository_path_a_document_cites_exists(doc):
     cited |= {m for m in re.findall(r"\]\(([^)#:]+)\)", text)}  # relative markdown links
     missing = sorted(c for c in cited if not (ROOT / c).exists() and not (base / c).exists())
     assert not missing, f"{doc} cites paths that are not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("folder", [PACKAGE, "passes", "tools"])
+def test_no_module_takes_a_standard_library_name(folder):
+    # Run by path (python gradsplit_compiler/cli/parser.py), a module's folder comes first on
+    # sys.path, and a module there named like the standard library's replaces it.
+    clashes = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")
+                     if p.stem in sys.stdlib_module_names)
+    assert not clashes, f"modules named like the standard library's: {clashes}"
+
+
+def test_the_command_line_runs_by_path():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / PACKAGE / "cli" / "parser.py"), "inspect", "--help"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: gradsplit inspect")

@@ -11,6 +11,7 @@ it, is imported inside the steps that need it.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ __all__ = [
     "EXAMPLE_FUNCTION", "EXAMPLE_MODEL", "PROG", "TARGET_HELP", "Command", "CommandFailed",
     "UsageError", "count", "int_at_least", "load", "load_and_split",
     "positive_int", "short_names", "signature_line", "start_progress", "target_command",
-    "trace_and_inline",
+    "target_command_line", "trace_and_inline",
 ]
 
 PROG = "gradsplit"
@@ -115,26 +116,31 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
                         help="module:function, a .keras file or a SavedModel directory "
                              "(see below)")
     group = parser.add_argument_group("describing TARGET")
-    group.add_argument("--signature", metavar="SPECS",
-                       help="the input signature of a function target, e.g. "
-                            "\"[None,10]:float32,[None,5]:float32\"")
-    group.add_argument("--loss", metavar="NAME",
-                       help="a Keras loss applied to the model's output (mse, "
-                            "categorical_crossentropy, ...; 'none': differentiate the outputs); "
-                            "default: the loss the model was compiled with")
-    group.add_argument("--labels", metavar="SPEC",
-                       help="the labels' spec for --loss (default: the output's shape and "
-                            "dtype; class indices for sparse_* losses)")
-    group.add_argument("--training", action="store_true",
-                       help="call the Keras model with training=True (batch statistics, "
-                            "dropout); default training=False")
-    group.add_argument("--signature-key", metavar="KEY",
-                       help="the SavedModel signature to use (default: serving_default)")
-    group.add_argument("--output-key", metavar="KEY",
-                       help="the SavedModel output --loss applies to, when it has several")
-    group.add_argument("--float64", action="store_true",
-                       help="rebuild the Keras model in float64 (same weights), for a "
-                            "definitive comparison")
+    described = [
+        group.add_argument("--signature", metavar="SPECS",
+                           help="the input signature of a function target, e.g. "
+                                "\"[None,10]:float32,[None,5]:float32\""),
+        group.add_argument("--loss", metavar="NAME",
+                           help="a Keras loss applied to the model's output (mse, "
+                                "categorical_crossentropy, ...; 'none': differentiate the "
+                                "outputs); default: the loss the model was compiled with"),
+        group.add_argument("--labels", metavar="SPEC",
+                           help="the labels' spec for --loss (default: the output's shape and "
+                                "dtype; class indices for sparse_* losses)"),
+        group.add_argument("--training", action="store_true",
+                           help="call the Keras model with training=True (batch statistics, "
+                                "dropout); default training=False"),
+        group.add_argument("--signature-key", metavar="KEY",
+                           help="the SavedModel signature to use (default: serving_default)"),
+        group.add_argument("--output-key", metavar="KEY",
+                           help="the SavedModel output --loss applies to, when it has several"),
+        group.add_argument("--float64", action="store_true",
+                           help="rebuild the Keras model in float64 (same weights), for a "
+                                "definitive comparison"),
+    ]
+    # what target_command_line repeats: (flag, dest, takes no value)
+    parser.set_defaults(target_flags=[(a.option_strings[0], a.dest, a.nargs == 0)
+                                      for a in described])
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress lines on stderr")
 
@@ -215,6 +221,19 @@ def _cuts_text(cuts: list) -> str:
 
 
 # -- what the answers print ----------------------------------------------------------------
+
+
+def target_command_line(args: argparse.Namespace) -> str:
+    """TARGET and the flags that described it, as typed again in a shell: what another
+    command needs to load the same program (``gradsplit inspect``'s "Cut with:" line)."""
+    words = [args.target]
+    for flag, dest, switch in args.target_flags:
+        value = getattr(args, dest)
+        if switch and value:
+            words.append(flag)
+        elif not switch and value is not None:
+            words += [flag, value]
+    return shlex.join(words)
 
 
 def signature_line(target: Any) -> str:

@@ -1,11 +1,13 @@
 """The ``gradsplit`` command line: the parser and ``main``.
 
 Each subcommand is a ``Command`` (``cli.common``) in a module of its own (``cli.demo``,
-``cli.inspect``, ``cli.split``, ``cli.verify``, ``cli.render``): a name, its help, a function
-that adds its arguments to its ``argparse`` parser and a function that runs it and returns
-the exit status. A new subcommand is one more module and one more entry in ``COMMANDS``;
-``main`` gives every one of them the same ``--debug`` flag and the same error handling: a
-failure prints one line and exits non-zero, never a traceback, unless ``--debug``.
+``cli.inspect_cmd``, ``cli.split``, ``cli.verify``, ``cli.render``; no module takes a
+standard-library name, which would shadow it when a module here is run by path): a name, its
+help, a function that adds its arguments to its ``argparse`` parser and a function that runs
+it and returns the exit status. A new subcommand is one more module and one more entry in
+``COMMANDS``; ``main`` gives every one of them the same ``--debug`` flag and the same error
+handling: a failure prints one line and exits non-zero, never a traceback, unless
+``--debug``.
 
 Exit status: 0 success, 1 failure (the message says what failed), 2 wrong usage,
 130 interrupted.
@@ -21,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
-from gradsplit_compiler import __version__
+from gradsplit_compiler import TENSORFLOW_PROBLEM, __version__
 from gradsplit_compiler.cli.common import (
     EXAMPLE_FUNCTION,
     PROG,
@@ -30,7 +32,7 @@ from gradsplit_compiler.cli.common import (
     UsageError,
 )
 from gradsplit_compiler.cli.demo import DEMO
-from gradsplit_compiler.cli.inspect import INSPECT
+from gradsplit_compiler.cli.inspect_cmd import INSPECT
 from gradsplit_compiler.cli.render import RENDER
 from gradsplit_compiler.cli.split import SPLIT
 from gradsplit_compiler.cli.verify import VERIFY
@@ -71,7 +73,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         epilog=(f"examples:\n  {PROG} demo            the seed problem, end to end\n"
                 f"  {PROG} inspect {EXAMPLE_FUNCTION}\n"
                 f"  {PROG} verify {EXAMPLE_FUNCTION} --cut hidden\n\n"
-                f"Run '{PROG} COMMAND --help' for the options and examples of a command."),
+                f"Run '{PROG} COMMAND --help' for the options and examples of a command."
+                + _tensorflow_note()),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -79,12 +82,21 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     for command in commands:
         sub = subparsers.add_parser(
             command.name, parents=[common], help=command.help,
-            description=textwrap.fill(command.description, 88), epilog=command.epilog,
+            description=textwrap.fill(command.description, 88),
+            epilog=(command.epilog or "") + _tensorflow_note(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(sub)
         sub.set_defaults(run=command.run, command_parser=sub)
     return parser
+
+
+def _tensorflow_note() -> str:
+    """What to install, when the commands cannot run here (``--help`` still works)."""
+    if TENSORFLOW_PROBLEM is None:
+        return ""
+    return "\n\n" + textwrap.fill(f"The commands cannot run here: {TENSORFLOW_PROBLEM}", 88,
+                                  break_on_hyphens=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if TENSORFLOW_PROBLEM is not None:
+        print(f"{PROG} {args.command}: error: {TENSORFLOW_PROBLEM}", file=sys.stderr)
+        return 1
     debug = getattr(args, "debug", False)
     with _quiet_native_stderr(enabled=not debug) as err:
         args.err = err  # progress lines and messages; fd 2 itself is muted

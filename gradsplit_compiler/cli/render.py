@@ -67,7 +67,8 @@ def run_render(args: argparse.Namespace) -> int:
                         + (" and chains merged" if pic.graph["chains"] else ""))
         hidden = pic.graph["hidden_ops"]
         print(f"Wrote {', '.join(args.pictures)}: {len(s.stages)} stages, {ops + hidden} ops "
-              f"in {len(pic)} boxes{grouped} ({hidden} constants and no-ops not drawn).")
+              f"in {len(pic)} boxes{grouped} ({hidden} constants, no-ops and variable reads not "
+              "drawn).")
     if args.tensorboard is not None:
         from gradsplit_compiler.show.tensorboard_graphs import write_graphs
 

@@ -34,7 +34,7 @@ def run_split(args: argparse.Namespace) -> int:
     stages = len(args.cuts) + 1
     progress, target, s = load_and_split(args, 0 if args.export is None else stages)
 
-    from gradsplit_compiler.cli.tables import cut_table, stage_table, summarize
+    from gradsplit_compiler.cli.tables import cut_table, split_summary, stage_table
     from gradsplit_compiler.util import human_bytes
 
     if args.export is not None:
@@ -42,7 +42,7 @@ def run_split(args: argparse.Namespace) -> int:
 
         export_split(s, args.export, description=target.description,
                      arg_labels=target.arg_labels, progress=progress.step)
-    summary = summarize(s, short_names(s, target))
+    summary = split_summary(s, short_names(s, target))
     params = sum(int(v.shape.num_elements()) for v in s.variables)
     nbytes = sum(int(v.shape.num_elements()) * v.dtype.size for v in s.variables)
     print(target.description)

@@ -4,7 +4,8 @@
 the top-level graph (after ``inline_calls`` and ``refresh_shapes``) computed from the
 arguments, each with its op, dtype, static shape, the Keras layer it belongs to and its bytes
 per example. ``stage_table(split)`` and ``cut_table(split)`` describe a split: per stage its
-ops, variables, inputs, outputs and residuals; per cut the tensors that cross it.
+ops, variables, inputs, outputs and residuals (the per-stage numbers of
+``plan.costs.summarize``, with what the table adds); per cut the tensors that cross it.
 
 Bytes per example: when the arguments share a leading (batch) dimension, a tensor whose
 first dimension is that batch dimension costs ``product(other dims) * dtype size`` per
@@ -24,7 +25,6 @@ Example
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +32,12 @@ from typing import Any
 import networkx as nx
 
 from gradsplit_compiler.ir.names import mark_name_of, parse_tensor_name
+from gradsplit_compiler.plan import costs
 from gradsplit_compiler.util import human_bytes
 
 __all__ = ["SplitSummary", "TensorListing", "TensorRow", "batch_dimension", "cut_table",
-           "cuttable_tensors", "format_bytes", "format_shape", "format_table", "stage_table",
-           "summarize", "tensor_bytes", "tensor_labels", "tensor_table"]
+           "cuttable_tensors", "format_bytes", "format_shape", "format_table", "split_summary",
+           "stage_table", "tensor_labels", "tensor_table"]
 
 # Ops whose tensors are never worth a cut even when computed from the arguments.
 _NOT_CUTTABLE_OPS = {"Placeholder", "Const", "NoOp"}
@@ -87,9 +88,10 @@ def batch_dimension(arg_specs: Sequence[Any]) -> tuple[bool, int | None]:
     return True, firsts.pop()
 
 
-def tensor_bytes(dtype: Any, shape: Any, batch: tuple[bool, int | None]) -> tuple[int | None,
-                                                                                bool]:
-    """``(bytes, per_example)`` of a tensor of ``dtype`` and static ``shape``."""
+def _bytes(dtype: Any, shape: Any, batch: tuple[bool, int | None]) -> tuple[int | None, bool]:
+    """``(bytes, per_example)`` of a tensor of ``dtype`` and static ``shape`` as a table
+    shows it: per example when its leading dimension is the batch, ``None`` when a dimension
+    counted is unknown. The bytes are ``costs.tensor_bytes`` of the dimensions counted."""
     if dtype is None or shape is None or shape.rank is None:
         return None, False
     dims = shape.as_list()
@@ -98,7 +100,7 @@ def tensor_bytes(dtype: Any, shape: Any, batch: tuple[bool, int | None]) -> tupl
     counted = dims[1:] if per_example else dims
     if any(d is None for d in counted):
         return None, per_example
-    return math.prod(counted) * dtype.size, per_example
+    return costs.tensor_bytes(dtype, counted), per_example
 
 
 def format_shape(shape: Any) -> str:
@@ -133,7 +135,7 @@ def cuttable_tensors(program: Any, *, include_all: bool = False) -> TensorListin
                 hidden += 1
                 continue
             name = f"{op}:{index}"
-            nbytes, per_example = tensor_bytes(dtype, shape, batch)
+            nbytes, per_example = _bytes(dtype, shape, batch)
             layer = layer_of_tensor.get(name) or layer_of_op.get(op, "")
             rows.append(TensorRow(name=name, op=attrs["op"], dtype=dtype.name,
                                   shape=format_shape(shape), layer=layer,
@@ -196,19 +198,19 @@ class SplitSummary:
     cuts: list[dict]
 
 
-def summarize(split: Any, labels: dict[str, str]) -> SplitSummary:
-    """Per stage: ops, variables, parameters and their bytes, residual bytes; per cut: the
-    tensors crossing it with their bytes. ``labels`` maps tensor names to short names."""
+def split_summary(split: Any, labels: dict[str, str]) -> SplitSummary:
+    """What the tables print of ``split``: per stage, ``costs.summarize``'s row (``index``,
+    ``ops``, ``variable_bytes``, ...) with its variables, parameters, inputs, outputs and
+    residual bytes as the table shows them; per cut, the tensors crossing it with their
+    bytes. ``labels`` maps tensor names to short names."""
     batch = batch_dimension(split.arg_specs)
     stages = []
-    for stage in split.stages:
-        params = sum(_count(v.shape) for v in stage.variables)
-        var_bytes = sum(_count(v.shape) * v.dtype.size for v in stage.variables)
+    for stage, row in zip(split.stages, costs.summarize(split)):
         per_example, fixed, unknown = _sum_bytes(
             [(s.dtype, s.shape) for s in stage.residual_specs], batch)
         stages.append({
-            "index": stage.index, "ops": stage.num_ops, "variables": len(stage.variables),
-            "params": params, "variable_bytes": var_bytes,
+            **row, "variables": len(stage.variables),
+            "params": sum(v.shape.num_elements() or 0 for v in stage.variables),
             "inputs": [labels.get(n, n) for n in stage.inputs],
             "outputs": [labels.get(n, n) for n in stage.outputs],
             "residuals": len(stage.residual_specs), "residual_bytes_per_example": per_example,
@@ -219,7 +221,7 @@ def summarize(split: Any, labels: dict[str, str]) -> SplitSummary:
         tensors = []
         for name in boundary:
             spec = split.spec(name)
-            nbytes, per_ex = tensor_bytes(spec.dtype, spec.shape, batch)
+            nbytes, per_ex = _bytes(spec.dtype, spec.shape, batch)
             tensors.append({"name": name, "label": labels.get(name, ""),
                             "shape": format_shape(spec.shape), "dtype": spec.dtype.name,
                             "bytes": nbytes, "per_example": per_ex})
@@ -230,14 +232,10 @@ def summarize(split: Any, labels: dict[str, str]) -> SplitSummary:
     return SplitSummary(stages=stages, cuts=cuts)
 
 
-def _count(shape: Any) -> int:
-    return math.prod(int(d) for d in shape)
-
-
 def _sum_bytes(specs, batch) -> tuple[int, int, int]:
     per_example = fixed = unknown = 0
     for dtype, shape in specs:
-        nbytes, per_ex = tensor_bytes(dtype, shape, batch)
+        nbytes, per_ex = _bytes(dtype, shape, batch)
         if nbytes is None:
             unknown += 1
         elif per_ex:

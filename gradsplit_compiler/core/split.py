@@ -231,10 +231,23 @@ class Split:
         """The values of ``variables`` now, read in one call (not one eager op each)."""
         if not variables:
             return []
-        if "snapshot" not in self._functions:
-            self._functions["snapshot"] = tf.function(
+        key = ("snapshot", tuple(id(v) for v in variables))
+        if key not in self._functions:
+            self._functions[key] = tf.function(
                 lambda: [tf.identity(v) for v in variables], autograph=False)
-        return self._functions["snapshot"]()
+        return self._functions[key]()
+
+    @contextlib.contextmanager
+    def _restoring_on_failure(self, variables: list, errors: Any = Exception):
+        """Inside the block, a failure of type ``errors`` puts ``variables`` back to their
+        values on entry, then propagates."""
+        before = self._snapshot(variables)
+        try:
+            yield
+        except errors:
+            for v, value in zip(variables, before):
+                v.assign(value)
+            raise
 
     @contextlib.contextmanager
     def _fresh_functions(self):
@@ -343,12 +356,10 @@ class Split:
         # prototypes), so they are not refused up front; but if fn fails on them, what it
         # assigned before failing (a counter, batch statistics) is put back.
         written = self.written_variables() if self._batch_sizes(tensors) else []
-        before = self._snapshot(written)
         try:
-            yield
+            with self._restoring_on_failure(written, tf.errors.InvalidArgumentError):
+                yield
         except tf.errors.InvalidArgumentError as exc:
-            for v, value in zip(written, before):
-                v.assign(value)
             error = self._mismatched_batches(tensors, exc) or self._mismatched_cotangents(
                 tensors, cotangents)
             if error is None:
@@ -451,8 +462,6 @@ class Split:
         self._check_xla(jit_compile)
         checked = None if output_cotangents is None else self._check_cotangents(
             output_cotangents)
-        written = self.written_variables()
-        before = self._snapshot(written)
 
         def forward(stage, inputs):
             return run_reporting_xla_errors(stage.callers(jit_compile)[0], *inputs)
@@ -460,16 +469,11 @@ class Split:
         def backward(stage, residuals, cotangents):
             return run_reporting_xla_errors(stage.callers(jit_compile)[1], *residuals,
                                             *cotangents)
-        try:
-            with self._explaining_failures(tensors, checked or ()):
-                outputs, input_cotangents, var_grads = compose(
-                    self.stages, self.arg_names, tensors, self.output_names, checked,
-                    forward=forward, backward=backward,
-                    variable_zeros=self._variable_zeros())
-        except Exception:
-            # A stage that failed after earlier ones ran must not leave their updates.
-            for v, value in zip(written, before):
-                v.assign(value)
-            raise
+        # A stage that fails after earlier ones ran must not leave their updates.
+        with self._restoring_on_failure(self.written_variables()), \
+                self._explaining_failures(tensors, checked or ()):
+            outputs, input_cotangents, var_grads = compose(
+                self.stages, self.arg_names, tensors, self.output_names, checked,
+                forward=forward, backward=backward, variable_zeros=self._variable_zeros())
         structured = tf.nest.pack_sequence_as(self._program.output_structure, outputs)
         return structured, input_cotangents, var_grads

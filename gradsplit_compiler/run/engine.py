@@ -71,7 +71,8 @@ class StepPlan:
     ``runners[d]`` is stage ``d`` on device ``d``, which runs ``schedule[d]`` in order;
     ``dependencies`` says what each action waits for. ``variables`` are the split's
     variables (gradients align with them; replicas are refreshed from them); ``arg_names``
-    its argument graph names; ``loss_name`` and ``loss_dtype`` its one output. ``home`` is
+    its argument graph names; ``loss_name`` and ``loss_dtype`` its loss, the first output;
+    ``aux_names`` its other outputs (batched, returned without a cotangent). ``home`` is
     the device of this process that results come back to; ``timeout`` bounds a step
     (``None``: wait). ``after_fault`` ends the error about a task that died or hung: what
     the caller does next (``faults.RESTART`` or ``faults.RESTART_AND_RESTORE``).
@@ -88,6 +89,7 @@ class StepPlan:
     loss_dtype: tf.DType
     home: str
     timeout: float | None
+    aux_names: tuple[str, ...] = ()
     after_fault: str = RESTART
 
     @property
@@ -134,6 +136,7 @@ class StepRun:
         self.live = [0] * plan.num_stages
         self.peak_live = [0] * plan.num_stages
         self.values: dict[int, tf.Tensor] = {}
+        self.aux: dict[tuple[str, int], tf.Tensor] = {}
         self.grads: list[list[tf.Tensor] | None] = [None] * plan.num_stages
         self.events: list[TimelineEvent] = []
         self.running: dict[int, tuple[Action, float]] = {}
@@ -265,6 +268,8 @@ class StepRun:
                     self.unread[(name, m)] = self.readers[name]
                 if name == self.plan.loss_name:
                     self.values[m] = value
+                if name in self.plan.aux_names:
+                    self.aux[(name, m)] = value
             self.residuals[runner.index][m] = (residuals, [o.shape for o in outputs])
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],
@@ -338,6 +343,19 @@ class StepRun:
                 self.count("results", grad, self.plan.home)
             totals.add(runner.variable_indices, self.grads[runner.index])
         return totals.result()
+
+    def aux_outputs(self) -> list[tf.Tensor]:
+        """The outputs after the loss, each the micro-batches' values concatenated along
+        the batch dimension."""
+        outputs = []
+        for name in self.plan.aux_names:
+            parts = [self.aux[(name, m)] for m in range(self.plan.microbatches)]
+            for part in parts:
+                self.count("results", part, self.plan.home)
+            with tf.device(self.plan.home):
+                outputs.append(tf.concat(parts, axis=0) if len(parts) > 1 else
+                               tf.identity(parts[0]))
+        return outputs
 
     def stage_gradients(self) -> list[list[tf.Tensor]]:
         """Per stage, its variable gradients summed over the micro-batches, on the stage's

@@ -56,6 +56,7 @@ draws the timeline a step records.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -201,6 +202,7 @@ class Pipeline:
             raise GradSplitError(
                 f"timeout must be a positive number of seconds or None; got {timeout!r}.")
         self.timeout = timeout
+        self._schedule_name = schedule.lower() if isinstance(schedule, str) else None
         if isinstance(schedule, str):
             maker = BUILTIN_SCHEDULES.get(schedule.lower())
             if maker is None:
@@ -255,6 +257,7 @@ class Pipeline:
             loss_reduction=loss_reduction, variables=tuple(split.variables),
             arg_names=tuple(split.arg_names), loss_name=split.output_names[0],
             loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout,
+            aux_names=tuple(split.output_names[1:]),
             after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE)
         self._last: StepRecord | None = None
         self._reduction_checked = False
@@ -291,8 +294,17 @@ class Pipeline:
         if any(is_remote(d) for d in self.devices):  # results live here, not on a task
             with tf.device(self._plan.home):
                 value, grads = tf.identity(value), [tf.identity(g) for g in grads]
+        value = self._with_aux(value, run)
         self._last = run.record()  # none of the step's tensors
         return value, grads
+
+    def _with_aux(self, value: tf.Tensor, run: StepRun) -> Any:
+        """``value`` alone for a scalar ``fn``; else ``fn``'s output structure, the loss
+        and the other outputs over the whole batch."""
+        if len(self.split.output_names) == 1:
+            return value
+        return tf.nest.pack_sequence_as(self.split.program.output_structure,
+                                        [value, *run.aux_outputs()])
 
     def train_step(self, *args) -> tf.Tensor:
         """One training step over a whole batch; returns the loss (the full-batch value).
@@ -327,6 +339,7 @@ class Pipeline:
         if any(is_remote(d) for d in self.devices):
             with tf.device(self._plan.home):
                 value = tf.identity(value)
+        value = self._with_aux(value, run)
         self._last = run.record()
         return value
 
@@ -450,6 +463,29 @@ class Pipeline:
 
     # -- training state ----------------------------------------------------------------------
 
+    @property
+    def training_state(self) -> TrainingState | None:
+        """The stage-resident variables and optimizers (``None`` without ``optimizer=``);
+        the package's internal interface, for ``gradsplit_compiler.keras``."""
+        return self._training
+
+    def with_microbatches(self, microbatches: int) -> Pipeline:
+        """This pipeline with another micro-batch count, sharing its stages, devices and
+        training state (for a last batch that ``microbatches`` does not divide). Only for
+        a built-in schedule."""
+        if self._schedule_name is None:
+            raise GradSplitError(
+                "with_microbatches needs a built-in schedule ('gpipe' or '1f1b'); this "
+                "pipeline runs a schedule given as a list.")
+        twin = copy.copy(self)
+        twin.microbatches = microbatches
+        schedule = BUILTIN_SCHEDULES[self._schedule_name](self.num_stages, microbatches)
+        twin.schedule = validate_schedule(schedule, self.split, microbatches)
+        twin._ideal_idle = ideal_idle_fraction(twin.schedule, self._plan.dependencies)
+        twin._plan = replace(self._plan, schedule=twin.schedule, microbatches=microbatches)
+        twin._last = None
+        return twin
+
     def _state(self, what: str) -> TrainingState:
         if self._training is None:
             raise GradSplitError(
@@ -570,11 +606,21 @@ def _check_loss_reduction(loss_reduction: Any) -> None:
 
 def _check_scalar_loss(split: Split) -> None:
     specs = split.output_specs
-    if len(specs) != 1 or specs[0].shape.rank not in (0, None) or not specs[0].dtype.is_floating:
+    if specs[0].shape.rank not in (0, None) or not specs[0].dtype.is_floating:
         got = ", ".join(f"{s.dtype.name}{s.shape}" for s in specs)
         raise GradSplitError(
-            f"a pipeline needs fn to return one floating-point scalar (the loss); it returns "
-            f"{got}. Reduce the output, e.g. with tf.reduce_mean."
+            f"a pipeline needs fn to return one floating-point scalar (the loss) first; it "
+            f"returns {got}. Reduce the output, e.g. with tf.reduce_mean."
+        )
+    unbatched = [f"{name} {spec.dtype.name}{spec.shape}" for name, spec in
+                 zip(split.output_names[1:], specs[1:])
+                 if not spec.shape.rank or spec.shape[0] is not None]
+    if unbatched:
+        raise GradSplitError(
+            f"fn returns more than the loss, and the pipeline concatenates those outputs over "
+            f"the micro-batches, so each needs a batch dimension (None first in its shape); "
+            f"these have none: {', '.join(unbatched)}. Return the loss alone, or the loss and "
+            "per-example outputs (predictions)."
         )
 
 

@@ -379,6 +379,42 @@ class TrainingState:
         """The copy of variable ``idx`` on the first device holding it."""
         return next(s.copies[idx] for s in self.states if s.device == self.owner[idx])
 
+    @property
+    def learning_rate(self) -> float | None:
+        """The learning rate last set with ``set_learning_rate`` (``None``: the
+        optimizer's own, possibly a schedule)."""
+        return getattr(self, "_learning_rate", None)
+
+    def set_learning_rate(self, value: float) -> None:
+        """Give every device's optimizer the (constant) learning rate ``value``."""
+        for state in self.states:
+            if state.optimizer is not None:
+                with tf.device(state.device):
+                    state.optimizer.learning_rate = value
+        self._learning_rate = value
+
+    def slot_values(self) -> dict[tuple[int, str], Any]:
+        """``{(variable index, slot name): slot}`` from each variable's first device."""
+        return {(idx, name): slot for s in self.states for idx, name, slot in s.slots
+                if self.owner[idx] == s.device}
+
+    def assign_slots(self, values: dict[tuple[int, str], Any], iterations: int) -> None:
+        """Set every device's slots from ``{(variable index, slot name): value}`` and every
+        optimizer's iteration count."""
+        for state in self.states:
+            for idx, name, slot in state.slots:
+                if (idx, name) in values:
+                    slot.assign(values[(idx, name)])
+            if state.optimizer is not None:
+                state.optimizer.iterations.assign(iterations)
+
+    def read_variables(self) -> None:
+        """Copy ``split.variables`` (the user's) into every device's copies: the reverse
+        of ``write_back``."""
+        for state in self.states:
+            for idx, copy in state.copies.items():
+                copy.assign(self.split.variables[idx])
+
     def write_back(self) -> None:
         for idx, v in enumerate(self.split.variables):
             if idx in self.owner:

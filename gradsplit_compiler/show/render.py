@@ -1,7 +1,9 @@
 """Draw a split program: one colour per stage, the tensors that cross a cut in red.
 
-The layout is plain networkx (``layout_graph``: which boxes, which arrows, in which column);
-the drawing is matplotlib (``render_split``), an optional dependency
+The layout is plain networkx (``layout_graph``: which boxes, which arrows, in which layer:
+the topological generations, top to bottom); the drawing is matplotlib (``draw_split``: boxes
+sized to their labels, every arrow pointing down, a dashed line at each cut, the title and
+legend above the drawing; ``render_split`` saves it), an optional dependency
 (``pip install 'gradsplit-compiler[render]'``), to PNG (its Agg canvas) or SVG (its SVG
 canvas), chosen by the file's suffix. Only matplotlib's object-oriented API is used, so
 rendering never changes the caller's pyplot backend.
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter, defaultdict
+import textwrap
+from collections import defaultdict
 from typing import Any
 
 import networkx as nx
@@ -33,7 +36,8 @@ import networkx as nx
 from gradsplit_compiler.ir.names import mark_name_of, parse_tensor_name
 
 __all__ = ["STAGE_COLOURS", "ARGUMENT_COLOUR", "BOUNDARY_COLOUR", "MAX_OPS", "FORMATS",
-           "layout_graph", "picture_format", "render_split", "stage_colour", "tensor_label"]
+           "draw_split", "layout_graph", "picture_format", "render_split", "stage_colour",
+           "tensor_label"]
 
 # ColorBrewer Set3 without its red, so that red means "crosses a cut" and nothing else.
 STAGE_COLOURS = ["#8dd3c7", "#ffffb3", "#bebada", "#80b1d3", "#fdb462",
@@ -84,12 +88,13 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
 
     Live ops and the argument placeholders are kept; dead ops (``stage`` None), the
     placeholders of captured variables and ops that only clutter a picture (``Const``,
-    ``NoOp``) are left out. When more than ``max_ops`` ops remain, ops are grouped by name
-    scope, one box per scope and stage: at the deepest scope depth that leaves at most
-    ``max_ops`` boxes, or else at the deepest depth where that many remain once chains of
-    boxes (each box the only successor of the one before, the same stage, nothing crossing
-    a cut in between) are merged into one. So the layers of a ResNet50 become a few boxes
-    per residual block: its main path, its shortcut, the addition.
+    ``NoOp``, ``ReadVariableOp``) are left out. When more than ``max_ops`` ops remain,
+    ops are grouped by name scope, one box per scope and stage: at the deepest scope depth
+    that leaves at most ``max_ops`` boxes, or else at the deepest depth where that many
+    remain once chains of boxes (each box the only successor of the one before, the same
+    stage, nothing crossing a cut in between) are merged into one. So the layers of a
+    ResNet50 become a few boxes per residual block: its main path, its shortcut, the
+    addition.
 
     Parameters
     ----------
@@ -102,11 +107,13 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
     networkx.DiGraph
         Node attributes: ``stage`` (int, or None for an argument), ``stages`` (every stage
         holding a copy), ``label``, ``ops`` (how many ops the box stands for), ``boundary``
-        (whether a tensor it produces crosses a cut), ``layer`` (column, left to right),
-        ``row``. Edge attributes: ``boundary`` (a tensor on it crosses a cut), ``control``
-        (control dependencies only). Graph attributes: ``scope_depth`` (None, or the name
-        scope depth the ops were grouped to), ``chains`` (whether chains were merged) and
-        ``hidden_ops`` (live ops left out: constants, no-ops).
+        (whether a tensor it produces crosses a cut), ``layer`` (top to bottom: every edge
+        goes to a later layer, except inside a cycle of scopes), ``slot`` (place in its
+        layer, left to right, centred on 0). Edge attributes: ``boundary`` (a tensor on it
+        crosses a cut), ``control`` (control dependencies only). Graph attributes:
+        ``scope_depth`` (None, or the name scope depth the ops were grouped to), ``chains``
+        (whether chains were merged) and ``hidden_ops`` (live ops left out: constants,
+        no-ops, variable reads).
     """
     g = split.graph
     args = {parse_tensor_name(n)[0] for n in split.arg_names}
@@ -132,7 +139,7 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
                     break
     pic.graph["hidden_ops"] = len(live) - len(kept)
     _assign_layers(pic)
-    _assign_rows(pic)
+    _assign_slots(pic)
     return pic
 
 
@@ -140,9 +147,10 @@ def layout_graph(split: Any, max_ops: int = MAX_OPS) -> nx.DiGraph:
 # network in one scope) is too coarse: chains of deeper scopes are merged instead.
 MIN_BOXES = 0.25
 
-# Ops without information in a picture: constants (an op's attribute, in effect) and the
-# control-only NoOps that group side effects.
-HIDDEN_OPS = {"Const", "NoOp"}
+# Ops without information in a picture: constants (an op's attribute, in effect), the
+# control-only NoOps that group side effects, and variable reads (one more box above every
+# layer's MatMul or Conv2D; split copies them into every stage that reads them).
+HIDDEN_OPS = {"Const", "NoOp", "ReadVariableOp"}
 
 
 def _boxes(split: Any, kept: list[str], args: set[str], depth: int | None,
@@ -266,17 +274,18 @@ def _shorten(name: str, parts: int = 2, width: int = 28) -> str:
 
 
 def _assign_layers(pic: nx.DiGraph) -> None:
-    """Columns: longest path from the sources; a source (an argument, a constant, a variable
-    read) sits just left of its first consumer, so a skip connection is a short arrow.
-    Cycles (possible once ops are collapsed into scopes) are layered as one strongly
-    connected component."""
+    """Layers, top to bottom: the topological generations of ``pic`` (of its condensation:
+    cycles, possible once ops are collapsed into scopes, are one component), then every box
+    that feeds another moved down to just above its first consumer. So a side branch (the
+    labels' shape arithmetic of a loss) sits beside the step that uses it, not at the top,
+    and an argument is a short arrow."""
     condensed = nx.condensation(pic)
     layer_of_component: dict[int, int] = {}
     for layer, components in enumerate(nx.topological_generations(condensed)):
         for c in components:
             layer_of_component[c] = layer
     for c in reversed(list(nx.topological_sort(condensed))):
-        if condensed.in_degree(c) == 0 and condensed.out_degree(c) > 0:
+        if condensed.out_degree(c) > 0:
             first_use = min(layer_of_component[s] for s in condensed.successors(c))
             layer_of_component[c] = max(layer_of_component[c], first_use - 1)
     mapping = condensed.graph["mapping"]
@@ -284,57 +293,242 @@ def _assign_layers(pic: nx.DiGraph) -> None:
         pic.nodes[node]["layer"] = layer_of_component[mapping[node]]
 
 
-def _assign_rows(pic: nx.DiGraph, sweeps: int = 2) -> None:
-    """Rows within a column: the barycentre of the predecessors' rows, to limit crossings."""
+def _assign_slots(pic: nx.DiGraph, sweeps: int = 2) -> None:
+    """Places within a layer, left to right: the barycentre of the predecessors' places, to
+    limit crossings."""
     layers: dict[int, list[str]] = defaultdict(list)
     for node in pic.nodes:  # graph order keeps the first sweep stable
         layers[pic.nodes[node]["layer"]].append(node)
-    row: dict[str, float] = {}
+    slot: dict[str, float] = {}
     for _ in range(sweeps):
         for layer in sorted(layers):
             nodes = layers[layer]
             keys = {}
             for i, n in enumerate(nodes):
-                placed = [row[p] for p in pic.predecessors(n) if p in row]
-                keys[n] = sum(placed) / len(placed) if placed else row.get(n, float(i))
+                placed = [slot[p] for p in pic.predecessors(n) if p in slot]
+                keys[n] = sum(placed) / len(placed) if placed else slot.get(n, float(i))
             nodes.sort(key=keys.__getitem__)
             for i, n in enumerate(nodes):
-                row[n] = float(i)
+                slot[n] = float(i)
     for nodes in layers.values():
         offset = (len(nodes) - 1) / 2.0
         for i, n in enumerate(nodes):
-            pic.nodes[n]["row"] = i - offset
+            pic.nodes[n]["slot"] = i - offset
 
 
-def _bend(start: tuple[float, float], end: tuple[float, float]) -> float:
-    """Arrows that skip columns bow out, so they pass beside the boxes between."""
-    span = end[0] - start[0]
-    if span < 0:  # into the next band of a folded picture: straight is clearest
-        return 0.0
-    if span <= 1:
-        return 0.0 if start[1] == end[1] else 0.08
-    return 0.25 if end[1] <= start[1] else -0.25
+# -- drawing ------------------------------------------------------------------------------
+# Sizes in inches (the axes' data unit is one inch, so boxes keep their shape at any size).
+FONT = 8.0            # points, the boxes' labels
+PAD = 0.35            # a box's padding around its label, in font sizes
+GAP_X = 0.3           # between two boxes of a layer
+GAP_Y = 0.32          # between two layers: room for the arrows
+BAND_GAP = 1.0        # between the bands of a folded picture: an arrow's way, a cut's label
+MAX_BAND = 36.0       # the tallest band; a taller picture is folded into bands side by side
+MAX_SIDE = 120.0      # the largest picture; beyond it the font shrinks
+MARGIN = 0.25          # around the drawing: room for the arrows routed above the first layer
+CUT_LABEL = 0.45      # left of each band: the cut lines' labels
 
 
-def _positions(pic: nx.DiGraph, max_columns: int = 30):
-    """``(pos, columns, band_height, bands)``: a long graph is folded, like a line of text,
-    into bands of at most ``max_columns`` columns stacked top to bottom."""
-    num_layers = 1 + max((d["layer"] for _, d in pic.nodes(data=True)), default=0)
-    bands = math.ceil(num_layers / max_columns)
-    columns = math.ceil(num_layers / bands)
-    tallest = max(Counter(d["layer"] for _, d in pic.nodes(data=True)).values(), default=1)
-    band_height = tallest + (1.0 if bands > 1 else 0.0)
-    pos = {}
+def _box_sizes(pic: nx.DiGraph, font: float) -> dict[str, tuple[float, float]]:
+    """``(width, height)`` in inches of each box: its label's lines plus the padding."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure = TextToPath()
+    prop = FontProperties(size=font)
+    widths: dict[str, float] = {}
+    sizes = {}
     for n, d in pic.nodes(data=True):
-        band, column = divmod(d["layer"], columns)
-        pos[n] = (column, -(d["row"] + (tallest - 1) / 2.0) - band * band_height)
-    return pos, columns, band_height, bands
+        lines = d["label"].split("\n")
+        for line in lines:
+            if line not in widths:
+                widths[line] = measure.get_text_width_height_descent(line, prop, False)[0]
+        wide = max(widths[line] for line in lines)
+        pad = 2 * PAD * font
+        sizes[n] = ((wide + pad) / 72.0, (len(lines) * 1.2 * font + pad) / 72.0)
+    return sizes
+
+
+def _positions(pic: nx.DiGraph, sizes: dict[str, tuple[float, float]]):
+    """``(pos, bands)``: box centres in inches, layers top to bottom, each layer's boxes
+    side by side; a picture taller than ``MAX_BAND`` is folded, like a newspaper's columns,
+    into bands side by side. ``bands``: per band, ``(x_min, x_max, {layer: (y of its
+    centre, y of the free space above it, y of the free space below it)})``."""
+    layers: dict[int, list[str]] = defaultdict(list)
+    for n, d in pic.nodes(data=True):
+        layers[d["layer"]].append(n)
+    order = sorted(layers)
+    step_x = max((w for w, _ in sizes.values()), default=1.0) + GAP_X
+    heights = {k: max(sizes[n][1] for n in layers[k]) for k in order}
+    total = sum(heights.values()) + GAP_Y * (len(order) - 1)
+    count = max(1, math.ceil(total / MAX_BAND))
+    per_band = math.ceil(len(order) / count)
+    pos: dict[str, tuple[float, float]] = {}
+    bands = []
+    left = 0.0
+    for b in range(0, len(order), per_band):
+        members = order[b:b + per_band]
+        widest = max(len(layers[k]) for k in members)
+        centre = left + widest * step_x / 2.0
+        y, ys = 0.0, {}
+        for k in members:
+            ys[k] = (y - heights[k] / 2.0, y + GAP_Y / 2.0, y - heights[k] - GAP_Y / 2.0)
+            for n in layers[k]:
+                pos[n] = (centre + pic.nodes[n]["slot"] * step_x, ys[k][0])
+            y -= heights[k] + GAP_Y
+        bands.append((left, left + widest * step_x, ys))
+        left += widest * step_x + BAND_GAP
+    return pos, bands
+
+
+def _cut_lines(pic: nx.DiGraph, bands) -> list[tuple[int, float, float, float]]:
+    """``(cut, x_min, x_max, y)``: a line between two layers of a band for each cut that
+    separates the band's boxes cleanly: every box of stages up to the cut above it, every
+    later stage's box below; but for a later stage's boxes nothing feeds (a bias reshaped
+    beside the layer that adds it: just above its first consumer) and an earlier stage's
+    boxes that feed nothing (a batch-norm statistics update: just below its producer)."""
+    lines = []
+    stages = sorted({d["stage"] for _, d in pic.nodes(data=True) if d["stage"] is not None})
+    for k in stages[:-1]:
+        before = [d["layer"] for n, d in pic.nodes(data=True)
+                  if d["stage"] is not None and d["stage"] <= k and pic.out_degree(n)]
+        after = [d["layer"] for n, d in pic.nodes(data=True)
+                 if d["stage"] is not None and d["stage"] > k and pic.in_degree(n)]
+        if not before or not after or max(before) >= min(after):
+            continue
+        for x_min, x_max, ys in bands:
+            above = [ys[layer][0] for layer in ys if layer <= max(before)]
+            below = [ys[layer][0] for layer in ys if layer >= min(after)]
+            if above and below:
+                lines.append((k, x_min, x_max, (min(above) + max(below)) / 2.0))
+    return lines
+
+
+def draw_split(split: Any, *, title: str | None = None, max_ops: int = MAX_OPS,
+               labels: dict[str, str] | None = None):
+    """The picture of ``split`` as a matplotlib ``Figure`` (what ``render_split`` saves).
+
+    A layered drawing of ``layout_graph(split, max_ops)`` from the top: the arguments
+    first, every arrow pointing down (a picture taller than ``MAX_BAND`` inches continues
+    in a band to the right), boxes coloured by stage, the tensors that cross a cut as red
+    arrows out of red-edged boxes, and a dashed red line ``cut k`` between the layers a
+    cut separates. The title and the legend sit above the drawing, outside it. Each box
+    is a ``Text`` whose ``gid`` is ``"box:<node>"``; the legend is ``fig.legends[0]``.
+    """
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise ImportError(MATPLOTLIB_HINT) from None
+
+    pic = layout_graph(split, max_ops=max_ops)
+    font = FONT
+    for _ in range(2):  # a picture larger than MAX_SIDE is drawn again in a smaller font
+        sizes = _box_sizes(pic, font)
+        pos, bands = _positions(pic, sizes)
+        xs = [pos[n][0] + s * sizes[n][0] / 2 for n in pic for s in (-1, 1)] or [0.0]
+        ys = [pos[n][1] + s * sizes[n][1] / 2 for n in pic for s in (-1, 1)] or [0.0]
+        lines = _cut_lines(pic, bands)
+        x_min, x_max = min(xs) - MARGIN, max(xs) + MARGIN
+        if lines:
+            x_min = min(x_min, -CUT_LABEL - 0.05)
+        y_min, y_max = min(ys) - MARGIN, max(ys) + MARGIN
+        largest = max(x_max - x_min, y_max - y_min)
+        if largest <= MAX_SIDE or font < 3.0:
+            break
+        font = max(2.5, font * MAX_SIDE / largest)
+
+    handles = [Patch(facecolor=ARGUMENT_COLOUR, edgecolor="#333333", label="argument")]
+    handles += [Patch(facecolor=stage_colour(k), edgecolor="#333333",
+                      label=f"stage {k} ({stage.num_ops} ops)")
+                for k, stage in enumerate(split.stages)]
+    handles.append(Line2D([0], [0], color=BOUNDARY_COLOUR, lw=2.2,
+                          label="tensor crossing a cut"))
+    if title is None:
+        labels = labels or {}
+        cuts = "; ".join(
+            f"cut {k}: " + ", ".join(labels.get(t) or tensor_label(split, t) for t in boundary)
+            for k, boundary in enumerate(split.boundaries)
+        )
+        title = f"{len(split.stages)} stages. {cuts}"
+        if pic.graph["scope_depth"] is not None:
+            title += f" (ops grouped by name scope, depth {pic.graph['scope_depth']}"
+            title += ", chains of groups merged)" if pic.graph["chains"] else ")"
+
+    width = max(x_max - x_min, 6.0)
+    columns = max(1, min(len(handles), int(width / 2.1)))
+    title_lines = textwrap.wrap(title, max(40, int(width * 72 / (0.6 * 9.0))))
+    header = 0.12 + 0.22 * len(title_lines) + 0.24 * math.ceil(len(handles) / columns) + 0.12
+    height = (y_max - y_min) + header
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes(((width - (x_max - x_min)) / 2 / width, 0.0,
+                       (x_max - x_min) / width, (y_max - y_min) / height))
+    ax.set_axis_off()
+    ax.set_xlim(x_min, x_max)
+    ax.set_ylim(y_min, y_max)
+
+    boxes = {}
+    for n, d in pic.nodes(data=True):
+        boxes[n] = ax.text(
+            *pos[n], d["label"], ha="center", va="center", fontsize=font, zorder=3,
+            gid=f"box:{n}", linespacing=1.2,
+            bbox={"boxstyle": f"round,pad={PAD}", "facecolor": stage_colour(d["stage"]),
+                  "edgecolor": BOUNDARY_COLOUR if d["boundary"] else "#333333",
+                  "linewidth": 2.0 if d["boundary"] else 0.7})
+    collapsed = pic.graph["scope_depth"] is not None
+    clearance = (PAD * font) + 1.0  # points: the arrow ends at the box's edge, not its text
+    band_of = {layer: b for b, (_, _, ys) in enumerate(bands) for layer in ys}
+    for u, v, d in pic.edges(data=True):
+        if d["control"] and collapsed:  # between scopes they are clutter, not information
+            continue
+        colour = BOUNDARY_COLOUR if d["boundary"] else ("#b0b0b0" if d["control"] else "#555555")
+        lu, lv = pic.nodes[u]["layer"], pic.nodes[v]["layer"]
+        style = {"color": colour, "lw": 2.0 if d["boundary"] else 0.8,
+                 "linestyle": "--" if d["control"] else "-"}
+        zorder = 2 if d["boundary"] else 1
+        start, rad = (0.5, 0.0), 0.0
+        if band_of[lu] != band_of[lv]:
+            # into a later band: down into the space below u's layer, along the free column
+            # right of u's band, into the space above v's layer, then down into v
+            below = bands[band_of[lu]][2][lu][2]
+            above = bands[band_of[lv]][2][lv][1]
+            gap = bands[band_of[lu]][1] + 0.25
+            x_u, x_v = pos[u][0], pos[v][0]
+            ax.plot([x_u, x_u, gap, gap, x_v], [pos[u][1], below, below, above, above],
+                    zorder=zorder, **style)
+            start = (x_v, above)
+        elif lv - lu > 1 and pos[v][1] < pos[u][1]:  # past the layers between: bow out
+            rad = 0.25 if pos[v][0] >= pos[u][0] else -0.25
+        ax.annotate(
+            "", xy=(0.5, 1.0), xycoords=boxes[v], xytext=start,
+            textcoords=boxes[u] if start == (0.5, 0.0) else "data", zorder=zorder,
+            arrowprops={
+                "arrowstyle": "-|>", "shrinkA": clearance if start == (0.5, 0.0) else 0.0,
+                "shrinkB": clearance, "mutation_scale": 8,
+                "connectionstyle": f"arc3,rad={rad}", **style,
+            },
+        )
+    for k, left, right, y in lines:
+        ax.plot([left - CUT_LABEL, right], [y, y], color=BOUNDARY_COLOUR, lw=1.0,
+                ls=(0, (5, 4)), zorder=0)
+        ax.text(left - CUT_LABEL, y, f"cut {k}", color=BOUNDARY_COLOUR, fontsize=font,
+                ha="left", va="bottom", zorder=0)
+
+    top = 1.0 - 0.1 / height
+    fig.text(0.01, top, "\n".join(title_lines), ha="left", va="top",
+             fontsize=9.0, linespacing=1.3)
+    fig.legend(handles=handles, loc="upper left",
+               bbox_to_anchor=(0.0, top - (0.22 * len(title_lines) + 0.02) / height),
+               ncol=columns, fontsize=8.0, frameon=False, borderaxespad=0.2)
+    return fig
 
 
 def render_split(split: Any, path: str | os.PathLike, *, title: str | None = None,
                  max_ops: int = MAX_OPS, dpi: int = 100,
                  labels: dict[str, str] | None = None) -> str:
-    """Draw ``split`` to ``path``: one colour per stage, boundary tensors red.
+    """Draw ``split`` to ``path`` (``draw_split``'s picture): one colour per stage, the
+    tensors crossing a cut in red.
 
     Parameters
     ----------
@@ -366,65 +560,11 @@ def render_split(split: Any, path: str | os.PathLike, *, title: str | None = Non
         from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.backends.backend_svg import FigureCanvasSVG
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
     except ImportError:
         raise ImportError(MATPLOTLIB_HINT) from None
-
-    pic = layout_graph(split, max_ops=max_ops)
-    pos, columns, band_height, bands = _positions(pic)
-    width = min(max(8.0, 1.9 * columns), 60.0)
-    height = min(max(4.0, 0.95 * band_height * bands + 1.2), 60.0)
-    x_step, y_step = width / columns, (height - 1.2) / (band_height * bands)
-    font = max(4.0, 8.0 * min(1.0, x_step / 1.5, y_step / 0.7))
-
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    fig = draw_split(split, title=title, max_ops=max_ops, labels=labels)
     # A canvas of our own, whatever pyplot's backend is.
     (FigureCanvasSVG if fmt == "svg" else FigureCanvasAgg)(fig)
-    ax = fig.add_axes([0.01, 0.01, 0.98, 1.0 - 1.1 / height])
-    ax.set_axis_off()
-    collapsed = pic.graph["scope_depth"] is not None
-    for u, v, d in pic.edges(data=True):
-        if d["control"] and collapsed:  # between scopes they are clutter, not information
-            continue
-        colour = BOUNDARY_COLOUR if d["boundary"] else ("#b0b0b0" if d["control"] else "#555555")
-        ax.annotate(
-            "", xy=pos[v], xytext=pos[u], zorder=1 if not d["boundary"] else 2,
-            arrowprops={
-                "arrowstyle": "-|>", "color": colour, "shrinkA": 3.2 * font,
-                "shrinkB": 3.2 * font, "lw": 2.2 if d["boundary"] else 0.9,
-                "linestyle": "--" if d["control"] else "-",
-                "connectionstyle": f"arc3,rad={_bend(pos[u], pos[v])}",
-            },
-        )
-    for n, d in pic.nodes(data=True):
-        ax.text(*pos[n], d["label"], ha="center", va="center", fontsize=font, zorder=3,
-                bbox={"boxstyle": "round,pad=0.35", "facecolor": stage_colour(d["stage"]),
-                      "edgecolor": BOUNDARY_COLOUR if d["boundary"] else "#333333",
-                      "linewidth": 2.2 if d["boundary"] else 0.8})
-    ax.set_xlim(-0.6, columns - 0.4)
-    ax.set_ylim(-band_height * bands + 0.5, 0.5)
-
-    handles = [Patch(facecolor=ARGUMENT_COLOUR, edgecolor="#333333", label="argument")]
-    handles += [Patch(facecolor=stage_colour(k), edgecolor="#333333",
-                      label=f"stage {k} ({stage.num_ops} ops)")
-                for k, stage in enumerate(split.stages)]
-    handles.append(Line2D([0], [0], color=BOUNDARY_COLOUR, lw=2.2,
-                          label="tensor crossing a cut"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.005, 0.96),
-               ncol=min(len(handles), 6), fontsize=max(font, 7.0), frameon=False)
-    if title is None:
-        labels = labels or {}
-        cuts = "; ".join(
-            f"cut {k}: " + ", ".join(labels.get(t) or tensor_label(split, t) for t in boundary)
-            for k, boundary in enumerate(split.boundaries)
-        )
-        title = f"{len(split.stages)} stages. {cuts}"
-        if pic.graph["scope_depth"] is not None:
-            title += f" (ops grouped by name scope, depth {pic.graph['scope_depth']}"
-            title += ", chains of groups merged)" if pic.graph["chains"] else ")"
-    fig.text(0.01, 0.985, title, ha="left", va="top", fontsize=max(font, 8.0) + 1)
     # SVG text stays text (searchable, and a tenth of the size of glyph outlines).
     with rc_context({"svg.fonttype": "none"}):
         fig.savefig(os.fspath(path), format=fmt, dpi=dpi,

@@ -301,6 +301,23 @@ def test_inspect_a_python_file_and_a_function_given_a_signature(programs, capfd)
     assert re.search(r"^Tanh:0\s+Tanh\s+float64\s+\[None,5\]\s+40 B/ex$", out, re.M)
 
 
+@pytest.mark.parametrize("target, flags, cut", [
+    ("small.keras", ["--loss", "mse", "--training"], "dense2"),
+    ("userprog.py:plain", ["--signature", "[None,6]:float64, [None,3]:float64"], "Tanh:0"),
+])
+def test_inspect_cut_with_line_runs_as_printed(programs, capfd, monkeypatch, target, flags,
+                                               cut):
+    monkeypatch.chdir(programs)
+    status, out, _ = in_process(capfd, "inspect", target, *flags, "-q")
+    assert status == 0
+    (hint,) = re.findall(r"^Cut with: (.+) --cut NAME, NAME a tensor above", out, re.M)
+    words = shlex.split(hint)
+    assert words[:3] == ["gradsplit", "split", target] and words[3:] == flags, hint
+    status, out, err = in_process(capfd, *words[1:], "--cut", cut, "-q")
+    assert status == 0, err
+    assert re.search(r"^2 stages, ", out, re.M), out
+
+
 # -- split and export ----------------------------------------------------------------------
 
 

@@ -504,3 +504,44 @@ def test_train_step_inside_a_tf_function_is_refused(small_split):
         traced(x, y)
     assert "Call train_step() from plain Python" in str(e.value)
     assert pipe.iterations == 0
+
+
+def test_outputs_after_the_loss_come_back_concatenated_over_microbatches():
+    model = TiedModel(seed=24)
+
+    def loss_and_prediction(x, y):
+        return model.loss(x, y), tf.tanh(x @ model.embed)
+
+    spec = tf.TensorSpec([None, WIDTH], tf.float64)
+    split = gsc.split(loss_and_prediction, [spec, spec], cuts=["c2"])
+    (x, y), = _batches(1, seed=25)
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES[:2], loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    loss, prediction = pipe.train_step(x, y)
+    assert math.isclose(float(loss), float(model.loss(x, y)), rel_tol=1e-12)
+    np.testing.assert_allclose(prediction, np.tanh(x @ model.embed.numpy()), rtol=1e-12)
+    twin = pipe.with_microbatches(2)  # shares the training state
+    twin.train_step(x, y)
+    assert pipe.iterations == 2
+
+
+def test_an_output_after_the_loss_without_a_batch_dimension_is_refused():
+    model = TiedModel(seed=26)
+
+    def loss_and_scalar(x, y):
+        loss = model.loss(x, y)
+        return loss, loss * 2.0
+
+    spec = tf.TensorSpec([None, WIDTH], tf.float64)
+    split = gsc.split(loss_and_scalar, [spec, spec], cuts=["c2"])
+    with pytest.raises(GradSplitError, match="fn returns more than the loss, and the pipeline"):
+        gsc.pipeline(split, 2, loss_reduction="mean")
+
+
+def test_with_microbatches_needs_a_builtin_schedule(small_split):
+    from gradsplit_compiler.run.schedules import one_f_one_b_schedule
+
+    schedule = one_f_one_b_schedule(len(small_split.stages), 2)
+    pipe = gsc.pipeline(small_split, 2, schedule, loss_reduction="mean")
+    with pytest.raises(GradSplitError, match="with_microbatches needs a built-in schedule"):
+        pipe.with_microbatches(1)

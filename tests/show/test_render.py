@@ -10,9 +10,11 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
+from gradsplit_compiler import zoo
 from gradsplit_compiler.show.render import (
     BOUNDARY_COLOUR,
     STAGE_COLOURS,
+    draw_split,
     layout_graph,
     render_split,
 )
@@ -145,3 +147,61 @@ def test_svg_keeps_stage_colours_and_text(three_stages, tmp_path):
         assert f"stage {k} (" in text  # text stays text
     with pytest.raises(ValueError, match=r"must end in \.png or \.svg"):
         render_split(three_stages, tmp_path / "split.jpg")
+
+
+def small_cnn():
+    """Conv-BN-ReLU x3, pooling and a Dense softmax: under 150 ops once constants and
+    variable reads are left out, so drawn one box per op."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    layers = keras.layers
+    with zoo.keras_floatx("float32"):
+        inputs = keras.Input((12, 12, 3), name="x")
+        h = inputs
+        for i in range(3):
+            h = layers.Conv2D(4, 3, padding="same", name=f"conv{i}")(h)
+            h = layers.BatchNormalization(name=f"bn{i}")(h)
+            h = layers.Activation("relu", name=f"relu{i}")(h)
+        h = layers.GlobalAveragePooling2D(name="pool")(h)
+        out = layers.Dense(4, activation="softmax", name="head")(h)
+        model = keras.Model(inputs, out, name="cnn")
+    case = zoo.keras_case("cnn", model, (12, 12, 3), (4,), 4, ["relu0", "relu1"],
+                          tf.float32)
+    return gsc.split(case.fn, case.input_signature, case.cuts)
+
+
+def box_extents(fig):
+    """The drawn extents (pixels) of the legend, the title and every box, after a draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = {t.get_gid()[4:]: t.get_bbox_patch().get_window_extent(renderer)
+             for t in fig.axes[0].texts if (t.get_gid() or "").startswith("box:")}
+    (legend,) = fig.legends
+    (title,) = fig.texts
+    return legend.get_window_extent(renderer), title.get_window_extent(renderer), boxes
+
+
+@pytest.mark.parametrize("program", ["three_stages", "small_cnn"])
+def test_legend_and_title_sit_outside_the_drawing_and_boxes_do_not_overlap(program,
+                                                                         request):
+    split = request.getfixturevalue("three_stages") if program == "three_stages" \
+        else small_cnn()
+    fig = draw_split(split)
+    legend, title, boxes = box_extents(fig)
+    assert len(boxes) == len(layout_graph(split)) > 5
+    assert not [n for n, b in boxes.items() if b.overlaps(legend) or b.overlaps(title)]
+    assert not legend.overlaps(title)
+    named = sorted(boxes.items())
+    assert not [(a, b) for i, (a, ea) in enumerate(named) for b, eb in named[i + 1:]
+                if ea.overlaps(eb)]
+    assert all(fig.bbox.contains(b.x0, b.y0) and fig.bbox.contains(b.x1, b.y1)
+               for b in boxes.values())  # nothing cut off at the edges
+    if program == "small_cnn":
+        pic = layout_graph(split)
+        assert pic.graph["scope_depth"] is None  # one box per op
+        # top to bottom: every arrow points down the picture
+        assert all(boxes[u].y0 > boxes[v].y1 for u, v in pic.edges())

@@ -15,6 +15,7 @@ from gradsplit_compiler.cli.common import (
     signature_line,
     start_progress,
     target_command,
+    target_command_line,
     trace_and_inline,
 )
 
@@ -77,7 +78,8 @@ def run_inspect(args: argparse.Namespace) -> int:
               "(constants, variable reads) are not shown; --all shows them.")
     layer_hint = (f", or a Keras layer ({', '.join(listing.layers[:6])}"
                   f"{', ...' if len(listing.layers) > 6 else ''})") if listing.layers else ""
-    print(f"Cut with: {PROG} split {args.target} --cut NAME, NAME a tensor above{layer_hint}.")
+    print(f"Cut with: {PROG} split {target_command_line(args)} --cut NAME, NAME a tensor "
+          f"above{layer_hint}.")
     return 0
 
 

@@ -1,0 +1,401 @@
+"""Keras models trained by the pipeline: ``PipelineModel``.
+
+``PipelineModel(model, cuts=[layer names], microbatches=M, schedule=..., devices=...)`` is a
+``keras.Model`` whose ``compile``, ``fit``, ``evaluate``, ``predict`` and callbacks work as
+for ``model``, with every training step run by a ``gsc.pipeline`` that owns the training
+state: each stage's device holds its layers' variables and an optimizer like the compiled one
+(see ``gsc.pipeline(..., optimizer=)``)::
+
+    pm = PipelineModel(model, cuts=["block1", "block2", "block3"], microbatches=8,
+                       devices=["/GPU:0", "/GPU:1", "/GPU:2", "/GPU:3"])
+    pm.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mae"])
+    pm.fit(x, y, batch_size=64, epochs=3, validation_data=(xv, yv))
+    pm.save("trained.keras")   # the original model, loadable without this library
+
+How a step runs. ``fit`` calls ``train_step`` eagerly (a pipeline step drives one thread per
+device and cannot be traced into ``fit``'s ``tf.function``; each stage is compiled already).
+The loss the pipeline differentiates is ``model(x, training=True)`` followed by the compiled
+loss (``compute_loss``: regularisation losses included), cut at the given layers; the
+predictions come back from the last stage for the compiled metrics. A batch that the
+micro-batch count does not divide (the last one of an epoch) runs with the largest count
+that divides it.
+
+Where the weights are. The stage-resident copies are the truth during ``fit``; the Keras
+model's own variables (and the compiled optimizer's) are brought up to date whenever Keras
+or the user reads them through the model: ``evaluate``, ``predict`` (which run the plain
+model on this process's device), ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
+``BackupAndRestore``), ``save``; and ``set_weights`` / ``load_weights`` send new values to
+the stages. A learning rate changed on the compiled optimizer (``LearningRateScheduler``) is
+sent to every stage's optimizer before the next step.
+
+Limits. Batch-normalisation statistics move once per micro-batch (as the pipeline does); a
+loss must reduce by a per-example mean (Keras' default ``"sum_over_batch_size"``) or sum;
+loss scaling (``LossScaleOptimizer``) is not supported; ``steps_per_execution`` runs that
+many eager steps per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradsplit_compiler._tf_internal import sublayers
+from gradsplit_compiler.errors import GradSplitError, close_names
+
+__all__ = ["PipelineModel"]
+
+
+class PipelineModel(keras.Model):
+    """``model`` trained by a pipeline; see the module docstring.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built Keras model (Sequential, functional, or subclassed and called once).
+    cuts : list of str, optional
+        Names of the model's layers to cut after, in data-flow order.
+    num_stages : int, optional
+        Instead of ``cuts``: ``gsc.auto_split`` chooses them.
+    microbatches, schedule, devices, jit_compile, timeout
+        As for ``gsc.pipeline``.
+    """
+
+    def __init__(self, model: Any, cuts: Sequence[str] | None = None,
+                 num_stages: int | None = None, microbatches: int = 1,
+                 schedule: str = "1f1b", devices: Sequence[str] | None = None, *,
+                 jit_compile: bool = True, timeout: float | None = None, name: str | None = None):
+        if not isinstance(model, keras.Model):
+            raise GradSplitError(
+                f"PipelineModel wraps a keras.Model; got {type(model).__name__}.")
+        if not model.built:
+            raise GradSplitError(
+                f"model {model.name!r} is not built, so its layers have no variables to place "
+                "on stages yet; build it first (give it a keras.Input, or call it once on a "
+                "batch).")
+        if (cuts is None) == (num_stages is None):
+            raise GradSplitError(
+                "give PipelineModel either cuts=[layer names] or num_stages=K (auto_split "
+                "chooses the cuts), not both or neither.")
+        if cuts is not None:
+            if isinstance(cuts, str) or not isinstance(cuts, Sequence) or not cuts:
+                raise GradSplitError(
+                    f"cuts must be a non-empty list of layer names; got {cuts!r}.")
+            known = _layer_names(model)
+            unknown = [c for c in cuts if c not in known]
+            if unknown:
+                close = close_names(str(unknown[0]), sorted(known))
+                hint = f" (close: {', '.join(close)})" if close else ""
+                raise GradSplitError(
+                    f"model {model.name!r} has no layer {unknown[0]!r}{hint}; cuts are names "
+                    "of the model's layers (model.summary() lists them).")
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or \
+                microbatches < 1:
+            raise GradSplitError(
+                f"microbatches must be a positive integer; got {microbatches!r}.")
+        super().__init__(name=name or f"pipeline_{model.name}")
+        self.model = model
+        self.cuts = None if cuts is None else list(cuts)
+        self.num_stages = num_stages
+        self.microbatches = microbatches
+        self.schedule = schedule
+        self.stage_devices = None if devices is None else list(devices)
+        self.pipeline_jit_compile = jit_compile
+        self.timeout = timeout
+        self._run = _RunState()
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    # -- compile ------------------------------------------------------------------------------
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """As ``keras.Model.compile``; ``run_eagerly`` and ``jit_compile`` are ignored (steps
+        run eagerly through the pipeline, each stage compiled by XLA), and the loss must
+        reduce by a mean or a sum over the examples."""
+        kwargs.pop("run_eagerly", None)
+        kwargs.pop("jit_compile", None)
+        self.loss_reduction = _loss_reduction(loss)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, run_eagerly=True,
+                        jit_compile=False, **kwargs)
+        if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
+            raise GradSplitError(
+                "PipelineModel does not support loss scaling (LossScaleOptimizer, "
+                "mixed_float16): compile with the inner optimizer and a float32 or float64 "
+                "policy.")
+        self._run = _RunState()
+        optimizer = self.optimizer
+        make_slot = optimizer.add_variable_from_reference
+
+        def recording(reference, name=None, initializer="zeros"):
+            slot = make_slot(reference, name=name, initializer=initializer)
+            self._run.slot_of[(id(_plain(reference)), name or "var")] = slot
+            return slot
+
+        # Which compiled-optimizer slot belongs to which variable, to copy the stages' slots
+        # into it (checkpoints written through the model carry the optimizer's state).
+        optimizer.add_variable_from_reference = recording
+        learning_rate = optimizer.get_config().get("learning_rate")
+        self._run.lr = None if isinstance(learning_rate, dict) else float(learning_rate)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+
+        def train_function(iterator):
+            logs = None
+            for _ in range(self.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    if logs is None:
+                        raise
+                    break
+                logs = self.train_step(data)
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        flat, structure = _flatten(x, y, sample_weight)
+        batch = int(flat[0].shape[0])
+        pipe = self._pipeline_for(flat, structure, batch)
+        self._send_learning_rate()
+        loss, y_pred = pipe.train_step(*flat)
+        self._run.stale = True
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=batch)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _pipeline_for(self, flat, structure, batch: int):
+        m = max(d for d in range(1, min(self.microbatches, batch) + 1) if batch % d == 0)
+        specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
+        key = (structure[:3], specs)
+        if key not in self._run.pipelines:
+            self._run.pipelines[key] = self._build(structure, list(specs))
+        base = self._run.pipelines[key]
+        if m == base.microbatches:
+            return base
+        return base.with_microbatches(m)
+
+    def _build(self, structure, specs):
+        from gradsplit_compiler.core.split import split as make_split
+        from gradsplit_compiler.plan.autosplit import auto_split
+        from gradsplit_compiler.run.pipeline import pipeline
+
+        model = self.model
+
+        def loss_fn(*flat):
+            x, y, sample_weight = _unflatten(structure, flat)
+            y_pred = model(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=True)
+            return loss, y_pred
+
+        if self.cuts is not None:
+            split = make_split(loss_fn, specs, cuts=self.cuts)
+        else:
+            split = auto_split(loss_fn, specs, self.num_stages)
+        if self._run.state is None:
+            self._sync_to_model()
+            optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
+            pipe = pipeline(split, self.microbatches, self.schedule, self.stage_devices,
+                                loss_reduction=self.loss_reduction, optimizer=optimizer,
+                                jit_compile=self.pipeline_jit_compile, timeout=self.timeout)
+            self._run.state = pipe.training_state
+            if self.optimizer.built:  # state restored into the model (BackupAndRestore)
+                self._sync_from_model()
+            return pipe
+        raise GradSplitError(
+            "fit was given data of another structure or dtype than before (e.g. with and "
+            "without sample weights); PipelineModel keeps one pipeline per model. Give "
+            "every fit/train_on_batch call the same kind of data.")
+
+    def _send_learning_rate(self) -> None:
+        if self._run.lr is None or self._run.state is None:
+            return
+        now = float(self.optimizer.learning_rate)
+        if now != self._run.state.learning_rate:
+            self._run.state.set_learning_rate(now)
+
+    # -- keeping the Keras variables and the stages in step -----------------------------------
+
+    def _sync_to_model(self) -> None:
+        """Bring the Keras variables and the compiled optimizer up to date with the stages."""
+        if self._run.state is None or not self._run.stale:
+            return
+        self._run.state.write_back()
+        optimizer = self.optimizer
+        if not optimizer.built:
+            optimizer.build(self.trainable_variables)
+        for (idx, name), value in self._run.state.slot_values().items():
+            slot = self._run.slot_of.get((id(self._run.state.split.variables[idx]), name))
+            if slot is not None:
+                slot.assign(value)
+        optimizer.iterations.assign(self._run.state.iterations)
+        self._run.stale = False
+
+    def _sync_from_model(self) -> None:
+        """Send the Keras variables and the compiled optimizer's state to the stages."""
+        if self._run.state is None:
+            return
+        self._run.state.read_variables()
+        if self.optimizer.built:
+            values = {}
+            for idx, v in enumerate(self._run.state.split.variables):
+                for (ref, name), slot in self._run.slot_of.items():
+                    if ref == id(v):
+                        values[(idx, name)] = slot
+            self._run.state.assign_slots(values, int(self.optimizer.iterations.numpy()))
+        self._run.stale = False
+
+    def evaluate(self, *args, **kwargs):
+        self._sync_to_model()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self._sync_to_model()
+        return super().predict(*args, **kwargs)
+
+    def get_weights(self):
+        self._sync_to_model()
+        return super().get_weights()
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        self._sync_from_model()
+
+    def save_weights(self, filepath, *args, **kwargs):
+        self._sync_to_model()
+        return super().save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        result = super().load_weights(filepath, *args, **kwargs)
+        self._sync_from_model()
+        return result
+
+    def save(self, filepath, *args, **kwargs):
+        """Save the original model with the trained weights (a ``.keras`` file that
+        ``keras.models.load_model`` reads without this library)."""
+        self._sync_to_model()
+        return self.model.save(filepath, *args, **kwargs)
+
+    def summary(self, *args, **kwargs):
+        """Keras' summary of the wrapped model, then one line per stage: its device, the
+        layers whose variables it holds, its parameters, and the bytes entering it and
+        kept for its backward per batch (once ``fit`` has built the pipeline)."""
+        print_fn = kwargs.get("print_fn") or print
+        self.model.summary(*args, **kwargs)
+        if not self._run.pipelines:
+            print_fn("Stages: built by the first training step (cut at "
+                     f"{self.cuts or f'{self.num_stages} stages by auto_split'}).")
+            return
+        pipe = next(iter(self._run.pipelines.values()))
+        split = pipe.split
+        rows = split.summary()
+        print_fn(f"Pipeline: {len(split.stages)} stages, {pipe.microbatches} micro-batches, "
+                 f"schedule {self.schedule!r}; bytes per example")
+        print_fn(f"{'stage':>5}  {'device':<34} {'params':>10} {'in B':>10} "
+                 f"{'kept B':>10}  layers")
+        for stage, row, device in zip(split.stages, rows, pipe.devices):
+            held = [split.variables[i] for i in stage.variable_indices]
+            params = sum(int(v.shape.num_elements()) for v in held if v.trainable)
+            layers = list(dict.fromkeys(v.name.rsplit("/", 1)[0] for v in held))
+            print_fn(f"{stage.index:>5}  {device:<34} {params:>10,} "
+                     f"{row['boundary_bytes']:>10,} {row['residual_bytes']:>10,}  "
+                     f"{', '.join(layers) or '-'}")
+
+    @property
+    def pipelines(self) -> list:
+        """The pipelines built so far (one per kind of data ``fit`` was given)."""
+        return list(self._run.pipelines.values())
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+class _RunState:
+    """What a PipelineModel keeps of its pipelines, in a plain object so that Keras does not
+    track the variables it refers to as the model's own."""
+
+    def __init__(self):
+        self.pipelines: dict = {}
+        self.state = None       # the one TrainingState all pipelines share
+        self.stale = False      # the Keras variables lag behind the stages
+        self.slot_of: dict = {}  # (id of tf.Variable, slot name) -> compiled optimizer slot
+        self.lr: float | None = None
+
+
+def _flatten(x, y, sample_weight):
+    """The tensors of ``(x, y, sample_weight)`` (``None`` parts left out) and what
+    ``_unflatten`` needs to put them back: the nest and where the tensors go in it."""
+    data = (x, y, sample_weight)
+    leaves = tf.nest.flatten(data)
+    present = tuple(i for i, t in enumerate(leaves) if t is not None)
+    flat = [tf.convert_to_tensor(leaves[i]) for i in present]
+    skeleton = tf.nest.map_structure(lambda t: None if t is None else 0, data)
+    return flat, (_freeze(skeleton), len(leaves), present, skeleton)
+
+
+def _unflatten(structure, flat):
+    _, size, present, skeleton = structure
+    leaves = [None] * size
+    for i, t in zip(present, flat):
+        leaves[i] = t
+    return tf.nest.pack_sequence_as(skeleton, leaves)
+
+
+def _freeze(structure):
+    """A hashable stand-in for a nest of zeros and Nones (dicts by sorted keys)."""
+    if isinstance(structure, dict):
+        return ("dict", tuple((k, _freeze(structure[k])) for k in sorted(structure)))
+    if isinstance(structure, (list, tuple)):
+        return (type(structure).__name__, tuple(_freeze(s) for s in structure))
+    return structure
+
+
+def _loss_reduction(loss: Any) -> str:
+    """``"mean"`` or ``"sum"``: how the compiled loss reduces over examples."""
+    reductions = set()
+    for item in tf.nest.flatten(loss):
+        if item is None:
+            continue
+        if isinstance(item, str):
+            item = keras.losses.get(item)
+        reduction = getattr(item, "reduction", "sum_over_batch_size")
+        reductions.add(reduction)
+    mapping = {"sum_over_batch_size": "mean", "sum": "sum"}
+    unknown = sorted(r for r in map(str, reductions) if r not in mapping)
+    if unknown or len({mapping[r] for r in reductions}) > 1:
+        raise GradSplitError(
+            f"the loss reduces with {', '.join(repr(r) for r in sorted(map(str, reductions)))}; "
+            "a pipeline adds up micro-batches, which needs a per-example mean "
+            "('sum_over_batch_size', Keras' default) or sum ('sum') over the batch, the same "
+            "for every output.")
+    if not reductions:
+        raise GradSplitError("compile needs a loss (e.g. loss='mse') to train a pipeline.")
+    return mapping[reductions.pop()]
+
+
+def _plain(variable: Any) -> Any:
+    return variable if isinstance(variable, tf.Variable) else getattr(variable, "value",
+                                                                      variable)
+
+
+
+def _layer_names(model: Any) -> set[str]:
+    """Every layer name inside ``model``, nested models included."""
+    names, todo = set(), list(sublayers(model))
+    while todo:
+        layer = todo.pop()
+        names.add(layer.name)
+        todo.extend(sublayers(layer))
+    return names

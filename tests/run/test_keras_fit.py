@@ -1,0 +1,345 @@
+"""``gradsplit_compiler.keras.PipelineModel``: Keras' ``fit`` through the pipeline.
+
+The oracle is Keras itself: the same model (same initial weights, random and non-default,
+biases included), compiled with the same optimizer, loss and metrics, trained by plain
+``model.fit`` on the same batches in the same order. Float64; 4 logical CPUs
+(tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.keras import PipelineModel
+from gradsplit_compiler.zoo import keras_floatx
+
+DEVICES = ["/CPU:0", "/CPU:1", "/CPU:2", "/CPU:3"]
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    assert len(tf.config.list_logical_devices("CPU")) >= 4, "tests/conftest.py sets up 4 CPUs"
+    with keras_floatx("float64"):
+        yield
+
+
+def mlp():
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="tanh", name="d1")(inputs)
+    h = keras.layers.Dense(16, activation="tanh", name="d2")(h)
+    h = keras.layers.Dense(16, activation="tanh", name="d3")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h), name="mlp")
+
+
+def cnn_with_skip():
+    """The first convolution's output skips over the cut at ``conv2`` to ``add``."""
+    inputs = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv1")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="conv2")(a)
+    c = keras.layers.Conv2D(4, 3, padding="same", name="conv3")(b)
+    h = keras.layers.Add(name="add")([a, c])
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name="cnn")
+
+
+def small_transformer():
+    inputs = keras.Input((5, 8))
+    attended = keras.layers.MultiHeadAttention(2, 4, name="attention")(inputs, inputs)
+    h = keras.layers.LayerNormalization(name="norm1")(keras.layers.Add()([inputs, attended]))
+    f = keras.layers.Dense(16, activation="relu", name="ffn1")(h)
+    f = keras.layers.Dense(8, name="ffn2")(f)
+    h = keras.layers.LayerNormalization(name="norm2")(keras.layers.Add()([h, f]))
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="transformer")
+
+
+def twins(build, seed=0):
+    """Two copies of one model with the same random weights (none left at Keras' zeros)."""
+    a, b = build(), build()
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(size=w.shape) * 0.4 for w in a.get_weights()]
+    a.set_weights(weights)
+    b.set_weights(weights)
+    return a, b
+
+
+def data(n, x_shape, y_shape, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *x_shape)), rng.normal(size=(n, *y_shape))
+
+
+def assert_same_training(plain, history_plain, piped, history_piped):
+    assert history_plain.history.keys() == history_piped.history.keys()
+    for key, values in history_plain.history.items():
+        np.testing.assert_allclose(history_piped.history[key], values, rtol=TOL, err_msg=key)
+    for w, (a, b) in zip(plain.weights, zip(plain.get_weights(), piped.get_weights())):
+        scale = max(np.max(np.abs(a)), 1e-300)
+        assert np.max(np.abs(a - b)) / scale < TOL, w.path
+
+
+CASES = {
+    "mlp": (mlp, ["d1", "d2", "d3"], (6,), (3,), 4, lambda: keras.optimizers.Adam(0.01)),
+    "cnn_skip": (cnn_with_skip, ["conv2"], (6, 6, 2), (3,), 2,
+                 lambda: keras.optimizers.SGD(0.05, momentum=0.9)),
+    "transformer": (small_transformer, ["norm1"], (5, 8), (2,), 2,
+                    lambda: keras.optimizers.AdamW(0.01, weight_decay=0.01)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fit_evaluate_predict_equal_plain_keras(name):
+    build, cuts, x_shape, y_shape, stages_m, make_optimizer = CASES[name]
+    plain, inner = twins(build)
+    x, y = data(38, x_shape, y_shape)   # the last batch of 16 has 6 examples
+    xv, yv = data(12, x_shape, y_shape, seed=2)
+    plain.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+    history_plain = plain.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                              validation_data=(xv, yv))
+    piped = PipelineModel(inner, cuts=cuts, microbatches=4, devices=DEVICES)
+    piped.compile(optimizer=make_optimizer(), loss="mse", metrics=["mae"])
+    history_piped = piped.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                              validation_data=(xv, yv))
+    assert_same_training(plain, history_plain, piped, history_piped)
+    np.testing.assert_allclose(piped.evaluate(xv, yv, verbose=0),
+                               plain.evaluate(xv, yv, verbose=0), rtol=TOL)
+    np.testing.assert_allclose(piped.predict(xv, verbose=0), plain.predict(xv, verbose=0),
+                               rtol=TOL, atol=1e-13)
+    pipe = piped.pipelines[0]
+    assert len(pipe.split.stages) == len(cuts) + 1
+    assert pipe.bytes_moved()["replicas"] == 0
+
+
+def test_sample_weights_and_a_tf_data_dataset():
+    plain, inner = twins(mlp, seed=3)
+    x, y = data(32, (6,), (3,), seed=4)
+    w = np.random.default_rng(5).uniform(0.5, 2.0, size=32)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(8)
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_plain = plain.fit(dataset, epochs=2, verbose=0)
+    piped = PipelineModel(inner, cuts=["d2"], microbatches=2, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_piped = piped.fit(dataset, epochs=2, verbose=0)
+    assert_same_training(plain, history_plain, piped, history_piped)
+
+
+def test_callbacks_learning_rate_scheduler_early_stopping_checkpoint(tmp_path):
+    x, y = data(32, (6,), (3,), seed=6)
+    xv, yv = data(8, (6,), (3,), seed=7)
+
+    def callbacks(directory):
+        return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5),
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=1,
+                                              restore_best_weights=True),
+                keras.callbacks.ModelCheckpoint(str(directory / "best.weights.h5"),
+                                                save_weights_only=True)]
+    plain, inner = twins(mlp, seed=8)
+    plain.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    (tmp_path / "plain").mkdir()
+    history_plain = plain.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+                              validation_data=(xv, yv), callbacks=callbacks(tmp_path / "plain"))
+    piped = PipelineModel(inner, cuts=["d1", "d3"], microbatches=2, devices=DEVICES[:3])
+    piped.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
+    (tmp_path / "piped").mkdir()
+    history_piped = piped.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+                              validation_data=(xv, yv), callbacks=callbacks(tmp_path / "piped"))
+    assert history_piped.history["learning_rate"] == history_plain.history["learning_rate"]
+    assert_same_training(plain, history_plain, piped, history_piped)
+    # the checkpoint callback saw the trained weights (a PipelineModel's own file)
+    checkpoint = PipelineModel(mlp(), cuts=["d1", "d3"])
+    checkpoint.load_weights(tmp_path / "piped" / "best.weights.h5")
+    reference = mlp()
+    reference.load_weights(tmp_path / "plain" / "best.weights.h5")
+    for a, b in zip(checkpoint.model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=TOL)
+
+
+class _StopAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_to_the_uninterrupted_weights(tmp_path):
+    x, y = data(32, (6,), (3,), seed=9)
+    make = lambda: keras.optimizers.Adam(0.02)  # noqa: E731
+    _, whole_inner = twins(mlp, seed=10)
+    whole = PipelineModel(whole_inner, cuts=["d2"], microbatches=2, devices=DEVICES[:2])
+    whole.compile(optimizer=make(), loss="mse")
+    whole.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+
+    _, first_inner = twins(mlp, seed=10)
+    first = PipelineModel(first_inner, cuts=["d2"], microbatches=2, devices=DEVICES[:2])
+    first.compile(optimizer=make(), loss="mse")
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        first.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup), _StopAfterEpoch(1)])
+
+    _, second_inner = twins(mlp, seed=10)   # a new process would start from scratch
+    second = PipelineModel(second_inner, cuts=["d1", "d3"], microbatches=4,
+                           devices=DEVICES[1:4])
+    second.compile(optimizer=make(), loss="mse")
+    history = second.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                         callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert len(history.history["loss"]) == 1   # epochs 0 and 1 came from the backup
+    for a, b in zip(whole.get_weights(), second.get_weights()):
+        assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 1e-12
+    assert int(second.optimizer.iterations.numpy()) == int(whole.optimizer.iterations.numpy())
+
+
+def test_saved_keras_file_loads_without_this_library(tmp_path):
+    _, inner = twins(cnn_with_skip, seed=11)
+    x, y = data(16, (6, 6, 2), (3,), seed=12)
+    piped = PipelineModel(inner, cuts=["conv2"], microbatches=2, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    piped.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "trained.keras"
+    piped.save(path)
+    np.save(tmp_path / "x.npy", x)
+    expected = piped.predict(x, verbose=0)
+    # A fresh process in which the package cannot be imported (it is installed in this
+    # environment, so a finder refuses it, as if it were not).
+    script = textwrap.dedent(f"""
+        import sys
+        class Refuse:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("gradsplit_compiler", "passes"):
+                    raise ImportError("not installed: " + name)
+        sys.meta_path.insert(0, Refuse())
+        import numpy as np, keras
+        keras.config.set_floatx("float64")
+        try:
+            import gradsplit_compiler
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("gradsplit_compiler is importable")
+        model = keras.models.load_model({str(path)!r})
+        assert not [m for m in sys.modules if m.startswith("gradsplit")]
+        np.save({str(tmp_path / "y.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}),
+                                                             verbose=0))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-12)
+
+
+def test_batch_norm_with_one_microbatch_equals_plain_keras():
+    def bn_model():
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(8, name="d1")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        h = keras.layers.Activation("tanh", name="act")(h)
+        return keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+    plain, inner = twins(bn_model, seed=13)
+    x, y = data(24, (6,), (2,), seed=14)
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_plain = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, cuts=["bn"], microbatches=1, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_piped = piped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert_same_training(plain, history_plain, piped, history_piped)  # moving stats too
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_a_layer_name_not_in_the_model_is_refused_with_close_names():
+    with pytest.raises(GradSplitError, match="has no layer 'd4' \\(close: ") as e:
+        PipelineModel(mlp(), cuts=["d4"])
+    assert "d1" in str(e.value) and "model.summary() lists them" in str(e.value)
+
+
+def test_cuts_and_num_stages_together_are_refused():
+    with pytest.raises(GradSplitError, match="not both or neither"):
+        PipelineModel(mlp(), cuts=["d1"], num_stages=2)
+
+
+def test_an_unbuilt_model_is_refused():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(GradSplitError, match="is not built, so its layers have no variables"):
+        PipelineModel(model, cuts=["dense"])
+
+
+def test_a_loss_that_is_not_a_mean_or_sum_is_refused():
+    piped = PipelineModel(mlp(), cuts=["d2"])
+    with pytest.raises(GradSplitError, match="which needs a per-example mean"):
+        piped.compile(optimizer="sgd",
+                      loss=keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"))
+
+
+def test_fit_before_compile_is_refused():
+    piped = PipelineModel(mlp(), cuts=["d2"])
+    x, y = data(8, (6,), (3,))
+    with pytest.raises(Exception, match="compile"):
+        piped.fit(x, y, verbose=0)
+
+
+def test_microbatches_must_be_a_positive_integer():
+    with pytest.raises(GradSplitError, match="microbatches must be a positive integer"):
+        PipelineModel(mlp(), cuts=["d2"], microbatches=0)
+
+
+def test_something_other_than_a_keras_model_is_refused():
+    with pytest.raises(GradSplitError, match="PipelineModel wraps a keras.Model; got function"):
+        PipelineModel(lambda x: x, cuts=["d1"])
+
+
+def test_compile_without_a_loss_is_refused():
+    with pytest.raises(GradSplitError, match="compile needs a loss \\(e.g. loss='mse'\\)"):
+        PipelineModel(mlp(), cuts=["d2"]).compile(optimizer="sgd")
+
+
+def test_loss_scaling_is_refused():
+    piped = PipelineModel(mlp(), cuts=["d2"])
+    with pytest.raises(GradSplitError, match="PipelineModel does not support loss scaling"):
+        piped.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+                      loss="mse")
+
+
+def test_fit_with_data_of_another_kind_than_before_is_refused():
+    _, inner = twins(mlp, seed=15)
+    piped = PipelineModel(inner, cuts=["d2"], microbatches=2, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = data(8, (6,), (3,), seed=16)
+    piped.fit(x, y, batch_size=8, verbose=0)
+    with pytest.raises(GradSplitError, match="fit was given data of another structure"):
+        piped.fit(x, y, sample_weight=np.ones(8), batch_size=8, verbose=0)
+
+
+def test_num_stages_asks_auto_split_and_summary_lists_the_stages():
+    plain, inner = twins(mlp, seed=17)
+    x, y = data(16, (6,), (3,), seed=18)
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_plain = plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, num_stages=2, microbatches=2, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    lines = []
+    piped.summary(print_fn=lambda line, *a, **k: lines.append(line))
+    assert "Stages: built by the first training step" in lines[-1]
+    history_piped = piped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert_same_training(plain, history_plain, piped, history_piped)
+    assert len(piped.pipelines[0].split.stages) == 2
+    lines = []
+    piped.summary(print_fn=lambda line, *a, **k: lines.append(line))
+    table = lines[lines.index(next(x for x in lines if x.startswith("Pipeline: 2 stages"))):]
+    assert len(table) == 4 and "CPU:1" in table[3]
+    held = sum(int(np.prod(w.shape)) for w in inner.get_weights())
+    assert sum(int(line.split()[2].replace(",", "")) for line in table[2:]) == held
