@@ -21,7 +21,7 @@ demo: $(VENV)/.installed-$(TF)-render
 test: $(VENV)/.installed-$(TF)-test-render
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Figures of BENCHMARKS.md and docs/bench_cut_size.png; takes ~15 minutes on 2 cores.
+# Figures of BENCHMARKS.md and docs/bench_cut_size.png; takes ~25 minutes on 2 cores.
 bench: $(VENV)/.installed-$(TF)-render
 	$(BIN)/python tools/bench.py
 

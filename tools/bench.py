@@ -734,14 +734,131 @@ def figure_training(quick: bool, repeats: int, workers: int = 4,
     return text
 
 
+# -- figure 8: Keras fit through the pipeline ------------------------------------------------
+
+
+class _StepTimes:
+    """A Keras callback recording each training batch's wall time."""
+
+    def __init__(self):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(cb, batch, logs=None):
+                cb.start = time.perf_counter()
+
+            def on_train_batch_end(cb, batch, logs=None):
+                self.times.append(time.perf_counter() - cb.start)
+
+        self.times: list[float] = []
+        self.callback = Callback()
+
+
+def keras_child(config: dict) -> dict:
+    """Figure 8's measurements in a process of its own (4 logical CPUs): seconds per ``fit``
+    step of the plain model (``jit_compile=True``) and of ``PipelineModel``, medians over
+    the steps of the epochs after the first (which compiles)."""
+    import keras
+
+    from gradsplit_compiler.keras import PipelineModel
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 4)
+    layers, width, batch = config["layers"], config["width"], config["batch"]
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((width,))
+        h = inputs
+        for i in range(layers):
+            h = keras.layers.Dense(width, activation="tanh", name=f"dense{i}")(h)
+        return keras.Model(inputs, keras.layers.Dense(10, name="head")(h))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * config["steps"], width)).astype("float32")
+    y = rng.normal(size=(batch * config["steps"], 10)).astype("float32")
+    rows = []
+
+    def timed(model, **compile_kw):
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", **compile_kw)
+        times = _StepTimes()
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # compiles
+        model.fit(x, y, batch_size=batch, epochs=config["epochs"], shuffle=False, verbose=0,
+                  callbacks=[times.callback])
+        return float(np.median(times.times))
+
+    plain = timed(build(), jit_compile=True)
+    rows.append({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1,
+                 "seconds": plain})
+    stages = config["stages"]
+    cuts = [f"dense{(i + 1) * layers // stages - 1}" for i in range(stages - 1)]
+    for m in config["microbatches"]:
+        piped = PipelineModel(build(), cuts=cuts, microbatches=m,
+                              devices=[f"/CPU:{d}" for d in range(stages)])
+        seconds = timed(piped)
+        rows.append({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
+                     "stages": stages, "m": m, "seconds": seconds})
+        log(f"[8] PipelineModel K={stages} M={m}: {seconds * 1e3:.1f} ms per step, "
+            f"{seconds / plain:.2f}x plain fit")
+    return {"rows": rows, "config": config}
+
+
+def figure_keras(quick: bool) -> str:
+    """8. ``PipelineModel.fit`` against plain ``model.fit(jit_compile=True)``, per step."""
+    import json
+
+    config = ({"layers": 4, "width": 64, "batch": 32, "steps": 4, "epochs": 1,
+               "stages": 4, "microbatches": [1, 8]} if quick else
+              {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 3,
+               "stages": 4, "microbatches": [1, 8]})
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--keras-child",
+                           json.dumps(config)], capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        log(f"figure 8 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return ""
+    got = json.loads(lines[-1][len("RESULT "):])
+    plain = got["rows"][0]["seconds"]
+    table = [
+        "\n## 8. Keras `fit` through the pipeline\n",
+        f"MLP {config['layers']}x{config['width']} (tanh), float32, batch {config['batch']}, "
+        f"Adam, loss mse; median seconds per `fit` step (Keras' own loop, callbacks and "
+        f"metrics included) over {config['epochs']} epochs of {config['steps']} steps after "
+        "one epoch of warm-up, in one process with 4 logical CPUs.\n",
+        "| run | stages | micro-batches | ms per step | over plain fit |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in got["rows"]:
+        table.append(f"| {row['run']} | {row['stages']} | {row['m']} | "
+                     f"{row['seconds'] * 1e3:.1f} | {row['seconds'] / plain:.2f}x |")
+    text = "\n".join(table) + "\n\n" + KERAS_NOTE + "\n"
+    log(text)
+    return text
+
+
+KERAS_NOTE = """\
+*Reading it.* A `PipelineModel` step is a pipeline `train_step` driven from Keras' loop
+eagerly: four stage programs per micro-batch each way, one thread per device, then each
+device's optimizer update. On one machine's shared cores the stages cannot overlap, so this
+measures what the pipeline costs, not what it buys; a one-stage pipeline (the pipeline's own
+cost alone) is not measured yet, because a split needs at least one cut."""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6, 7])
+    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6, 7, 8])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
+    parser.add_argument("--keras-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.keras_child:  # figure 8's subprocess
+        import json
+
+        print("RESULT " + json.dumps(keras_child(json.loads(args.keras_child))), flush=True)
+        return 0
     if args.training_child:  # figure 7's subprocess
         import json
 
@@ -772,6 +889,9 @@ def main(argv=None) -> int:
     if 7 in args.only:
         with open(args.out, "a") as f:
             f.write(figure_training(args.quick, min(repeats, 9)))
+    if 8 in args.only:
+        with open(args.out, "a") as f:
+            f.write(figure_keras(args.quick))
     log(f"wrote {args.out}")
     return 0
 
