@@ -343,3 +343,53 @@ def test_num_stages_asks_auto_split_and_summary_lists_the_stages():
     assert len(table) == 4 and "CPU:1" in table[3]
     held = sum(int(np.prod(w.shape)) for w in inner.get_weights())
     assert sum(int(line.split()[2].replace(",", "")) for line in table[2:]) == held
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.first = keras.layers.Dense(12, activation="tanh", name="first")
+        self.second = keras.layers.Dense(12, activation="tanh", name="second")
+        self.head = keras.layers.Dense(3, name="sub_head")
+
+    def call(self, x):
+        return self.head(self.second(self.first(x)))
+
+
+def sequential():
+    return keras.Sequential([keras.Input((6,)),
+                             keras.layers.Dense(12, activation="tanh", name="s1"),
+                             keras.layers.Dense(12, activation="tanh", name="s2"),
+                             keras.layers.Dense(3, name="s_head")], name="seq")
+
+
+def subclassed():
+    model = _Subclassed()
+    model(np.zeros((1, 6)))
+    return model
+
+
+def tied():
+    """One Dense layer applied twice, before the first cut and after the last: its
+    variables live on two devices and are updated identically."""
+    inputs = keras.Input((6,))
+    shared = keras.layers.Dense(6, activation="tanh", name="shared")
+    h = shared(inputs)
+    h = keras.layers.Dense(6, activation="tanh", name="middle")(h)
+    h = keras.layers.Dense(6, activation="tanh", name="late")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="t_head")(shared(h)), name="tied")
+
+
+@pytest.mark.parametrize("build, cuts", [(sequential, ["s1", "s2"]),
+                                         (subclassed, ["first", "second"]),
+                                         (tied, ["middle", "late"])],
+                         ids=["sequential", "subclassed", "tied"])
+def test_other_kinds_of_models_train_as_plain_keras(build, cuts):
+    plain, inner = twins(build, seed=19)
+    x, y = data(24, (6,), (3,), seed=20)
+    plain.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    history_plain = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, cuts=cuts, microbatches=2, devices=DEVICES[:3])
+    piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    history_piped = piped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert_same_training(plain, history_plain, piped, history_piped)
