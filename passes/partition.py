@@ -123,12 +123,22 @@ def _cut_label(program: Program, k: int) -> str:
 
 
 def _check_cut_producers(program: Program, producers, inputs) -> None:
+    g = program.graph
+    # what fn's results and side effects are made of: a cut must feed one of them
+    roots = {ir.parse_tensor_name(t)[0] for t in program.output_names}
+    roots |= set(program.control_outputs)
     for k, ops in enumerate(producers):
         for op, tensor in zip(ops, program.cuts[k]):
             if op in inputs:
                 raise GradSplitError(
                     f"cut {k} ({_cut_label(program, k)}) is {tensor}, an input of fn, so the "
                     "stage before it would be empty. Cut at a tensor that fn computes."
+                )
+            if op not in roots and not (nx.descendants(g, op) & roots):
+                raise GradSplitError(
+                    f"cut {k} ({_cut_label(program, k)}) is {tensor}, and the loss does not "
+                    "depend on it (nor does any side effect of fn): no cotangent would ever "
+                    "reach it. Cut at a tensor on the way to fn's outputs."
                 )
 
 

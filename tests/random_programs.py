@@ -340,13 +340,16 @@ def cut_nodes(program: Program, cut: Sequence) -> list:
 
 
 def valid_prefix(program: Program, cuts: list) -> list:
-    """The longest valid cut list made of ``cuts`` in order, dropping the groups that would
-    break data-flow order or leave a stage with nothing to compute."""
+    """The longest valid cut list made of ``cuts`` in order, dropping the groups that name a
+    tensor the outputs do not depend on, break data-flow order or leave a stage with nothing
+    to compute."""
     g = flow_graph(program)
     kept: list = []
     done: set = set()
     for cut in cuts:
         nodes = cut_nodes(program, cut)
+        if any(not nx.has_path(g, n, "out") for n in nodes):
+            continue  # the outputs do not depend on it: split refuses such a cut
         if any(nx.has_path(g, later, earlier) for later in nodes
                for earlier in [n for c in kept for n in cut_nodes(program, c)]):
             continue

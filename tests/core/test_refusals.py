@@ -284,11 +284,6 @@ def test_a_mark_name_must_be_letters_digits():
         gsc.mark(tf.ones([2]), "h 1")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes/ (resolve_cuts/partition): a cut at a tensor the loss does not depend on is "
-    "accepted, giving a stage with no outputs; refusing it by data-flow reach alone also "
-    "refuses cuts whose tensor reaches the loss only through a side effect (random programs, "
-    "interleaved branches): to be decided with those cases"))
 def test_a_cut_the_loss_does_not_use_is_refused():
     W = tf.Variable(np.ones((3, 3)))
 
