@@ -32,6 +32,7 @@ from models import (
     keras_floatx,
     max_rel_error,
     mobilenetv2,
+    randomize_model,
     reference_value_and_grads,
     resnet50,
     restore,
@@ -278,7 +279,8 @@ def test_keras_lstm_loop_bounded_by_the_time_dimension_runs_under_xla():
     inp = keras.Input((7, 5), dtype="float64")
     h = keras.layers.LSTM(6, return_sequences=True, name="lstm_a", dtype="float64")(inp)
     h = keras.layers.LSTM(4, name="lstm_b", dtype="float64")(h)
-    model = keras.Model(inp, keras.layers.Dense(3, name="head", dtype="float64")(h))
+    model = randomize_model(
+        keras.Model(inp, keras.layers.Dense(3, name="head", dtype="float64")(h)), 0)
 
     @tf.function
     def loss(x, y):
