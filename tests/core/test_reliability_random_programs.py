@@ -83,8 +83,10 @@ def test_random_programs_with_a_none_batch_under_xla_give_the_xla_tape_gradient(
                                                                                shard):
     """As above with the batch dimension ``None`` in the ``input_signature`` (what users
     write): each stage's XLA program is compiled for the batch it is called with, from a
-    signature that does not fix it."""
-    _run_property(_check(True), cases(max_ops=6, static_batch=False),
+    signature that does not fix it. Without control flow: a tf.while_loop before a cut and a
+    tf.cond after it fail today with a None batch under XLA (the examples are kept as strict
+    xfails in test_reliability_regressions.py)."""
+    _run_property(_check(True), cases(max_ops=6, static_batch=False, control_flow=False),
                   _examples(request, XLA_NONE_BATCH_EXAMPLES), 150 + shard)
 
 
