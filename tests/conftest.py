@@ -14,15 +14,17 @@ import tensorflow as tf
 # explains their failing asserts as it does a test's own (before any test imports it).
 pytest.register_assert_rewrite("models")
 
-# Four logical CPU devices, so that tests/run/test_pipeline.py can give each stage a device of its
-# own. It must run before TensorFlow initialises its devices (the first op or variable in the
-# process); conftest is imported before any test module, in every pytest-xdist worker too.
+# Four logical CPU devices, so that the pipeline and cluster tests can give each stage a device
+# of its own: the one place they are set up. It must run before TensorFlow initialises its
+# devices (the first op or variable in the process); conftest is imported before any test
+# module, in every pytest-xdist worker too. A test that needs them asks models.cpu_devices(n),
+# which fails (never skips) when they are missing.
 try:
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration()] * 4,
     )
-except RuntimeError:  # already initialised: the multi-device tests skip and say why
+except RuntimeError:  # already initialised: the multi-device tests fail and say why
     pass
 
 

@@ -9,6 +9,14 @@ asserts, snapshots of variables, Grappler off.
 
 The reference is always ``tf.GradientTape`` on the original ``fn``, compiled the same way as
 the composed stages (``jit_compile`` on both sides or on neither): compare like with like.
+Errors are measured one way, by :func:`rel_errors` (and :func:`max_rel_error`,
+:func:`value_rel_error`): every test and driver uses these.
+
+The Keras builders re-exported here (``keras_small_functional``, ``keras_small_sequential``,
+``keras_small_resnet``, ``resnet50``, ``mobilenetv2``, ``KERAS_SMALL_BUILDERS``) give every
+variable random values no initialiser produces (:func:`randomize_model`: biases, batch-norm
+``beta``/``gamma`` and moving statistics included), so a zero bias or an identity batch norm
+cannot hide a bug.
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
+from gradsplit_compiler import zoo
 from gradsplit_compiler.core.verify import reference_value_and_grads
 from gradsplit_compiler.zoo import (  # noqa: F401 - the programs, for the tests
     CONTROL_FLOW_BUILDERS,
-    KERAS_SMALL_BUILDERS,
     MOBILENETV2_CUTS,
     RESNET50_CUTS,
     SMALL_BUILDERS,
@@ -35,16 +43,11 @@ from gradsplit_compiler.zoo import (  # noqa: F401 - the programs, for the tests
     integer_labels,
     keras_case,
     keras_floatx,
-    keras_small_functional,
-    keras_small_resnet,
-    keras_small_sequential,
     mlp,
-    mobilenetv2,
     multi_use,
     nested_functions,
     normal,
     parallel_branches,
-    resnet50,
     seed_model,
     seed_outputs_model,
     shared_variable,
@@ -218,3 +221,133 @@ def batchnorm_statistics(model: Any) -> list[tf.Variable]:
         if isinstance(layer, keras.layers.BatchNormalization):
             found += [layer.moving_mean, layer.moving_variance]
     return found
+
+
+# -- random, non-default weights ---------------------------------------------------------------
+
+# Variables Keras initialises to ones (a scale, a variance): redrawn in [0.5, 1.5], positive.
+_POSITIVE = ("gamma", "variance", "scale")
+
+
+def randomize_variables(variables: Sequence, seed: int | np.random.Generator = 0,
+                        scale: float = 0.1) -> None:
+    """Give every variable random values that no initialiser produces.
+
+    Keras' defaults hide bugs: a zero bias, a batch norm with mean 0 and variance 1 is an
+    identity that a wrong residual or a missed variable passes through unchanged. A variable
+    that holds one value everywhere (biases, ``beta`` and ``moving_mean`` zeros; ``gamma`` and
+    ``moving_variance`` ones) is redrawn: normal times ``scale``, or uniform in [0.5, 1.5] for
+    scales and variances. A variable already random (a kernel) is redrawn with its own
+    standard deviation, so the activations of a deep network keep their size. Integer
+    variables (counters, seeds) are left alone.
+    """
+    rng = np.random.default_rng(seed)
+    for var in variables:
+        var = as_tf_variable(var)
+        if not var.dtype.is_floating:
+            continue
+        current = var.numpy()
+        shape, np_dtype = current.shape, current.dtype
+        name = var.name.rsplit("/", 1)[-1].lower()
+        if any(word in name for word in _POSITIVE):
+            new = rng.uniform(0.5, 1.5, size=shape)
+        elif current.size > 1 and float(np.std(current)) > 0.0:
+            new = rng.normal(size=shape) * float(np.std(current))
+        else:
+            new = rng.normal(size=shape) * scale
+        new = np.where(np.abs(new) < 1e-3 * scale, 1e-3 * scale, new)
+        var.assign(new.astype(np_dtype))
+
+
+def randomize_model(model: Any, seed: int | np.random.Generator = 0) -> Any:
+    """:func:`randomize_variables` on every variable of a Keras model (trainable or not:
+    batch-norm moving statistics included); returns the model."""
+    randomize_variables(model.variables, seed)
+    return model
+
+
+def assert_no_default_values(variables: Sequence) -> None:
+    """No floating-point variable holds one value everywhere (zeros, ones): what
+    :func:`randomize_variables` guarantees, checked where a test relies on it."""
+    for var in variables:
+        var = as_tf_variable(var)
+        values = var.numpy()
+        if var.dtype.is_floating and values.size > 1:
+            assert np.unique(values).size > 1, f"{var.name} holds {values.flat[0]} everywhere"
+
+
+def _randomized(build: Callable) -> Callable:
+    """``build`` (a zoo Keras builder), then :func:`randomize_model` on its model, seeded by
+    the builder's ``seed``."""
+    def wrapper(*args, **kwargs):
+        case = build(*args, **kwargs)
+        randomize_model(case.model, np.random.default_rng([1_000, kwargs.get("seed", 0)]))
+        return case
+
+    wrapper.__name__ = build.__name__
+    wrapper.__doc__ = f"``zoo.{build.__name__}`` with random, non-default weights."
+    return wrapper
+
+
+keras_small_functional = _randomized(zoo.keras_small_functional)
+keras_small_sequential = _randomized(zoo.keras_small_sequential)
+keras_small_resnet = _randomized(zoo.keras_small_resnet)
+resnet50 = _randomized(zoo.resnet50)
+mobilenetv2 = _randomized(zoo.mobilenetv2)
+KERAS_SMALL_BUILDERS = {"keras_small_functional": keras_small_functional,
+                        "keras_small_sequential": keras_small_sequential}
+
+
+# -- the tape on the original function, and devices --------------------------------------------
+
+
+def tape_value_and_gradients(fn: Callable, variables: Sequence[tf.Variable], args: Sequence,
+                             jit_compile: bool = False) -> tuple:
+    """``(value, grads)`` of ``tf.GradientTape`` on ``fn(*args)`` at the variables' current
+    values (``reference_value_and_grads`` called once). The variables ``fn`` assigns are put
+    back: the reference does not train the model."""
+    variables = list(variables)
+    start = snapshot(variables)
+    try:
+        return reference_value_and_grads(fn, variables, jit_compile)(*args)
+    finally:
+        restore(variables, start)
+
+
+def assert_matches(value, grads, reference: tuple, rtol: float, what: str = "") -> None:
+    """``value`` and ``grads`` within ``rtol`` of ``reference = (value, grads)`` (the tape's),
+    by :func:`value_rel_error` and :func:`rel_errors`."""
+    ref_value, ref_grads = reference
+    value_error = value_rel_error(value, ref_value)
+    assert value_error <= rtol, f"{what} value: relative error {value_error:.3g} > {rtol:g}"
+    errors = rel_errors(grads, ref_grads)
+    worst = max(errors, default=0.0)
+    assert worst <= rtol, (f"{what} gradients: relative error {worst:.3g} > {rtol:g} "
+                           f"(gradient {errors.index(worst)})")
+
+
+def move_weights(variables: Sequence[tf.Variable], seed: int | np.random.Generator,
+                 scale: float = 0.5) -> None:
+    """Assign new random values (normal times ``scale``, never zero) to every floating-point
+    variable: a multi-step test calls it between steps, so a stale copy of a weight anywhere
+    (a replica on another device or task) gives a wrong gradient."""
+    rng = np.random.default_rng(seed)
+    for var in variables:
+        var = as_tf_variable(var)
+        if var.dtype.is_floating:
+            var.assign(zoo.normal(rng, var.shape, var.dtype, scale))
+
+
+NUM_CPU_DEVICES = 4  # tests/conftest.py configures this many logical CPUs
+
+
+def cpu_devices(n: int) -> list[str]:
+    """``["/CPU:0", ..., "/CPU:<n-1>"]``; fails (never skips) when fewer logical CPU devices
+    exist: tests/conftest.py configures four before TensorFlow starts, and a test that needs
+    them must not pass by not running."""
+    found = len(tf.config.list_logical_devices("CPU"))
+    assert found >= n, (
+        f"this test needs {n} logical CPU devices, TensorFlow has {found}: tests/conftest.py "
+        f"configures {NUM_CPU_DEVICES} before TensorFlow starts; something initialised "
+        "TensorFlow before conftest ran")
+    return [f"/CPU:{d}" for d in range(n)]

@@ -12,9 +12,17 @@ over a batch of two amplify a one-ulp change to ~1e-11..1e-10 in deep networks:
   (<= 1e-12) is asserted with Grappler's rewrites off on both sides, and with its default
   rewrites the composed result must be within ``max(1e-12, 4 * |reference with Grappler -
   reference without|)`` of the reference, measured in the same test.
-* XLA: the XLA-compiled reference differs from the graph-mode one by ~6e-10 for ResNet50. The
-  composed stages under XLA must be within ``max(1e-12, 4 * |XLA reference - graph
-  reference|)`` of the XLA reference, measured in the same test.
+* XLA: the XLA-compiled reference differs from the graph-mode one (Grappler's rewrites off,
+  where composed and reference agree bitwise) by up to ~5e-7 for ResNet50 with random
+  weights in training mode at batch 2 (batch norm over two values at the 1x1 end of the
+  network). The composed stages under XLA must be within ``max(1e-12, 4 * |XLA reference -
+  graph reference|)`` of the XLA reference, measured in the same test.
+
+Every model's variables hold random, non-default values (tests/models.py randomises them:
+biases, batch-norm ``beta``/``gamma`` and moving statistics). ResNet50 and MobileNetV2 are also
+run in inference mode stage by stage under XLA (``run_stages``, each stage its own XLA
+program) and held to the graph-mode tape within 1e-12: there no batch statistics amplify XLA's
+reassociation (measured: ~3e-15).
 
 The big models are built and split once per module (per xdist worker); their XLA tests are
 marked ``heavy`` and run by default.
@@ -27,15 +35,19 @@ from models import (
     KERAS_SMALL_BUILDERS,
     RTOL,
     as_tf_variable,
+    assert_matches,
+    assert_no_default_values,
     batchnorm_statistics,
     grappler_off,
     keras_floatx,
     max_rel_error,
     mobilenetv2,
+    randomize_model,
     reference_value_and_grads,
     resnet50,
     restore,
     snapshot,
+    tape_value_and_gradients,
     value_rel_error,
 )
 
@@ -157,7 +169,7 @@ def _assert_bn_statistics_updated_exactly_once(built):
 def _assert_like_with_like(built, mode):
     """Composed vs reference in ``mode``, within 4x what ``mode`` alone changes in the
     reference (against graph mode without Grappler's rewrites, where both agree exactly)."""
-    _, exact_ref = built.reference("graph_exact" if mode == "graph" else "graph")
+    _, exact_ref = built.reference("graph_exact")
     _, ref = built.reference(mode)
     _, composed = built.composed(mode)
     noise = max_rel_error(ref, exact_ref)
@@ -224,7 +236,7 @@ def test_keras_small_gradients_under_xla_within_xla_noise_of_xla_reference(reque
 @pytest.mark.heavy
 def test_resnet50_gradients_under_xla_within_xla_noise_of_xla_reference(resnet):
     """Like with like: composed under XLA vs the tape under XLA, within
-    ``max(1e-12, 4 * |XLA reference - graph reference|)`` measured here (~6e-10 for ResNet50
+    ``max(1e-12, 4 * |XLA reference - graph reference|)`` measured here (~5e-7 for ResNet50
     in training mode at batch 2: XLA's own reassociation, amplified by batch statistics)."""
     _assert_like_with_like(resnet, "xla")
 
@@ -233,6 +245,45 @@ def test_resnet50_gradients_under_xla_within_xla_noise_of_xla_reference(resnet):
 def test_mobilenetv2_gradients_under_xla_within_xla_noise_of_xla_reference(mobilenet):
     """Like with like, as for ResNet50."""
     _assert_like_with_like(mobilenet, "xla")
+
+
+# -- stage by stage under XLA against the tape ------------------------------------------------
+
+
+def _assert_stages_under_xla_equal_the_tape(built):
+    """The model in inference mode (its random batch-norm moving statistics feed the
+    gradient), cut where ``built`` is, driven by ``split.run_stages(jit_compile=True)`` (each
+    stage its own XLA program), against ``tf.GradientTape`` on the original function in graph
+    mode (Grappler's rewrites off): within 1e-12 relative, float64. Every variable holds
+    random, non-default values (biases, ``beta``, ``gamma``, moving mean and variance)."""
+    import keras
+
+    model = built.model
+    assert_no_default_values(model.variables)
+
+    @tf.function
+    def fn(x, labels):
+        with keras_floatx("float64"):
+            out = model(x, training=False)
+        return tf.reduce_mean(keras.losses.categorical_crossentropy(labels, out))
+
+    split = gsc.split(fn, built.case.input_signature, built.case.cuts)
+    assert len(split.stages) == len(built.case.cuts) + 1
+    restore(model.variables, built.initial)
+    with grappler_off():
+        reference = tape_value_and_gradients(fn, split.variables, built.args)
+    outputs, _, grads = split.run_stages(built.args, jit_compile=True)
+    assert_matches(outputs, grads, reference, TOL, "run_stages under XLA")
+
+
+@pytest.mark.heavy
+def test_resnet50_stage_by_stage_under_xla_equals_the_tape(resnet):
+    _assert_stages_under_xla_equal_the_tape(resnet)
+
+
+@pytest.mark.heavy
+def test_mobilenetv2_stage_by_stage_under_xla_equals_the_tape(mobilenet):
+    _assert_stages_under_xla_equal_the_tape(mobilenet)
 
 
 # -- side effects ------------------------------------------------------------------------------
@@ -278,7 +329,8 @@ def test_keras_lstm_loop_bounded_by_the_time_dimension_runs_under_xla():
     inp = keras.Input((7, 5), dtype="float64")
     h = keras.layers.LSTM(6, return_sequences=True, name="lstm_a", dtype="float64")(inp)
     h = keras.layers.LSTM(4, name="lstm_b", dtype="float64")(h)
-    model = keras.Model(inp, keras.layers.Dense(3, name="head", dtype="float64")(h))
+    model = randomize_model(
+        keras.Model(inp, keras.layers.Dense(3, name="head", dtype="float64")(h)), 0)
 
     @tf.function
     def loss(x, y):

@@ -22,6 +22,7 @@ import tensorflow as tf
 from models import (
     keras_floatx,
     normal,
+    randomize_variables,
     reference_value_and_grads,
     restore,
     snapshot,
@@ -56,6 +57,9 @@ def keras_dropout_program(where: str):
         dense1 = keras.layers.Dense(8, activation="tanh", name="dense1")
         drop = keras.layers.Dropout(0.5, seed=3, name="drop")
         dense2 = keras.layers.Dense(3, name="dense2")
+        dense1.build((None, 6))
+        dense2.build((None, 8))
+    randomize_variables(dense1.variables + dense2.variables, 0)  # no zero biases
 
     @tf.function
     def loss(x, target):

@@ -1,50 +1,35 @@
 """``gsc.pipeline``: micro-batched GPipe and 1F1B over stages on their own devices.
 
-Every step is checked against ``split.value_and_gradients`` on the whole batch, in float64
-within 1e-12, on a model whose skip connections cross stages and whose variables are shared
-between stages. Splits and their XLA programs are built once per module (compiles dominate).
+Every step is checked against ``tf.GradientTape`` on the original function over the whole
+batch (the oracle: never the library against itself), in float64 within 1e-12, on a model
+whose skip connections cross stages, whose variable ``W2`` is shared between stages and which
+takes two arguments every micro-batch gets whole (``scale``, a scalar, and ``shift``, of fixed
+leading dimension). Multi-step tests give the weights new random values before every step, so
+a stale replica on any device gives a wrong gradient. Splits and their XLA programs are built
+once per module (compiles dominate); every result is compared with the tape at the weights it
+was computed with. The devices are the four logical CPUs tests/conftest.py configures: a test
+that needs them fails, never skips, when they are missing.
 """
 
-import os
+import json
+import re
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import numpy as np
+import pytest
 import tensorflow as tf
+from models import (
+    NUM_CPU_DEVICES,
+    RTOL,
+    assert_matches,
+    cpu_devices,
+    max_rel_error,
+    move_weights,
+    tape_value_and_gradients,
+)
 
-NUM_DEVICES = 4
-
-
-def _configure_logical_cpus(n: int) -> str | None:
-    """Split the CPU into ``n`` logical devices; the reason it cannot, if it cannot.
-
-    Must run before TensorFlow initialises its devices (the first op or variable in this
-    process). Under pytest-xdist another module may have done so first; then the
-    multi-device tests skip unless a conftest hook configured the devices earlier.
-    """
-    try:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * n)
-    except RuntimeError:
-        pass  # already initialised: maybe with enough devices (a conftest hook), see below
-    found = len(tf.config.list_logical_devices("CPU"))
-    if found >= n:
-        return None
-    return (f"needs {n} logical CPU devices, found {found}: TensorFlow was initialised before "
-            f"this module could configure them (configure them in a conftest hook)")
-
-
-NO_DEVICES_REASON = _configure_logical_cpus(NUM_DEVICES)
-
-import json  # noqa: E402
-import re  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import gradsplit_compiler as gsc  # noqa: E402
-from gradsplit_compiler import zoo  # noqa: E402
-from gradsplit_compiler.run.schedules import (  # noqa: E402
+import gradsplit_compiler as gsc
+from gradsplit_compiler import zoo
+from gradsplit_compiler.run.schedules import (
     Action,
     gpipe_schedule,
     one_f_one_b_schedule,
@@ -52,10 +37,7 @@ from gradsplit_compiler.run.schedules import (  # noqa: E402
     validate_schedule,
 )
 
-needs_devices = pytest.mark.skipif(NO_DEVICES_REASON is not None,
-                                   reason=NO_DEVICES_REASON or "")
-
-TOL = 1e-12
+TOL = RTOL[tf.float64]
 BATCH = 16  # divisible by every M below: 1, 2, 4, 8, 16
 CUTS = {2: ["c2"], 4: ["c1", "c2", "c3"]}
 SCHEDULES = ["gpipe", "1f1b"]
@@ -63,7 +45,14 @@ CASES = [(k, m) for k in (2, 4) for m in (1, k, 4 * k)]
 
 
 def _devices(k):
-    return [f"/CPU:{d}" for d in range(k)]
+    return cpu_devices(k)
+
+
+# GPipe with the backwards in reverse micro-batch order, as plain tuples: a schedule that is
+# neither built-in one.
+def _custom_schedule(k, m):
+    return [[("F", s, i) for i in range(m)] + [("B", s, i) for i in reversed(range(m))]
+            for s in range(k)]
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -76,36 +65,43 @@ def _model(reduction: str, seed: int = 0):
     stream."""
     rng = np.random.default_rng(seed)
     case = zoo.skip_net(reduction, replicated=True, batch=BATCH, seed=rng)
-    return case.fn, case.input_signature, case.args(rng)
+    return case, case.args(rng)
 
 
 class _Bench:
-    """Splits, their full-batch references and stepped pipelines, each built once."""
+    """Splits and stepped pipelines, each built once, with the tape's answer at the weights
+    each step ran with."""
 
     def __init__(self):
-        self.splits, self.references, self.stepped = {}, {}, {}
+        self.splits, self.stepped = {}, {}
 
     def split(self, k, reduction="mean"):
         if (k, reduction) not in self.splits:
-            fn, signature, args = _model(reduction)
-            split = gsc.split(fn, signature, CUTS[k])
-            self.splits[(k, reduction)] = (split, args)
-            self.references[(k, reduction)] = split.value_and_gradients(*args)
-        return self.splits[(k, reduction)]
+            case, args = _model(reduction)
+            split = gsc.split(case.fn, case.input_signature, CUTS[k])
+            self.splits[(k, reduction)] = (split, args, case)
+        split, args, _ = self.splits[(k, reduction)]
+        return split, args
 
-    def reference(self, k, reduction="mean"):
+    def fn(self, k, reduction="mean"):
         self.split(k, reduction)
-        return self.references[(k, reduction)]
+        return self.splits[(k, reduction)][2].fn
+
+    def tape(self, k, reduction="mean", args=None):
+        """The tape's ``(value, grads)`` on the original function, whole batch, now."""
+        split, default_args = self.split(k, reduction)
+        return tape_value_and_gradients(self.fn(k, reduction), split.variables,
+                                        default_args if args is None else args)
 
     def step(self, k, m, schedule, reduction="mean"):
-        """``(pipeline, value, grads)`` after one step on ``k`` devices."""
+        """``(pipeline, value, grads, tape)`` after one step on ``k`` devices."""
         key = (k, m, schedule, reduction)
         if key not in self.stepped:
             split, args = self.split(k, reduction)
             pipe = gsc.pipeline(split, microbatches=m, schedule=schedule, devices=_devices(k),
                                 loss_reduction=reduction)
             value, grads = pipe.step(*args)
-            self.stepped[key] = (pipe, value, grads)
+            self.stepped[key] = (pipe, value, grads, self.tape(k, reduction))
         return self.stepped[key]
 
 
@@ -114,64 +110,92 @@ def bench():
     return _Bench()
 
 
-def _rel_error(got, want) -> float:
-    got, want = np.asarray(got), np.asarray(want)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
+def _assert_matches(value, grads, reference, what=""):
+    assert_matches(value, grads, reference, TOL, what)
 
 
-def _assert_matches(value, grads, reference):
-    ref_value, ref_grads = reference
-    assert _rel_error(value, ref_value) <= TOL
-    assert len(grads) == len(ref_grads)
-    for g, r in zip(grads, ref_grads):
-        assert g.shape == r.shape
-        assert _rel_error(g, r) <= TOL
+def test_conftest_gives_four_logical_cpu_devices():
+    """tests/conftest.py splits the CPU before TensorFlow starts; without it every
+    multi-device test below fails (not skips)."""
+    assert len(tf.config.list_logical_devices("CPU")) >= NUM_CPU_DEVICES
 
 
-# -- the result equals the full batch -------------------------------------------------------------
+# -- the result equals the tape on the whole batch ------------------------------------------------
 
 
-@needs_devices
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("k,m", CASES, ids=[f"K{k}-M{m}" for k, m in CASES])
-def test_step_equals_full_batch_value_and_gradients(bench, k, m, schedule, reduction):
-    _, value, grads = bench.step(k, m, schedule, reduction)
-    _assert_matches(value, grads, bench.reference(k, reduction))
+def test_step_equals_the_tape_on_the_whole_batch(bench, k, m, schedule, reduction):
+    _, value, grads, tape = bench.step(k, m, schedule, reduction)
+    _assert_matches(value, grads, tape)
 
 
-def test_step_on_the_default_device_equals_full_batch(bench):
+def test_step_equals_the_library_s_own_full_batch_result_too(bench):
+    """Beside the tape: ``split.value_and_gradients`` on the whole batch (the composition
+    without micro-batches) gives the same, so a difference is the pipeline's own."""
+    split, args = bench.split(4)
+    pipe, _, _, _ = bench.step(4, 4, "1f1b")
+    value, grads = pipe.step(*args)
+    _assert_matches(value, grads, split.value_and_gradients(*args))
+    _assert_matches(value, grads, bench.tape(4))
+
+
+def test_step_on_the_default_device_equals_the_tape(bench):
     split, args = bench.split(4)
     pipe = gsc.pipeline(split, microbatches=4, schedule="1f1b", loss_reduction="mean")
     value, grads = pipe.step(*args)
-    _assert_matches(value, grads, bench.reference(4))
+    _assert_matches(value, grads, bench.tape(4))
     assert len(set(pipe.devices)) == 1 and pipe.devices[0].endswith("device:CPU:0")
 
 
-@needs_devices
-def test_second_step_is_exact_too(bench):
-    pipe, _, _ = bench.step(4, 4, "1f1b")
-    _, args = bench.split(4)
+@pytest.mark.parametrize("schedule", [*SCHEDULES, "custom"])
+@pytest.mark.parametrize("k,m", [(2, 4), (4, 4)], ids=["K2-M4", "K4-M4"])
+def test_every_step_equals_the_tape_at_new_weights(bench, k, m, schedule):
+    """Three steps, new random weights and arguments before each: each step equals the tape
+    at the weights it ran with. A replica on another device that was not refreshed, or
+    refreshed from the previous step, fails here (the gradients move by O(1) between steps,
+    checked)."""
+    split, args = bench.split(k)
+    plan = _custom_schedule(k, m) if schedule == "custom" else schedule
+    pipe = gsc.pipeline(split, m, plan, _devices(k), loss_reduction="mean")
+    rng = np.random.default_rng([k, m, len(schedule)])
+    previous = None
+    for step in range(3):
+        move_weights(split.variables, rng)
+        x = tf.constant(rng.normal(size=(BATCH, 4)))
+        step_args = [x, *args[1:]]
+        value, grads = pipe.step(*step_args)
+        tape = bench.tape(k, args=step_args)
+        _assert_matches(value, grads, tape, f"step {step}")
+        if previous is not None:
+            assert max_rel_error(previous, tape[1]) > 1e-2, "the weights did not move"
+        previous = tape[1]
+
+
+@pytest.mark.parametrize("scale", [0.5, -2.0])
+def test_arguments_given_whole_to_every_microbatch_are_not_cut(bench, scale):
+    """``scale`` and ``shift`` (no batch dimension) reach every micro-batch whole: another
+    ``scale`` and ``shift`` give the tape's answer for those."""
+    split, (x, y, _, shift) = bench.split(4)
+    args = [x, y, tf.constant(scale, tf.float64), shift * scale]
+    pipe, _, _, _ = bench.step(4, 4, "1f1b")
     value, grads = pipe.step(*args)
-    _assert_matches(value, grads, bench.reference(4))
+    _assert_matches(value, grads, bench.tape(4, args=args))
 
 
-@needs_devices
 def test_stages_run_on_their_devices(bench):
-    pipe, _, _ = bench.step(4, 4, "gpipe")
+    pipe, _, _, _ = bench.step(4, 4, "gpipe")
     assert [d.rsplit("/", 1)[-1] for d in pipe.devices] == [f"device:CPU:{d}" for d in range(4)]
     assert {(e.device_index, e.stage, e.device) for e in pipe.timeline()} == {
         (d, d, pipe.devices[d]) for d in range(4)}
 
 
-@needs_devices
-def test_user_schedule_list_gives_the_same_result(bench):
+def test_user_schedule_list_gives_the_tape_s_result(bench):
     split, args = bench.split(2)
-    # GPipe with the backwards in reverse micro-batch order, as plain tuples.
-    schedule = [[("F", k, m) for m in range(2)] + [("B", k, m) for m in (1, 0)] for k in range(2)]
-    pipe = gsc.pipeline(split, 2, schedule, _devices(2), loss_reduction="mean")
+    pipe = gsc.pipeline(split, 2, _custom_schedule(2, 2), _devices(2), loss_reduction="mean")
     value, grads = pipe.step(*args)
-    _assert_matches(value, grads, bench.reference(2))
+    _assert_matches(value, grads, bench.tape(2))
     assert pipe.schedule[0][2] == Action("B", 0, 1)
 
 
@@ -184,17 +208,15 @@ def test_pipeline_is_exported():
 # -- memory: live residual sets -------------------------------------------------------------------
 
 
-@needs_devices
 @pytest.mark.parametrize("k,m", CASES, ids=[f"K{k}-M{m}" for k, m in CASES])
 def test_1f1b_keeps_at_most_min_of_stages_left_and_microbatches(bench, k, m):
-    pipe, _, _ = bench.step(k, m, "1f1b")
+    pipe, _, _, _ = bench.step(k, m, "1f1b")
     assert pipe.peak_live_residuals == [min(k - s, m) for s in range(k)]
 
 
-@needs_devices
 @pytest.mark.parametrize("k,m", CASES, ids=[f"K{k}-M{m}" for k, m in CASES])
 def test_gpipe_keeps_every_microbatch(bench, k, m):
-    pipe, _, _ = bench.step(k, m, "gpipe")
+    pipe, _, _, _ = bench.step(k, m, "gpipe")
     assert pipe.peak_live_residuals == [m] * k
 
 
@@ -287,10 +309,9 @@ def test_validate_schedule_returns_actions(bench):
 # -- timeline -------------------------------------------------------------------------------------
 
 
-@needs_devices
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_timeline_has_every_action_once_in_its_device_order(bench, schedule):
-    pipe, _, _ = bench.step(4, 4, schedule)
+    pipe, _, _, _ = bench.step(4, 4, schedule)
     events = pipe.timeline()
     assert len(events) == 2 * 4 * 4
     assert all(0 <= e.start <= e.end for e in events)
@@ -299,9 +320,8 @@ def test_timeline_has_every_action_once_in_its_device_order(bench, schedule):
         assert ran == pipe.schedule[d]
 
 
-@needs_devices
 def test_chrome_trace_is_json_with_one_complete_event_per_action(bench, tmp_path):
-    pipe, _, _ = bench.step(4, 16, "1f1b")
+    pipe, _, _, _ = bench.step(4, 16, "1f1b")
     path = pipe.write_chrome_trace(tmp_path / "trace.json")
     with open(path) as f:
         trace = json.load(f)
@@ -314,12 +334,10 @@ def test_chrome_trace_is_json_with_one_complete_event_per_action(bench, tmp_path
     assert {e["args"]["stage"] for e in complete if e["tid"] == 2} == {2}
 
 
-@needs_devices
 def test_plot_timeline_writes_a_png(bench, tmp_path):
-    pytest.importorskip("matplotlib")
-    import matplotlib.image
+    import matplotlib.image  # the test environment installs the render extra
 
-    pipe, _, _ = bench.step(2, 8, "gpipe")
+    pipe, _, _, _ = bench.step(2, 8, "gpipe")
     path = pipe.plot_timeline(tmp_path / "timeline.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -327,10 +345,9 @@ def test_plot_timeline_writes_a_png(bench, tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 400
 
 
-@needs_devices
 @pytest.mark.parametrize("k,m", CASES, ids=[f"K{k}-M{m}" for k, m in CASES])
 def test_idle_fraction_reports_the_ideal_beside_the_measured(bench, k, m):
-    pipe, _, _ = bench.step(k, m, "1f1b")
+    pipe, _, _, _ = bench.step(k, m, "1f1b")
     measured, ideal = pipe.idle_fraction()
     assert ideal == pytest.approx((k - 1) / (m + k - 1))
     assert 0.0 <= measured < 1.0
@@ -440,11 +457,11 @@ def counting_split():
         return tf.reduce_mean(tf.debugging.check_numerics(h @ w, "stage 1 saw a NaN") ** 2)
 
     split = gsc.split(fn, [tf.TensorSpec([None, 3], tf.float64)], ["h"])
-    return split, runs, rng.normal(size=(8, 3))
+    return split, runs, rng.normal(size=(8, 3)), fn
 
 
 def test_assigned_variable_is_assigned_once_per_microbatch(counting_split):
-    split, runs, x = counting_split
+    split, runs, x, _ = counting_split
     runs.assign(0.0)
     pipe = gsc.pipeline(split, 4, "gpipe", loss_reduction="mean", jit_compile=False)
     pipe.step(x)
@@ -452,7 +469,7 @@ def test_assigned_variable_is_assigned_once_per_microbatch(counting_split):
 
 
 def test_failure_in_one_device_stops_the_step_and_undoes_assignments(counting_split):
-    split, runs, x = counting_split
+    split, runs, x, fn = counting_split
     runs.assign(10.0)
     bad = x.copy()
     bad[-1, 0] = np.nan  # only the last micro-batch fails, in stage 1
@@ -463,14 +480,13 @@ def test_failure_in_one_device_stops_the_step_and_undoes_assignments(counting_sp
     assert runs.numpy() == 10.0  # the four forwards of stage 0 were undone
     # The pipeline is still usable and exact afterwards.
     runs.assign(10.0)
-    reference = split.value_and_gradients(x, jit_compile=False)
+    reference = tape_value_and_gradients(fn, split.variables, [tf.constant(x)])
     _assert_matches(*pipe.step(x), reference)
 
 
-@needs_devices
 def test_assigned_variable_on_another_device_is_copied_back(counting_split):
-    split, runs, x = counting_split
+    split, runs, x, _ = counting_split
     runs.assign(0.0)
-    pipe = gsc.pipeline(split, 2, "1f1b", devices=["/CPU:1", "/CPU:2"], loss_reduction="mean")
+    pipe = gsc.pipeline(split, 2, "1f1b", devices=_devices(3)[1:], loss_reduction="mean")
     pipe.step(x)
     assert runs.numpy() == 2.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from models import mlp
+from models import cpu_devices, mlp
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler import GradSplitError
@@ -212,13 +212,12 @@ def test_an_assigned_variable_read_on_two_devices_under_xla():
         return tf.reduce_mean(tf.sin(h @ W) * calls)
 
     split = gsc.split(loss, [tf.TensorSpec([None, 3], F64)], ["h"])
-    if len(tf.config.list_logical_devices("CPU")) < 2:
-        pytest.skip("needs 2 logical CPU devices (tests/conftest.py configures them)")
+    devices = cpu_devices(2)  # fails, never skips, without them
     with pytest.raises(GradSplitError, match=r"is assigned by the program and read by 2 stages; "
                                              r".* and XLA cannot read across devices\. Create it "
                                              r"under `with tf\.device\("):
         gsc.pipeline(split, microbatches=1, schedule="gpipe", loss_reduction="mean",
-                     devices=["/CPU:0", "/CPU:1"], jit_compile=True)
+                     devices=devices, jit_compile=True)
 
 
 def test_step_inside_a_tf_function_is_refused(two):

@@ -90,8 +90,7 @@ def test_chrome_trace_from_recorded_events(tmp_path):
 
 
 def test_plot_timeline_from_recorded_events(tmp_path):
-    pytest.importorskip("matplotlib")
-    from gradsplit_compiler.show.timeline import plot_timeline
+    from gradsplit_compiler.show.timeline import plot_timeline  # matplotlib: render extra
 
     path = plot_timeline(_events(), tmp_path / "t.png", labels=["CPU:0", "CPU:1"],
                          microbatches=1, idle=(0.5, 0.5))
