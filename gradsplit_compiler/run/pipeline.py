@@ -477,13 +477,14 @@ class Pipeline:
             raise GradSplitError(
                 "with_microbatches needs a built-in schedule ('gpipe' or '1f1b'); this "
                 "pipeline runs a schedule given as a list.")
+        schedule = validate_schedule(
+            BUILTIN_SCHEDULES[self._schedule_name](self.num_stages, microbatches), self.split,
+            microbatches)
         twin = copy.copy(self)
-        twin.microbatches = microbatches
-        schedule = BUILTIN_SCHEDULES[self._schedule_name](self.num_stages, microbatches)
-        twin.schedule = validate_schedule(schedule, self.split, microbatches)
-        twin._ideal_idle = ideal_idle_fraction(twin.schedule, self._plan.dependencies)
-        twin._plan = replace(self._plan, schedule=twin.schedule, microbatches=microbatches)
-        twin._last = None
+        vars(twin).update(  # the copy's own state for its count; stages and training shared
+            microbatches=microbatches, schedule=schedule, _last=None,
+            _ideal_idle=ideal_idle_fraction(schedule, self._plan.dependencies),
+            _plan=replace(self._plan, schedule=schedule, microbatches=microbatches))
         return twin
 
     def _state(self, what: str) -> TrainingState:
