@@ -686,7 +686,10 @@ processes on one machine), their stages cannot run at the same time: a pipeline 
 costs more than the one XLA program, which spreads each op over every core and dispatches
 nothing per action, and the ratios say what the separate stage programs, the schedule and
 the traffic cost. What pipelining buys needs devices with cores (or accelerators) of their
-own."""
+own. Between the 4-worker `train_step` and the one-process one, the bytes differ by little
+(the inputs go to another process too): what is left is the cost per call, each forward and
+backward of each micro-batch being a remote call that its neighbour waits for, and four
+processes with thread pools of their own sharing two cores."""
 
 
 def figure_training(quick: bool, repeats: int, workers: int = 4,

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from models import value_rel_error
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.errors import GradSplitError
@@ -94,8 +95,7 @@ def _resident(pipe, split) -> dict[str, np.ndarray]:
 
 
 def _max_rel(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+    return value_rel_error(a, b)
 
 
 OPTIMIZERS = {
