@@ -5,7 +5,7 @@
 # TF=gpu` for the CUDA build.
 
 PYTHON      ?= python3
-PYTEST_ARGS ?= -n 2 -q
+PYTEST_ARGS ?= -n 2 --dist worksteal -q
 VENV        := .venv
 BIN         := $(VENV)/bin
 TF          ?= cpu
