@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import value_rel_error
+from tied_model import BATCH, WIDTH, TiedModel
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.errors import GradSplitError
 
 DEVICES = ["/CPU:0", "/CPU:1", "/CPU:2", "/CPU:3"]
 STEPS = 20
-BATCH, WIDTH = 16, 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,36 +31,6 @@ def four_devices():
     assert found >= 4, (
         f"tests/conftest.py must configure 4 logical CPUs before TensorFlow starts; found "
         f"{found}")
-
-
-class TiedModel:
-    """Four stages; ``embed`` is read by the first and the last (tied weights); ``scale`` is
-    non-trainable and read in the forward (it has a gradient, which must not be applied)."""
-
-    def __init__(self, seed: int = 0, dtype=tf.float64):
-        rng = np.random.default_rng(seed)
-        self.dtype = dtype
-
-        def var(shape, name, scale=0.4, trainable=True):
-            return tf.Variable(rng.normal(size=shape) * scale, dtype=dtype, name=name,
-                               trainable=trainable)
-        self.embed = var((WIDTH, WIDTH), "embed")
-        self.w = [var((WIDTH, WIDTH), f"layer{i}/kernel") for i in range(3)]
-        self.b = [var((WIDTH,), f"layer{i}/bias", 0.1) for i in range(3)]
-        self.scale = var((WIDTH,), "scale", 0.5, trainable=False)
-        self.variables = [self.embed, *self.w, *self.b, self.scale]
-
-    def loss(self, x, y):
-        h = tf.tanh(x @ self.embed)
-        h = gsc.mark(tf.tanh(h @ self.w[0] + self.b[0]), "c1")
-        h = gsc.mark(tf.tanh(h @ self.w[1] + self.b[1]) * (1.0 + self.scale), "c2")
-        h = gsc.mark(tf.tanh(h @ self.w[2] + self.b[2]), "c3")
-        out = h @ tf.transpose(self.embed)
-        return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=1))
-
-    def split(self, cuts=("c1", "c2", "c3")):
-        spec = tf.TensorSpec([None, WIDTH], self.dtype)
-        return gsc.split(self.loss, [spec, spec], cuts=list(cuts))
 
 
 def _batches(n: int, seed: int = 1, dtype=np.float64):

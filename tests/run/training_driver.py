@@ -28,44 +28,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from tied_model import BATCH, WIDTH, TiedModel
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.run import training
 from gradsplit_compiler.run.cluster import LocalCluster
 
 WORKERS = 4
-BATCH, WIDTH = 16, 8
 STEPS = 20
-CUTS = ["c1", "c2", "c3"]
-
-
-class TiedModel:
-    """Four stages; ``embed`` is read by the first and the last (tied weights); ``scale`` is
-    non-trainable. Float64, normal weights from ``seed``."""
-
-    def __init__(self, seed: int = 0):
-        rng = np.random.default_rng(seed)
-
-        def var(shape, name, scale=0.4, trainable=True):
-            return tf.Variable(rng.normal(size=shape) * scale, dtype=tf.float64, name=name,
-                               trainable=trainable)
-        self.embed = var((WIDTH, WIDTH), "embed")
-        self.w = [var((WIDTH, WIDTH), f"layer{i}/kernel") for i in range(3)]
-        self.b = [var((WIDTH,), f"layer{i}/bias", 0.1) for i in range(3)]
-        self.scale = var((WIDTH,), "scale", 0.5, trainable=False)
-        self.variables = [self.embed, *self.w, *self.b, self.scale]
-
-    def loss(self, x, y):
-        h = tf.tanh(x @ self.embed)
-        h = gsc.mark(tf.tanh(h @ self.w[0] + self.b[0]), "c1")
-        h = gsc.mark(tf.tanh(h @ self.w[1] + self.b[1]) * (1.0 + self.scale), "c2")
-        h = gsc.mark(tf.tanh(h @ self.w[2] + self.b[2]), "c3")
-        out = h @ tf.transpose(self.embed)
-        return tf.reduce_mean(tf.reduce_sum((out - y) ** 2, axis=1))
-
-    def split(self):
-        spec = tf.TensorSpec([None, WIDTH], tf.float64)
-        return gsc.split(self.loss, [spec, spec], cuts=CUTS)
 
 
 class CountingModel:
