@@ -590,6 +590,21 @@ def figure_cluster(quick, repeats):
 
 # -- figure 7: training steps ------------------------------------------------------------------
 
+
+def run_child(flag: str, config: dict, figure: int) -> dict | None:
+    """Run this script with ``flag`` and ``config`` (JSON) in a process of its own and return
+    the dict it prints on its ``RESULT`` line; ``None`` (logged) if it printed none."""
+    import json
+
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag,
+                           json.dumps(config)], capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        log(f"figure {figure} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 TRAINING_MODELS = {
     "mlp": lambda rng, **kw: mlp(rng, **kw),
     "transformer": lambda rng, **kw: transformer(rng, **kw),
@@ -697,7 +712,6 @@ def figure_training(quick: bool, repeats: int, workers: int = 4,
     """7. ``step`` plus the caller's optimizer against ``train_step``, in one process and on
     ``workers`` worker processes, beside the monolithic XLA training step (a subprocess:
     connecting changes a process's context). The section's markdown."""
-    import json
 
     if models is None:
         models = ([["mlp", {"layers": 4, "width": 64, "batch": 32}],
@@ -706,13 +720,9 @@ def figure_training(quick: bool, repeats: int, workers: int = 4,
                   [["mlp", {}], ["transformer", {}]])
     config = {"models": models, "workers": workers, "microbatches": 4, "repeats": repeats,
               "learning_rate": 1e-4}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--training-child",
-                           json.dumps(config)], capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        log(f"figure 7 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    got = run_child("--training-child", config, 7)
+    if got is None:
         return ""
-    got = json.loads(lines[-1][len("RESULT "):])
     table = [
         "\n## 7. Training steps: the caller's optimizer against stage-resident state\n",
         f"Adam, float32, {config['microbatches']} micro-batches, 1F1B; medians of "
@@ -809,19 +819,14 @@ def keras_child(config: dict) -> dict:
 
 def figure_keras(quick: bool) -> str:
     """8. ``PipelineModel.fit`` against plain ``model.fit(jit_compile=True)``, per step."""
-    import json
 
     config = ({"layers": 4, "width": 64, "batch": 32, "steps": 4, "epochs": 1,
                "stages": 4, "microbatches": [1, 8]} if quick else
               {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 3,
                "stages": 4, "microbatches": [1, 8]})
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--keras-child",
-                           json.dumps(config)], capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        log(f"figure 8 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    got = run_child("--keras-child", config, 8)
+    if got is None:
         return ""
-    got = json.loads(lines[-1][len("RESULT "):])
     plain = got["rows"][0]["seconds"]
     table = [
         "\n## 8. Keras `fit` through the pipeline\n",
