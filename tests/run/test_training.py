@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import value_rel_error
-from tied_model import BATCH, WIDTH, TiedModel
+from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.errors import GradSplitError
@@ -66,15 +66,6 @@ def _resident(pipe, split) -> dict[str, np.ndarray]:
 
 def _max_rel(a, b) -> float:
     return value_rel_error(a, b)
-
-
-OPTIMIZERS = {
-    "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
-    "adam": lambda: keras.optimizers.Adam(0.01),
-    "adamw-schedule": lambda: keras.optimizers.AdamW(
-        keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=4, decay_rate=0.7),
-        weight_decay=0.05),
-}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

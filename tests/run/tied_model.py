@@ -4,6 +4,7 @@ and a non-trainable variable read in the forward. Float64, normal weights from `
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -11,7 +12,16 @@ import gradsplit_compiler as gsc
 
 BATCH, WIDTH = 16, 8
 
-__all__ = ["BATCH", "WIDTH", "TiedModel"]
+__all__ = ["BATCH", "OPTIMIZERS", "WIDTH", "TiedModel"]
+
+# The optimizers every training test runs, a learning-rate schedule among them.
+OPTIMIZERS = {
+    "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw-schedule": lambda: keras.optimizers.AdamW(
+        keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=4, decay_rate=0.7),
+        weight_decay=0.05),
+}
 
 
 class TiedModel:

@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
-from tied_model import BATCH, WIDTH, TiedModel
+from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.run import training
@@ -54,15 +54,6 @@ class CountingModel:
         self.mean.assign(0.9 * self.mean + 0.1 * tf.reduce_mean(h, axis=0))
         h = gsc.mark(h - self.mean, "h")
         return tf.reduce_mean(tf.tanh(h @ self.w1) ** 2)
-
-
-OPTIMIZERS = {
-    "sgd-momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
-    "adam": lambda: keras.optimizers.Adam(0.01),
-    "adamw-schedule": lambda: keras.optimizers.AdamW(
-        keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=4, decay_rate=0.7),
-        weight_decay=0.05),
-}
 
 
 def batches(n: int, seed: int) -> list:
