@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from gradsplit_compiler._tf_internal import sublayers
 from gradsplit_compiler.errors import GradSplitError, close_names
+from gradsplit_compiler.run.training import plain_variable
 
 __all__ = ["PipelineModel"]
 
@@ -132,7 +133,7 @@ class PipelineModel(keras.Model):
 
         def recording(reference, name=None, initializer="zeros"):
             slot = make_slot(reference, name=name, initializer=initializer)
-            self._run.slot_of[(id(_plain(reference)), name or "var")] = slot
+            self._run.slot_of[(id(plain_variable(reference)), name or "var")] = slot
             return slot
 
         # Which compiled-optimizer slot belongs to which variable, to copy the stages' slots
@@ -249,11 +250,9 @@ class PipelineModel(keras.Model):
             return
         self._run.state.read_variables()
         if self.optimizer.built:
-            values = {}
-            for idx, v in enumerate(self._run.state.split.variables):
-                for (ref, name), slot in self._run.slot_of.items():
-                    if ref == id(v):
-                        values[(idx, name)] = slot
+            index = {id(v): i for i, v in enumerate(self._run.state.split.variables)}
+            values = {(index[ref], name): slot
+                      for (ref, name), slot in self._run.slot_of.items() if ref in index}
             self._run.state.assign_slots(values, int(self.optimizer.iterations.numpy()))
         self._run.stale = False
 
@@ -383,11 +382,6 @@ def _loss_reduction(loss: Any) -> str:
     if not reductions:
         raise GradSplitError("compile needs a loss (e.g. loss='mse') to train a pipeline.")
     return mapping[reductions.pop()]
-
-
-def _plain(variable: Any) -> Any:
-    return variable if isinstance(variable, tf.Variable) else getattr(variable, "value",
-                                                                      variable)
 
 
 

@@ -64,7 +64,7 @@ from gradsplit_compiler.run.faults import (
 )
 
 __all__ = ["NONFINITE_ACTIONS", "DeviceState", "TrainingState", "checkpoint_names",
-           "load_variables"]
+           "load_variables", "plain_variable"]
 
 NONFINITE_ACTIONS = ("raise", "skip")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
@@ -107,7 +107,7 @@ def load_variables(path: str | os.PathLike, variables: Sequence[Any]) -> None:
             f"holds {_listed(sorted(saved[_VARIABLES]))}. Load it into the variables of the "
             "program it was saved from."
         )
-    plain = [v if isinstance(v, tf.Variable) else v.value for v in variables]
+    plain = [plain_variable(v) for v in variables]
     tf.train.Checkpoint(**{_VARIABLES: dict(zip(names, plain))}).read(
         os.fspath(path)).expect_partial()
 
@@ -174,6 +174,7 @@ class TrainingState:
         for state in self.states:
             self._create(state, config)
         self.skipped_steps = 0
+        self._learning_rate: float | None = None
         # Checkpoint files are read and written by this process (see the module docstring).
         self._io = tf.train.CheckpointOptions(experimental_io_device=default_device())
 
@@ -383,7 +384,7 @@ class TrainingState:
     def learning_rate(self) -> float | None:
         """The learning rate last set with ``set_learning_rate`` (``None``: the
         optimizer's own, possibly a schedule)."""
-        return getattr(self, "_learning_rate", None)
+        return self._learning_rate
 
     def set_learning_rate(self, value: float) -> None:
         """Give every device's optimizer the (constant) learning rate ``value``."""
@@ -426,8 +427,8 @@ class TrainingState:
         for state in self.states:
             for idx, slot_name, slot in state.slots:
                 if self.owner[idx] == state.device:
-                    slots.setdefault(self.names[idx], {})[slot_name] = _plain(slot)
-        iterations = next((_plain(s.optimizer.iterations) for s in self.states
+                    slots.setdefault(self.names[idx], {})[slot_name] = plain_variable(slot)
+        iterations = next((plain_variable(s.optimizer.iterations) for s in self.states
                            if s.optimizer is not None), None)
         parts: dict[str, Any] = {_VARIABLES: variables, _SLOTS: slots}
         if iterations is not None:
@@ -571,7 +572,7 @@ def _norm_and_finite(grads):
     return norm_sq, finite
 
 
-def _plain(variable: Any) -> tf.Variable:
+def plain_variable(variable: Any) -> tf.Variable:
     """The ``tf.Variable`` behind a Keras variable (itself for a ``tf.Variable``)."""
     return variable if isinstance(variable, tf.Variable) else variable.value
 
