@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -68,6 +69,8 @@ __all__ = ["NONFINITE_ACTIONS", "DeviceState", "TrainingState", "checkpoint_name
 
 NONFINITE_ACTIONS = ("raise", "skip")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
+# Seconds the update still waits for the other devices once one has failed.
+_GRACE_AFTER_FAILURE = 2.0
 
 
 def checkpoint_names(variables: Sequence[Any]) -> list[str]:
@@ -298,12 +301,15 @@ class TrainingState:
         a call to a dead task stays behind and cannot hold up the interpreter's exit."""
         results: list = [None] * len(states)
         errors: dict[int, BaseException] = {}
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
 
         def run(i: int, state: DeviceState) -> None:
             try:
                 results[i] = work(state)
             except BaseException as exc:  # reported below, in the caller's thread
                 errors[i] = exc
+            finally:
+                finished.put(i)
 
         threads = [threading.Thread(target=run, args=(i, s), daemon=True,
                                     name=f"gradsplit-optimizer-{s.label}")
@@ -313,9 +319,21 @@ class TrainingState:
         probe_time = 0.0 if self.timeout is None else min(2.0, self.timeout / 4)
         deadline = None if self.timeout is None else (
             time.monotonic() + self.timeout - probe_time)
-        for t in threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        pending = [states[i] for i, t in enumerate(threads) if t.is_alive()]
+        # Wait for every device, but once one has failed only a little longer: when a task
+        # dies, calls to the other tasks can hang rather than fail.
+        done: set[int] = set()
+        cut_short = False
+        while len(done) < len(threads):
+            if errors and not cut_short:
+                grace = time.monotonic() + _GRACE_AFTER_FAILURE
+                deadline = grace if deadline is None else min(deadline, grace)
+                cut_short = True
+            try:
+                done.add(finished.get(timeout=None if deadline is None
+                                      else max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        pending = [s for i, s in enumerate(states) if i not in done]
         if pending and not errors:
             raise update_timeout_error(self.timeout, [(s.device, s.stages) for s in pending],
                                        probe_time)
