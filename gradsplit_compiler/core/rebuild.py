@@ -165,6 +165,28 @@ class StageVJP:
     list_residuals: dict = field(default_factory=dict)  # residual index -> ListResidual
     capture_keys: dict[str, object] = field(default_factory=dict)  # input_map key -> external
     variable_keys: dict[str, int] = field(default_factory=dict)  # input_map key -> var index
+    split_backward: SplitBackward | None = None
+
+
+@dataclass
+class SplitBackward:
+    """The backward cut in two for zero-bubble schedules, both pieces of the same traced
+    graph as the fused backward.
+
+    ``input_graph_def`` (B) holds the ops the input cotangents need; ``weight_graph_def``
+    (W) the ops only the variable gradients need, plus copies of the constants and shape
+    arithmetic it reads (recomputed, as the fused backward recomputes them). No op that
+    reads a cotangent is in both: what W needs of B's work crosses as ``carried`` tensors,
+    which B returns. ``weight_inputs`` lists what W reads, in order: ``("residual", r)``,
+    ``("cotangent", j)`` (output ``j``'s cotangent) or ``("carried", c)``.
+    """
+
+    input_graph_def: graph_pb2.GraphDef
+    weight_graph_def: graph_pb2.GraphDef
+    carried_names: list[str]  # tensors of B that W reads, graph order
+    carried_specs: list[tf.TensorSpec]
+    weight_inputs: list[tuple[str, int]]
+    weight_keys: list[str]  # W's input_map key of each weight input
 
 
 def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.TensorSpec],
@@ -183,7 +205,8 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     ``_trace_with_gradients`` (one trace of the stage and ``tf.gradients``),
     ``_cut_traced`` (forward, backward and residuals of that trace), ``_residuals`` (their
     order, loop accumulators, specs), ``_gradient_sources`` (where each gradient comes
-    from) and ``_capture_keys`` (variables and other captures of the pieces).
+    from), ``_capture_keys`` (variables and other captures of the pieces) and
+    ``_split_backward`` (the backward cut again into B and W, for zero-bubble schedules).
     """
     stage_gd = _stage_piece(program, plan, static)
     if cotangent_outputs is None:
@@ -201,7 +224,10 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         plan, trace, residual_names, set(cut.backward), len(input_specs), diff_outputs,
         diff_inputs)
     variable_keys, capture_keys = _capture_keys(program, plan, trace.capture_kind)
+    split_backward = _split_backward(h, trace, cut.backward, residual_names, list_residuals,
+                                     input_gradients, variable_gradients, diff_outputs)
     return StageVJP(
+        split_backward=split_backward,
         xla_compatible=trace.xla_compatible,
         list_residuals=list_residuals,
         forward_graph_def=_piece_graph_def(h, cut.forward),
@@ -430,6 +456,73 @@ def _gradient_sources(plan: StagePlan, trace: _Trace, residual_names: list[str],
                 f"stage {plan.index}: gradient {name} does not depend on the cotangents."
             )
     return input_gradients, variable_gradients
+
+
+def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
+                    residual_names: list[str], list_residuals: dict[int, ListResidual],
+                    input_gradients: list, variable_gradients: list,
+                    diff_outputs: list[int]) -> SplitBackward:
+    """The fused backward cut into B (what the input cotangents need) and W (the rest of
+    what the variable gradients need); see ``SplitBackward``."""
+    backward = set(backward_ops)
+    order = {n: i for i, n in enumerate(h.nodes)}
+    cot_ph = trace.cotangent_ops
+
+    def ops_of(sources) -> set[str]:
+        return {ir.parse_tensor_name(s)[0] for s in sources if isinstance(s, str)}
+
+    b_ops = ir.ancestors(h, ops_of(input_gradients), within=backward)
+    # B's real work (what reads a cotangent) is never repeated in W; the constants and
+    # shape arithmetic both need are recomputed in each, as the fused backward does.
+    b_work = b_ops & ir.descendants(h, set(cot_ph))
+    w_ops = ir.ancestors(h, ops_of(variable_gradients), within=backward - b_work)
+    carried: list[str] = []
+    weight_inputs: list[tuple[str, int]] = []
+    weight_keys: list[str] = []
+
+    def read(name: str) -> None:
+        op = ir.parse_tensor_name(name)[0]
+        if name in weight_keys or op in w_ops or op in trace.capture_kind:
+            return
+        if op in cot_ph:
+            weight_inputs.append(("cotangent", diff_outputs[cot_ph.index(op)]))
+        elif op in b_work:
+            if name not in carried:
+                carried.append(name)
+            weight_inputs.append(("carried", carried.index(name)))
+        else:
+            weight_inputs.append(("residual", residual_names.index(name)))
+        weight_keys.append(name)
+
+    for node in sorted(w_ops, key=order.__getitem__):
+        for src, index in ir.data_inputs(h, node):
+            read(ir.tensor_name(src, index))
+    for source in variable_gradients:  # a gradient W only passes on
+        if isinstance(source, str):
+            if ir.parse_tensor_name(source)[0] not in w_ops:
+                read(source)
+        elif source is not None and source not in weight_inputs:
+            kind, j = source
+            weight_inputs.append(source)
+            weight_keys.append(residual_names[j] if kind == "residual" else
+                               cot_ph[diff_outputs.index(j)] + ":0")
+    for r, as_list in list_residuals.items():  # a loop accumulator needs its trip count
+        if ("residual", r) in weight_inputs and ("residual", as_list.counter) not in \
+                weight_inputs:
+            weight_inputs.append(("residual", as_list.counter))
+            weight_keys.append(residual_names[as_list.counter])
+    carried_specs = []
+    for name in carried:
+        t = trace.graph.get_tensor_by_name(name)
+        shape = t.shape
+        if t.op.type in CONTROL_FLOW_OPS and shape.rank is not None:
+            shape = tf.TensorShape([None] * shape.rank)  # as for residuals: rank only
+        carried_specs.append(tf.TensorSpec(shape, t.dtype))
+    return SplitBackward(
+        input_graph_def=_piece_graph_def(h, sorted(b_ops, key=order.__getitem__)),
+        weight_graph_def=_piece_graph_def(h, sorted(w_ops, key=order.__getitem__)),
+        carried_names=carried, carried_specs=carried_specs, weight_inputs=weight_inputs,
+        weight_keys=weight_keys)
 
 
 def _capture_keys(program: Program, plan: StagePlan, capture_kind: dict[str, Any]

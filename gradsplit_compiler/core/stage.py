@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
@@ -12,7 +13,25 @@ from gradsplit_compiler.core.rebuild import StageVJP, capture_map, emit
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program, StagePlan
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "StagePrograms"]
+
+
+class StagePrograms(NamedTuple):
+    """What a pipeline device runs for one stage (``Stage.programs``), on flat tensors:
+
+    - ``forward(*inputs) -> (outputs, residuals)``;
+    - ``backward(residuals, cotangents) -> (input_cotangents, variable_grads)``;
+    - ``backward_input(residuals, cotangents) -> (input_cotangents, weight_inputs)`` (B);
+    - ``backward_weight(weight_inputs) -> variable_grads`` (W).
+
+    With ``remat`` the residuals are the stage inputs, and both backwards run the forward
+    again first.
+    """
+
+    forward: Any
+    backward: Any
+    backward_input: Any
+    backward_weight: Any
 
 
 class Stage:
@@ -31,6 +50,15 @@ class Stage:
         ``output_cotangents`` align with ``outputs`` (entries for integer outputs are
         ignored), ``input_cotangents`` with ``inputs`` (``None`` for integer inputs) and
         ``variable_grads`` with ``variables``. It never runs the forward again.
+    backward_input : tf.function
+        B, the first half of ``backward`` for zero-bubble schedules:
+        ``backward_input(residuals, output_cotangents) -> (input_cotangents, carried)``,
+        where ``carried`` (``carried_specs``) are the values B computes that W needs.
+    backward_weight : tf.function
+        W, the other half: ``backward_weight(weight_inputs) -> variable_grads``, where
+        ``weight_inputs`` (``weight_input_specs``; build them with ``weight_inputs_of``) are
+        the residuals and cotangents W reads and the carried values. B then W gives
+        ``backward``'s results exactly; no op that reads a cotangent runs in both.
     """
 
     def __init__(self, program: Program, plan: StagePlan, vjp: StageVJP,
@@ -64,6 +92,34 @@ class Stage:
             autograph=False,
         )
 
+        split = vjp.split_backward
+        self.carried_specs = list(split.carried_specs) if split else []
+        self.weight_inputs = list(split.weight_inputs) if split else []
+        self.backward_input = tf.function(
+            self._backward_input_body,
+            input_signature=[list(vjp.residual_specs), list(output_specs)], autograph=False)
+        self.backward_weight = tf.function(
+            self._backward_weight_body, input_signature=[self.weight_input_specs],
+            autograph=False)
+
+    @property
+    def weight_input_specs(self) -> list[tf.TensorSpec]:
+        """The spec of each of W's inputs (``weight_inputs``): what a stage keeps from its
+        B until its W, per micro-batch."""
+        specs = []
+        for kind, j in self.weight_inputs:
+            specs.append(self.residual_specs[j] if kind == "residual" else
+                         self.output_specs[j] if kind == "cotangent" else
+                         self.carried_specs[j])
+        return specs
+
+    def weight_inputs_of(self, residuals: Sequence, cotangents: Sequence,
+                         carried: Sequence) -> list:
+        """W's inputs, picked from the residuals and cotangents given to B and what B
+        returned (``carried``)."""
+        picked = {"residual": residuals, "cotangent": cotangents, "carried": carried}
+        return [picked[kind][j] for kind, j in self.weight_inputs]
+
     def __repr__(self) -> str:
         return (
             f"Stage({self.index}: {self.num_ops} ops, {len(self.inputs)} inputs, "
@@ -77,6 +133,14 @@ class Stage:
     def _backward_body(self, residuals, cotangents, variables=None):
         return self.emit_backward(residuals, cotangents, f"stage{self.index}.backward",
                                   variables)
+
+    def _backward_input_body(self, residuals, cotangents, variables=None):
+        return self.emit_backward_input(residuals, cotangents,
+                                        f"stage{self.index}.backward_input", variables)
+
+    def _backward_weight_body(self, weight_inputs, variables=None):
+        return self.emit_backward_weight(weight_inputs, f"stage{self.index}.backward_weight",
+                                         variables)
 
     def emit_forward(self, inputs: Sequence[tf.Tensor], name: str,
                      variables: Sequence | None = None, vjp: StageVJP | None = None):
@@ -125,6 +189,62 @@ class Stage:
             grad = resolve(source)
             variable_grads.append(tf.zeros(var.shape, var.dtype) if grad is None else grad)
         return input_cotangents, variable_grads
+
+    def emit_backward_input(self, residuals: Sequence[tf.Tensor], cotangents: Sequence,
+                            name: str, variables: Sequence | None = None,
+                            vjp: StageVJP | None = None):
+        """Emit B: ``(input_cotangents, carried)``."""
+        vjp = vjp or self._vjp
+        split = vjp.split_backward
+        residuals = list(residuals)
+        for i, as_list in vjp.list_residuals.items():
+            residuals[i] = as_list.from_tensor(residuals[i])
+        input_map = dict(zip(vjp.residual_names, residuals))
+        for j, key in vjp.cotangent_keys.items():
+            input_map[key] = cotangents[j]
+        input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
+        wanted = [s for s in vjp.input_gradients if isinstance(s, str)]
+        wanted = list(dict.fromkeys(wanted + split.carried_names))
+        got = dict(zip(wanted, emit(split.input_graph_def, input_map, wanted, name)))
+
+        def resolve(source):
+            if source is None:
+                return None
+            if isinstance(source, str):
+                return got[source]
+            kind, j = source
+            return cotangents[j] if kind == "cotangent" else residuals[j]
+
+        return ([resolve(s) for s in vjp.input_gradients],
+                [got[n] for n in split.carried_names])
+
+    def emit_backward_weight(self, weight_inputs: Sequence[tf.Tensor], name: str,
+                             variables: Sequence | None = None, vjp: StageVJP | None = None):
+        """Emit W: ``variable_grads`` from ``weight_inputs`` (see ``weight_inputs_of``)."""
+        vjp = vjp or self._vjp
+        split = vjp.split_backward
+        given = {}
+        for (kind, j), key, value in zip(split.weight_inputs, split.weight_keys,
+                                         weight_inputs):
+            if kind == "residual" and j in vjp.list_residuals:
+                value = vjp.list_residuals[j].from_tensor(value)
+            given[key] = value
+        input_map = dict(given)
+        input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
+        wanted = [s for s in vjp.variable_gradients if isinstance(s, str) and s not in given]
+        wanted = list(dict.fromkeys(wanted))
+        got = dict(zip(wanted, emit(split.weight_graph_def, input_map, wanted, name)))
+        by_source = dict(zip(split.weight_inputs, weight_inputs))
+        grads = []
+        for source, var in zip(vjp.variable_gradients, self.variables):
+            if source is None:
+                grad = None
+            elif isinstance(source, str):
+                grad = given[source] if source in given else got[source]
+            else:
+                grad = by_source[tuple(source)]
+            grads.append(tf.zeros(var.shape, var.dtype) if grad is None else grad)
+        return grads
 
     def _overrides(self, variables: Sequence | None) -> dict | None:
         if variables is None:
@@ -250,6 +370,125 @@ class Stage:
             forward.function, flat_backward.function = lean_function, backward
             cache[key] = (forward, flat_backward)
         return cache[key]
+
+    def programs(self, jit_compile: bool = True, variables: Sequence | None = None,
+                 remat: bool = False) -> StagePrograms:
+        """The stage's programs for a pipeline device (see ``StagePrograms``), each its own
+        XLA program with ``jit_compile``; ``variables`` as in ``compiled``.
+
+        ``remat``: the forward keeps only the stage inputs as residuals, and ``backward``
+        and ``backward_input`` run the forward again from them (inside the same program)
+        before the backward; ``backward_input`` then also returns the residuals W reads.
+        """
+        key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)),
+               bool(remat))
+        cache = self.__dict__.setdefault("_programs", {})
+        if key in cache:
+            return cache[key]
+        if jit_compile and self._static_shapes_needed:
+            if not remat:
+                forward, flat_backward = self.callers(jit_compile, variables)
+                cache[key] = StagePrograms(
+                    forward, lambda res, cots: flat_backward(*res, *cots),
+                    self._refuse_split, self._refuse_split)
+                return cache[key]
+            raise GradSplitError(
+                f"stage {self.index} holds a tf.cond whose gradient reads branch "
+                "intermediates, which XLA compiles per input shape from the forward's trace; "
+                "its backward cannot run the forward again (remat). Leave this stage out of "
+                "remat=, or use jit_compile=False.")
+        self.compiled(jit_compile, variables)  # raises what compiled raises
+        name = f"stage{self.index}"
+        res_specs, out_specs = list(self.residual_specs), list(self.output_specs)
+        in_specs = list(self.input_specs)
+
+        def xla(body, signature):
+            """A flat caller of ``body`` as its own program, traced on its first call."""
+            made = []
+
+            def call(*flat):
+                if not made:
+                    made.append(flat_caller(tf.function(
+                        body, input_signature=signature, jit_compile=jit_compile,
+                        autograph=False)))
+                return made[0](*flat)
+            return call
+
+        def backward_weight_body(weight_inputs):
+            return self.emit_backward_weight(weight_inputs, f"{name}.backward_weight",
+                                             variables)
+
+        flat_weight = xla(backward_weight_body, [self.weight_input_specs])
+
+        def backward_weight(weight_inputs):
+            return flat_weight(*weight_inputs)
+
+        if not remat:
+            forward, flat_backward = self.callers(jit_compile, variables)
+
+            def backward_input_body(residuals, cotangents):
+                return self.emit_backward_input(residuals, cotangents,
+                                                f"{name}.backward_input", variables)
+
+            flat_input = xla(backward_input_body, [res_specs, out_specs])
+
+            def backward(residuals, cotangents):
+                return flat_backward(*residuals, *cotangents)
+
+            def backward_input(residuals, cotangents):
+                input_cotangents, carried = flat_input(*residuals, *cotangents)
+                return input_cotangents, self.weight_inputs_of(residuals, cotangents, carried)
+        else:
+            vjp = self._vjp
+
+            def forward_body(*inputs):
+                input_map = dict(zip(vjp.input_keys, inputs))
+                input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
+                return emit(vjp.forward_graph_def, input_map, vjp.output_names,
+                            f"{name}.forward")
+
+            def again(inputs):
+                return self.emit_forward(inputs, f"{name}.forward_again", variables)[1]
+
+            def backward_body(inputs, cotangents):
+                return self.emit_backward(again(inputs), cotangents, f"{name}.backward",
+                                          variables)
+
+            def backward_input_body(inputs, cotangents):
+                residuals = again(inputs)
+                input_cotangents, carried = self.emit_backward_input(
+                    residuals, cotangents, f"{name}.backward_input", variables)
+                # the cotangents W reads are the caller's already: not returned again
+                picked = [value for (kind, _), value in zip(
+                    self.weight_inputs, self.weight_inputs_of(residuals, cotangents, carried))
+                    if kind != "cotangent"]
+                return input_cotangents, picked
+
+            flat_forward = xla(forward_body, in_specs)
+            flat_backward = xla(backward_body, [in_specs, out_specs])
+            flat_input = xla(backward_input_body, [in_specs, out_specs])
+
+            def forward(*inputs):
+                return flat_forward(*inputs), list(inputs)
+
+            def backward(inputs, cotangents):
+                return flat_backward(*inputs, *cotangents)
+
+            def backward_input(inputs, cotangents):
+                input_cotangents, picked = flat_input(*inputs, *cotangents)
+                picked = iter(picked)
+                return input_cotangents, [cotangents[j] if kind == "cotangent" else next(picked)
+                                          for kind, j in self.weight_inputs]
+
+        cache[key] = StagePrograms(forward, backward, backward_input, backward_weight)
+        return cache[key]
+
+    def _refuse_split(self, *_):
+        raise GradSplitError(
+            f"stage {self.index} holds a tf.cond whose gradient reads branch intermediates, "
+            "which XLA compiles per input shape from the forward's trace; its backward "
+            "cannot be split into B and W programs. Use schedule='1f1b' or 'gpipe', or "
+            "jit_compile=False.")
 
     @functools.cached_property
     def _residual_sources(self) -> list[tuple[str, int | None]]:

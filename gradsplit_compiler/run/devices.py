@@ -46,9 +46,10 @@ _DEVICE_PARTS = ("job", "replica", "task", "device_type", "device_index")
 
 @dataclass(frozen=True)
 class StageRunner:
-    """What one device needs to run one stage: its callables, the graph names it reads and
-    writes, and the variable replicas on its device it refreshes before a step, as
-    ``(variable index, replica)``."""
+    """What one device needs to run one stage: its callables (``backward_input`` and
+    ``backward_weight``, B and W, for a schedule that splits the backward), the graph names
+    it reads and writes, and the variable replicas on its device it refreshes before a
+    step, as ``(variable index, replica)``."""
 
     index: int
     device: str
@@ -59,6 +60,8 @@ class StageRunner:
     output_dtypes: tuple[tf.DType, ...]
     variable_indices: tuple[int, ...]
     replicas: tuple[tuple[int, tf.Variable], ...]
+    backward_input: Any = None
+    backward_weight: Any = None
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -207,14 +210,22 @@ def plan_replicas(split: Split, devices: list[str], jit_compile: bool
 
 
 def stage_runner(split: Split, stage: Any, device: str,
-                 replicas: dict[tuple[int, str], tf.Variable], jit_compile: bool) -> StageRunner:
+                 replicas: dict[tuple[int, str], tf.Variable], jit_compile: bool,
+                 remat: bool = False) -> StageRunner:
     """``stage`` bound to ``device``: it reads the replicas on ``device`` (from
-    ``plan_replicas``) instead of the variables they stand for."""
+    ``plan_replicas``) instead of the variables they stand for. ``remat``: its residuals
+    are its inputs, and its backward runs the forward again (``Stage.programs``)."""
     mine = {idx: r for (idx, d), r in replicas.items() if d == device
             and idx in stage.variable_indices}
     variables = [mine.get(idx, split.variables[idx]) for idx in stage.variable_indices] \
         if mine else None
+    backward_input = backward_weight = None
     if jit_compile and is_remote(device):
+        if remat:
+            raise GradSplitError(
+                f"remat= for stage {stage.index} on {device}: a stage on a task of a "
+                "cluster cannot run the forward again in its backward yet. Leave this stage "
+                "out of remat=, or run it on a device of this process.")
         forward, backward = stage.compiled(jit_compile, variables)
         wrappers = _cache(split)
         key = ("remote", stage.index, device, _incarnation(device),
@@ -224,11 +235,11 @@ def stage_runner(split: Split, stage: Any, device: str,
             _KEEP_ALIVE.append(wrappers["stages"][key])
         forward, backward = wrappers["stages"][key]
     else:
-        forward, flat_backward = stage.callers(jit_compile, variables)
-
-        def backward(residuals, cotangents, flat_backward=flat_backward):
-            return flat_backward(*residuals, *cotangents)
+        programs = stage.programs(jit_compile, variables, remat)
+        forward, backward = programs.forward, programs.backward
+        backward_input, backward_weight = programs.backward_input, programs.backward_weight
     return StageRunner(
+        backward_input=backward_input, backward_weight=backward_weight,
         index=stage.index, device=device, forward=forward, backward=backward,
         inputs=tuple(stage.inputs), outputs=tuple(stage.outputs),
         output_dtypes=tuple(s.dtype for s in stage.output_specs),

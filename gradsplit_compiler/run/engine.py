@@ -33,7 +33,7 @@ from gradsplit_compiler.run.faults import (
     timeout_error,
     wait_for,
 )
-from gradsplit_compiler.run.schedules import FORWARD, Action, Dependencies
+from gradsplit_compiler.run.schedules import FORWARD, WEIGHT, Action, Dependencies
 
 __all__ = ["StepPlan", "StepRecord", "StepRun", "TimelineEvent", "measured_idle_fraction"]
 
@@ -68,10 +68,13 @@ def measured_idle_fraction(events: Sequence[TimelineEvent], num_devices: int) ->
 class StepPlan:
     """What the engine needs of a pipeline, named.
 
-    ``runners[d]`` is stage ``d`` on device ``d``, which runs ``schedule[d]`` in order;
-    ``dependencies`` says what each action waits for. ``variables`` are the split's
-    variables (gradients align with them; replicas are refreshed from them); ``arg_names``
-    its argument graph names; ``loss_name`` and ``loss_dtype`` its loss, the first output;
+    ``runners[k]`` is stage ``k`` on its device; ``schedule`` holds one list per thread
+    (per stage, or per device running several stages), each run in order;
+    ``dependencies`` says what each action waits for; ``split_backward``: the schedule
+    runs each backward as ``B`` (``backward_input``) and ``W`` (``backward_weight``).
+    ``variables`` are the split's variables (gradients align with them; replicas are
+    refreshed from them); ``arg_names`` its argument graph names; ``loss_name`` and
+    ``loss_dtype`` its loss, the first output;
     ``aux_names`` its other outputs (batched, returned without a cotangent). ``home`` is
     the device of this process that results come back to; ``timeout`` bounds a step
     (``None``: wait). ``after_fault`` ends the error about a task that died or hung: what
@@ -91,21 +94,29 @@ class StepPlan:
     timeout: float | None
     aux_names: tuple[str, ...] = ()
     after_fault: str = RESTART
+    split_backward: bool = False
 
     @property
     def num_stages(self) -> int:
         return len(self.runners)
+
+    def list_runner(self, d: int) -> StageRunner:
+        """The runner of the first stage in list ``d`` (its device is the list's)."""
+        return self.runners[self.schedule[d][0].stage] if self.schedule[d] else \
+            self.runners[d]
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """What a finished step leaves to look at: every action's ``events`` (in the order they
     finished), per stage the ``peak_live`` micro-batches whose residuals were alive at once,
-    and the bytes ``moved`` between devices by kind."""
+    the bytes ``moved`` between devices by kind, and per schedule list the
+    ``peak_live_bytes`` of residuals (and of what ``W`` reads) alive at once."""
 
     events: tuple[TimelineEvent, ...]
     peak_live: tuple[int, ...]
     moved: dict[str, int]
+    peak_live_bytes: tuple[int, ...] = ()
 
 
 class StepRun:
@@ -135,6 +146,10 @@ class StepRun:
         self.residuals: list[dict[int, tuple]] = [{} for _ in plan.runners]
         self.live = [0] * plan.num_stages
         self.peak_live = [0] * plan.num_stages
+        self.weight_inputs: list[dict[int, list]] = [{} for _ in plan.runners]
+        self.list_of = {a.stage: d for d, actions in enumerate(plan.schedule) for a in actions}
+        self.live_bytes = [0] * len(plan.schedule)
+        self.peak_live_bytes = [0] * len(plan.schedule)
         self.values: dict[int, tf.Tensor] = {}
         self.aux: dict[tuple[str, int], tf.Tensor] = {}
         self.grads: list[list[tf.Tensor] | None] = [None] * plan.num_stages
@@ -154,7 +169,7 @@ class StepRun:
         threads = [
             threading.Thread(target=self._device_loop, args=(d,), daemon=True,
                              name=f"gradsplit-pipeline-device{d}")
-            for d in range(self.plan.num_stages)
+            for d in range(len(self.plan.schedule))
         ]
         for t in threads:
             t.start()
@@ -184,13 +199,13 @@ class StepRun:
             if self.errors:  # an action failed just now: that is the news
                 return self.errors[0]
             running = sorted(self.running.items(), key=lambda item: item[1][1])
-            waiting = [self.plan.schedule[d][0] for d in range(self.plan.num_stages)
-                       if d not in self.running and not any(
+            waiting = [self.plan.schedule[d][0] for d in range(len(self.plan.schedule))
+                       if d not in self.running and self.plan.schedule[d] and not any(
                            e.device_index == d for e in self.events)]
         now = time.perf_counter() - self.start
         return timeout_error(
             self.plan.timeout,
-            [(action, self.plan.runners[d].device, now - started)
+            [(action, self.plan.runners[action.stage].device, now - started)
              for d, (action, started) in running],
             waiting, [r.device for r in self.plan.runners], self.probe_time,
             self.plan.after_fault)
@@ -203,11 +218,14 @@ class StepRun:
             self.condition.notify_all()
 
     def _device_loop(self, d: int) -> None:
-        runner = self.plan.runners[d]
+        runner = self.plan.list_runner(d)
         action = None
         try:
-            self._refresh_replicas(runner)
+            for k in sorted({a.stage for a in self.plan.schedule[d]}):
+                runner = self.plan.runners[k]
+                self._refresh_replicas(runner)
             for action in self.plan.schedule[d]:
+                runner = self.plan.runners[action.stage]
                 needs = self.plan.dependencies.of(action)
                 with self.condition:
                     self.condition.wait_for(
@@ -220,6 +238,8 @@ class StepRun:
                 with tf.device(runner.device):
                     if action.kind == FORWARD:
                         self._forward(runner, action.microbatch)
+                    elif action.kind == WEIGHT:
+                        self._weight(runner, action.microbatch)
                     else:
                         self._backward(runner, action.microbatch)
                 end = time.perf_counter() - self.start
@@ -274,6 +294,7 @@ class StepRun:
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],
                                                self.live[runner.index])
+            self._hold(runner.index, _nbytes(residuals))
 
     def _take_activation(self, name: str, m: int) -> tf.Tensor:
         if name in self.arg_position:
@@ -301,21 +322,57 @@ class StepRun:
             # the caller's seed (source K) first, then later stages first, as compose sums
             cotangents.append(sum_in_order([by_source[s]
                                             for s in sorted(by_source, reverse=True)]))
-        input_cotangents, variable_grads = run_reporting_xla_errors(
-            runner.backward, residuals, cotangents)
-        if self.sync:
-            wait_for([c for c in input_cotangents if c is not None] + list(variable_grads))
-        del residuals  # dropped right after their backward
         k = runner.index
-        if self.grads[k] is None:
-            self.grads[k] = list(variable_grads)
+        held = _nbytes(residuals)
+        if self.plan.split_backward:
+            input_cotangents, weight_inputs = run_reporting_xla_errors(
+                runner.backward_input, residuals, cotangents)
+            if self.sync:
+                wait_for([c for c in input_cotangents if c is not None])
+            with self.condition:
+                self.weight_inputs[k][m] = weight_inputs
+                self._hold(k, _nbytes(weight_inputs))
         else:
-            self.grads[k] = [a + g for a, g in zip(self.grads[k], variable_grads)]
+            input_cotangents, variable_grads = run_reporting_xla_errors(
+                runner.backward, residuals, cotangents)
+            if self.sync:
+                wait_for([c for c in input_cotangents if c is not None] + list(variable_grads))
+            self._add_gradients(k, variable_grads)
+        del residuals  # dropped right after their backward (W keeps what it reads)
         with self.condition:
             for name, cotangent in zip(runner.inputs, input_cotangents):
                 if cotangent is not None and name not in self.arg_position:
                     self.cotangents.setdefault((name, m), {})[k] = cotangent
+            self._hold(k, -held)
+            if not self.plan.split_backward:
+                self.live[k] -= 1
+
+    def _weight(self, runner: StageRunner, m: int) -> None:
+        k = runner.index
+        with self.condition:
+            weight_inputs = self.weight_inputs[k].pop(m)
+        variable_grads = run_reporting_xla_errors(runner.backward_weight, weight_inputs)
+        if self.sync:
+            wait_for(list(variable_grads))
+        self._add_gradients(k, variable_grads)
+        with self.condition:
+            self._hold(k, -_nbytes(weight_inputs))
             self.live[k] -= 1
+
+    def _add_gradients(self, k: int, variable_grads: Sequence[tf.Tensor]) -> None:
+        """Add one micro-batch's variable gradients of stage ``k`` (micro-batches finish in
+        each stage's schedule order, one thread per stage)."""
+        if self.grads[k] is None:
+            self.grads[k] = list(variable_grads)
+        else:
+            self.grads[k] = [a + g for a, g in zip(self.grads[k], variable_grads)]
+
+    def _hold(self, k: int, nbytes: int) -> None:
+        """Count ``nbytes`` more (fewer, if negative) residual bytes alive on stage ``k``'s
+        list; under the condition."""
+        d = self.list_of[k]
+        self.live_bytes[d] += nbytes
+        self.peak_live_bytes[d] = max(self.peak_live_bytes[d], self.live_bytes[d])
 
     # -- after the step ----------------------------------------------------------------------
 
@@ -365,4 +422,18 @@ class StepRun:
     def record(self) -> StepRecord:
         """What the timeline and the memory counts need; none of the step's tensors."""
         with self.condition:
-            return StepRecord(tuple(self.events), tuple(self.peak_live), dict(self.moved))
+            return StepRecord(tuple(self.events), tuple(self.peak_live), dict(self.moved),
+                              tuple(self.peak_live_bytes))
+
+
+def _nbytes(*groups: Sequence[Any]) -> int:
+    """Bytes of the distinct tensors in ``groups`` (a residual that is also a stage output or
+    input counts once)."""
+    seen, total = set(), 0
+    for group in groups:
+        for t in group or ():
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += (t.shape.num_elements() or 0) * t.dtype.size
+    return total

@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from gradsplit_compiler.core.split import Split
-from gradsplit_compiler.core.verify import stateful_random_ops
+from gradsplit_compiler.core.verify import RANDOM_OPS, stateful_random_ops
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import (
     default_device,
@@ -86,9 +86,10 @@ from gradsplit_compiler.run.engine import (
 )
 from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
 from gradsplit_compiler.run.schedules import (
-    BUILTIN_SCHEDULES,
+    builtin_schedule,
     ideal_idle_fraction,
     schedule_dependencies,
+    splits_backward,
     validate_schedule,
 )
 from gradsplit_compiler.run.training import TrainingState
@@ -102,7 +103,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
              optimizer: Any = None, clip_global_norm: float | None = None,
              on_nonfinite: str = "raise", jit_compile: bool = True,
-             timeout: float | None = None) -> Pipeline:
+             timeout: float | None = None, remat: Any = False) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -111,13 +112,17 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         A split whose ``fn`` returns one floating-point scalar (the loss).
     microbatches : int
         ``M``; it must divide the batch given to ``step``.
-    schedule : "gpipe", "1f1b" or list of lists of Action
+    schedule : "gpipe", "1f1b", "zb-h1", "interleaved-1f1b" or list of lists of Action
         The order in which each device runs its forwards and backwards; a list is checked
-        with ``validate_schedule`` first.
+        with ``validate_schedule`` first. ``"zb-h1"`` splits each backward into ``B``
+        (input cotangents) and ``W`` (variable gradients), two programs of the stage;
+        ``"interleaved-1f1b"`` runs several stages per device (``devices`` round robin,
+        e.g. ``[d0, d1, d0, d1]``), one thread per device.
     devices : list of str, optional
         A TensorFlow device name per stage (``"/CPU:1"``, ``"/GPU:0"``, ...); stage ``k``
-        runs on ``devices[k]`` (extra names are ignored). ``None``: every stage on
-        TensorFlow's default device, still one thread each.
+        runs on ``devices[k]`` (extra names are ignored); a name may repeat. ``None``: every
+        stage on TensorFlow's default device, still one thread each (except under
+        ``"interleaved-1f1b"``, or a schedule with one list per distinct device).
     loss_reduction : "mean" or "sum"
         Required: how ``fn`` reduces the per-example losses of a batch. Checked on the
         first step: a loss declared ``"mean"`` that sums (or the reverse) is refused.
@@ -142,6 +147,12 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         cluster died or stopped answering) raises ``GradSplitError`` naming the actions
         still running, their stages and devices; no variable changes. ``None``: wait. In
         ``train_step`` the optimizer update is bounded by it too.
+    remat : bool, list of bool or list of int
+        Rematerialisation: ``True`` for every stage, one bool per stage, or the indices of
+        the stages. Such a stage keeps only its inputs as residuals; its backward (``B``
+        under ``"zb-h1"``) runs its forward again first, in the same XLA program. Refused
+        for a stage that assigns a variable or draws random numbers (running it again
+        would repeat that).
 
     Returns
     -------
@@ -157,7 +168,8 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
     """
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
                     optimizer=optimizer, clip_global_norm=clip_global_norm,
-                    on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout)
+                    on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout,
+                    remat=remat)
 
 
 class IdleFraction(NamedTuple):
@@ -186,7 +198,7 @@ class Pipeline:
                  devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
                  optimizer: Any = None, clip_global_norm: float | None = None,
                  on_nonfinite: str = "raise", jit_compile: bool = True,
-                 timeout: float | None = None):
+                 timeout: float | None = None, remat: Any = False):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -204,16 +216,13 @@ class Pipeline:
         self.timeout = timeout
         self._schedule_name = schedule.lower() if isinstance(schedule, str) else None
         if isinstance(schedule, str):
-            maker = BUILTIN_SCHEDULES.get(schedule.lower())
-            if maker is None:
-                raise GradSplitError(
-                    f"unknown schedule {schedule!r}; use one of "
-                    f"{', '.join(repr(n) for n in BUILTIN_SCHEDULES)}, or a list with one list "
-                    f"of Action(kind, stage, microbatch) per device."
-                )
-            schedule = maker(self.num_stages, microbatches)
+            builtin_schedule(schedule, 1, 1)  # an unknown name, before anything else
+        self.remat = _remat_flags(remat, split)
+        self.devices = resolve_devices(devices, self.num_stages)
+        if isinstance(schedule, str):
+            schedule = builtin_schedule(schedule, self.num_stages, microbatches, self.devices)
         # A built-in one is checked all the same: the dependencies come from this split.
-        self.schedule = validate_schedule(schedule, split, microbatches)
+        self.schedule = validate_schedule(schedule, split, microbatches, self.devices)
         dependencies = schedule_dependencies(split)
         self._ideal_idle = ideal_idle_fraction(self.schedule, dependencies)
         self._batched = _batched_arguments(split)
@@ -224,7 +233,6 @@ class Pipeline:
                 f"into micro-batches. Declare the batch dimension as None, or use "
                 f"microbatches=1."
             )
-        self.devices = resolve_devices(devices, self.num_stages)
         if optimizer is None and (clip_global_norm is not None or on_nonfinite != "raise"):
             raise GradSplitError(
                 "clip_global_norm and on_nonfinite act on the optimizer's step; they need "
@@ -243,14 +251,21 @@ class Pipeline:
                 replace(stage_runner(split, stage, device, {
                     (idx, device): copy for idx, copy in zip(
                         stage.variable_indices, self._training.stage_variables(stage.index))},
-                    self.jit_compile), replicas=())
+                    self.jit_compile, self.remat[stage.index]), replicas=())
                 for stage, device in zip(split.stages, self.devices))
         else:
             self._replicas, self._copied_back = plan_replicas(split, self.devices,
                                                               self.jit_compile)
             runners = tuple(stage_runner(split, stage, device, self._replicas,
-                                         self.jit_compile)
+                                         self.jit_compile, self.remat[stage.index])
                             for stage, device in zip(split.stages, self.devices))
+        split_backward = splits_backward(self.schedule)
+        for runner in runners:
+            if split_backward and runner.backward_input is None:
+                raise GradSplitError(
+                    f"the schedule splits the backward into B and W, but stage "
+                    f"{runner.index} runs on {runner.device}, a task of a cluster, where "
+                    "only its fused backward runs yet. Use schedule='1f1b' or 'gpipe' there.")
         self._plan = StepPlan(
             runners=runners,
             schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,
@@ -258,7 +273,8 @@ class Pipeline:
             arg_names=tuple(split.arg_names), loss_name=split.output_names[0],
             loss_dtype=split.output_specs[0].dtype, home=home, timeout=timeout,
             aux_names=tuple(split.output_names[1:]),
-            after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE)
+            after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE,
+            split_backward=split_backward)
         self._last: StepRecord | None = None
         self._reduction_checked = False
 
@@ -478,8 +494,8 @@ class Pipeline:
                 "with_microbatches needs a built-in schedule ('gpipe' or '1f1b'); this "
                 "pipeline runs a schedule given as a list.")
         schedule = validate_schedule(
-            BUILTIN_SCHEDULES[self._schedule_name](self.num_stages, microbatches), self.split,
-            microbatches)
+            builtin_schedule(self._schedule_name, self.num_stages, microbatches, self.devices),
+            self.split, microbatches, self.devices)
         twin = copy.copy(self)
         vars(twin).update(  # the copy's own state for its count; stages and training shared
             microbatches=microbatches, schedule=schedule, _last=None,
@@ -547,6 +563,14 @@ class Pipeline:
         step (a forward's residuals live until its backward ran)."""
         return list(self._last_run().peak_live)
 
+    @property
+    def peak_live_residual_bytes(self) -> list[int]:
+        """Per list of the schedule (per device), the most bytes of residuals alive at once
+        in the last step: a forward's residuals until its backward; under a schedule that
+        splits the backward, what ``W`` reads until the ``W`` (residuals that are also a
+        stage output or input count once, variables not at all)."""
+        return list(self._last_run().peak_live_bytes)
+
     def bytes_moved(self) -> dict[str, int]:
         """Bytes the last step moved between devices, by kind: ``"activations"`` and
         ``"cotangents"`` (between stages on different devices), ``"inputs"`` (arguments
@@ -566,7 +590,7 @@ class Pipeline:
 
     def idle_fraction(self) -> IdleFraction:
         """``(measured, ideal)`` idle share of the devices in the last step."""
-        return IdleFraction(measured_idle_fraction(self.timeline(), self.num_stages),
+        return IdleFraction(measured_idle_fraction(self.timeline(), len(self.schedule)),
                             self._ideal_idle)
 
     def write_chrome_trace(self, path: str | os.PathLike) -> str:
@@ -586,7 +610,9 @@ class Pipeline:
                              microbatches=self.microbatches, idle=self.idle_fraction())
 
     def _device_labels(self) -> list[str]:
-        return [device_label(device) for device in self.devices]
+        """One label per list of the schedule: the device of its stages."""
+        return [device_label(self.devices[actions[0].stage] if actions else self.devices[d])
+                for d, actions in enumerate(self.schedule)]
 
 
 # -- checks and setup -------------------------------------------------------------------------
@@ -623,6 +649,49 @@ def _check_scalar_loss(split: Split) -> None:
             f"these have none: {', '.join(unbatched)}. Return the loss alone, or the loss and "
             "per-example outputs (predictions)."
         )
+
+
+def _remat_flags(remat: Any, split: Split) -> list[bool]:
+    """``remat=`` as one bool per stage; refuses a stage whose forward cannot run twice."""
+    k = len(split.stages)
+    if isinstance(remat, bool):
+        flags = [remat] * k
+    elif isinstance(remat, Sequence) and not isinstance(remat, (str, bytes)) and remat and all(
+            isinstance(r, bool) for r in remat):
+        if len(remat) != k:
+            raise GradSplitError(
+                f"remat has {len(remat)} flags, but the split has {k} stages; give one bool "
+                "per stage, the indices of the stages to rematerialise, or True/False.")
+        flags = list(remat)
+    elif isinstance(remat, (Sequence, set, frozenset)) and not isinstance(
+            remat, (str, bytes)) and all(isinstance(r, int) and not isinstance(r, bool)
+                                         for r in remat):
+        bad = [r for r in remat if not 0 <= r < k]
+        if bad:
+            raise GradSplitError(
+                f"remat names stage {bad[0]}, but the split has stages 0 to {k - 1}.")
+        flags = [i in set(remat) for i in range(k)]
+    else:
+        raise GradSplitError(
+            f"remat must be True/False, one bool per stage or a list of stage indices; got "
+            f"{remat!r}.")
+    written = set(split.program.written_variables())
+    g = split.graph
+    for stage, flag in zip(split.stages, flags):
+        if not flag:
+            continue
+        assigned = [split.variables[i].name for i in stage.variable_indices if i in written]
+        random = [n for n in g.nodes if g.nodes[n]["op"] in RANDOM_OPS
+                  and g.nodes[n].get("stage") == stage.index]
+        if assigned or random:
+            what = (f"assigns variable {assigned[0]!r}" if assigned else
+                    f"draws random numbers ({random[0]})")
+            raise GradSplitError(
+                f"remat for stage {stage.index}: the stage {what}, and its backward would "
+                "run its forward again, repeating that. Leave this stage out of remat= "
+                "(give the indices of the others), or cut so that it sits in a stage of "
+                "its own.")
+    return flags
 
 
 def _batched_arguments(split: Split) -> list[int]:

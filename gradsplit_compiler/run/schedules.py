@@ -2,7 +2,13 @@
 
 A schedule for a split of ``K`` stages and ``M`` micro-batches is a list of ``K`` lists; list
 ``k`` is what device ``k`` (the device of stage ``k``) runs, in order. Each entry is an
-``Action``: the forward (``"F"``) or backward (``"B"``) of one stage on one micro-batch.
+``Action``: the forward (``"F"``) or backward (``"B"``) of one stage on one micro-batch. In a
+zero-bubble schedule the backward is split in two: ``"B"`` then computes only the input
+cotangents (what the previous stage waits for) and ``"W"`` the variable gradients, later, on
+the same device; a schedule lists a ``W`` for every ``B`` or none at all (fused backwards).
+When several stages share a device (virtual stages: ``devices`` names a device more than
+once), a schedule may instead hold one list per distinct device, in the order the devices
+first appear; that list runs the actions of all its stages.
 
 >>> from gradsplit_compiler.schedules import gpipe_schedule, one_f_one_b_schedule
 >>> [str(a) for a in one_f_one_b_schedule(2, 3)[0]]
@@ -12,7 +18,12 @@ A schedule for a split of ``K`` stages and ``M`` micro-batches is a list of ``K`
 Dependencies come from the split, not from stage numbers alone: ``F(k, m)`` waits for
 ``F(j, m)`` of every stage ``j`` whose outputs stage ``k`` reads (a skip connection makes
 ``j < k - 1`` a dependency too); ``B(k, m)`` waits for ``F(k, m)`` and for ``B(j, m)`` of every
-later stage ``j`` that reads a floating-point output of ``k`` (it sends ``k`` a cotangent).
+later stage ``j`` that reads a floating-point output of ``k`` (it sends ``k`` a cotangent);
+``W(k, m)`` waits for ``B(k, m)``.
+
+>>> from gradsplit_compiler.schedules import zb_h1_schedule
+>>> " ".join(f"{a.kind}{a.microbatch}" for a in zb_h1_schedule(3, 4)[0])
+'F0 F1 F2 B0 W0 F3 B1 W1 B2 W2 B3 W3'
 """
 
 from __future__ import annotations
@@ -26,22 +37,30 @@ __all__ = [
     "BACKWARD",
     "BUILTIN_SCHEDULES",
     "FORWARD",
+    "WEIGHT",
     "Action",
     "Dependencies",
+    "builtin_schedule",
     "gpipe_schedule",
     "ideal_idle_fraction",
+    "interleaved_one_f_one_b_schedule",
     "one_f_one_b_schedule",
     "schedule_dependencies",
     "simulate_schedule",
+    "splits_backward",
     "validate_schedule",
+    "zb_h1_schedule",
 ]
 
 FORWARD = "F"
 BACKWARD = "B"
+WEIGHT = "W"
+KINDS = (FORWARD, BACKWARD, WEIGHT)
 
 
 class Action(NamedTuple):
-    """The forward (``kind="F"``) or backward (``kind="B"``) of ``stage`` on ``microbatch``."""
+    """The forward (``kind="F"``), backward (``kind="B"``) or weight-gradient part of the
+    backward (``kind="W"``, in a schedule that splits it) of ``stage`` on ``microbatch``."""
 
     kind: str
     stage: int
@@ -63,6 +82,8 @@ class Dependencies(NamedTuple):
         k, m = action.stage, action.microbatch
         if action.kind == FORWARD:
             return [Action(FORWARD, j, m) for j in sorted(self.forward[k])]
+        if action.kind == WEIGHT:
+            return [Action(BACKWARD, k, m)]
         return [Action(FORWARD, k, m)] + [
             Action(BACKWARD, j, m) for j in sorted(self.backward[k])
         ]
@@ -100,7 +121,115 @@ def one_f_one_b_schedule(num_stages: int, microbatches: int) -> list[list[Action
     return schedule
 
 
-BUILTIN_SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
+def zb_h1_schedule(num_stages: int, microbatches: int) -> list[list[Action]]:
+    """ZB-H1 (zero bubble, Qi et al. 2024): 1F1B with each backward split into ``B`` (input
+    cotangents) and ``W`` (variable gradients), the ``W`` passes postponed into what would be
+    bubbles.
+
+    Stage ``k`` runs 1F1B's warm-up of ``K - k`` forwards, then per micro-batch ``j`` its
+    ``B``, the ``W`` of micro-batch ``j - k`` (none while ``j < k``) and its next forward;
+    then the ``W`` passes left. Every stage holds the residuals of at most ``min(K, M)``
+    micro-batches (a micro-batch's live until its ``W``): 1F1B's peak, which 1F1B reaches on
+    stage 0 only. With every ``F``, ``B`` and ``W`` one time unit, a step takes
+    ``3M + K - 1`` units (``M >= K``) against 1F1B's ``3M + 3(K - 1)``: a third of the bubble.
+    """
+    _check_counts(num_stages, microbatches)
+    schedule = []
+    for k in range(num_stages):
+        warmup = min(num_stages - k, microbatches)
+        actions = [Action(FORWARD, k, m) for m in range(warmup)]
+        forwards, weights = warmup, 0
+        for j in range(microbatches):
+            actions.append(Action(BACKWARD, k, j))
+            if j >= k:
+                actions.append(Action(WEIGHT, k, weights))
+                weights += 1
+            if forwards < microbatches:
+                actions.append(Action(FORWARD, k, forwards))
+                forwards += 1
+        actions += [Action(WEIGHT, k, m) for m in range(weights, microbatches)]
+        schedule.append(actions)
+    return schedule
+
+
+def interleaved_one_f_one_b_schedule(num_stages: int, microbatches: int,
+                                     num_devices: int) -> list[list[Action]]:
+    """Megatron-LM's interleaved 1F1B over virtual stages: stage ``k`` runs on device
+    ``k % D`` (``D = num_devices``, each holding ``K / D`` stages, "chunks"); one list per
+    device.
+
+    Each device runs its chunks' forwards in groups of ``D`` micro-batches, chunk after
+    chunk, and its backwards in the same groups from the last chunk back; a warm-up of
+    ``2 (D - 1 - d) + (K / D - 1) D`` forwards on device ``d``, then one forward and one
+    backward in turn. The bubble shrinks by the number of chunks against 1F1B on ``D``
+    devices. ``M`` must be a multiple of ``D``.
+    """
+    _check_counts(num_stages, microbatches)
+    _check_counts(num_devices, 1)
+    d_ = num_devices
+    if num_stages % d_:
+        raise GradSplitError(
+            f"interleaved-1f1b puts stage k on device k % D: the {num_stages} stages do not "
+            f"share {d_} devices equally. Give a number of stages that {d_} divides (name "
+            f"each device once per chunk, e.g. devices=[d0, d1, d0, d1]).")
+    if microbatches % d_:
+        raise GradSplitError(
+            f"interleaved-1f1b runs micro-batches in groups of D = {d_} (the devices); "
+            f"microbatches={microbatches} is not a multiple of {d_}. Use a multiple of {d_}, "
+            "or schedule='1f1b'.")
+    chunks = num_stages // d_
+    total = microbatches * chunks
+
+    def unit(i: int, d: int, kind: str) -> Action:
+        group, within = divmod(i, d_ * chunks)
+        chunk = (i // d_) % chunks
+        if kind == BACKWARD:
+            chunk = chunks - 1 - chunk
+        return Action(kind, chunk * d_ + d, group * d_ + within % d_)
+
+    schedule = []
+    for d in range(d_):
+        warmup = min(total, 2 * (d_ - 1 - d) + (chunks - 1) * d_) if chunks > 1 else \
+            min(total, d_ - 1 - d)
+        actions = [unit(i, d, FORWARD) for i in range(warmup)]
+        for i in range(total - warmup):
+            actions += [unit(warmup + i, d, FORWARD), unit(i, d, BACKWARD)]
+        actions += [unit(i, d, BACKWARD) for i in range(total - warmup, total)]
+        schedule.append(actions)
+    return schedule
+
+
+BUILTIN_SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule,
+                     "zb-h1": zb_h1_schedule,
+                     "interleaved-1f1b": interleaved_one_f_one_b_schedule}
+
+
+def builtin_schedule(name: str, num_stages: int, microbatches: int,
+                     devices: Sequence[str] | None = None) -> list[list[Action]]:
+    """The built-in schedule ``name`` for ``num_stages`` stages on ``devices`` (one name per
+    stage; ``interleaved-1f1b`` needs stage ``k`` on the ``k % D``-th distinct device)."""
+    maker = BUILTIN_SCHEDULES.get(name.lower())
+    if maker is None:
+        raise GradSplitError(
+            f"unknown schedule {name!r}; use one of "
+            f"{', '.join(repr(n) for n in BUILTIN_SCHEDULES)}, or a list with one list "
+            f"of Action(kind, stage, microbatch) per device."
+        )
+    if maker is not interleaved_one_f_one_b_schedule:
+        return maker(num_stages, microbatches)
+    distinct = list(dict.fromkeys(devices or [None] * num_stages))
+    expected = [distinct[k % len(distinct)] for k in range(num_stages)]
+    if list(devices or [None] * num_stages) != expected:
+        raise GradSplitError(
+            f"interleaved-1f1b puts stage k on device k % D, round robin; devices "
+            f"{list(devices)} do not. Name the D devices in the same order once per chunk "
+            f"(e.g. devices=[d0, d1, d0, d1] for 4 stages on 2 devices).")
+    return interleaved_one_f_one_b_schedule(num_stages, microbatches, len(distinct))
+
+
+def splits_backward(schedule: Sequence[Sequence[Action]]) -> bool:
+    """Whether ``schedule`` splits the backwards into ``B`` and ``W`` (it lists ``W``)."""
+    return any(a.kind == WEIGHT for actions in schedule for a in actions)
 
 
 def schedule_dependencies(split: Any) -> Dependencies:
@@ -122,18 +251,22 @@ def schedule_dependencies(split: Any) -> Dependencies:
     return Dependencies([frozenset(s) for s in forward], [frozenset(s) for s in backward])
 
 
-def validate_schedule(schedule: Sequence[Sequence[Any]], split: Any,
-                      microbatches: int) -> list[list[Action]]:
+def validate_schedule(schedule: Sequence[Sequence[Any]], split: Any, microbatches: int,
+                      devices: Sequence[str] | None = None) -> list[list[Action]]:
     """Check ``schedule`` for ``split`` and ``microbatches``; return it as lists of ``Action``.
 
     Parameters
     ----------
     schedule : list of lists
-        One list per stage (stage ``k`` runs on device ``k``); entries are ``Action`` or
-        ``(kind, stage, microbatch)`` tuples.
+        One list per stage (stage ``k`` runs on device ``k``), or, when ``devices`` names a
+        device more than once, one list per distinct device (in order of first appearance)
+        holding the actions of all its stages; entries are ``Action`` or ``(kind, stage,
+        microbatch)`` tuples.
     split : gsc.Split
         Gives the number of stages and the dependencies between them.
     microbatches : int
+    devices : list of str, optional
+        The device of each stage (the pipeline's ``devices``).
 
     Returns
     -------
@@ -143,15 +276,17 @@ def validate_schedule(schedule: Sequence[Sequence[Any]], split: Any,
     ------
     GradSplitError
         Naming the offending action: one on the wrong device or out of range, one listed
-        twice or never, a backward before its forward, or a deadlock when each device runs
-        its list in order (found by simulating it).
+        twice or never, a backward before its forward, a ``W`` before its ``B`` or missing
+        in a schedule that splits the backward, or a deadlock when each device runs its
+        list in order (found by simulating it).
 
     Examples
     --------
     >>> validate_schedule([[("B", 0, 0), ("F", 0, 0)]], split, 1)  # doctest: +SKIP
     GradSplitError: B(stage=0, microbatch=0) comes before F(stage=0, microbatch=0) ...
     """
-    return _validate(schedule, len(split.stages), microbatches, schedule_dependencies(split))
+    return _validate(schedule, len(split.stages), microbatches, schedule_dependencies(split),
+                     devices)
 
 
 def simulate_schedule(schedule: Sequence[Sequence[Action]], dependencies: Dependencies
@@ -184,12 +319,57 @@ def simulate_schedule(schedule: Sequence[Sequence[Action]], dependencies: Depend
 
 def ideal_idle_fraction(schedule: Sequence[Sequence[Action]],
                         dependencies: Dependencies) -> float:
-    """Idle fraction of ``schedule`` when every forward and backward takes the same time:
+    """Idle fraction of ``schedule`` when every forward, ``B`` and ``W`` takes the same time
+    and a fused backward (``B`` in a schedule without ``W``) twice that:
     ``(K - 1) / (M + K - 1)`` for GPipe and 1F1B."""
-    slots = simulate_schedule(schedule, dependencies)
-    span = max(slots.values()) + 1
-    busy = sum(len(actions) for actions in schedule)
+    times = timed_schedule(schedule, dependencies, unit_durations(schedule))
+    span = max(end for _, end in times.values())
+    busy = sum(end - start for start, end in times.values())
     return 1.0 - busy / (len(schedule) * span)
+
+
+def unit_durations(schedule: Sequence[Sequence[Action]]) -> dict[str, float]:
+    """Time per action kind in units of a forward: a split ``B`` or a ``W`` one, a fused
+    backward two."""
+    return {FORWARD: 1.0, WEIGHT: 1.0, BACKWARD: 1.0 if splits_backward(schedule) else 2.0}
+
+
+def timed_schedule(schedule: Sequence[Sequence[Action]], dependencies: Dependencies,
+                   durations: Any) -> dict[Action, tuple[float, float]]:
+    """``(start, end)`` of each action when each list runs in order and an action starts as
+    soon as its list's previous action and everything it waits for have ended.
+
+    ``durations`` is a dict by kind (``{"F": 1.0, "B": 2.0}``) or by ``Action`` (a
+    measured time per action), or a callable ``durations(action) -> seconds``. Raises
+    ``GradSplitError`` naming the stuck actions when no list can move (a deadlock).
+    """
+    def duration(action: Action) -> float:
+        if callable(durations):
+            return float(durations(action))
+        if action in durations:
+            return float(durations[action])
+        return float(durations[action.kind])
+
+    position = [0] * len(schedule)
+    free = [0.0] * len(schedule)
+    times: dict[Action, tuple[float, float]] = {}
+    total = sum(len(actions) for actions in schedule)
+    while len(times) < total:
+        moved = False
+        for d, actions in enumerate(schedule):
+            while position[d] < len(actions):
+                action = actions[position[d]]
+                needs = dependencies.of(action)
+                if not all(dep in times for dep in needs):
+                    break
+                start = max([free[d]] + [times[dep][1] for dep in needs])
+                times[action] = (start, start + duration(action))
+                free[d] = times[action][1]
+                position[d] += 1
+                moved = True
+        if not moved:
+            raise GradSplitError(_deadlock_message(schedule, position, times, dependencies))
+    return times
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -201,20 +381,34 @@ def _check_counts(num_stages: int, microbatches: int) -> None:
             raise GradSplitError(f"the {what} must be a positive int; got {value!r}.")
 
 
+def list_stages(schedule_length: int, num_stages: int,
+                devices: Sequence[str] | None = None) -> list[frozenset[int]]:
+    """The stages each list of a schedule of ``schedule_length`` lists may hold: one list
+    per stage, or one per distinct device of ``devices`` (virtual stages)."""
+    distinct = list(dict.fromkeys(devices)) if devices is not None else []
+    if schedule_length == num_stages or not distinct or schedule_length != len(distinct):
+        return [frozenset({k}) for k in range(num_stages)]
+    return [frozenset(k for k in range(num_stages) if devices[k] == d) for d in distinct]
+
+
 def _validate(schedule: Any, num_stages: int, microbatches: int,
-              dependencies: Dependencies) -> list[list[Action]]:
+              dependencies: Dependencies,
+              devices: Sequence[str] | None = None) -> list[list[Action]]:
     _check_counts(num_stages, microbatches)
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
         raise GradSplitError(
             f"a schedule is a list with one list of actions per device; got {schedule!r}."
         )
-    if len(schedule) != num_stages:
+    holds = list_stages(len(schedule), num_stages, devices)
+    if len(schedule) != len(holds):
         raise GradSplitError(
             f"the schedule has {len(schedule)} device lists, but the split has {num_stages} "
-            f"stages: give one list per stage (stage k runs on device k)."
+            f"stages: give one list per stage (stage k runs on device k)"
+            + (f", or one per distinct device ({len(set(devices))})"
+               if devices is not None and len(set(devices)) < num_stages else "") + "."
         )
-    actions = [[_as_action(entry, d, num_stages, microbatches) for entry in device_actions]
-               for d, device_actions in enumerate(schedule)]
+    actions = [[_as_action(entry, d, num_stages, microbatches, holds) for entry in
+                device_actions] for d, device_actions in enumerate(schedule)]
     where: dict[Action, tuple[int, int]] = {}
     for d, device_actions in enumerate(actions):
         for i, action in enumerate(device_actions):
@@ -225,27 +419,40 @@ def _validate(schedule: Any, num_stages: int, microbatches: int,
                     f"position {i} of device {d}. Each action runs exactly once."
                 )
             where[action] = (d, i)
+    split_backward = splits_backward(actions)
     for k in range(num_stages):
-        for kind in (FORWARD, BACKWARD):
+        for kind in KINDS if split_backward else (FORWARD, BACKWARD):
             for m in range(microbatches):
-                if Action(kind, k, m) not in where:
+                if Action(kind, k, m) in where:
+                    continue
+                if kind == WEIGHT:
                     raise GradSplitError(
-                        f"the schedule never runs {Action(kind, k, m)}; device {k} must run "
-                        f"the forward and the backward of stage {k} on every micro-batch."
+                        f"the schedule never runs {Action(kind, k, m)}; it splits the "
+                        f"backward into B and W (it lists W actions), so every B needs its W. "
+                        f"Add {Action(kind, k, m)} after {Action(BACKWARD, k, m)} on its "
+                        f"device, or list no W at all (each B is then the whole backward)."
                     )
-    for action, (d, i) in where.items():
-        if action.kind == BACKWARD:
-            forward = Action(FORWARD, action.stage, action.microbatch)
-            if where[forward][1] > i:
                 raise GradSplitError(
-                    f"{action} comes before {forward} on device {d} (position {i} < "
-                    f"{where[forward][1]}); a backward needs the residuals of its forward."
+                    f"the schedule never runs {Action(kind, k, m)}; device {k} must run "
+                    f"the forward and the backward of stage {k} on every micro-batch."
+                )
+    for action, (d, i) in where.items():
+        if action.kind in (BACKWARD, WEIGHT):
+            before = Action(FORWARD if action.kind == BACKWARD else BACKWARD, action.stage,
+                            action.microbatch)
+            if where[before][1] > i:
+                why = ("a backward needs the residuals of its forward" if action.kind ==
+                       BACKWARD else "W reads what its B computed; run it after the B")
+                raise GradSplitError(
+                    f"{action} comes before {before} on device {d} (position {i} < "
+                    f"{where[before][1]}); {why}."
                 )
     simulate_schedule(actions, dependencies)
     return actions
 
 
-def _as_action(entry: Any, device: int, num_stages: int, microbatches: int) -> Action:
+def _as_action(entry: Any, device: int, num_stages: int, microbatches: int,
+               holds: Sequence[frozenset[int]]) -> Action:
     try:
         if isinstance(entry, (str, bytes)):
             raise TypeError
@@ -255,10 +462,10 @@ def _as_action(entry: Any, device: int, num_stages: int, microbatches: int) -> A
             f"schedule entry {entry!r} on device {device} is not an Action(kind, stage, "
             f"microbatch)."
         ) from None
-    if action.kind not in (FORWARD, BACKWARD):
+    if action.kind not in KINDS:
         raise GradSplitError(
-            f"{action} on device {device} has kind {action.kind!r}; use 'F' (forward) or 'B' "
-            f"(backward)."
+            f"{action} on device {device} has kind {action.kind!r}; use 'F' (forward), 'B' "
+            f"(backward) or 'W' (the weight gradients of a split backward, after its B)."
         )
     for what, value, limit in (("stage", action.stage, num_stages),
                                ("microbatch", action.microbatch, microbatches)):
@@ -267,10 +474,16 @@ def _as_action(entry: Any, device: int, num_stages: int, microbatches: int) -> A
                 f"{action} on device {device}: {what} must be an int in [0, {limit}); got "
                 f"{value!r}."
             )
-    if action.stage != device:
+    if action.stage not in holds[device]:
+        if len(holds) == num_stages:
+            raise GradSplitError(
+                f"{action} is on device {device}, but stage {action.stage} runs on device "
+                f"{action.stage}: list k holds the actions of stage k only."
+            )
         raise GradSplitError(
-            f"{action} is on device {device}, but stage {action.stage} runs on device "
-            f"{action.stage}: list k holds the actions of stage k only."
+            f"{action} is in the list of device {device}, which runs stages "
+            f"{sorted(holds[device])}; stage {action.stage} runs on another device. Put "
+            f"each action in the list of its stage's device."
         )
     return action
 
