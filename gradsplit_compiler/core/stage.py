@@ -103,6 +103,12 @@ class Stage:
             autograph=False)
 
     @property
+    def pieces(self) -> StageVJP:
+        """The traced pieces behind the stage's programs (``core.rebuild.StageVJP``): the
+        forward and fused backward GraphDefs, and ``split_backward``, B's and W's."""
+        return self._vjp
+
+    @property
     def weight_input_specs(self) -> list[tf.TensorSpec]:
         """The spec of each of W's inputs (``weight_inputs``): what a stage keeps from its
         B until its W, per micro-batch."""

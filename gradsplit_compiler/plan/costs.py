@@ -523,7 +523,11 @@ def summarize(split: Any, batch_size: int | None = None,
     ``boundary_bytes`` (how many tensors, and how many bytes, enter it from earlier stages;
     arguments of ``fn`` are fed by the caller and not counted); ``residual_bytes`` (the
     forward values its backward keeps, from ``stage.residual_specs``, variable reads left
-    out: they are the variables' own memory).
+    out: they are the variables' own memory); ``weight_input_bytes`` (what a schedule that
+    splits the backward keeps from a stage's ``B`` until its ``W``: the residuals and
+    cotangents ``W`` reads and the values ``B`` carries to it, ``stage.weight_input_specs``);
+    ``remat_residual_bytes`` (what the stage keeps per micro-batch under ``remat=``: its
+    inputs).
 
     ``None`` dimensions count ``batch_size`` (1 when not given: per-example bytes).
     """
@@ -550,6 +554,10 @@ def summarize(split: Any, batch_size: int | None = None,
             "boundary_tensors": len(crossing),
             "boundary_bytes": sum(_name_bytes(g, n, batch) for n in crossing),
             "residual_bytes": sum(residual),
+            "weight_input_bytes": sum(_spec_bytes(spec, batch)
+                                      for spec in stage.weight_input_specs),
+            "remat_residual_bytes": sum(_spec_bytes(spec, batch)
+                                        for spec in stage.input_specs),
         })
     return rows
 

@@ -269,7 +269,7 @@ BAD_SCHEDULES = {
                      "B(stage=1, microbatch=1) is on device 0"),
     "microbatch_out_of_range": (lambda s: s[0].append(Action("F", 0, 2)),
                                 "F(stage=0, microbatch=2) on device 0: microbatch"),
-    "unknown_kind": (lambda s: s[0].append(("W", 0, 0)), "has kind 'W'"),
+    "unknown_kind": (lambda s: s[0].append(("X", 0, 0)), "has kind 'X'"),
     "not_an_action": (lambda s: s[0].append("F00"), "'F00' on device 0 is not an Action"),
     "too_few_lists": (lambda s: s.pop(), "3 device lists, but the split has 4 stages"),
 }

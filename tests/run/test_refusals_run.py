@@ -83,7 +83,9 @@ def test_an_action_of_an_unknown_kind(two):
     _, split = two
     schedule = gpipe_schedule(2, 2)
     schedule[0][0] = Action("X", 0, 0)
-    with pytest.raises(GradSplitError, match=r"use 'F' \(forward\) or 'B' \(backward\)\."):
+    with pytest.raises(GradSplitError, match=r"use 'F' \(forward\), 'B' \(backward\) or 'W' "
+                                             r"\(the weight gradients of a split backward, "
+                                             r"after its B\)\."):
         _pipe(split, schedule=schedule)
 
 
