@@ -1,8 +1,9 @@
 """Pictures of a pipeline step: Chrome trace JSON and a Gantt chart of its timeline.
 
 Both read a list of recorded events (``gsc.Pipeline.timeline()``: each with
-``device_index``, ``device``, ``kind`` ``"F"`` or ``"B"``, ``stage``, ``microbatch``, and
-``start`` and ``end`` in seconds from the step start) and one label per device;
+``device_index``, ``device``, ``kind`` ``"F"``, ``"B"`` or ``"W"``, ``stage``,
+``microbatch``, and ``start`` and ``end`` in seconds from the step start) and one label per
+device (per list of the schedule);
 ``Pipeline.write_chrome_trace`` and ``Pipeline.plot_timeline`` call them.
 
 >>> from collections import namedtuple
@@ -22,9 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.run.schedules import BACKWARD, FORWARD
+from gradsplit_compiler.run.schedules import BACKWARD, FORWARD, WEIGHT
 
-__all__ = ["chrome_trace", "plot_timeline", "write_chrome_trace"]
+__all__ = ["CATEGORIES", "HATCHES", "chrome_trace", "plot_timeline", "write_chrome_trace"]
+
+# Chrome trace category and Gantt chart hatch of each action kind.
+CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight"}
+HATCHES = {FORWARD: None, BACKWARD: "///", WEIGHT: "..."}
 
 
 def chrome_trace(events: Sequence[Any], labels: Sequence[str], *, microbatches: int) -> dict:
@@ -40,7 +45,7 @@ def chrome_trace(events: Sequence[Any], labels: Sequence[str], *, microbatches: 
     for e in events:
         trace.append({
             "name": f"{e.kind}{e.microbatch}",
-            "cat": "forward" if e.kind == FORWARD else "backward",
+            "cat": CATEGORIES.get(e.kind, e.kind),
             "ph": "X", "pid": 0, "tid": e.device_index,
             "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6,
             "args": {"stage": e.stage, "microbatch": e.microbatch, "device": e.device},
@@ -61,9 +66,9 @@ def write_chrome_trace(events: Sequence[Any], path: str | os.PathLike, *,
 def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Sequence[str],
                   microbatches: int, idle: tuple[float, float]) -> str:
     """Draw ``events`` as a PNG Gantt chart at ``path``: one row per device (``labels``),
-    one colour per stage, forwards plain and backwards hatched, the micro-batch index in
-    each box; the title gives ``idle``, the ``(measured, ideal)`` idle shares. Returns the
-    path."""
+    one colour per stage, forwards plain, backwards (``B``) hatched and weight gradients
+    (``W``) dotted, the micro-batch index in each box; the title gives ``idle``, the
+    ``(measured, ideal)`` idle shares. Returns the path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -83,7 +88,7 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     for e in events:
         ax.barh(e.device_index, (e.end - e.start) * 1e3, left=e.start * 1e3, height=0.8,
                 color=stage_colour(e.stage), edgecolor="black", linewidth=0.5,
-                hatch="///" if e.kind == BACKWARD else None)
+                hatch=HATCHES.get(e.kind))
         if (e.end - e.start) > span / 150:
             ax.text((e.start + e.end) / 2 * 1e3, e.device_index, str(e.microbatch),
                     ha="center", va="center", fontsize=7)
@@ -92,14 +97,20 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     ax.invert_yaxis()
     ax.set_xlabel("time since step start (ms)")
     measured, ideal = idle
+    kinds = {e.kind for e in events}
+    stages = sorted({e.stage for e in events})
     ax.set_title(
-        f"{k} stages, {microbatches} micro-batches: idle {measured:.0%} "
-        f"(ideal {ideal:.0%}); plain = forward, hatched = backward, number = "
-        f"micro-batch", fontsize=9)
+        f"{len(stages)} stages on {k} devices, {microbatches} micro-batches: idle "
+        f"{measured:.0%} (ideal {ideal:.0%}); plain = forward, hatched = backward"
+        + (", dotted = weight gradients (W)" if WEIGHT in kinds else "")
+        + ", number = micro-batch", fontsize=9)
     handles = [Patch(facecolor=stage_colour(s), edgecolor="black", label=f"stage {s}")
-               for s in range(k)]
+               for s in stages]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
-                         label="backward"))
+                         label="backward (B)" if WEIGHT in kinds else "backward"))
+    if WEIGHT in kinds:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="...",
+                             label="weight gradients (W)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     path = os.fspath(path)
