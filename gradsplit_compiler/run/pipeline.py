@@ -222,7 +222,11 @@ class Pipeline:
         if isinstance(schedule, str):
             schedule = builtin_schedule(schedule, self.num_stages, microbatches, self.devices)
         # A built-in one is checked all the same: the dependencies come from this split.
-        self.schedule = validate_schedule(schedule, split, microbatches, self.devices)
+        # Lists per device (virtual stages) only where the caller named devices, or asked for
+        # interleaved-1f1b: devices=None keeps one thread per stage.
+        self._list_devices = self.devices if (
+            devices is not None or self._schedule_name == "interleaved-1f1b") else None
+        self.schedule = validate_schedule(schedule, split, microbatches, self._list_devices)
         dependencies = schedule_dependencies(split)
         self._ideal_idle = ideal_idle_fraction(self.schedule, dependencies)
         self._batched = _batched_arguments(split)
@@ -495,7 +499,7 @@ class Pipeline:
                 "pipeline runs a schedule given as a list.")
         schedule = validate_schedule(
             builtin_schedule(self._schedule_name, self.num_stages, microbatches, self.devices),
-            self.split, microbatches, self.devices)
+            self.split, microbatches, self._list_devices)
         twin = copy.copy(self)
         vars(twin).update(  # the copy's own state for its count; stages and training shared
             microbatches=microbatches, schedule=schedule, _last=None,

@@ -198,7 +198,9 @@ BAD = {
                    "W(stage=2, microbatch=1) comes before B(stage=2, microbatch=1) on device "
                    "2 (position"),
     "w_missing": (lambda s: s[1].remove(Action("W", 1, 0)),
-                  "the schedule never runs W(stage=1, microbatch=0); it splits the backward"),
+                  "the schedule never runs W(stage=1, microbatch=0); it splits the backward "
+                  "into B and W (it lists W actions), so every B needs its W. Add "
+                  "W(stage=1, microbatch=0) after B(stage=1, microbatch=0) on its device"),
     "w_on_another_device": (lambda s: s[0].append(s[1].pop()),
                             "W(stage=1, microbatch=1) is on device 0"),
     "unknown_kind": (lambda s: s[0].append(("V", 0, 0)),
@@ -220,7 +222,8 @@ def test_a_virtual_stage_schedule_has_one_list_per_device(model):
     assert validate_schedule(schedule, model.split, 2, TWO_DEVICES_TWICE) == schedule
     schedule[0].append(schedule[1].pop())
     with pytest.raises(GradSplitError, match=r"is in the list of device 0, which runs stages "
-                                             r"\[0, 2\]; stage 1 runs on another device"):
+                                             r"\[0, 2\]; stage 1 runs on another device\. Put "
+                                             r"each action in the list of its stage's device"):
         validate_schedule(schedule, model.split, 2, TWO_DEVICES_TWICE)
     with pytest.raises(GradSplitError, match=r"the schedule has 3 device lists, but the split "
                                              r"has 4 stages: .*, or one per distinct device"):
@@ -231,16 +234,19 @@ def test_interleaved_1f1b_needs_round_robin_devices_and_microbatches_in_groups(m
     with pytest.raises(GradSplitError, match=r"puts stage k on device k % D, round robin"):
         gsc.pipeline(model.split, 2, "interleaved-1f1b",
                      ["/CPU:0", "/CPU:0", "/CPU:1", "/CPU:1"], loss_reduction="mean")
-    with pytest.raises(GradSplitError, match=r"runs micro-batches in groups of D = 2 \(the "
-                                             r"devices\); microbatches=3"):
+    with pytest.raises(GradSplitError, match=r"interleaved-1f1b runs micro-batches in groups "
+                                             r"of D = 2 \(the devices\); microbatches=3"):
         gsc.pipeline(model.split, 3, "interleaved-1f1b", TWO_DEVICES_TWICE,
                      loss_reduction="mean")
-    with pytest.raises(GradSplitError, match=r"the 4 stages do not share 3 devices equally"):
+    with pytest.raises(GradSplitError, match=r"the 4 stages do not share 3 devices equally\. "
+                                             r"Give a number of stages that 3 divides \(name "
+                                             r"each device once per chunk"):
         interleaved_one_f_one_b_schedule(4, 3, 3)
 
 
 @pytest.mark.parametrize("remat, message", [
-    ([True, False], r"remat has 2 flags, but the split has 4 stages"),
+    ([True, False], r"remat has 2 flags, but the split has 4 stages; give one bool per stage, "
+                    r"the indices of the stages to rematerialise, or True/False\."),
     ([7], r"remat names stage 7, but the split has stages 0 to 3\."),
     ("all", r"remat must be True/False, one bool per stage or a list of stage indices"),
 ])
