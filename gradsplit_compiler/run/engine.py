@@ -117,6 +117,8 @@ class StepRecord:
     peak_live: tuple[int, ...]
     moved: dict[str, int]
     peak_live_bytes: tuple[int, ...] = ()
+    residual_bytes: tuple[int, ...] = ()  # per stage, one micro-batch's
+    weight_input_bytes: tuple[int, ...] = ()  # per stage, one micro-batch's (B to W)
 
 
 class StepRun:
@@ -150,6 +152,8 @@ class StepRun:
         self.list_of = {a.stage: d for d, actions in enumerate(plan.schedule) for a in actions}
         self.live_bytes = [0] * len(plan.schedule)
         self.peak_live_bytes = [0] * len(plan.schedule)
+        self.residual_bytes = [0] * plan.num_stages
+        self.weight_input_bytes = [0] * plan.num_stages
         self.values: dict[int, tf.Tensor] = {}
         self.aux: dict[tuple[str, int], tf.Tensor] = {}
         self.grads: list[list[tf.Tensor] | None] = [None] * plan.num_stages
@@ -294,7 +298,8 @@ class StepRun:
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],
                                                self.live[runner.index])
-            self._hold(runner.index, _nbytes(residuals))
+            self.residual_bytes[runner.index] = _nbytes(residuals)
+            self._hold(runner.index, self.residual_bytes[runner.index])
 
     def _take_activation(self, name: str, m: int) -> tf.Tensor:
         if name in self.arg_position:
@@ -331,7 +336,8 @@ class StepRun:
                 wait_for([c for c in input_cotangents if c is not None])
             with self.condition:
                 self.weight_inputs[k][m] = weight_inputs
-                self._hold(k, _nbytes(weight_inputs))
+                self.weight_input_bytes[k] = _nbytes(weight_inputs)
+                self._hold(k, self.weight_input_bytes[k])
         else:
             input_cotangents, variable_grads = run_reporting_xla_errors(
                 runner.backward, residuals, cotangents)
@@ -423,7 +429,8 @@ class StepRun:
         """What the timeline and the memory counts need; none of the step's tensors."""
         with self.condition:
             return StepRecord(tuple(self.events), tuple(self.peak_live), dict(self.moved),
-                              tuple(self.peak_live_bytes))
+                              tuple(self.peak_live_bytes), tuple(self.residual_bytes),
+                              tuple(self.weight_input_bytes))
 
 
 def _nbytes(*groups: Sequence[Any]) -> int:

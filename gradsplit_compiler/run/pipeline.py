@@ -86,9 +86,15 @@ from gradsplit_compiler.run.engine import (
 )
 from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
 from gradsplit_compiler.run.schedules import (
+    BACKWARD,
+    WEIGHT,
+    Action,
+    Simulation,
     builtin_schedule,
     ideal_idle_fraction,
+    measured_latency,
     schedule_dependencies,
+    simulate,
     splits_backward,
     validate_schedule,
 )
@@ -280,6 +286,7 @@ class Pipeline:
             after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE,
             split_backward=split_backward)
         self._last: StepRecord | None = None
+        self._last_batch: int | None = None
         self._reduction_checked = False
 
     def __repr__(self) -> str:
@@ -374,6 +381,7 @@ class Pipeline:
                 "tf.function; each stage's forward and backward are compiled already.")
         self._last = None
         tensors = self.split.check_arguments(list(args))
+        self._last_batch = tensors[self._batched[0]].shape[0] if self._batched else None
         per_microbatch = self._cut_into_microbatches(tensors)
         if self._training is None:
             written = [(v, None) for v in self.split.written_variables()]
@@ -597,6 +605,46 @@ class Pipeline:
         return IdleFraction(measured_idle_fraction(self.timeline(), len(self.schedule)),
                             self._ideal_idle)
 
+    def simulate(self, durations: Any = None, schedule: Sequence | None = None,
+                 latency: float | None = None) -> Simulation:
+        """Predict a step (``schedules.simulate``): its time, each device's idle share and
+        peak live residual bytes, from per-action ``durations`` (default: each action's
+        time in the last step; a dict by kind such as ``{"F": 1.0, "B": 2.0}`` works too),
+        the ``latency`` between what an action waits for and its start (default: the
+        median the last step measured, ``schedules.measured_latency``) and the residual
+        bytes per micro-batch the last step measured. ``schedule``: another
+        schedule for the same stages and devices to predict instead (validated first), e.g.
+        ``"zb-h1"`` from a 1F1B step; a ``W`` then takes the time the kind-level
+        ``durations`` give it, or, from measured times, the fused backward's half (and ``B``
+        the other half)."""
+        record = self._last_run()
+        if latency is None:
+            latency = measured_latency(self.schedule, self._plan.dependencies, {
+                Action(e.kind, e.stage, e.microbatch): (e.start, e.end)
+                for e in record.events})
+        if durations is None:
+            durations = {Action(e.kind, e.stage, e.microbatch): e.end - e.start
+                         for e in record.events}
+        target = self.schedule
+        if schedule is not None:
+            if isinstance(schedule, str):
+                schedule = builtin_schedule(schedule, self.num_stages, self.microbatches,
+                                            self.devices)
+            target = validate_schedule(schedule, self.split, self.microbatches,
+                                       self._list_devices)
+        measured_split = splits_backward(self.schedule)
+        durations = _durations_for(durations, measured_split, splits_backward(target))
+        weights = record.weight_input_bytes if any(record.weight_input_bytes) else \
+            self._weight_bytes_per_microbatch()
+        return simulate(target, self._plan.dependencies, durations, record.residual_bytes,
+                        weights, latency)
+
+    def _weight_bytes_per_microbatch(self) -> list[int]:
+        """Per stage, the bytes its ``W`` reads for one micro-batch, from
+        ``split.summary`` at the micro-batch size of the last step."""
+        batch = self._last_batch // self.microbatches if self._last_batch else None
+        return [r["weight_input_bytes"] for r in self.split.summary(batch_size=batch)]
+
     def write_chrome_trace(self, path: str | os.PathLike) -> str:
         """Write the last step's timeline as Chrome trace JSON (open it in Perfetto or
         chrome://tracing): one thread per device, one complete event per action."""
@@ -653,6 +701,26 @@ def _check_scalar_loss(split: Split) -> None:
             f"these have none: {', '.join(unbatched)}. Return the loss alone, or the loss and "
             "per-example outputs (predictions)."
         )
+
+
+def _durations_for(durations: Any, measured_split: bool, target_split: bool) -> Any:
+    """Per-action ``durations`` measured under one kind of backward, for a schedule of the
+    other kind: a fused backward's time is halved between its ``B`` and its ``W``; a
+    ``B`` and its ``W`` add up to the fused one."""
+    if callable(durations) or measured_split == target_split or not any(
+            isinstance(key, Action) for key in durations):
+        return durations
+    adjusted = {}
+    for action, seconds in durations.items():
+        if target_split and action.kind == BACKWARD:
+            adjusted[action] = seconds / 2
+            adjusted[Action(WEIGHT, action.stage, action.microbatch)] = seconds / 2
+        elif not target_split and action.kind == WEIGHT:
+            b = Action(BACKWARD, action.stage, action.microbatch)
+            adjusted[b] = adjusted.get(b, durations[b]) + seconds
+        elif action not in adjusted:
+            adjusted[action] = seconds
+    return adjusted
 
 
 def _remat_flags(remat: Any, split: Split) -> list[bool]:

@@ -40,14 +40,17 @@ __all__ = [
     "KINDS",
     "WEIGHT",
     "Action",
+    "Simulation",
     "Dependencies",
     "builtin_schedule",
     "gpipe_schedule",
     "ideal_idle_fraction",
     "interleaved_one_f_one_b_schedule",
     "list_stages",
+    "measured_latency",
     "one_f_one_b_schedule",
     "schedule_dependencies",
+    "simulate",
     "simulate_schedule",
     "splits_backward",
     "timed_schedule",
@@ -339,9 +342,9 @@ def unit_durations(schedule: Sequence[Sequence[Action]]) -> dict[str, float]:
 
 
 def timed_schedule(schedule: Sequence[Sequence[Action]], dependencies: Dependencies,
-                   durations: Any) -> dict[Action, tuple[float, float]]:
-    """``(start, end)`` of each action when each list runs in order and an action starts as
-    soon as its list's previous action and everything it waits for have ended.
+                   durations: Any, latency: float = 0.0) -> dict[Action, tuple[float, float]]:
+    """``(start, end)`` of each action when each list runs in order and an action starts
+    ``latency`` after its list's previous action and everything it waits for have ended.
 
     ``durations`` is a dict by kind (``{"F": 1.0, "B": 2.0}``) or by ``Action`` (a
     measured time per action), or a callable ``durations(action) -> seconds``. Raises
@@ -366,7 +369,7 @@ def timed_schedule(schedule: Sequence[Sequence[Action]], dependencies: Dependenc
                 needs = dependencies.of(action)
                 if not all(dep in times for dep in needs):
                     break
-                start = max([free[d]] + [times[dep][1] for dep in needs])
+                start = max([free[d]] + [times[dep][1] for dep in needs]) + latency
                 times[action] = (start, start + duration(action))
                 free[d] = times[action][1]
                 position[d] += 1
@@ -374,6 +377,83 @@ def timed_schedule(schedule: Sequence[Sequence[Action]], dependencies: Dependenc
         if not moved:
             raise GradSplitError(_deadlock_message(schedule, position, times, dependencies))
     return times
+
+
+class Simulation(NamedTuple):
+    """What ``simulate`` predicts for one step: ``step_time`` (first start to last end),
+    per list of the schedule (per device) its ``idle`` share of that span and its
+    ``peak_live_bytes`` of residuals, and the ``times`` ``(start, end)`` of every action."""
+
+    step_time: float
+    idle: list[float]
+    peak_live_bytes: list[int]
+    times: dict[Action, tuple[float, float]]
+
+
+def simulate(schedule: Sequence[Sequence[Action]], dependencies: Dependencies, durations: Any,
+             residual_bytes: Sequence[int] = (), weight_input_bytes: Sequence[int] = (),
+             latency: float = 0.0) -> Simulation:
+    """Predict a step of ``schedule``: ``timed_schedule`` with ``durations`` (by kind, by
+    action, or a function) and ``latency`` (the time between what an action waits for and
+    its start: a thread waking up, a device's dispatch), and the residual bytes each list
+    holds over time.
+
+    ``residual_bytes[k]``: what stage ``k`` keeps per micro-batch from its forward until its
+    backward (``B``); ``weight_input_bytes[k]``: under a schedule that splits the backward,
+    what it keeps from its ``B`` until its ``W``. As the pipeline engine counts them, a
+    list's live bytes depend only on the order of its own actions, so the predicted peaks
+    are those a run measures (``Pipeline.peak_live_residual_bytes``) whatever the times.
+
+    >>> from gradsplit_compiler.schedules import zb_h1_schedule
+    >>> chain = Dependencies([frozenset(), frozenset({0})], [frozenset({1}), frozenset()])
+    >>> sim = simulate(zb_h1_schedule(2, 4), chain, {"F": 1.0, "B": 1.0, "W": 1.0},
+    ...                residual_bytes=[100, 100], weight_input_bytes=[40, 40])
+    >>> sim.step_time, [round(i, 3) for i in sim.idle], sim.peak_live_bytes
+    (13.0, [0.077, 0.077], [240, 180])
+    """
+    times = timed_schedule(schedule, dependencies, durations, latency)
+    first = min(start for start, _ in times.values()) if times else 0.0
+    span = (max(end for _, end in times.values()) - first) if times else 0.0
+    idle = []
+    for actions in schedule:
+        busy = sum(times[a][1] - times[a][0] for a in actions)
+        idle.append(1.0 - busy / span if span > 0 else 0.0)
+    split_backward = splits_backward(schedule)
+    peaks = []
+    for actions in schedule:
+        live = peak = 0
+        for a in actions:  # a list runs in order: its bytes follow that order
+            r = residual_bytes[a.stage] if len(residual_bytes) > a.stage else 0
+            w = weight_input_bytes[a.stage] if len(weight_input_bytes) > a.stage else 0
+            if a.kind == FORWARD:
+                live += r
+            elif a.kind == BACKWARD:
+                live += (w if split_backward else 0)
+                peak = max(peak, live)  # both held while B runs
+                live -= r
+            else:
+                live -= w
+            peak = max(peak, live)
+        peaks.append(peak)
+    return Simulation(span, idle, peaks, times)
+
+
+def measured_latency(schedule: Sequence[Sequence[Action]], dependencies: Dependencies,
+                     times: dict[Action, tuple[float, float]]) -> float:
+    """The median, over the actions of a measured step (``times``: ``(start, end)`` of each),
+    of the time between the end of what an action waited for (its list's previous action
+    and its dependencies) and its start: ``simulate``'s ``latency``."""
+    gaps = []
+    for actions in schedule:
+        previous = None
+        for a in actions:
+            ready = max([times[d][1] for d in dependencies.of(a)] +
+                        ([times[previous][1]] if previous is not None else []), default=None)
+            if ready is not None:
+                gaps.append(max(0.0, times[a][0] - ready))
+            previous = a
+    gaps.sort()
+    return gaps[len(gaps) // 2] if gaps else 0.0
 
 
 # -- checks -----------------------------------------------------------------------------------

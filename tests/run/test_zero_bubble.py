@@ -313,3 +313,29 @@ def test_random_programs_on_every_schedule_give_the_tape_gradient(schedule):
         assert_close([value, *grads], [ref_value, *ref_grads], f"{schedule} remat={remat}")
 
     prop()
+
+
+# -- the simulator ---------------------------------------------------------------------------------
+
+
+def test_simulator_predicts_the_bytes_a_step_measures_and_never_more_time(model):
+    """Bytes: a list's live residuals follow the order of its own actions, so the prediction
+    is exact, also for another schedule of the same stages (zb-h1 predicted from a 1F1B
+    step). Time: with each action's measured duration and no latency, the prediction is a
+    lower bound of the measured step (every action started after what it waited for)."""
+    one = gsc.pipeline(model.split, M, "1f1b", cpu_devices(4), loss_reduction="mean")
+    one.step(*model.args)
+    zb = gsc.pipeline(model.split, M, "zb-h1", cpu_devices(4), loss_reduction="mean")
+    zb.step(*model.args)
+    for pipe in (one, zb):
+        sim = pipe.simulate(latency=0.0)
+        assert sim.peak_live_bytes == pipe.peak_live_residual_bytes
+        events = pipe.timeline()
+        assert sim.step_time <= (max(e.end for e in events) - min(e.start for e in events)) \
+            * (1 + 1e-9)
+        assert set(sim.times) == {Action(e.kind, e.stage, e.microbatch) for e in events}
+    assert one.simulate(schedule="zb-h1").peak_live_bytes == zb.peak_live_residual_bytes
+    # equal-time actions give the ideal idle share
+    sim = zb.simulate({"F": 1.0, "B": 1.0, "W": 1.0}, latency=0.0)
+    assert float(np.mean(sim.idle)) == pytest.approx(zb.idle_fraction().ideal)
+    assert sim.step_time == 3 * M + 4 - 1
