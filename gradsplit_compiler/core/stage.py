@@ -22,10 +22,12 @@ class StagePrograms(NamedTuple):
     - ``forward(*inputs) -> (outputs, residuals)``;
     - ``backward(residuals, cotangents) -> (input_cotangents, variable_grads)``;
     - ``backward_input(residuals, cotangents) -> (input_cotangents, weight_inputs)`` (B);
-    - ``backward_weight(weight_inputs) -> variable_grads`` (W).
+    - ``backward_weight(weight_inputs) -> variable_grads`` (W); both ``None`` for a stage
+      XLA compiles per input shape (a ``tf.cond`` whose gradient reads branch values).
 
     With ``remat`` the residuals are the stage inputs, and both backwards run the forward
-    again first.
+    again first. Each callable's ``function`` attribute is the ``tf.function`` it runs (for
+    the non-remat ``backward`` of a stage compiled per shape, the one of ``compiled``).
     """
 
     forward: Any
@@ -392,11 +394,10 @@ class Stage:
         if key in cache:
             return cache[key]
         if jit_compile and self._static_shapes_needed:
-            if not remat:
+            if not remat:  # no B and W: they would need the forward's trace per shape
                 forward, flat_backward = self.callers(jit_compile, variables)
                 cache[key] = StagePrograms(
-                    forward, lambda res, cots: flat_backward(*res, *cots),
-                    self._refuse_split, self._refuse_split)
+                    forward, lambda res, cots: flat_backward(*res, *cots), None, None)
                 return cache[key]
             raise GradSplitError(
                 f"stage {self.index} holds a tf.cond whose gradient reads branch "
@@ -409,15 +410,17 @@ class Stage:
         in_specs = list(self.input_specs)
 
         def xla(body, signature):
-            """A flat caller of ``body`` as its own program, traced on its first call."""
+            """A flat caller of ``body`` as its own program, traced on its first call; its
+            ``function`` attribute is the ``tf.function``."""
+            function = tf.function(body, input_signature=signature, jit_compile=jit_compile,
+                                   autograph=False)
             made = []
 
             def call(*flat):
                 if not made:
-                    made.append(flat_caller(tf.function(
-                        body, input_signature=signature, jit_compile=jit_compile,
-                        autograph=False)))
+                    made.append(flat_caller(function))
                 return made[0](*flat)
+            call.function = function
             return call
 
         def backward_weight_body(weight_inputs):
@@ -428,6 +431,8 @@ class Stage:
 
         def backward_weight(weight_inputs):
             return flat_weight(*weight_inputs)
+
+        backward_weight.function = flat_weight.function
 
         if not remat:
             forward, flat_backward = self.callers(jit_compile, variables)
@@ -441,9 +446,13 @@ class Stage:
             def backward(residuals, cotangents):
                 return flat_backward(*residuals, *cotangents)
 
+            backward.function = flat_backward.function
+
             def backward_input(residuals, cotangents):
                 input_cotangents, carried = flat_input(*residuals, *cotangents)
                 return input_cotangents, self.weight_inputs_of(residuals, cotangents, carried)
+
+            backward_input.function = flat_input.function
         else:
             vjp = self._vjp
 
@@ -477,8 +486,12 @@ class Stage:
             def forward(*inputs):
                 return flat_forward(*inputs), list(inputs)
 
+            forward.function = flat_forward.function
+
             def backward(inputs, cotangents):
                 return flat_backward(*inputs, *cotangents)
+
+            backward.function = flat_backward.function
 
             def backward_input(inputs, cotangents):
                 input_cotangents, picked = flat_input(*inputs, *cotangents)
@@ -486,15 +499,10 @@ class Stage:
                 return input_cotangents, [cotangents[j] if kind == "cotangent" else next(picked)
                                           for kind, j in self.weight_inputs]
 
+            backward_input.function = flat_input.function
+
         cache[key] = StagePrograms(forward, backward, backward_input, backward_weight)
         return cache[key]
-
-    def _refuse_split(self, *_):
-        raise GradSplitError(
-            f"stage {self.index} holds a tf.cond whose gradient reads branch intermediates, "
-            "which XLA compiles per input shape from the forward's trace; its backward "
-            "cannot be split into B and W programs. Use schedule='1f1b' or 'gpipe', or "
-            "jit_compile=False.")
 
     @functools.cached_property
     def _residual_sources(self) -> list[tuple[str, int | None]]:

@@ -272,10 +272,15 @@ class Pipeline:
         split_backward = splits_backward(self.schedule)
         for runner in runners:
             if split_backward and runner.backward_input is None:
+                where = (f"runs on {runner.device}, a task of a cluster, where only its fused "
+                         "backward runs yet" if is_remote(runner.device) else
+                         "holds a tf.cond whose gradient reads branch intermediates: XLA "
+                         "compiles it per input shape, from the forward's trace, and only "
+                         "its fused backward that way")
                 raise GradSplitError(
                     f"the schedule splits the backward into B and W, but stage "
-                    f"{runner.index} runs on {runner.device}, a task of a cluster, where "
-                    "only its fused backward runs yet. Use schedule='1f1b' or 'gpipe' there.")
+                    f"{runner.index} {where}. Use schedule='1f1b' or 'gpipe'"
+                    + ("" if is_remote(runner.device) else ", or jit_compile=False") + ".")
         self._plan = StepPlan(
             runners=runners,
             schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,
@@ -756,8 +761,9 @@ def _remat_flags(remat: Any, split: Split) -> list[bool]:
         random = [n for n in g.nodes if g.nodes[n]["op"] in RANDOM_OPS
                   and g.nodes[n].get("stage") == stage.index]
         if assigned or random:
-            what = (f"assigns variable {assigned[0]!r}" if assigned else
-                    f"draws random numbers ({random[0]})")
+            what = (f"may assign variable {assigned[0]!r} (an op that can write it, an "
+                    "assignment or a tf.cond, tf.while_loop or call holding it, reads its "
+                    "handle)" if assigned else f"draws random numbers ({random[0]})")
             raise GradSplitError(
                 f"remat for stage {stage.index}: the stage {what}, and its backward would "
                 "run its forward again, repeating that. Leave this stage out of remat= "

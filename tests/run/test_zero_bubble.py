@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
 from models import (
     assert_matches,
+    cond_between_cuts,
     cpu_devices,
     normal,
     tape_value_and_gradients,
@@ -266,11 +267,69 @@ def test_remat_of_a_stage_with_a_side_effect_is_refused():
         return tf.reduce_mean(h ** 2)
 
     split = gsc.split(loss, [tf.TensorSpec([None, 3], tf.float64)], ["h"])
-    with pytest.raises(GradSplitError, match=r"remat for stage 0: the stage assigns variable "
-                                             r"'counter:0', and its backward would run its "
-                                             r"forward again"):
+    with pytest.raises(GradSplitError, match=r"remat for stage 0: the stage may assign "
+                                             r"variable 'counter:0' .*, and its backward would "
+                                             r"run its forward again, repeating that\. Leave "
+                                             r"this stage out of remat="):
         gsc.pipeline(split, 2, "1f1b", loss_reduction="mean", remat=True)
     gsc.pipeline(split, 2, "1f1b", loss_reduction="mean", remat=[1])  # the other stage
+
+
+def test_a_stage_xla_compiles_per_shape_runs_neither_b_and_w_nor_remat():
+    w = tf.Variable(normal(np.random.default_rng(4), (WIDTH, WIDTH), tf.float64), name="w")
+
+    @tf.function
+    def loss(x, flag):
+        h1 = gsc.mark(x @ w, "h1")
+        h = tf.cond(flag, lambda: tf.tanh(h1), lambda: tf.sin(h1) * h1)
+        h2 = gsc.mark(h, "h2")
+        return tf.reduce_mean(tf.tanh(h2 @ w) ** 2)
+
+    split = gsc.split(loss, [tf.TensorSpec([None, WIDTH], tf.float64),
+                             tf.TensorSpec([], tf.bool)], ["h1", "h2"])
+    with pytest.raises(GradSplitError, match=r"the schedule splits the backward into B and W, "
+                                             r"but stage 1 holds a tf\.cond whose gradient "
+                                             r"reads branch intermediates: XLA compiles it per "
+                                             r"input shape"):
+        gsc.pipeline(split, 1, "zb-h1", loss_reduction="mean")
+    with pytest.raises(GradSplitError, match=r"which XLA compiles per input shape from the "
+                                             r"forward's trace; its backward cannot run the "
+                                             r"forward again \(remat\)"):
+        gsc.pipeline(split, 1, "1f1b", loss_reduction="mean", remat=[1])
+    gsc.pipeline(split, 1, "zb-h1", loss_reduction="mean", jit_compile=False)
+
+
+def _output_bytes(function, *args) -> int:
+    """Bytes of what XLA's optimised program returns (the entry computation's result)."""
+    hlo = function.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    result = entry.rsplit("->", 1)[1]
+    sizes = {"f64": 8, "f32": 4, "s32": 4, "pred": 1, "s64": 8}
+    return sum(sizes[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+               for t, dims in re.findall(r"(f64|f32|s32|s64|pred)\[([\d,]*)\]", result))
+
+
+def test_xla_s_remat_forward_hands_out_only_the_stage_outputs(model):
+    """What the compiled forward returns is what lives until the backward: with remat only
+    the outputs (the inputs are the caller's already); without, the residuals too."""
+    stage = model.split.stages[1]
+    h1 = tf.constant(normal(np.random.default_rng(2), (BATCH // M, WIDTH), tf.float64))
+    out_bytes = 8 * (BATCH // M) * WIDTH * len(stage.outputs)
+    remat = stage.programs(True, remat=True).forward.function
+    plain = stage.programs(True).forward.function
+    assert _output_bytes(remat, h1) == out_bytes
+    assert _output_bytes(plain, h1) > out_bytes
+
+
+def test_remat_of_a_stage_that_may_write_a_variable_is_refused():
+    """A variable read inside a tf.cond branch may be written there, as far as the split
+    knows: remat of its stage is refused (running the forward again could repeat it)."""
+    case = cond_between_cuts()
+    split = gsc.split(case.fn, case.input_signature, case.cuts)
+    with pytest.raises(GradSplitError, match=r"remat for stage 1: the stage may assign "
+                                             r"variable 'W2:0' \(an op that can write it, an "
+                                             r"assignment or a tf\.cond"):
+        gsc.pipeline(split, 1, "1f1b", loss_reduction="mean", remat=[1])
 
 
 # -- random programs -------------------------------------------------------------------------------
