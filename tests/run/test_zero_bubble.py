@@ -131,14 +131,16 @@ def test_remat_keeps_only_the_stage_inputs_per_microbatch(model):
     assert pipe.peak_live_residual_bytes[1] < plain.peak_live_residual_bytes[1]
 
 
-def test_train_steps_under_zb_h1_equal_the_optimizer_on_tape_gradients():
-    """Stages 0 and 3 (which share ``embed``) rematerialised, 1 and 2 not."""
-    remat = [0, 3]
+@pytest.mark.parametrize("schedule, devices, remat", [
+    ("zb-h1", cpu_devices(4), [0, 3]),  # the stages sharing ``embed`` rematerialised
+    ("interleaved-1f1b", TWO_DEVICES_TWICE, True),
+])
+def test_train_steps_equal_the_optimizer_on_tape_gradients(schedule, devices, remat):
     tied, ref = TiedModel(seed=5), TiedModel(seed=5)
     rng = np.random.default_rng(11)
     batches = [(rng.normal(size=(TIED_BATCH, TIED_WIDTH)),
                 rng.normal(size=(TIED_BATCH, TIED_WIDTH))) for _ in range(3)]
-    pipe = gsc.pipeline(tied.split(), 4, "zb-h1", cpu_devices(4), loss_reduction="mean",
+    pipe = gsc.pipeline(tied.split(), 4, schedule, devices, loss_reduction="mean",
                         optimizer=keras.optimizers.SGD(0.05, momentum=0.9), remat=remat)
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
     trainable = [v for v in ref.variables if v.trainable]
