@@ -64,11 +64,13 @@ def write_chrome_trace(events: Sequence[Any], path: str | os.PathLike, *,
 
 
 def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Sequence[str],
-                  microbatches: int, idle: tuple[float, float]) -> str:
+                  microbatches: int, idle: tuple[float, float],
+                  xlabel: str = "time since step start (ms)") -> str:
     """Draw ``events`` as a PNG Gantt chart at ``path``: one row per device (``labels``),
     one colour per stage, forwards plain, backwards (``B``) hatched and weight gradients
     (``W``) dotted, the micro-batch index in each box; the title gives ``idle``, the
-    ``(measured, ideal)`` idle shares. Returns the path."""
+    ``(measured, ideal)`` idle shares; ``xlabel`` names the time axis (thousandths of the
+    events' unit). Returns the path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -95,14 +97,14 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     ax.set_yticks(range(k), [f"device {d}\n{label}" for d, label in enumerate(labels)],
                   fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("time since step start (ms)")
+    ax.set_xlabel(xlabel)
     measured, ideal = idle
     kinds = {e.kind for e in events}
     stages = sorted({e.stage for e in events})
     ax.set_title(
         f"{len(stages)} stages on {k} devices, {microbatches} micro-batches: idle "
-        f"{measured:.0%} (ideal {ideal:.0%}); plain = forward, hatched = backward"
-        + (", dotted = weight gradients (W)" if WEIGHT in kinds else "")
+        f"{measured:.0%} (ideal {ideal:.0%})\nplain = forward, hatched = backward"
+        + (" (B), dotted = weight gradients (W)" if WEIGHT in kinds else "")
         + ", number = micro-batch", fontsize=9)
     handles = [Patch(facecolor=stage_colour(s), edgecolor="black", label=f"stage {s}")
                for s in stages]
