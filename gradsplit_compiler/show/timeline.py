@@ -23,9 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.run.engine import TimelineEvent
 from gradsplit_compiler.run.schedules import BACKWARD, FORWARD, WEIGHT
 
-__all__ = ["CATEGORIES", "HATCHES", "chrome_trace", "plot_timeline", "write_chrome_trace"]
+__all__ = ["CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation", "plot_timeline",
+           "write_chrome_trace"]
 
 # Chrome trace category and Gantt chart hatch of each action kind.
 CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight"}
@@ -118,3 +120,20 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     path = os.fspath(path)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def plot_simulation(simulation: Any, schedule: Sequence[Sequence[Any]], path: str | os.PathLike,
+                    *, microbatches: int, labels: Sequence[str] | None = None,
+                    xlabel: str = "time (units of the durations given)") -> str:
+    """Draw a predicted step (``schedules.simulate``'s ``Simulation`` of ``schedule``) as
+    ``plot_timeline`` draws a measured one: one row per list of the schedule. Returns the
+    path."""
+    labels = list(labels) if labels is not None else [
+        "stages " + ", ".join(str(s) for s in sorted({a.stage for a in actions}))
+        for actions in schedule]
+    events = [TimelineEvent(d, labels[d], a.kind, a.stage, a.microbatch,
+                            simulation.times[a][0] / 1e3, simulation.times[a][1] / 1e3)
+              for d, actions in enumerate(schedule) for a in actions]
+    idle = sum(simulation.idle) / len(simulation.idle) if simulation.idle else 0.0
+    return plot_timeline(events, path, labels=labels, microbatches=microbatches,
+                         idle=(idle, idle), xlabel=xlabel)

@@ -43,6 +43,7 @@ from gradsplit_compiler.run.schedules import (
     validate_schedule,
     zb_h1_schedule,
 )
+from gradsplit_compiler.show.timeline import plot_simulation
 
 TOL = 1e-12
 BATCH, WIDTH, M = 8, 4, 4
@@ -379,7 +380,7 @@ def test_random_programs_on_every_schedule_give_the_tape_gradient(schedule):
 # -- the simulator ---------------------------------------------------------------------------------
 
 
-def test_simulator_predicts_the_bytes_a_step_measures_and_never_more_time(model):
+def test_simulator_predicts_the_bytes_a_step_measures_and_never_more_time(model, tmp_path):
     """Bytes: a list's live residuals follow the order of its own actions, so the prediction
     is exact, also for another schedule of the same stages (zb-h1 predicted from a 1F1B
     step). Time: with each action's measured duration and no latency, the prediction is a
@@ -400,3 +401,5 @@ def test_simulator_predicts_the_bytes_a_step_measures_and_never_more_time(model)
     sim = zb.simulate({"F": 1.0, "B": 1.0, "W": 1.0}, latency=0.0)
     assert float(np.mean(sim.idle)) == pytest.approx(zb.idle_fraction().ideal)
     assert sim.step_time == 3 * M + 4 - 1
+    assert plot_simulation(sim, zb.schedule, tmp_path / "sim.png", microbatches=M) \
+        .endswith("sim.png")
