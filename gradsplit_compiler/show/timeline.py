@@ -128,9 +128,11 @@ def plot_simulation(simulation: Any, schedule: Sequence[Sequence[Any]], path: st
     """Draw a predicted step (``schedules.simulate``'s ``Simulation`` of ``schedule``) as
     ``plot_timeline`` draws a measured one: one row per list of the schedule. Returns the
     path."""
+    def label(stages: list[int]) -> str:
+        return ("stage " if len(stages) == 1 else "stages ") + ", ".join(map(str, stages))
+
     labels = list(labels) if labels is not None else [
-        "stages " + ", ".join(str(s) for s in sorted({a.stage for a in actions}))
-        for actions in schedule]
+        label(sorted({a.stage for a in actions})) for actions in schedule]
     events = [TimelineEvent(d, labels[d], a.kind, a.stage, a.microbatch,
                             simulation.times[a][0] / 1e3, simulation.times[a][1] / 1e3)
               for d, actions in enumerate(schedule) for a in actions]
