@@ -28,14 +28,21 @@ model on this process's device), ``get_weights``, ``save_weights`` (``ModelCheck
 the stages. A learning rate changed on the compiled optimizer (``LearningRateScheduler``) is
 sent to every stage's optimizer before the next step.
 
+Mixed precision. Under a ``mixed_float16`` policy ``compile`` wraps the optimizer in Keras'
+``LossScaleOptimizer``, as for any model; the pipeline then seeds every stage's backward with
+the loss scale, skips a step whose gradients are not finite on every stage (halving the
+scale) and doubles the scale after its growth steps, as Keras does.
+
 Limits. Batch-normalisation statistics move once per micro-batch (as the pipeline does); a
 loss must reduce by a per-example mean (Keras' default ``"sum_over_batch_size"``) or sum;
-loss scaling (``LossScaleOptimizer``) is not supported; ``steps_per_execution`` runs that
-many eager steps per call.
+``steps_per_execution`` runs that many eager steps per call.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +53,7 @@ from gradsplit_compiler._tf_internal import sublayers
 from gradsplit_compiler.errors import GradSplitError, close_names
 from gradsplit_compiler.run.training import plain_variable
 
-__all__ = ["PipelineModel"]
+__all__ = ["PipelineModel", "PipelineSummaries"]
 
 
 class PipelineModel(keras.Model):
@@ -122,13 +129,10 @@ class PipelineModel(keras.Model):
         self.loss_reduction = _loss_reduction(loss)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, run_eagerly=True,
                         jit_compile=False, **kwargs)
-        if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
-            raise GradSplitError(
-                "PipelineModel does not support loss scaling (LossScaleOptimizer, "
-                "mixed_float16): compile with the inner optimizer and a float32 or float64 "
-                "policy.")
         self._run = _RunState()
         optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer  # its slots are the inner optimizer's
         make_slot = optimizer.add_variable_from_reference
 
         def recording(reference, name=None, initializer="zeros"):
@@ -139,7 +143,7 @@ class PipelineModel(keras.Model):
         # Which compiled-optimizer slot belongs to which variable, to copy the stages' slots
         # into it (checkpoints written through the model carry the optimizer's state).
         optimizer.add_variable_from_reference = recording
-        learning_rate = optimizer.get_config().get("learning_rate")
+        learning_rate = optimizer.get_config().get("learning_rate")  # the inner one's
         self._run.lr = None if isinstance(learning_rate, dict) else float(learning_rate)
 
     # -- training -----------------------------------------------------------------------------
@@ -163,6 +167,25 @@ class PipelineModel(keras.Model):
         self.train_function = train_function
         return train_function
 
+    def fit(self, *args, **kwargs):
+        """As ``keras.Model.fit``. Before the other callbacks see the end of an epoch, the
+        Keras variables are brought up to date with the stages (so ``TensorBoard``'s
+        histograms and any callback reading the weights see the trained values); with a
+        ``TensorBoard`` callback, the pipeline's own figures of the epoch's last step go to
+        ``<log_dir>/pipeline`` (see ``PipelineSummaries``)."""
+        position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+        if len(args) > position:
+            args, callbacks = list(args), args[position]
+            args[position] = None
+        else:
+            callbacks = kwargs.pop("callbacks", None)
+        callbacks = list(callbacks or [])
+        boards = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
+        ours = [PipelineSummaries(os.path.join(b.log_dir, "pipeline")) for b in boards
+                if not any(isinstance(c, PipelineSummaries) for c in callbacks)]
+        kwargs["callbacks"] = [_SyncAtEpochEnd(), *callbacks, *ours]
+        return super().fit(*args, **kwargs)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
@@ -171,6 +194,7 @@ class PipelineModel(keras.Model):
         self._send_learning_rate()
         loss, y_pred = pipe.train_step(*flat)
         self._run.stale = True
+        self._run.last = pipe
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss, sample_weight=batch)
@@ -242,6 +266,10 @@ class PipelineModel(keras.Model):
             if slot is not None:
                 slot.assign(value)
         optimizer.iterations.assign(self._run.state.iterations)
+        if self._run.state.loss_scale is not None:
+            for name, variable in self._run.state.loss_scale.variables().items():
+                getattr(optimizer, name).assign(tf.cast(variable, getattr(optimizer,
+                                                                          name).dtype))
         self._run.stale = False
 
     def _sync_from_model(self) -> None:
@@ -254,6 +282,9 @@ class PipelineModel(keras.Model):
             values = {(index[ref], name): slot
                       for (ref, name), slot in self._run.slot_of.items() if ref in index}
             self._run.state.assign_slots(values, int(self.optimizer.iterations.numpy()))
+            if self._run.state.loss_scale is not None:
+                for name, variable in self._run.state.loss_scale.variables().items():
+                    variable.assign(tf.cast(getattr(self.optimizer, name), variable.dtype))
         self._run.stale = False
 
     def evaluate(self, *args, **kwargs):
@@ -317,6 +348,74 @@ class PipelineModel(keras.Model):
         """The pipelines built so far (one per kind of data ``fit`` was given)."""
         return list(self._run.pipelines.values())
 
+    @property
+    def last_pipeline(self) -> Any:
+        """The pipeline that ran the last training step (``None`` before the first); its
+        ``timeline()``, ``idle_fraction()`` and ``bytes_moved()`` describe that step."""
+        return self._run.last
+
+
+class PipelineSummaries(keras.callbacks.Callback):
+    """Write the pipeline's figures of each epoch's last step as TensorBoard summaries into
+    ``log_dir``: scalars ``pipeline/idle_fraction`` (measured) and
+    ``pipeline/ideal_idle_fraction``, ``pipeline/bytes_moved/<kind>`` per kind of traffic,
+    ``pipeline/step_seconds`` (first action's start to last action's end), and the timeline
+    as the image ``pipeline/timeline`` (when matplotlib is installed). ``PipelineModel.fit``
+    adds one by itself beside every ``keras.callbacks.TensorBoard`` (into its
+    ``log_dir/pipeline``); TensorBoard itself must be installed, as for the Keras callback.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, every: int = 1):
+        super().__init__()
+        self.log_dir = os.fspath(log_dir)
+        self.every = every
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        pipe = getattr(self.model, "last_pipeline", None)
+        if pipe is None or epoch % self.every:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        events = pipe.timeline()
+        measured, ideal = pipe.idle_fraction()
+        with self._writer.as_default(step=epoch):
+            tf.summary.scalar("pipeline/idle_fraction", measured)
+            tf.summary.scalar("pipeline/ideal_idle_fraction", ideal)
+            if events:
+                tf.summary.scalar("pipeline/step_seconds",
+                                  max(e.end for e in events) - min(e.start for e in events))
+            for kind, count in pipe.bytes_moved().items():
+                tf.summary.scalar(f"pipeline/bytes_moved/{kind}", count)
+            image = _timeline_png(pipe)
+            if image is not None:
+                tf.summary.image("pipeline/timeline", image[None], description=(
+                    "Each device's actions in the epoch's last step: one colour per stage, "
+                    "backwards hatched, the micro-batch in each box."))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class _SyncAtEpochEnd(keras.callbacks.Callback):
+    """First of ``fit``'s callbacks: the Keras variables follow the stages at epoch ends."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model._sync_to_model()  # noqa: SLF001 - our own model's
+
+
+def _timeline_png(pipe) -> tf.Tensor | None:
+    """The last step's timeline drawn by ``plot_timeline``, decoded (``None`` without
+    matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = pipe.plot_timeline(os.path.join(folder, "timeline.png"))
+        return tf.io.decode_png(tf.io.read_file(path), channels=4)
+
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -331,6 +430,7 @@ class _RunState:
         self.stale = False      # the Keras variables lag behind the stages
         self.slot_of: dict = {}  # (id of tf.Variable, slot name) -> compiled optimizer slot
         self.lr: float | None = None
+        self.last = None         # the pipeline of the last training step
 
 
 def _flatten(x, y, sample_weight):

@@ -116,7 +116,8 @@ class StepRun:
     ``record()`` keeps what the timeline and the memory counts need.
     """
 
-    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]]):
+    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]],
+                 seed_scale: float = 1.0):
         self.plan = plan
         self.args = per_microbatch
         self.arg_position = {n: i for i, n in enumerate(plan.arg_names)}
@@ -143,8 +144,10 @@ class StepRun:
         self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
                       "replicas": 0, "gradients": 0, "scalars": 0}
         self.sync = any(is_remote(r.device) for r in plan.runners)
-        seed = tf.constant(1.0 / plan.microbatches if plan.loss_reduction == "mean" else 1.0,
-                           plan.loss_dtype)
+        # ``seed_scale``: a loss scale (mixed precision) multiplies every backward's seed.
+        seed = tf.constant(
+            (seed_scale / plan.microbatches if plan.loss_reduction == "mean" else seed_scale),
+            plan.loss_dtype)
         # The caller's cotangent of the loss comes first, as in run_stages: source K.
         for m in range(plan.microbatches):
             self.cotangents[(plan.loss_name, m)] = {plan.num_stages: seed}

@@ -126,7 +126,12 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         device gets, once, its own copy of the variables its stages read and an optimizer
         like this one (same class and configuration) over the trainable ones;
         ``train_step`` updates them there, and ``write_back``, ``save`` and ``restore``
-        move the state in and out. See "Training" below.
+        move the state in and out. See "Training" below. A
+        ``keras.optimizers.LossScaleOptimizer`` (mixed precision) works as in Keras'
+        ``train_step``: every backward is seeded with the loss scale, a step whose gradients
+        are not all finite is skipped on every device and halves the scale, and the scale
+        doubles after its growth steps; the gradients are unscaled before clipping and the
+        update. An optimizer's static ``loss_scale_factor`` seeds the backward likewise.
     clip_global_norm : float, optional
         With ``optimizer``: scale the gradients so that their norm over all stages is at
         most this (``tf.clip_by_global_norm``); an optimizer's own ``global_clipnorm`` is
@@ -369,7 +374,9 @@ class Pipeline:
                 with tf.device(device or v.device):
                     v.assign(value)
 
-        run = StepRun(self._plan, per_microbatch)
+        seed_scale = (self._training.seed_scale
+                      if caller == "train_step" and self._training is not None else 1.0)
+        run = StepRun(self._plan, per_microbatch, seed_scale)
         try:
             run.execute()
             if not self._reduction_checked:

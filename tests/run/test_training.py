@@ -506,3 +506,67 @@ def test_with_microbatches_needs_a_builtin_schedule(small_split):
     pipe = gsc.pipeline(small_split, 2, schedule, loss_reduction="mean")
     with pytest.raises(GradSplitError, match="with_microbatches needs a built-in schedule"):
         pipe.with_microbatches(1)
+
+
+def _loss_scaled(optimizer_kwargs):
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01),
+                                               **optimizer_kwargs)
+
+
+def test_loss_scaling_seeds_the_backward_skips_nonfinite_steps_and_moves_the_scale(tmp_path):
+    """As Keras' train_step with a LossScaleOptimizer: the backward of the scaled loss, a
+    step with a non-finite gradient skipped on every stage (scale halved), the scale doubled
+    after ``dynamic_growth_steps`` finite steps; the scale and its counter in checkpoints."""
+    model = TiedModel(seed=21)
+    split = model.split()
+    batches = _batches(9, seed=22)
+    for i in (2, 6):  # an example that makes every gradient NaN
+        batches[i] = (np.where(np.arange(BATCH)[:, None] == 3, np.inf, batches[i][0]),
+                      batches[i][1])
+    kwargs = {"initial_scale": 2.0**10, "dynamic_growth_steps": 2}
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=_loss_scaled(kwargs))
+
+    reference = _loss_scaled(kwargs)
+    trainable = [v for v in model.variables if v.trainable]
+    scales, want_scales = [], []
+    for x, y in batches:
+        loss = pipe.train_step(x, y)
+        scales.append(pipe.training_state.loss_scale.value)
+        with tf.GradientTape() as tape:
+            want = model.loss(tf.constant(x), tf.constant(y))
+            scaled = reference.scale_loss(want)
+        reference.apply(tape.gradient(scaled, trainable), trainable)
+        want_scales.append(float(reference.dynamic_scale))
+        if np.isfinite(float(want)):
+            assert abs(float(loss) - float(want)) <= 1e-10 * abs(float(want))
+    # 2**10 -> 2**11 (2 finite) -> 2**10 (inf) -> ... ; batch 6 overflows only when scaled
+    assert scales == want_scales and scales[:3] == [2.0**10, 2.0**11, 2.0**10], scales
+    assert pipe.skipped_steps == 2 and pipe.iterations == int(reference.iterations) == 7
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+
+    path = pipe.save(tmp_path / "scaled")
+    again = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                         optimizer=_loss_scaled(kwargs))
+    again.restore(path)
+    state = again.training_state.loss_scale
+    assert state.value == scales[-1]
+    assert int(state.counter.numpy()) == int(reference.step_counter.numpy())
+
+
+def test_a_static_loss_scale_factor_seeds_the_backward_and_is_divided_out():
+    model = TiedModel(seed=23)
+    split = model.split()
+    batches = _batches(4, seed=24)
+    pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=1024.0,
+                                                       global_clipnorm=0.5))
+    for x, y in batches:
+        pipe.train_step(x, y)
+    # Keras: gradients of loss * 1024, divided by 1024, clipped by their unscaled norm
+    _tape_training(model, keras.optimizers.SGD(0.1), batches, clip=0.5)
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
