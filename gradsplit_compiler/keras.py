@@ -151,8 +151,14 @@ class PipelineModel(keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self.train_function = self._eager_loop(self.train_step)
+        return self.train_function
 
-        def train_function(iterator):
+    def _eager_loop(self, step):
+        """``steps_per_execution`` calls of ``step`` in plain Python (a pipeline step runs
+        one thread per device and cannot be traced into Keras' ``tf.function``)."""
+
+        def function(iterator):
             logs = None
             for _ in range(self.steps_per_execution):
                 try:
@@ -161,11 +167,10 @@ class PipelineModel(keras.Model):
                     if logs is None:
                         raise
                     break
-                logs = self.train_step(data)
+                logs = step(data)
             return logs
 
-        self.train_function = train_function
-        return train_function
+        return function
 
     def fit(self, *args, **kwargs):
         """As ``keras.Model.fit``. Before the other callbacks see the end of an epoch, the
@@ -200,16 +205,78 @@ class PipelineModel(keras.Model):
                 metric.update_state(loss, sample_weight=batch)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        flat, structure = _flatten(x, y, sample_weight)
+        pipe = self._forward_pipeline_for("test", flat, structure)
+        loss, y_pred = pipe.forward(*flat)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=int(flat[0].shape[0]))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        flat, structure = _flatten(x, None, None)
+        _, y_pred = self._forward_pipeline_for("predict", flat, structure).forward(*flat)
+        return y_pred
+
+    def make_test_function(self, force=False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        self.test_function = self._eager_loop(self.test_step)
+        return self.test_function
+
+    def _forward_pipeline_for(self, kind: str, flat, structure):
+        """The forward-only pipeline of ``model(x, training=False)`` (with the compiled
+        loss for ``"test"``) for data like ``flat``: its stages read the training
+        pipeline's stage-resident copies once ``fit`` has built it, the model's own
+        variables before that."""
+        batch = int(flat[0].shape[0])
+        specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
+        key = (kind, structure[:3], specs, id(self._run.state))
+        if key not in self._run.forward:
+            self._run.forward[key] = self._build_forward(kind, structure, list(specs))
+        return _with_count(self._run.forward[key], self.microbatches, batch)
+
+    def _build_forward(self, kind: str, structure, specs):
+        from gradsplit_compiler.core.split import split as make_split
+        from gradsplit_compiler.plan.autosplit import auto_split
+        from gradsplit_compiler.run.pipeline import pipeline
+
+        model = self.model
+
+        def forward_fn(*flat):
+            x, y, sample_weight = _unflatten(structure, flat)
+            y_pred = model(x, training=False)
+            if kind == "predict":  # no loss: a constant stands in for it
+                return tf.zeros((), tf.nest.flatten(y_pred)[0].dtype), y_pred
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=False)
+            return loss, y_pred
+
+        if self.cuts is not None:
+            split = make_split(forward_fn, specs, cuts=self.cuts)
+        else:
+            split = auto_split(forward_fn, specs, self.num_stages)
+        options = {"loss_reduction": "sum" if kind == "predict" else self.loss_reduction,
+                   "jit_compile": self.pipeline_jit_compile, "timeout": self.timeout}
+        trained = next(iter(self._run.pipelines.values()), None)
+        if trained is not None:
+            try:
+                return pipeline(split, self.microbatches, "gpipe", self.stage_devices,
+                                shares_state_with=trained, **options)
+            except GradSplitError:
+                pass  # auto_split cut it elsewhere: the model's variables, brought up to date
+        self._sync_to_model()
+        return pipeline(split, self.microbatches, "gpipe", self.stage_devices, **options)
+
     def _pipeline_for(self, flat, structure, batch: int):
-        m = max(d for d in range(1, min(self.microbatches, batch) + 1) if batch % d == 0)
         specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
         key = (structure[:3], specs)
         if key not in self._run.pipelines:
             self._run.pipelines[key] = self._build(structure, list(specs))
-        base = self._run.pipelines[key]
-        if m == base.microbatches:
-            return base
-        return base.with_microbatches(m)
+        return _with_count(self._run.pipelines[key], self.microbatches, batch)
 
     def _build(self, structure, specs):
         from gradsplit_compiler.core.split import split as make_split
@@ -287,14 +354,6 @@ class PipelineModel(keras.Model):
                     variable.assign(tf.cast(getattr(self.optimizer, name), variable.dtype))
         self._run.stale = False
 
-    def evaluate(self, *args, **kwargs):
-        self._sync_to_model()
-        return super().evaluate(*args, **kwargs)
-
-    def predict(self, *args, **kwargs):
-        self._sync_to_model()
-        return super().predict(*args, **kwargs)
-
     def get_weights(self):
         self._sync_to_model()
         return super().get_weights()
@@ -347,6 +406,11 @@ class PipelineModel(keras.Model):
     def pipelines(self) -> list:
         """The pipelines built so far (one per kind of data ``fit`` was given)."""
         return list(self._run.pipelines.values())
+
+    @property
+    def forward_pipelines(self) -> list:
+        """The forward-only pipelines of ``evaluate`` and ``predict`` built so far."""
+        return list(self._run.forward.values())
 
     @property
     def last_pipeline(self) -> Any:
@@ -431,6 +495,14 @@ class _RunState:
         self.slot_of: dict = {}  # (id of tf.Variable, slot name) -> compiled optimizer slot
         self.lr: float | None = None
         self.last = None         # the pipeline of the last training step
+        self.forward: dict = {}  # forward-only pipelines of evaluate and predict
+
+
+def _with_count(pipe, microbatches: int, batch: int):
+    """``pipe`` with the largest micro-batch count up to ``microbatches`` that divides
+    ``batch`` (the last batch of an epoch may be smaller)."""
+    m = max(d for d in range(1, min(microbatches, batch) + 1) if batch % d == 0)
+    return pipe if m == pipe.microbatches else pipe.with_microbatches(m)
 
 
 def _flatten(x, y, sample_weight):

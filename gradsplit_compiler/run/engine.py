@@ -91,6 +91,7 @@ class StepPlan:
     timeout: float | None
     aux_names: tuple[str, ...] = ()
     after_fault: str = RESTART
+    forward_only: bool = False  # a schedule of forwards alone: no residual is kept
 
     @property
     def num_stages(self) -> int:
@@ -273,6 +274,8 @@ class StepRun:
                     self.values[m] = value
                 if name in self.plan.aux_names:
                     self.aux[(name, m)] = value
+            if self.plan.forward_only:
+                return
             self.residuals[runner.index][m] = (residuals, [o.shape for o in outputs])
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],

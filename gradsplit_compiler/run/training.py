@@ -220,6 +220,23 @@ class TrainingState:
         state = self._state_of(stage_index)
         return [state.copies[i] for i in self.split.stages[stage_index].variable_indices]
 
+    def copy_on(self, device: str, variable: Any, stage_index: int) -> tf.Variable:
+        """The copy of ``variable`` (one of ``split.variables``, found by identity) held on
+        ``device``, for stage ``stage_index`` of another program of the same model."""
+        index = next((i for i, v in enumerate(self.split.variables)
+                      if plain_variable(v) is plain_variable(variable)), None)
+        state = next((s for s in self.states if s.device == device), None)
+        if index is None or state is None or index not in state.copies:
+            held = sorted(s.label for s in self.states if index in s.copies)
+            where = ("no stage of the training pipeline reads it" if index is None else
+                     f"the training pipeline holds it on {', '.join(held)}")
+            raise GradSplitError(
+                f"stage {stage_index} (on {device_label(device)}) reads variable "
+                f"{getattr(variable, 'name', variable)!r}, but {where}. Cut this program "
+                "where the training program is cut and place its stages on the same "
+                "devices, so that each stage finds its variables there.")
+        return state.copies[index]
+
     def _state_of(self, stage_index: int) -> DeviceState:
         device = self.device_of_stage[stage_index]
         return next(s for s in self.states if s.device == device)

@@ -163,6 +163,34 @@ def test_callbacks_learning_rate_scheduler_early_stopping_checkpoint(tmp_path):
         np.testing.assert_allclose(a, b, rtol=TOL)
 
 
+def test_evaluate_and_predict_run_forwards_on_the_stages_copies():
+    """After fit, evaluate and predict run forward-only pipelines of model(x,
+    training=False) on the stage-resident weights: equal to the plain model's, with the
+    Keras variables left as they were (nothing written back) and no backward run."""
+    plain, inner = twins(cnn_with_skip, seed=51)
+    x, y = data(24, (6, 6, 2), (3,), seed=52)
+    xv, yv = data(10, (6, 6, 2), (3,), seed=53)   # 10 = 8 + a last batch of 2
+    for model in (plain,):
+        model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, cuts=["conv2"], microbatches=4, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    piped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    untrained = [v.numpy() for v in inner.weights]
+    predicted = piped.predict(xv, batch_size=8, verbose=0)
+    evaluated = piped.evaluate(xv, yv, batch_size=8, verbose=0)
+    for v, before in zip(inner.weights, untrained):
+        np.testing.assert_array_equal(v.numpy(), before)  # the stages' values were read
+    np.testing.assert_allclose(predicted, plain.predict(xv, batch_size=8, verbose=0),
+                               rtol=TOL, atol=1e-13)
+    np.testing.assert_allclose(evaluated, plain.evaluate(xv, yv, batch_size=8, verbose=0),
+                               rtol=TOL)
+    forward = piped.forward_pipelines
+    assert len(forward) == 2 and all(p.training_state is None for p in forward)
+    for pipe in forward:
+        assert {e.kind for e in pipe.timeline()} == {"F"}
+
+
 def _summaries(folder) -> dict[str, list]:
     """Every summary written under ``folder``: tag -> [(step, value)], a scalar's value a
     float, an image's its width and height, a histogram's its array."""
