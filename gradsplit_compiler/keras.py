@@ -64,9 +64,10 @@ class PipelineModel(keras.Model):
     model : keras.Model
         A built Keras model (Sequential, functional, or subclassed and called once).
     cuts : list of str, optional
-        Names of the model's layers to cut after, in data-flow order.
+        Names of the model's layers to cut after, in data-flow order (``[]``: one stage,
+        the whole model, which micro-batches still divide: gradient accumulation).
     num_stages : int, optional
-        Instead of ``cuts``: ``gsc.auto_split`` chooses them.
+        Instead of ``cuts``: ``gsc.auto_split`` chooses them (``1``: one stage).
     microbatches, schedule, devices, jit_compile, timeout
         As for ``gsc.pipeline``.
     """
@@ -87,10 +88,12 @@ class PipelineModel(keras.Model):
             raise GradSplitError(
                 "give PipelineModel either cuts=[layer names] or num_stages=K (auto_split "
                 "chooses the cuts), not both or neither.")
+        if num_stages == 1 and not isinstance(num_stages, bool):
+            cuts, num_stages = [], None  # one stage: the whole model on one device
         if cuts is not None:
-            if isinstance(cuts, str) or not isinstance(cuts, Sequence) or not cuts:
+            if isinstance(cuts, str) or not isinstance(cuts, Sequence):
                 raise GradSplitError(
-                    f"cuts must be a non-empty list of layer names; got {cuts!r}.")
+                    f"cuts must be a list of layer names (empty: one stage); got {cuts!r}.")
             known = _layer_names(model)
             unknown = [c for c in cuts if c not in known]
             if unknown:

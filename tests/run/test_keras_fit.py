@@ -495,14 +495,17 @@ def tied():
 
 @pytest.mark.parametrize("build, cuts", [(sequential, ["s1", "s2"]),
                                          (subclassed, ["first", "second"]),
-                                         (tied, ["middle", "late"])],
-                         ids=["sequential", "subclassed", "tied"])
+                                         (tied, ["middle", "late"]),
+                                         (sequential, [])],
+                         ids=["sequential", "subclassed", "tied", "one-stage"])
 def test_other_kinds_of_models_train_as_plain_keras(build, cuts):
     plain, inner = twins(build, seed=19)
     x, y = data(24, (6,), (3,), seed=20)
     plain.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     history_plain = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    piped = PipelineModel(inner, cuts=cuts, microbatches=2, devices=DEVICES[:3])
+    stages = {"cuts": cuts} if cuts else {"num_stages": 1}  # one stage, 2 micro-batches
+    piped = PipelineModel(inner, microbatches=2, devices=DEVICES[:3], **stages)
     piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     history_piped = piped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     assert_same_training(plain, history_plain, piped, history_piped)
+    assert len(piped.pipelines[0].split.stages) == len(cuts) + 1
