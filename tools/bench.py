@@ -804,6 +804,12 @@ def keras_child(config: dict) -> dict:
     plain = timed(build(), jit_compile=True)
     rows.append({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1,
                  "seconds": plain})
+    # K=1: the whole model as one stage on one device, one micro-batch: what the pipeline
+    # itself costs (Keras' loop through an eager step, the stage programs, the update)
+    seconds = timed(PipelineModel(build(), num_stages=1, microbatches=1, devices=["/CPU:0"]))
+    rows.append({"run": "PipelineModel, one stage", "stages": 1, "m": 1, "seconds": seconds})
+    log(f"[8] PipelineModel K=1 M=1: {seconds * 1e3:.1f} ms per step, "
+        f"{seconds / plain:.2f}x plain fit")
     stages = config["stages"]
     cuts = [f"dense{(i + 1) * layers // stages - 1}" for i in range(stages - 1)]
     for m in config["microbatches"]:

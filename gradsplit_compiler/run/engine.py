@@ -94,6 +94,7 @@ class StepPlan:
     timeout: float | None
     aux_names: tuple[str, ...] = ()
     after_fault: str = RESTART
+    forward_only: bool = False  # a schedule of forwards alone: no residual is kept
     split_backward: bool = False
 
     @property
@@ -129,7 +130,8 @@ class StepRun:
     ``record()`` keeps what the timeline and the memory counts need.
     """
 
-    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]]):
+    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]],
+                 seed_scale: float = 1.0):
         self.plan = plan
         self.args = per_microbatch
         self.arg_position = {n: i for i, n in enumerate(plan.arg_names)}
@@ -162,8 +164,10 @@ class StepRun:
         self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
                       "replicas": 0, "gradients": 0, "scalars": 0}
         self.sync = any(is_remote(r.device) for r in plan.runners)
-        seed = tf.constant(1.0 / plan.microbatches if plan.loss_reduction == "mean" else 1.0,
-                           plan.loss_dtype)
+        # ``seed_scale``: a loss scale (mixed precision) multiplies every backward's seed.
+        seed = tf.constant(
+            (seed_scale / plan.microbatches if plan.loss_reduction == "mean" else seed_scale),
+            plan.loss_dtype)
         # The caller's cotangent of the loss comes first, as in run_stages: source K.
         for m in range(plan.microbatches):
             self.cotangents[(plan.loss_name, m)] = {plan.num_stages: seed}
@@ -294,6 +298,8 @@ class StepRun:
                     self.values[m] = value
                 if name in self.plan.aux_names:
                     self.aux[(name, m)] = value
+            if self.plan.forward_only:
+                return
             self.residuals[runner.index][m] = (residuals, [o.shape for o in outputs])
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],
