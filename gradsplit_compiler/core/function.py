@@ -33,6 +33,7 @@ import tensorflow as tf
 from gradsplit_compiler import _tf_internal
 from gradsplit_compiler.core.rebuild import emit, program_graph_def
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.ir import edit
 from gradsplit_compiler.ir.program import Program
 
 __all__ = ["to_function"]
@@ -73,8 +74,6 @@ def to_function(program: Program, *, jit_compile: bool | None = None,
             f"{type(program).__name__}. Capture a function first: "
             "gsc.to_function(gsc.capture(fn, input_signature))."
         )
-    from gradsplit_compiler.ir import edit
-
     problems = edit.problems(program)
     if problems:
         node, what = problems[0]
