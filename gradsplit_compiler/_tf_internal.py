@@ -21,6 +21,7 @@ TensorFlow
     - ``op_def``: ``op_def_registry.get``
     - ``eager_function_names``: ``context.context().list_function_names``
     - ``record_variable_read``: ``resource_variable_ops.variable_accessed``
+    - ``copy_handle_data``: ``handle_data_util.copy_handle_data``
 
 Keras
     - ``sublayers``: ``Layer._flatten_layers``
@@ -41,12 +42,14 @@ from tensorflow.python.eager import context as _context
 from tensorflow.python.eager.polymorphic_function import atomic_function as _atomic
 from tensorflow.python.framework import function_def_to_graph as _fdef_to_graph
 from tensorflow.python.framework import op_def_registry as _op_def_registry
+from tensorflow.python.ops import handle_data_util as _handle_data_util
 from tensorflow.python.ops import resource_variable_ops as _resource_variable_ops
 
 __all__ = [
     "call_flat",
     "capture_in_current_graph",
     "connected_server_def",
+    "copy_handle_data",
     "eager_function_names",
     "flat_caller",
     "function_body_graph_def",
@@ -234,6 +237,18 @@ def record_variable_read(variable) -> None:
     would give ``None`` for its gradient.
     """
     _resource_variable_ops.variable_accessed(variable)
+
+
+def copy_handle_data(source: tf.Tensor, target: tf.Tensor) -> None:
+    """``handle_data_util.copy_handle_data`` (TF 2.16-2.21): give resource tensor ``target``
+    the handle data (the dtype and shape of the variable behind it) of ``source``.
+
+    Why: ``import_graph_def`` does not restore it on the outputs of an imported ``While``
+    that carries a variable's handle through the loop (``tf.while_loop`` sets it when it
+    traces); a ``tf.GradientTape`` around a function holding such a loop then fails with
+    "Tried to take gradients ... of a variable without handle data".
+    """
+    _handle_data_util.copy_handle_data(source, target)
 
 
 def has_control_outputs(op: tf.Operation) -> bool:

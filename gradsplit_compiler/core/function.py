@@ -1,6 +1,8 @@
 """``gsc.to_function``: a ``Program`` (edited or not) as a ``tf.function`` again.
 
-The program's ops, without its input placeholders, are emitted into the function being
+Nested ``tf.function`` calls are inlined first (``passes.inline_calls``, as ``split`` does):
+a tape cannot differentiate a call of a library function imported into a trace. Then the
+program's ops, without its input placeholders, are emitted into the function being
 traced by the same importer the stages use (``core.rebuild.emit``: ``import_graph_def`` with
 an ``input_map`` from the argument placeholders to the function's arguments and from the
 captured-variable placeholders to the variables' own handles, library functions renamed so
@@ -35,6 +37,7 @@ from gradsplit_compiler.core.rebuild import emit, program_graph_def
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir import edit
 from gradsplit_compiler.ir.program import Program
+from passes.inline_calls import CALL_OPS, inline_calls
 
 __all__ = ["to_function"]
 
@@ -78,6 +81,11 @@ def to_function(program: Program, *, jit_compile: bool | None = None,
     if problems:
         node, what = problems[0]
         raise GradSplitError(f"to_function cannot run this program: node {node!r} {what}.")
+    if any(op in CALL_OPS for _, op in program.graph.nodes(data="op")):
+        # A call of a library function imported into a trace has no gradient a tape can
+        # build (TensorFlow looks for the Python function it was traced from): inline it,
+        # as split does.
+        program = inline_calls(program.copy())
     piece = program_graph_def(program)
     signature = program.input_signature or list(program.arg_specs)
     n_args = len(program.arg_names)
@@ -94,9 +102,23 @@ def to_function(program: Program, *, jit_compile: bool | None = None,
         # an output that is an argument itself is not among the imported ops
         fetched = [n for n in program.output_names if n not in input_map]
         got = dict(zip(fetched, emit(piece, input_map, fetched, name)))
+        _restore_loop_handle_data(piece, name)
         outputs = [input_map[n] if n in input_map else got[n] for n in program.output_names]
         outputs = [tf.identity(t) for t in outputs]
         return tf.nest.pack_sequence_as(program.output_structure, outputs)
 
     return tf.function(body, input_signature=signature, jit_compile=jit_compile,
                        autograph=False)
+
+
+def _restore_loop_handle_data(piece, scope: str) -> None:
+    """A loop carries a resource unchanged: each resource output of an imported ``While``
+    gets the handle data of the input it passes through (import leaves it out)."""
+    graph = tf.compat.v1.get_default_graph()
+    for node_def in piece.node:
+        if node_def.op not in ("While", "StatelessWhile"):
+            continue
+        op = graph.get_operation_by_name(f"{scope}/{node_def.name}" if scope else node_def.name)
+        for source, target in zip(op.inputs, op.outputs):
+            if target.dtype == tf.resource:
+                _tf_internal.copy_handle_data(source, target)
