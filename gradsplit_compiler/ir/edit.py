@@ -181,10 +181,10 @@ def add_node(program: Program, op_type: str, inputs: Sequence | Mapping = (), *,
                     f"inputs of add_node are graph tensor names ('op:index'); got {t!r:.60} "
                     "(make a constant with add_constant)."
                 )
-            spec = program.tensor_spec(_tensor(program, t))
-            if spec.dtype is None:
+            if program.tensor_dtype(_tensor(program, t)) is None:
                 raise GradSplitError(f"tensor {t!r} has no known dtype; run refresh_shapes "
                                      "first.")
+            spec = program.tensor_spec(_tensor(program, t))
             ph = tf.compat.v1.placeholder(spec.dtype, spec.shape)
             sources[ph.op.name] = _tensor(program, t)
             return ph
