@@ -4,7 +4,8 @@
 
 The public API (``split``, ``mark``, ``Split``, ``Stage``, ``verify``, ``Report``,
 ``to_networkx``, ``from_networkx``, ``capture``, ``Program``, ``to_function``,
-``pipeline``, ``Pipeline``, ``auto_split`` and ``GradSplitError``) and what each promises are in ``docs/api.md``.
+``pipeline``, ``Pipeline``, ``auto_split`` and ``GradSplitError``) and what each promises
+are in ``docs/api.md``.
 
 Names are loaded on first use, so ``import gradsplit_compiler`` (and ``gradsplit --help``)
 does not pay for importing TensorFlow until something needs it. TensorFlow is not a

@@ -330,7 +330,7 @@ def remove_nodes(program: Program, nodes: Iterable[str]) -> None:
         control = sorted(((a["position"], src, key) for src, _, key, a in
                           g.in_edges(dst, keys=True, data=True) if a["control"]),
                          key=lambda x: x[0])
-        for src_pos, src, key in control:
+        for _, src, key in control:
             g.remove_edge(src, dst, key)
         for position, (_, src, _) in enumerate(control):
             g.add_edge(src, dst, key=f"^{position}", control=True, position=position)

@@ -148,7 +148,8 @@ BROKEN = [
      r"outputs"),
     ("analysis", op_and_node_def_disagree, r"node 'Tanh' has op 'Sigmoid' and name 'Tanh' in "
      r"the graph but 'Tanh' and 'Tanh' in its NodeDef; keep them equal"),
-    ("analysis", shapes_cannot_fit, r"node 'matmul' is refused by TensorFlow: Dimensions must be equal"),
+    ("analysis", shapes_cannot_fit,
+     r"node 'matmul' is refused by TensorFlow: Dimensions must be equal"),
     ("analysis", returns_nothing, r"pass returned NoneType, not the Program; a pass returns "
      r"the program"),
     ("analysis", builds_an_unknown_op, r"failed: 'Tanhh' is not an op type TensorFlow "
