@@ -47,9 +47,10 @@ class UserPassError(PassError, GradSplitError):
 
 
 def is_users(p: Pass) -> bool:
-    """Whether ``p`` is a pass of the caller's own (not one of ``passes/``)."""
+    """Whether ``p`` is a pass of the caller's own (not one of the pass modules of
+    ``passes/``)."""
     module = getattr(p, "__module__", "") or ""
-    return not (module == "passes" or module.startswith("passes."))
+    return not module.startswith("passes.")
 
 
 def pass_name(p: Pass) -> str:

@@ -86,7 +86,8 @@ def test_to_function_reads_the_variables_themselves_and_xla_compiles_it():
 
 def test_to_function_refuses_what_is_not_a_program():
     with pytest.raises(gsc.GradSplitError, match=r"to_function needs a gsc.Program \(from "
-                       r"gsc.capture\); got function. Capture a function first"):
+                       r"gsc.capture\); got function. Capture a function first: "
+                       r"gsc.to_function\(gsc.capture\(fn, input_signature\)\)."):
         gsc.to_function(lambda x: x)
 
 
