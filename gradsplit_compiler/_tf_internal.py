@@ -213,14 +213,14 @@ def connected_server_def():
 
 
 def op_def(op_type: str):
-    """``op_def_registry.get`` (TF 2.16-2.21): the ``OpDef`` TensorFlow registered under
+    """``op_def_registry.get`` (checked on TF 2.21): the ``OpDef`` TensorFlow registered under
     ``op_type`` (its inputs, outputs and attributes with their defaults), or ``None`` for a
     name no kernel library registered. TensorFlow has no public way to ask."""
     return _op_def_registry.get(op_type)
 
 
 def eager_function_names() -> set[str]:
-    """``context.context().list_function_names()`` (TF 2.16-2.21): the names of every
+    """``context.context().list_function_names()`` (checked on TF 2.21): the names of every
     function registered in the eager context (what ``import_graph_def`` of a library and
     every traced call add). Tests read it to check that a refused program leaves nothing
     behind."""
@@ -228,7 +228,7 @@ def eager_function_names() -> set[str]:
 
 
 def record_variable_read(variable) -> None:
-    """``resource_variable_ops.variable_accessed`` (TF 2.16-2.21): record, in the function
+    """``resource_variable_ops.variable_accessed`` (checked on TF 2.21): record, in the function
     being traced (and on any active ``tf.GradientTape``), that ``variable`` is read.
 
     Why: a function that reads a variable through its captured handle (an imported graph's
@@ -240,7 +240,7 @@ def record_variable_read(variable) -> None:
 
 
 def copy_handle_data(source: tf.Tensor, target: tf.Tensor) -> None:
-    """``handle_data_util.copy_handle_data`` (TF 2.16-2.21): give resource tensor ``target``
+    """``handle_data_util.copy_handle_data`` (checked on TF 2.21): give resource tensor ``target``
     the handle data (the dtype and shape of the variable behind it) of ``source``.
 
     Why: ``import_graph_def`` does not restore it on the outputs of an imported ``While``
