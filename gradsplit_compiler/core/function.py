@@ -43,7 +43,7 @@ __all__ = ["to_function"]
 
 
 def to_function(program: Program, *, jit_compile: bool | None = None,
-                name: str = "program") -> Any:
+                name: str = "") -> Any:
     """A ``tf.function`` running ``program``, with its ``input_signature``.
 
     Parameters
@@ -54,7 +54,9 @@ def to_function(program: Program, *, jit_compile: bool | None = None,
     jit_compile : bool, optional
         Passed to ``tf.function``.
     name : str
-        The name scope the program's ops are imported under.
+        A name scope to import the program's ops under; by default none, so they keep
+        their names (the gradient of a ``tf.custom_gradient`` op finds the tensors it
+        closes over by name, as in a stage).
 
     Returns
     -------

@@ -99,3 +99,24 @@ def test_to_function_refuses_a_broken_graph_before_importing_it():
                        r"'Tanh' \(Tanh\) has no attribute 'T', which the op requires"):
         gsc.to_function(program)
     assert not _tf_internal.eager_function_names() - before
+
+
+def test_to_function_keeps_a_custom_gradient():
+    rng = np.random.default_rng(5)
+    w = tf.Variable(rng.normal(size=(3, 2)))
+
+    @tf.custom_gradient
+    def cube(a):
+        def grad(dy):
+            return 3.0 * a * a * dy
+        return a * a * a, grad
+
+    def f(x):
+        return tf.reduce_sum(cube(tf.tanh(x @ w)))
+
+    g = gsc.to_function(gsc.capture(f, [tf.TensorSpec([None, 3], tf.float64)]))
+    x = tf.constant(rng.normal(size=(4, 3)))
+    with tf.GradientTape(persistent=True) as tape:
+        value, expected = g(x), f(x)
+    assert abs(float(value - expected)) <= 1e-12
+    assert np.max(np.abs(tape.gradient(value, w) - tape.gradient(expected, w))) <= 1e-12
