@@ -17,7 +17,7 @@ from gradsplit_compiler.core.compose import compose
 from gradsplit_compiler.core.rebuild import build_stage_vjp, is_differentiable
 from gradsplit_compiler.core.stage import Stage
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
-from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.errors import GradSplitError, unknown_name_message
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
 from gradsplit_compiler.util import collector_paused
@@ -208,8 +208,6 @@ class Split:
         op, index = ir.parse_tensor_name(name)
         if op in self.graph and index < len(self.graph.nodes[op].get("outputs") or [None]):
             return ir.tensor_name(op, index)
-        from gradsplit_compiler.errors import unknown_name_message
-
         raise GradSplitError(unknown_name_message(
             "name", name, list(self.cut_tensors) + [ir.parse_tensor_name(a)[0]
                                                     for a in self.arg_names]))
