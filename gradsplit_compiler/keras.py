@@ -192,12 +192,23 @@ class PipelineModel(keras.Model):
         ours = [PipelineSummaries(os.path.join(b.log_dir, "pipeline")) for b in boards
                 if not any(isinstance(c, PipelineSummaries) for c in callbacks)]
         kwargs["callbacks"] = [_SyncAtEpochEnd(), *callbacks, *ours]
+        self._run.checked_batch = False
         return super().fit(*args, **kwargs)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
         batch = int(flat[0].shape[0])
+        if not self._run.checked_batch:  # the first batch of fit gives its batch size
+            self._run.checked_batch = True
+            if batch % self.microbatches:
+                m = self.microbatches
+                raise GradSplitError(
+                    f"fit's batches have {batch} examples, which microbatches={m} does not "
+                    f"divide into equal micro-batches; use a batch_size that is a multiple "
+                    f"of {m} (e.g. {max(m, batch - batch % m)} or {batch + m - batch % m}). "
+                    "Only the last batch of an epoch may be smaller: it runs with the "
+                    "largest micro-batch count that divides it.")
         pipe = self._pipeline_for(flat, structure, batch)
         self._send_learning_rate()
         loss, y_pred = pipe.train_step(*flat)
@@ -499,6 +510,7 @@ class _RunState:
         self.lr: float | None = None
         self.last = None         # the pipeline of the last training step
         self.forward: dict = {}  # forward-only pipelines of evaluate and predict
+        self.checked_batch = True  # fit sets it to False: its first batch is checked
 
 
 def _with_count(pipe, microbatches: int, batch: int):

@@ -853,10 +853,13 @@ def figure_keras(quick: bool) -> str:
 
 KERAS_NOTE = """\
 *Reading it.* A `PipelineModel` step is a pipeline `train_step` driven from Keras' loop
-eagerly: four stage programs per micro-batch each way, one thread per device, then each
-device's optimizer update. On one machine's shared cores the stages cannot overlap, so this
-measures what the pipeline costs, not what it buys; a one-stage pipeline (the pipeline's own
-cost alone) is not measured yet, because a split needs at least one cut."""
+eagerly: the stage programs of each micro-batch (a forward and a backward per stage, each
+its own XLA program), one thread per device, then each device's optimizer update. Plain
+`fit` runs forward, backward and update as one XLA program. The one-stage row is the
+pipeline's own cost: the same model as one stage on one device (forward, backward and the
+update with its finiteness check as three programs instead of one). On one machine's shared
+cores the four stages cannot overlap, so the other rows measure what the pipeline costs,
+not what it buys."""
 
 
 def main(argv=None) -> int:
