@@ -20,10 +20,15 @@ predictions come back from the last stage for the compiled metrics. A batch that
 micro-batch count does not divide (the last one of an epoch) runs with the largest count
 that divides it.
 
+Evaluating and predicting. ``evaluate`` and ``predict`` run forward-only pipelines
+(``Pipeline.forward``) of ``model(x, training=False)`` (and the compiled loss, for
+``evaluate``), cut at the same layers and placed on the same devices; once ``fit`` has built
+the training state their stages read the stage-resident weights (``shares_state_with``).
+
 Where the weights are. The stage-resident copies are the truth during ``fit``; the Keras
-model's own variables (and the compiled optimizer's) are brought up to date whenever Keras
-or the user reads them through the model: ``evaluate``, ``predict`` (which run the plain
-model on this process's device), ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
+model's own variables (and the compiled optimizer's) are brought up to date at the end of
+every epoch (before the other callbacks run) and whenever Keras or the user reads them
+through the model: ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
 ``BackupAndRestore``), ``save``; and ``set_weights`` / ``load_weights`` send new values to
 the stages. A learning rate changed on the compiled optimizer (``LearningRateScheduler``) is
 sent to every stage's optimizer before the next step.
@@ -182,16 +187,17 @@ class PipelineModel(keras.Model):
         ``TensorBoard`` callback, the pipeline's own figures of the epoch's last step go to
         ``<log_dir>/pipeline`` (see ``PipelineSummaries``)."""
         position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
-        if len(args) > position:
-            args, callbacks = list(args), args[position]
-            args[position] = None
-        else:
-            callbacks = kwargs.pop("callbacks", None)
-        callbacks = list(callbacks or [])
+        args = list(args)
+        given = args[position] if len(args) > position else kwargs.get("callbacks")
+        callbacks = list(given or [])
         boards = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
         ours = [PipelineSummaries(os.path.join(b.log_dir, "pipeline")) for b in boards
                 if not any(isinstance(c, PipelineSummaries) for c in callbacks)]
-        kwargs["callbacks"] = [_SyncAtEpochEnd(), *callbacks, *ours]
+        callbacks = [_SyncAtEpochEnd(), *callbacks, *ours]
+        if len(args) > position:
+            args[position] = callbacks
+        else:
+            kwargs["callbacks"] = callbacks
         self._run.checked_batch = False
         return super().fit(*args, **kwargs)
 
