@@ -398,7 +398,9 @@ def test_a_batch_size_that_microbatches_do_not_divide_is_refused_before_training
     before = [v.numpy() for v in inner.weights]
     with pytest.raises(GradSplitError, match=r"fit's batches have 10 examples, which "
                        r"microbatches=4 does not divide into equal micro-batches; use a "
-                       r"batch_size that is a multiple of 4 \(e\.g\. 8 or 12\)"):
+                       r"batch_size that is a multiple of 4 \(e\.g\. 8 or 12\)\. Only the "
+                       r"last batch of an epoch may be smaller: it runs with the largest "
+                       r"micro-batch count that divides it\."):
         piped.fit(x, y, batch_size=10, epochs=1, verbose=0)
     assert piped.pipelines == []  # nothing was built, nothing trained
     for v, b in zip(inner.weights, before):
