@@ -28,6 +28,7 @@ from gradsplit_compiler.run.devices import StageRunner, device_label, is_remote
 from gradsplit_compiler.run.schedules import Action
 
 __all__ = [
+    "GRACE_AFTER_FAILURE",
     "RESTART",
     "RESTART_AND_RESTORE",
     "action_failure",
@@ -40,6 +41,10 @@ __all__ = [
     "update_timeout_error",
     "wait_for",
 ]
+
+# Seconds a step (or an optimizer update) still waits for the other devices once one has
+# failed: when a task of a cluster dies, calls to the other tasks can hang rather than fail.
+GRACE_AFTER_FAILURE = 2.0
 
 # What a caller does after a task died: the last words of every error about one.
 RESTART = "restart the cluster, connect again and build a new pipeline"
