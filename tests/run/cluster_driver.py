@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -270,16 +271,42 @@ def killed_step(pipe, args, variables, fault: KillDuring) -> dict:
     return result
 
 
+def clusters(count: int):
+    """``count`` clusters of 2 workers, one after the other; each is started while the one
+    before it is in use (starting TensorFlow in the workers is most of a cluster's start),
+    and stopped when the next is taken."""
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = pool.submit(LocalCluster, 2)
+        for i in range(count):
+            cluster = upcoming.result()
+            if i + 1 < count:
+                upcoming = pool.submit(LocalCluster, 2)
+            try:
+                yield cluster
+            finally:
+                cluster.stop()
+
+
+def warm_step(pipe, model) -> dict:
+    """A step that compiles on the tasks; whether it changed the variables the program
+    assigns (so that a failed step that kept its assignments would be seen)."""
+    before = [v.numpy() for v in model.written]
+    t0 = time.perf_counter()
+    pipe.step(*model.args)
+    return {"warm_step_s": time.perf_counter() - t0,
+            "a_step_assigns": not unchanged(before, model.written)}
+
+
 def fault() -> dict:
     """Each kill of KILLS on a cluster of its own (after a task dies, this process's calls
-    to every task fail until it connects again), then SIGSTOP on a last one. The first
-    restarted cluster also runs the previous cluster's argument tensors, then a new
-    pipeline of another program against the tape."""
-    out: dict = {"kills": []}
+    to every task fail until it connects again). On the first, before its kill, task 1 is
+    frozen (SIGSTOP) during a step, then resumed (SIGCONT). The second also runs the first
+    cluster's argument tensors, then a pipeline of another program against the tape."""
+    out: dict = {"kills": [], "cluster_seconds": []}
     model = split = None
-    clock = time.perf_counter()
-    for i, (kind, stage, microbatch, jit) in enumerate(KILLS):
-        cluster = LocalCluster(2)
+    for i, ((kind, stage, microbatch, jit), cluster) in enumerate(
+            zip(KILLS, clusters(len(KILLS)))):
+        t0 = time.perf_counter()
         devices = cluster.connect()
         if i == 1:
             # The argument given whole to every micro-batch (scale) is the same tensor in
@@ -290,26 +317,32 @@ def fault() -> dict:
                 gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
                              timeout=FAULT_TIMEOUT),
                 model.args, split.variables, threading.Timer(0.0, lambda: None))
-            model.args = [tf.constant(a.numpy()) for a in model.args]
-            # a restarted cluster runs a new pipeline exactly
+            # A restarted cluster runs a new pipeline exactly.
             fn, signature, args = zoo_model()
             exact_split = gsc.split(fn, signature, CUTS[2])
             pipe = gsc.pipeline(exact_split, 4, "1f1b", devices=devices,
                                 loss_reduction="mean", timeout=FAULT_TIMEOUT)
             out["restarted_step_errors"], _ = checked_steps(pipe, fn, exact_split, args, 2,
                                                             seed=7)
-        # a new model on every cluster: a graph function (jit_compile=False) cannot read
-        # a variable created before this process connected again
+        # A new model on every cluster: a graph function (jit_compile=False) cannot read a
+        # variable created before this process connected again.
         model = AssigningModel(seed=3 + i)
         split = model.split()
         pipe = gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
                             timeout=FAULT_TIMEOUT, jit_compile=jit)
-        before = [v.numpy() for v in model.written]
-        t0 = time.perf_counter()
-        pipe.step(*model.args)  # compiles on the tasks
         report = {"kind": kind, "stage": stage, "microbatch": microbatch, "jit_compile": jit,
-                  "warm_step_s": time.perf_counter() - t0,
-                  "a_step_assigns": not unchanged(before, model.written)}
+                  **warm_step(pipe, model)}
+        if i == 0:
+            # A task that stops answering: SIGSTOP, caught by the timeout. The pipeline
+            # under test shares the stages compiled by the warm step (compiling alone can
+            # take longer than STOP_TIMEOUT on a loaded machine).
+            frozen = gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
+                                  timeout=STOP_TIMEOUT, jit_compile=jit)
+            stopper = threading.Timer(0.2, cluster.kill, args=(1, signal.SIGSTOP))
+            out["stopped"] = step_under_fault(frozen, model.args, split.variables, stopper)
+            # resumed, the task answers again: the step before the kill runs as any other
+            cluster.kill(1, signal.SIGCONT)
+            out["resumed"] = warm_step(pipe, model)
         action = [e for e in pipe.timeline()
                   if (e.kind, e.stage, e.microbatch) == (kind, stage, microbatch)]
         report["action_s"] = action[0].end - action[0].start
@@ -317,22 +350,7 @@ def fault() -> dict:
                                   KillDuring(cluster, stage, kind, stage, microbatch,
                                              model.written)))
         out["kills"].append(report)
-        cluster.stop()
-        print(f"kill {i}: {time.perf_counter() - clock:.1f} s", file=sys.stderr, flush=True)
-
-    # A task that stops answering: SIGSTOP, caught by the timeout.
-    with LocalCluster(2) as cluster:
-        devices = cluster.connect()
-        model.args = [tf.constant(a.numpy()) for a in model.args]
-        # Warm up (compile on the new tasks) without the short timeout: on a loaded machine
-        # that alone can take longer than STOP_TIMEOUT. The pipeline under test shares the
-        # compiled stages.
-        gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
-                     timeout=FAULT_TIMEOUT).step(*model.args)
-        pipe = gsc.pipeline(split, 2, "1f1b", devices=devices, loss_reduction="mean",
-                            timeout=STOP_TIMEOUT)
-        stopper = threading.Timer(0.2, cluster.kill, args=(1, signal.SIGSTOP))
-        out["stopped"] = step_under_fault(pipe, model.args, split.variables, stopper)
+        out["cluster_seconds"].append(time.perf_counter() - t0)
     return out
 
 
