@@ -109,8 +109,13 @@ def blame(errors: Sequence[BaseException], runners: Sequence[StageRunner],
     wait = 5.0 if timeout is None else min(5.0, timeout)
     remote_used = [d for d in used if is_remote(d)]
     # One dead task breaks this process's calls to every task, so ask the network first:
-    # a task whose port refuses connections is gone.
+    # a task whose port refuses connections is gone. A process killed a moment ago may
+    # still hold its port while the system tears it down: ask again for a little while.
+    asked_until = time.monotonic() + min(1.0, wait)
     dead = [d for d in remote_used if refuses_connections(d)]
+    while not dead and time.monotonic() < asked_until:
+        time.sleep(0.1)
+        dead = [d for d in remote_used if refuses_connections(d)]
     if not dead:
         dead = unreachable(remote_used, wait)
     if not dead or len(dead) == len(used):
