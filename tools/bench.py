@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -448,10 +449,11 @@ or gigabytes, "-"). Every answer of every size is timed in one loop: in each of 
 each answer runs a block of back-to-back calls lasting about 20 ms after one untimed call, so
 that nothing is timed cold after another answer's long call, and the blocks take turns; the
 table gives the median time per call over the repeats. The monolithic time is then monotone in
-the size: a fixed cost per call (about 0.1 ms: the call, XLA's launch, the results) plus
-arithmetic proportional to the batch, which dominates only from a few thousand elements.
-The ratios are those `gradsplit demo` prints for the same `--cut-size`; one demo run times
-each answer in a few repeats and varies more (up to 2x on this shared 2-core machine)."""
+the size: a fixed cost per call (the call, XLA's launch, the results copied out) plus
+arithmetic proportional to the batch, which dominates from about a thousand elements on
+(`tools/bench.py` warns when a run is not monotone: a busy machine; run it again). The ratios
+are those `gradsplit demo` prints for the same `--cut-size`; one demo run times each answer
+in 7 repeats of about 40 ms and varies more from run to run."""
 
 
 def write_report(path, command, speed, memory, split_rows, cut_rows):
@@ -893,10 +895,14 @@ cores the four stages cannot overlap, so the other rows measure what the pipelin
 not what it buys."""
 
 
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--only", type=int, nargs="*", default=list(ALL_FIGURES),
+                        help="these figures only; an existing report keeps the others")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
@@ -930,18 +936,43 @@ def main(argv=None) -> int:
         cut_rows = figure_cut_size(sizes, per_scalar_limit=256, jacobian_limit=4096,
                                    repeats=repeats)
         plot_cut_size(cut_rows, ROOT / "docs" / "bench_cut_size.png")
-    write_report(args.out, command.strip(), speed, memory, split_rows, cut_rows)
+    out = Path(args.out)
+    previous = out.read_text() if out.exists() else None
+    write_report(out, command.strip(), speed, memory, split_rows, cut_rows)
     if 6 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_cluster(args.quick, repeats))
     if 7 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_training(args.quick, min(repeats, 9)))
     if 8 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_keras(args.quick))
-    log(f"wrote {args.out}")
+    if previous is not None and set(args.only) != set(ALL_FIGURES):
+        out.write_text(merge_report(previous, out.read_text(), command.strip()))
+    log(f"wrote {out}")
     return 0
+
+
+def report_sections(text: str) -> tuple[str, dict[str, str]]:
+    """The text before the first ``## `` heading, and each section by its number
+    (``"1-2"``, ``"5"``, ...), in order."""
+    head, *parts = re.split(r"(?m)^(?=## )", text)
+    return head, {re.match(r"## ([\d-]+)", part).group(1): part for part in parts}
+
+
+def merge_report(previous: str, new: str, command: str) -> str:
+    """``previous`` with the sections ``new`` holds replaced (a run of ``--only``), and a
+    line under the heading saying which were made again, by which command, when."""
+    head, old = report_sections(previous)
+    _, fresh = report_sections(new)
+    note = (f"Section {', '.join(fresh)} made again by `{command}` on "
+            f"{time.strftime('%Y-%m-%d')}.")
+    lines = [ln for ln in head.rstrip("\n").split("\n")
+             if not (ln.startswith("Section ") and "made again by" in ln)]
+    head = "\n".join(lines[:3] + [note] + lines[3:]) + "\n\n"
+    merged = {**old, **fresh}
+    return head + "\n\n".join(part.strip("\n") for part in merged.values()) + "\n"
 
 
 if __name__ == "__main__":
