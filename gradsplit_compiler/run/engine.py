@@ -181,11 +181,12 @@ class StepRun:
                 try:
                     self.finished.get(timeout=None if deadline is None
                                       else max(0.0, deadline - time.monotonic()))
-                    done += 1
                 except queue.Empty:  # past the deadline
-                    if not cut_short:
-                        raise self._timed_out() from None
-                    break  # the failure is the news: blamed below
+                    break
+                done += 1
+            if done < len(threads) and not cut_short:
+                raise self._timed_out()
+            # else: cut short, the failure is the news (blamed below)
         except BaseException:  # KeyboardInterrupt, timeout: stop the devices before leaving
             self._fail(None)
             if deadline is None:
