@@ -195,7 +195,9 @@ def test_workers_killed_or_frozen_mid_step_keep_the_variables_and_are_named():
     # SIGSTOP: the task hangs; the pipeline's timeout (8 s) gives up and names it
     stopped = result["stopped"]
     assert stopped["raised"] == "GradSplitError", stopped
-    assert "the pipeline step did not finish within timeout=8 s" in stopped["message"], stopped
+    message = stopped["message"]
+    assert "the pipeline step did not finish within timeout=" in message, stopped
+    assert "timeout=8 s" in message and "A worker that died or stopped" in message, stopped
     assert "task 1 " in stopped["message"] and "stage 1" in stopped["message"], stopped
     assert 7.5 < stopped["seconds"] < 8 + FAULT_TIMEOUT / 2, stopped
     assert stopped["variables_unchanged"], stopped
