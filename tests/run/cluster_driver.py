@@ -254,6 +254,7 @@ def killed_step(pipe, args, variables, fault: KillDuring) -> dict:
     ``variables`` kept their values and whether the step had assigned them when the task
     died."""
     before = [v.numpy() for v in variables]
+    watched = [v.numpy() for v in fault.watched]
     t0 = time.perf_counter()
     try:
         with fault:
@@ -267,7 +268,7 @@ def killed_step(pipe, args, variables, fault: KillDuring) -> dict:
     result["variables_unchanged"] = unchanged(before, variables)
     if fault.values_at_kill is not None:  # had the step assigned them when the task died?
         result["assigned_before_kill"] = not all(
-            np.array_equal(b, k) for b, k in zip(before, fault.values_at_kill))
+            np.array_equal(b, k) for b, k in zip(watched, fault.values_at_kill))
     return result
 
 
