@@ -312,7 +312,9 @@ class Pipeline:
         their stage-resident copies and nothing is updated.
 
         If any action fails, the other devices stop at their next action (one already
-        running finishes), every variable the program assigns is put back as it was before
+        running finishes; on a cluster, the step waits for it at most
+        ``faults.GRACE_AFTER_FAILURE`` = 2 s more, since a call to a task can hang once
+        another task died), every variable the program assigns is put back as it was before
         the step, and the first error is raised here, with a note naming the action. On a
         device of another process (a cluster task), a TensorFlow error becomes a
         ``GradSplitError`` naming the task, the stage and the action; so does a step that

@@ -57,6 +57,7 @@ from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import default_device, device_label, is_remote, keep_alive
 from gradsplit_compiler.run.faults import (
+    GRACE_AFTER_FAILURE,
     RESTART_AND_RESTORE,
     blame,
     task_failure,
@@ -70,8 +71,6 @@ __all__ = ["NONFINITE_ACTIONS", "DeviceState", "LossScale", "TrainingState", "ch
 NONFINITE_ACTIONS = ("raise", "skip")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
 _LOSS_SCALE = "loss_scale"
-# Seconds the update still waits for the other devices once one has failed.
-_GRACE_AFTER_FAILURE = 2.0
 
 
 def checkpoint_names(variables: Sequence[Any]) -> list[str]:
@@ -383,7 +382,7 @@ class TrainingState:
         cut_short = False
         while len(done) < len(threads):
             if errors and not cut_short:
-                grace = time.monotonic() + _GRACE_AFTER_FAILURE
+                grace = time.monotonic() + GRACE_AFTER_FAILURE
                 deadline = grace if deadline is None else min(deadline, grace)
                 cut_short = True
             try:
