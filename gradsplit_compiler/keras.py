@@ -259,26 +259,32 @@ class PipelineModel(keras.Model):
             self._run.forward[key] = self._build_forward(kind, structure, list(specs))
         return _with_count(self._run.forward[key], self.microbatches, batch)
 
-    def _build_forward(self, kind: str, structure, specs):
+    def _split(self, structure, specs, kind: str):
+        """The split of ``model(x, training=kind == "train")`` followed by the compiled loss
+        (a constant stands in for it for ``"predict"``), returning ``(loss, y_pred)``, cut
+        at ``cuts`` or by ``auto_split``."""
         from gradsplit_compiler.core.split import split as make_split
         from gradsplit_compiler.plan.autosplit import auto_split
-        from gradsplit_compiler.run.pipeline import pipeline
 
-        model = self.model
+        model, training = self.model, kind == "train"
 
-        def forward_fn(*flat):
+        def fn(*flat):
             x, y, sample_weight = _unflatten(structure, flat)
-            y_pred = model(x, training=False)
-            if kind == "predict":  # no loss: a constant stands in for it
+            y_pred = model(x, training=training)
+            if kind == "predict":
                 return tf.zeros((), tf.nest.flatten(y_pred)[0].dtype), y_pred
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=False)
+                                     training=training)
             return loss, y_pred
 
         if self.cuts is not None:
-            split = make_split(forward_fn, specs, cuts=self.cuts)
-        else:
-            split = auto_split(forward_fn, specs, self.num_stages)
+            return make_split(fn, specs, cuts=self.cuts)
+        return auto_split(fn, specs, self.num_stages)
+
+    def _build_forward(self, kind: str, structure, specs):
+        from gradsplit_compiler.run.pipeline import pipeline
+
+        split = self._split(structure, specs, kind)
         options = {"loss_reduction": "sum" if kind == "predict" else self.loss_reduction,
                    "jit_compile": self.pipeline_jit_compile, "timeout": self.timeout}
         trained = next(iter(self._run.pipelines.values()), None)
@@ -299,23 +305,9 @@ class PipelineModel(keras.Model):
         return _with_count(self._run.pipelines[key], self.microbatches, batch)
 
     def _build(self, structure, specs):
-        from gradsplit_compiler.core.split import split as make_split
-        from gradsplit_compiler.plan.autosplit import auto_split
         from gradsplit_compiler.run.pipeline import pipeline
 
-        model = self.model
-
-        def loss_fn(*flat):
-            x, y, sample_weight = _unflatten(structure, flat)
-            y_pred = model(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=True)
-            return loss, y_pred
-
-        if self.cuts is not None:
-            split = make_split(loss_fn, specs, cuts=self.cuts)
-        else:
-            split = auto_split(loss_fn, specs, self.num_stages)
+        split = self._split(structure, specs, "train")
         if self._run.state is None:
             self._sync_to_model()
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
