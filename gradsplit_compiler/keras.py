@@ -20,22 +20,34 @@ predictions come back from the last stage for the compiled metrics. A batch that
 micro-batch count does not divide (the last one of an epoch) runs with the largest count
 that divides it.
 
+Evaluating and predicting. ``evaluate`` and ``predict`` run forward-only pipelines
+(``Pipeline.forward``) of ``model(x, training=False)`` (and the compiled loss, for
+``evaluate``), cut at the same layers and placed on the same devices; once ``fit`` has built
+the training state their stages read the stage-resident weights (``shares_state_with``).
+
 Where the weights are. The stage-resident copies are the truth during ``fit``; the Keras
-model's own variables (and the compiled optimizer's) are brought up to date whenever Keras
-or the user reads them through the model: ``evaluate``, ``predict`` (which run the plain
-model on this process's device), ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
+model's own variables (and the compiled optimizer's) are brought up to date at the end of
+every epoch (before the other callbacks run) and whenever Keras or the user reads them
+through the model: ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
 ``BackupAndRestore``), ``save``; and ``set_weights`` / ``load_weights`` send new values to
 the stages. A learning rate changed on the compiled optimizer (``LearningRateScheduler``) is
 sent to every stage's optimizer before the next step.
 
+Mixed precision. Under a ``mixed_float16`` policy ``compile`` wraps the optimizer in Keras'
+``LossScaleOptimizer``, as for any model; the pipeline then seeds every stage's backward with
+the loss scale, skips a step whose gradients are not finite on every stage (halving the
+scale) and doubles the scale after its growth steps, as Keras does.
+
 Limits. Batch-normalisation statistics move once per micro-batch (as the pipeline does); a
 loss must reduce by a per-example mean (Keras' default ``"sum_over_batch_size"``) or sum;
-loss scaling (``LossScaleOptimizer``) is not supported; ``steps_per_execution`` runs that
-many eager steps per call.
+``steps_per_execution`` runs that many eager steps per call.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +58,7 @@ from gradsplit_compiler._tf_internal import sublayers
 from gradsplit_compiler.errors import GradSplitError, close_names
 from gradsplit_compiler.run.training import plain_variable
 
-__all__ = ["PipelineModel"]
+__all__ = ["PipelineModel", "PipelineSummaries"]
 
 
 class PipelineModel(keras.Model):
@@ -57,9 +69,10 @@ class PipelineModel(keras.Model):
     model : keras.Model
         A built Keras model (Sequential, functional, or subclassed and called once).
     cuts : list of str, optional
-        Names of the model's layers to cut after, in data-flow order.
+        Names of the model's layers to cut after, in data-flow order (``[]``: one stage,
+        the whole model, which micro-batches still divide: gradient accumulation).
     num_stages : int, optional
-        Instead of ``cuts``: ``gsc.auto_split`` chooses them.
+        Instead of ``cuts``: ``gsc.auto_split`` chooses them (``1``: one stage).
     microbatches, schedule, devices, jit_compile, timeout
         As for ``gsc.pipeline``.
     """
@@ -80,10 +93,12 @@ class PipelineModel(keras.Model):
             raise GradSplitError(
                 "give PipelineModel either cuts=[layer names] or num_stages=K (auto_split "
                 "chooses the cuts), not both or neither.")
+        if num_stages == 1 and not isinstance(num_stages, bool):
+            cuts, num_stages = [], None  # one stage: the whole model on one device
         if cuts is not None:
-            if isinstance(cuts, str) or not isinstance(cuts, Sequence) or not cuts:
+            if isinstance(cuts, str) or not isinstance(cuts, Sequence):
                 raise GradSplitError(
-                    f"cuts must be a non-empty list of layer names; got {cuts!r}.")
+                    f"cuts must be a list of layer names (empty: one stage); got {cuts!r}.")
             known = _layer_names(model)
             unknown = [c for c in cuts if c not in known]
             if unknown:
@@ -122,13 +137,10 @@ class PipelineModel(keras.Model):
         self.loss_reduction = _loss_reduction(loss)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, run_eagerly=True,
                         jit_compile=False, **kwargs)
-        if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
-            raise GradSplitError(
-                "PipelineModel does not support loss scaling (LossScaleOptimizer, "
-                "mixed_float16): compile with the inner optimizer and a float32 or float64 "
-                "policy.")
         self._run = _RunState()
         optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer  # its slots are the inner optimizer's
         make_slot = optimizer.add_variable_from_reference
 
         def recording(reference, name=None, initializer="zeros"):
@@ -139,7 +151,7 @@ class PipelineModel(keras.Model):
         # Which compiled-optimizer slot belongs to which variable, to copy the stages' slots
         # into it (checkpoints written through the model carry the optimizer's state).
         optimizer.add_variable_from_reference = recording
-        learning_rate = optimizer.get_config().get("learning_rate")
+        learning_rate = optimizer.get_config().get("learning_rate")  # the inner one's
         self._run.lr = None if isinstance(learning_rate, dict) else float(learning_rate)
 
     # -- training -----------------------------------------------------------------------------
@@ -147,8 +159,14 @@ class PipelineModel(keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
+        self.train_function = self._eager_loop(self.train_step)
+        return self.train_function
 
-        def train_function(iterator):
+    def _eager_loop(self, step):
+        """``steps_per_execution`` calls of ``step`` in plain Python (a pipeline step runs
+        one thread per device and cannot be traced into Keras' ``tf.function``)."""
+
+        def function(iterator):
             logs = None
             for _ in range(self.steps_per_execution):
                 try:
@@ -157,54 +175,139 @@ class PipelineModel(keras.Model):
                     if logs is None:
                         raise
                     break
-                logs = self.train_step(data)
+                logs = step(data)
             return logs
 
-        self.train_function = train_function
-        return train_function
+        return function
+
+    def fit(self, *args, **kwargs):
+        """As ``keras.Model.fit``. Before the other callbacks see the end of an epoch, the
+        Keras variables are brought up to date with the stages (so ``TensorBoard``'s
+        histograms and any callback reading the weights see the trained values); with a
+        ``TensorBoard`` callback, the pipeline's own figures of the epoch's last step go to
+        ``<log_dir>/pipeline`` (see ``PipelineSummaries``)."""
+        position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+        args = list(args)
+        given = args[position] if len(args) > position else kwargs.get("callbacks")
+        callbacks = list(given or [])
+        boards = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
+        ours = [PipelineSummaries(os.path.join(b.log_dir, "pipeline")) for b in boards
+                if not any(isinstance(c, PipelineSummaries) for c in callbacks)]
+        callbacks = [_SyncAtEpochEnd(), *callbacks, *ours]
+        if len(args) > position:
+            args[position] = callbacks
+        else:
+            kwargs["callbacks"] = callbacks
+        self._run.checked_batch = False
+        return super().fit(*args, **kwargs)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
         batch = int(flat[0].shape[0])
+        if not self._run.checked_batch:  # the first batch of fit gives its batch size
+            self._run.checked_batch = True
+            if batch % self.microbatches:
+                m = self.microbatches
+                raise GradSplitError(
+                    f"fit's batches have {batch} examples, which microbatches={m} does not "
+                    f"divide into equal micro-batches; use a batch_size that is a multiple "
+                    f"of {m} (e.g. {max(m, batch - batch % m)} or {batch + m - batch % m}). "
+                    "Only the last batch of an epoch may be smaller: it runs with the "
+                    "largest micro-batch count that divides it.")
         pipe = self._pipeline_for(flat, structure, batch)
         self._send_learning_rate()
         loss, y_pred = pipe.train_step(*flat)
         self._run.stale = True
+        self._run.last = pipe
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss, sample_weight=batch)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        flat, structure = _flatten(x, y, sample_weight)
+        pipe = self._forward_pipeline_for("test", flat, structure)
+        loss, y_pred = pipe.forward(*flat)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=int(flat[0].shape[0]))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        flat, structure = _flatten(x, None, None)
+        _, y_pred = self._forward_pipeline_for("predict", flat, structure).forward(*flat)
+        return y_pred
+
+    def make_test_function(self, force=False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        self.test_function = self._eager_loop(self.test_step)
+        return self.test_function
+
+    def _forward_pipeline_for(self, kind: str, flat, structure):
+        """The forward-only pipeline of ``model(x, training=False)`` (with the compiled
+        loss for ``"test"``) for data like ``flat``: its stages read the training
+        pipeline's stage-resident copies once ``fit`` has built it, the model's own
+        variables before that."""
+        batch = int(flat[0].shape[0])
+        specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
+        key = (kind, structure[:3], specs, id(self._run.state))
+        if key not in self._run.forward:
+            self._run.forward[key] = self._build_forward(kind, structure, list(specs))
+        return _with_count(self._run.forward[key], self.microbatches, batch)
+
+    def _split(self, structure, specs, kind: str):
+        """The split of ``model(x, training=kind == "train")`` followed by the compiled loss
+        (a constant stands in for it for ``"predict"``), returning ``(loss, y_pred)``, cut
+        at ``cuts`` or by ``auto_split``."""
+        from gradsplit_compiler.core.split import split as make_split
+        from gradsplit_compiler.plan.autosplit import auto_split
+
+        model, training = self.model, kind == "train"
+
+        def fn(*flat):
+            x, y, sample_weight = _unflatten(structure, flat)
+            y_pred = model(x, training=training)
+            if kind == "predict":
+                return tf.zeros((), tf.nest.flatten(y_pred)[0].dtype), y_pred
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=training)
+            return loss, y_pred
+
+        if self.cuts is not None:
+            return make_split(fn, specs, cuts=self.cuts)
+        return auto_split(fn, specs, self.num_stages)
+
+    def _build_forward(self, kind: str, structure, specs):
+        from gradsplit_compiler.run.pipeline import pipeline
+
+        split = self._split(structure, specs, kind)
+        options = {"loss_reduction": "sum" if kind == "predict" else self.loss_reduction,
+                   "jit_compile": self.pipeline_jit_compile, "timeout": self.timeout}
+        trained = next(iter(self._run.pipelines.values()), None)
+        if trained is not None:
+            try:
+                return pipeline(split, self.microbatches, "gpipe", self.stage_devices,
+                                shares_state_with=trained, **options)
+            except GradSplitError:
+                pass  # auto_split cut it elsewhere: the model's variables, brought up to date
+        self._sync_to_model()
+        return pipeline(split, self.microbatches, "gpipe", self.stage_devices, **options)
+
     def _pipeline_for(self, flat, structure, batch: int):
-        m = max(d for d in range(1, min(self.microbatches, batch) + 1) if batch % d == 0)
         specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
         key = (structure[:3], specs)
         if key not in self._run.pipelines:
             self._run.pipelines[key] = self._build(structure, list(specs))
-        base = self._run.pipelines[key]
-        if m == base.microbatches:
-            return base
-        return base.with_microbatches(m)
+        return _with_count(self._run.pipelines[key], self.microbatches, batch)
 
     def _build(self, structure, specs):
-        from gradsplit_compiler.core.split import split as make_split
-        from gradsplit_compiler.plan.autosplit import auto_split
         from gradsplit_compiler.run.pipeline import pipeline
 
-        model = self.model
-
-        def loss_fn(*flat):
-            x, y, sample_weight = _unflatten(structure, flat)
-            y_pred = model(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=True)
-            return loss, y_pred
-
-        if self.cuts is not None:
-            split = make_split(loss_fn, specs, cuts=self.cuts)
-        else:
-            split = auto_split(loss_fn, specs, self.num_stages)
+        split = self._split(structure, specs, "train")
         if self._run.state is None:
             self._sync_to_model()
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
@@ -242,6 +345,10 @@ class PipelineModel(keras.Model):
             if slot is not None:
                 slot.assign(value)
         optimizer.iterations.assign(self._run.state.iterations)
+        if self._run.state.loss_scale is not None:
+            for name, variable in self._run.state.loss_scale.variables().items():
+                getattr(optimizer, name).assign(tf.cast(variable, getattr(optimizer,
+                                                                          name).dtype))
         self._run.stale = False
 
     def _sync_from_model(self) -> None:
@@ -254,15 +361,10 @@ class PipelineModel(keras.Model):
             values = {(index[ref], name): slot
                       for (ref, name), slot in self._run.slot_of.items() if ref in index}
             self._run.state.assign_slots(values, int(self.optimizer.iterations.numpy()))
+            if self._run.state.loss_scale is not None:
+                for name, variable in self._run.state.loss_scale.variables().items():
+                    variable.assign(tf.cast(getattr(self.optimizer, name), variable.dtype))
         self._run.stale = False
-
-    def evaluate(self, *args, **kwargs):
-        self._sync_to_model()
-        return super().evaluate(*args, **kwargs)
-
-    def predict(self, *args, **kwargs):
-        self._sync_to_model()
-        return super().predict(*args, **kwargs)
 
     def get_weights(self):
         self._sync_to_model()
@@ -317,6 +419,79 @@ class PipelineModel(keras.Model):
         """The pipelines built so far (one per kind of data ``fit`` was given)."""
         return list(self._run.pipelines.values())
 
+    @property
+    def forward_pipelines(self) -> list:
+        """The forward-only pipelines of ``evaluate`` and ``predict`` built so far."""
+        return list(self._run.forward.values())
+
+    @property
+    def last_pipeline(self) -> Any:
+        """The pipeline that ran the last training step (``None`` before the first); its
+        ``timeline()``, ``idle_fraction()`` and ``bytes_moved()`` describe that step."""
+        return self._run.last
+
+
+class PipelineSummaries(keras.callbacks.Callback):
+    """Write the pipeline's figures of each epoch's last step as TensorBoard summaries into
+    ``log_dir``: scalars ``pipeline/idle_fraction`` (measured) and
+    ``pipeline/ideal_idle_fraction``, ``pipeline/bytes_moved/<kind>`` per kind of traffic,
+    ``pipeline/step_seconds`` (first action's start to last action's end), and the timeline
+    as the image ``pipeline/timeline`` (when matplotlib is installed). ``PipelineModel.fit``
+    adds one by itself beside every ``keras.callbacks.TensorBoard`` (into its
+    ``log_dir/pipeline``); TensorBoard itself must be installed, as for the Keras callback.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, every: int = 1):
+        super().__init__()
+        self.log_dir = os.fspath(log_dir)
+        self.every = every
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        pipe = getattr(self.model, "last_pipeline", None)
+        if pipe is None or epoch % self.every:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        events = pipe.timeline()
+        measured, ideal = pipe.idle_fraction()
+        with self._writer.as_default(step=epoch):
+            tf.summary.scalar("pipeline/idle_fraction", measured)
+            tf.summary.scalar("pipeline/ideal_idle_fraction", ideal)
+            if events:
+                tf.summary.scalar("pipeline/step_seconds",
+                                  max(e.end for e in events) - min(e.start for e in events))
+            for kind, count in pipe.bytes_moved().items():
+                tf.summary.scalar(f"pipeline/bytes_moved/{kind}", count)
+            image = _timeline_png(pipe)
+            if image is not None:
+                tf.summary.image("pipeline/timeline", image[None], description=(
+                    "Each device's actions in the epoch's last step: one colour per stage, "
+                    "backwards hatched, the micro-batch in each box."))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class _SyncAtEpochEnd(keras.callbacks.Callback):
+    """First of ``fit``'s callbacks: the Keras variables follow the stages at epoch ends."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model._sync_to_model()  # noqa: SLF001 - our own model's
+
+
+def _timeline_png(pipe) -> tf.Tensor | None:
+    """The last step's timeline drawn by ``plot_timeline``, decoded (``None`` without
+    matplotlib)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = pipe.plot_timeline(os.path.join(folder, "timeline.png"))
+        return tf.io.decode_png(tf.io.read_file(path), channels=4)
+
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -331,6 +506,16 @@ class _RunState:
         self.stale = False      # the Keras variables lag behind the stages
         self.slot_of: dict = {}  # (id of tf.Variable, slot name) -> compiled optimizer slot
         self.lr: float | None = None
+        self.last = None         # the pipeline of the last training step
+        self.forward: dict = {}  # forward-only pipelines of evaluate and predict
+        self.checked_batch = True  # fit sets it to False: its first batch is checked
+
+
+def _with_count(pipe, microbatches: int, batch: int):
+    """``pipe`` with the largest micro-batch count up to ``microbatches`` that divides
+    ``batch`` (the last batch of an epoch may be smaller)."""
+    m = max(d for d in range(1, min(microbatches, batch) + 1) if batch % d == 0)
+    return pipe if m == pipe.microbatches else pipe.with_microbatches(m)
 
 
 def _flatten(x, y, sample_weight):

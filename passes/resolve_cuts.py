@@ -43,10 +43,10 @@ from gradsplit_compiler.ir.program import Program
 __all__ = ["check", "resolve_cuts"]
 
 def resolve_cuts(program: Program) -> Program:
-    if not isinstance(program.cut_specs, (list, tuple)) or not program.cut_specs:
+    if not isinstance(program.cut_specs, (list, tuple)):
         raise GradSplitError(
-            f"cuts must be a non-empty list with one entry per cut, e.g. ['y']; got "
-            f"{program.cut_specs!r}."
+            f"cuts must be a list with one entry per cut, e.g. ['y'] (an empty list: one "
+            f"stage, the whole program); got {program.cut_specs!r}."
         )
     g = program.graph
     marks = _marks(g)

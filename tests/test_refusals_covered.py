@@ -43,9 +43,6 @@ UNCOVERED: dict[str, str] = {
     "plotting the timeline needs matplotlib; install": (
         "run/pipeline.py plot_timeline without matplotlib: the test environment installs the "
         "render extra, so this branch cannot run here."),
-    "failed while": (
-        "run/pipeline.py, an OpError on a remote task: needs a cluster whose task fails an "
-        "op; no test makes one."),
 }
 
 

@@ -144,6 +144,7 @@ class Split:
 
     def __init__(self, program: Program, plan: Any = None):
         self._program = program
+        self._written: tuple[int, ...] | None = None
         self.plan = plan
         self.arg_names = list(program.arg_names)
         self.output_names = list(program.output_names)
@@ -272,7 +273,9 @@ class Split:
     def written_variables(self) -> list[tf.Variable]:
         """The variables ``fn`` assigns (batch-norm statistics, counters), in
         ``self.variables`` order."""
-        return [self.variables[i] for i in self._program.written_variables()]
+        if self._written is None:  # the program is fixed once split
+            self._written = tuple(self._program.written_variables())
+        return [self.variables[i] for i in self._written]
 
     def check_arguments(self, args: Sequence) -> list[tf.Tensor]:
         """``args`` as flat tensors checked against the input signature; a

@@ -15,6 +15,7 @@ timeline and the memory counts is a ``StepRecord``.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from gradsplit_compiler.core.compose import GradientTotals, sum_in_order
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.run.devices import StageRunner, is_remote, same_device
 from gradsplit_compiler.run.faults import (
+    GRACE_AFTER_FAILURE,
     RESTART,
     action_failure,
     blame,
@@ -91,6 +93,7 @@ class StepPlan:
     timeout: float | None
     aux_names: tuple[str, ...] = ()
     after_fault: str = RESTART
+    forward_only: bool = False  # a schedule of forwards alone: no residual is kept
 
     @property
     def num_stages(self) -> int:
@@ -116,7 +119,8 @@ class StepRun:
     ``record()`` keeps what the timeline and the memory counts need.
     """
 
-    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]]):
+    def __init__(self, plan: StepPlan, per_microbatch: list[list[tf.Tensor]],
+                 seed_scale: float = 1.0):
         self.plan = plan
         self.args = per_microbatch
         self.arg_position = {n: i for i, n in enumerate(plan.arg_names)}
@@ -143,14 +147,17 @@ class StepRun:
         self.moved = {"inputs": 0, "activations": 0, "cotangents": 0, "results": 0,
                       "replicas": 0, "gradients": 0, "scalars": 0}
         self.sync = any(is_remote(r.device) for r in plan.runners)
-        seed = tf.constant(1.0 / plan.microbatches if plan.loss_reduction == "mean" else 1.0,
-                           plan.loss_dtype)
+        # ``seed_scale``: a loss scale (mixed precision) multiplies every backward's seed.
+        seed = tf.constant(
+            (seed_scale / plan.microbatches if plan.loss_reduction == "mean" else seed_scale),
+            plan.loss_dtype)
         # The caller's cotangent of the loss comes first, as in run_stages: source K.
         for m in range(plan.microbatches):
             self.cotangents[(plan.loss_name, m)] = {plan.num_stages: seed}
 
     def execute(self) -> None:
         self.start = time.perf_counter()
+        self.finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         threads = [
             threading.Thread(target=self._device_loop, args=(d,), daemon=True,
                              name=f"gradsplit-pipeline-device{d}")
@@ -163,10 +170,23 @@ class StepRun:
         self.probe_time = 0.0 if timeout is None else min(2.0, timeout / 4)
         deadline = None if timeout is None else time.monotonic() + timeout - self.probe_time
         try:
-            for t in threads:
-                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                if t.is_alive():  # past the deadline
-                    raise self._timed_out()
+            # Wait for every device; on a cluster, once an action has failed, only a little
+            # longer: when a task dies, calls to the other tasks can hang rather than fail.
+            done, cut_short = 0, False
+            while done < len(threads):
+                if self.errors and self.sync and not cut_short:
+                    grace = time.monotonic() + GRACE_AFTER_FAILURE
+                    deadline = grace if deadline is None else min(deadline, grace)
+                    cut_short = True
+                try:
+                    self.finished.get(timeout=None if deadline is None
+                                      else max(0.0, deadline - time.monotonic()))
+                except queue.Empty:  # past the deadline
+                    break
+                done += 1
+            if done < len(threads) and not cut_short:
+                raise self._timed_out()
+            # else: cut short, the failure is the news (blamed below)
         except BaseException:  # KeyboardInterrupt, timeout: stop the devices before leaving
             self._fail(None)
             if deadline is None:
@@ -175,6 +195,8 @@ class StepRun:
             # else: a thread stuck in a call to a dead task stays behind (a daemon); its
             # results go nowhere, since this step is abandoned.
             raise
+        if done < len(threads):
+            self._fail(None)  # the threads left behind stop at their next action
         if self.errors:
             raise blame(self.errors, self.plan.runners, self.plan.timeout,
                         self.plan.after_fault)
@@ -232,6 +254,8 @@ class StepRun:
                     self.condition.notify_all()
         except BaseException as exc:
             self._fail(action_failure(exc, action, d, runner))
+        finally:
+            self.finished.put(d)
 
     def _refresh_replicas(self, runner: StageRunner) -> None:
         """Copy the variables into this stage's replicas (each stage in its own thread, so
@@ -270,6 +294,8 @@ class StepRun:
                     self.values[m] = value
                 if name in self.plan.aux_names:
                     self.aux[(name, m)] = value
+            if self.plan.forward_only:
+                return
             self.residuals[runner.index][m] = (residuals, [o.shape for o in outputs])
             self.live[runner.index] += 1
             self.peak_live[runner.index] = max(self.peak_live[runner.index],

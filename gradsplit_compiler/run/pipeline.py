@@ -87,6 +87,8 @@ from gradsplit_compiler.run.engine import (
 from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
 from gradsplit_compiler.run.schedules import (
     BUILTIN_SCHEDULES,
+    FORWARD,
+    Action,
     ideal_idle_fraction,
     schedule_dependencies,
     validate_schedule,
@@ -102,7 +104,8 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
              optimizer: Any = None, clip_global_norm: float | None = None,
              on_nonfinite: str = "raise", jit_compile: bool = True,
-             timeout: float | None = None) -> Pipeline:
+             timeout: float | None = None, shares_state_with: Pipeline | None = None
+             ) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -126,7 +129,12 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         device gets, once, its own copy of the variables its stages read and an optimizer
         like this one (same class and configuration) over the trainable ones;
         ``train_step`` updates them there, and ``write_back``, ``save`` and ``restore``
-        move the state in and out. See "Training" below.
+        move the state in and out. See "Training" below. A
+        ``keras.optimizers.LossScaleOptimizer`` (mixed precision) works as in Keras'
+        ``train_step``: every backward is seeded with the loss scale, a step whose gradients
+        are not all finite is skipped on every device and halves the scale, and the scale
+        doubles after its growth steps; the gradients are unscaled before clipping and the
+        update. An optimizer's static ``loss_scale_factor`` seeds the backward likewise.
     clip_global_norm : float, optional
         With ``optimizer``: scale the gradients so that their norm over all stages is at
         most this (``tf.clip_by_global_norm``); an optimizer's own ``global_clipnorm`` is
@@ -142,6 +150,13 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         cluster died or stopped answering) raises ``GradSplitError`` naming the actions
         still running, their stages and devices; no variable changes. ``None``: wait. In
         ``train_step`` the optimizer update is bounded by it too.
+    shares_state_with : Pipeline, optional
+        A training pipeline (built with ``optimizer=``) of the same model: this pipeline's
+        stages then read that one's stage-resident copies instead of ``split.variables``
+        (e.g. the model's inference program, ``training=False``, to ``forward`` it with
+        the weights being trained, nothing written back). Stage ``k`` runs on that
+        pipeline's ``devices[k]`` unless ``devices`` says otherwise, and each variable it
+        reads must be held on its device there: cut both programs at the same places.
 
     Returns
     -------
@@ -157,7 +172,8 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
     """
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
                     optimizer=optimizer, clip_global_norm=clip_global_norm,
-                    on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout)
+                    on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout,
+                    shares_state_with=shares_state_with)
 
 
 class IdleFraction(NamedTuple):
@@ -186,7 +202,7 @@ class Pipeline:
                  devices: Sequence[str] | None = None, *, loss_reduction: str | None = None,
                  optimizer: Any = None, clip_global_norm: float | None = None,
                  on_nonfinite: str = "raise", jit_compile: bool = True,
-                 timeout: float | None = None):
+                 timeout: float | None = None, shares_state_with: Pipeline | None = None):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -224,6 +240,10 @@ class Pipeline:
                 f"into micro-batches. Declare the batch dimension as None, or use "
                 f"microbatches=1."
             )
+        if shares_state_with is not None:
+            _check_shared_state(shares_state_with, optimizer)
+            if devices is None:
+                devices = shares_state_with.devices
         self.devices = resolve_devices(devices, self.num_stages)
         if optimizer is None and (clip_global_norm is not None or on_nonfinite != "raise"):
             raise GradSplitError(
@@ -245,6 +265,17 @@ class Pipeline:
                         stage.variable_indices, self._training.stage_variables(stage.index))},
                     self.jit_compile), replicas=())
                 for stage, device in zip(split.stages, self.devices))
+        elif shares_state_with is not None:
+            self._replicas, self._copied_back = {}, []
+            state = shares_state_with.training_state
+            self._shared_copies = {
+                (idx, device): state.copy_on(device, split.variables[idx], stage.index)
+                for stage, device in zip(split.stages, self.devices)
+                for idx in stage.variable_indices}
+            runners = tuple(
+                replace(stage_runner(split, stage, device, self._shared_copies,
+                                     self.jit_compile), replicas=())
+                for stage, device in zip(split.stages, self.devices))
         else:
             self._replicas, self._copied_back = plan_replicas(split, self.devices,
                                                               self.jit_compile)
@@ -261,6 +292,7 @@ class Pipeline:
             after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE)
         self._last: StepRecord | None = None
         self._reduction_checked = False
+        self._shares_state = shares_state_with is not None
 
     def __repr__(self) -> str:
         return (
@@ -280,7 +312,9 @@ class Pipeline:
         their stage-resident copies and nothing is updated.
 
         If any action fails, the other devices stop at their next action (one already
-        running finishes), every variable the program assigns is put back as it was before
+        running finishes; on a cluster, the step waits for it at most
+        ``faults.GRACE_AFTER_FAILURE`` = 2 s more, since a call to a task can hang once
+        another task died), every variable the program assigns is put back as it was before
         the step, and the first error is raised here, with a note naming the action. On a
         device of another process (a cluster task), a TensorFlow error becomes a
         ``GradSplitError`` naming the task, the stage and the action; so does a step that
@@ -298,6 +332,17 @@ class Pipeline:
         self._last = run.record()  # none of the step's tensors
         return value, grads
 
+    def _value_of(self, run: StepRun) -> Any:
+        """The step's value (with the outputs after the loss) in this process; the step's
+        record kept for the timeline (none of its tensors)."""
+        value = run.value()
+        if any(is_remote(d) for d in self.devices):
+            with tf.device(self._plan.home):
+                value = tf.identity(value)
+        value = self._with_aux(value, run)
+        self._last = run.record()
+        return value
+
     def _with_aux(self, value: tf.Tensor, run: StepRun) -> Any:
         """``value`` alone for a scalar ``fn``; else ``fn``'s output structure, the loss
         and the other outputs over the whole batch."""
@@ -305,6 +350,21 @@ class Pipeline:
             return value
         return tf.nest.pack_sequence_as(self.split.program.output_structure,
                                         [value, *run.aux_outputs()])
+
+    def forward(self, *args) -> Any:
+        """Forwards alone over a whole batch, each stage on its device, micro-batches
+        pipelined (GPipe's forward half): the value of ``fn`` (the loss, summed or averaged
+        over the micro-batches as ``loss_reduction`` says), with ``fn``'s outputs after the
+        loss concatenated over the micro-batches as for ``step``. No backward runs and no
+        residual is kept, so it costs a forward and holds one micro-batch's activations per
+        stage boundary. The stages read what ``step`` reads (the stage-resident copies on a
+        training pipeline, or those of ``shares_state_with``); variables the program
+        assigns change as in ``step``."""
+        run, _ = self._run_schedule(args, "forward", forward_only=True)
+        if self._training is None and not self._shares_state:
+            for idx, device in self._copied_back:
+                self.split.variables[idx].assign(self._replicas[(idx, device)])
+        return self._value_of(run)
 
     def train_step(self, *args) -> tf.Tensor:
         """One training step over a whole batch; returns the loss (the full-batch value).
@@ -335,17 +395,11 @@ class Pipeline:
             raise
         if outcome == "skipped":
             restore()
-        value = run.value()
-        if any(is_remote(d) for d in self.devices):
-            with tf.device(self._plan.home):
-                value = tf.identity(value)
-        value = self._with_aux(value, run)
-        self._last = run.record()
-        return value
+        return self._value_of(run)
 
-    def _run_schedule(self, args: Sequence, caller: str):
-        """Run the schedule on ``args``: the finished ``StepRun`` and a function that puts
-        back what the program assigned during it."""
+    def _run_schedule(self, args: Sequence, caller: str, forward_only: bool = False):
+        """Run the schedule on ``args`` (or its forwards alone): the finished ``StepRun`` and
+        a function that puts back what the program assigned during it."""
         if not tf.executing_eagerly():
             raise GradSplitError(
                 f"pipeline.{caller} was called inside a tf.function (or graph mode): a step "
@@ -355,10 +409,14 @@ class Pipeline:
         self._last = None
         tensors = self.split.check_arguments(list(args))
         per_microbatch = self._cut_into_microbatches(tensors)
-        if self._training is None:
-            written = [(v, None) for v in self.split.written_variables()]
-        else:
+        if self._training is not None:
             written = self._training.written_copies()
+        elif self._shares_state:  # the other pipeline's copies this program assigns
+            assigned = {id(v) for v in self.split.written_variables()}
+            written = [(copy, device) for (idx, device), copy in self._shared_copies.items()
+                       if id(self.split.variables[idx]) in assigned]
+        else:
+            written = [(v, None) for v in self.split.written_variables()]
         before = []
         for v, device in written:
             with tf.device(device or v.device):
@@ -369,10 +427,17 @@ class Pipeline:
                 with tf.device(device or v.device):
                     v.assign(value)
 
-        run = StepRun(self._plan, per_microbatch)
+        seed_scale = (self._training.seed_scale
+                      if caller == "train_step" and self._training is not None else 1.0)
+        plan = self._plan
+        if forward_only:  # each device its forwards, in micro-batch order
+            plan = replace(plan, forward_only=True, schedule=[
+                [Action(FORWARD, k, m) for m in range(self.microbatches)]
+                for k in range(self.num_stages)])
+        run = StepRun(plan, per_microbatch, seed_scale)
         try:
             run.execute()
-            if not self._reduction_checked:
+            if not self._reduction_checked and not forward_only:
                 self._check_reduction(tensors, run)
         except BaseException as exc:
             # Micro-batches that finished may have assigned variables: undo them all.
@@ -590,6 +655,17 @@ class Pipeline:
 
 
 # -- checks and setup -------------------------------------------------------------------------
+
+
+def _check_shared_state(other: Any, optimizer: Any) -> None:
+    if not isinstance(other, Pipeline) or other.training_state is None:
+        raise GradSplitError(
+            "shares_state_with takes a training pipeline (one built with optimizer=), whose "
+            f"stage-resident variables the stages read; got {other!r}.")
+    if optimizer is not None:
+        raise GradSplitError(
+            "a pipeline that shares another's training state has no optimizer of its own: "
+            "give optimizer= or shares_state_with=, not both.")
 
 
 def _check_loss_reduction(loss_reduction: Any) -> None:

@@ -57,6 +57,7 @@ from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import default_device, device_label, is_remote, keep_alive
 from gradsplit_compiler.run.faults import (
+    GRACE_AFTER_FAILURE,
     RESTART_AND_RESTORE,
     blame,
     task_failure,
@@ -64,13 +65,12 @@ from gradsplit_compiler.run.faults import (
     wait_for,
 )
 
-__all__ = ["NONFINITE_ACTIONS", "DeviceState", "TrainingState", "checkpoint_names",
+__all__ = ["NONFINITE_ACTIONS", "DeviceState", "LossScale", "TrainingState", "checkpoint_names",
            "load_variables", "plain_variable"]
 
 NONFINITE_ACTIONS = ("raise", "skip")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
-# Seconds the update still waits for the other devices once one has failed.
-_GRACE_AFTER_FAILURE = 2.0
+_LOSS_SCALE = "loss_scale"
 
 
 def checkpoint_names(variables: Sequence[Any]) -> list[str]:
@@ -149,7 +149,13 @@ class TrainingState:
         self.jit_compile = bool(jit_compile)
         self.timeout = timeout
         self.on_nonfinite = _check_on_nonfinite(on_nonfinite)
+        self.loss_scale = LossScale.of(optimizer)
+        if self.loss_scale is not None:
+            optimizer = optimizer.inner_optimizer
         config = _optimizer_config(optimizer)
+        # A static scale of the optimizer's own (loss_scale_factor): the backward is seeded
+        # with it, and each device's optimizer divides its gradients by it, as in Keras.
+        self.loss_scale_factor = config.get("loss_scale_factor")
         self.clip_global_norm = _check_clip(clip_global_norm, config)
         config["global_clipnorm"] = None  # clipped here, over every device's gradients
         self.optimizer_class = type(optimizer)
@@ -178,6 +184,7 @@ class TrainingState:
             self._create(state, config)
         self.skipped_steps = 0
         self._learning_rate: float | None = None
+        self._written: list[tuple[tf.Variable, str]] | None = None
         # Checkpoint files are read and written by this process (see the module docstring).
         self._io = tf.train.CheckpointOptions(experimental_io_device=default_device())
 
@@ -213,15 +220,35 @@ class TrainingState:
         state = self._state_of(stage_index)
         return [state.copies[i] for i in self.split.stages[stage_index].variable_indices]
 
+    def copy_on(self, device: str, variable: Any, stage_index: int) -> tf.Variable:
+        """The copy of ``variable`` (one of ``split.variables``, found by identity) held on
+        ``device``, for stage ``stage_index`` of another program of the same model."""
+        index = next((i for i, v in enumerate(self.split.variables)
+                      if plain_variable(v) is plain_variable(variable)), None)
+        state = next((s for s in self.states if s.device == device), None)
+        if index is None or state is None or index not in state.copies:
+            held = sorted(s.label for s in self.states if index in s.copies)
+            where = ("no stage of the training pipeline reads it" if index is None else
+                     f"the training pipeline holds it on {', '.join(held)}")
+            raise GradSplitError(
+                f"stage {stage_index} (on {device_label(device)}) reads variable "
+                f"{getattr(variable, 'name', variable)!r}, but {where}. Cut this program "
+                "where the training program is cut and place its stages on the same "
+                "devices, so that each stage finds its variables there.")
+        return state.copies[index]
+
     def _state_of(self, stage_index: int) -> DeviceState:
         device = self.device_of_stage[stage_index]
         return next(s for s in self.states if s.device == device)
 
     def written_copies(self) -> list[tuple[tf.Variable, str]]:
-        """The copies the program assigns, with their devices."""
-        written = set(self.split.program.written_variables())
-        return [(copy, s.device) for s in self.states for i, copy in s.copies.items()
-                if i in written]
+        """The copies the program assigns, with their devices (found once: the program
+        does not change)."""
+        if self._written is None:
+            written = set(self.split.program.written_variables())
+            self._written = [(copy, s.device) for s in self.states
+                             for i, copy in s.copies.items() if i in written]
+        return list(self._written)
 
     # -- one update ------------------------------------------------------------------------
 
@@ -262,17 +289,45 @@ class TrainingState:
             totals = gather(state)
             return totals, report(state, totals)
 
-        results = self._on_devices(gather_and_report, self.states,
-                                   "summing the gradients", runners)
+        dynamic = self.loss_scale.value if self.loss_scale is not None else 1.0
+        if len(self.states) == 1 and self.states[0].optimizer is not None:
+            # One device holds every variable: the check, the clipping and the update in one
+            # program, with no round trip to this process in between.
+            def gather_and_apply(state):
+                totals = gather(state)
+                fn = state.functions.get("fused")
+                if fn is None:
+                    fn = state.functions["fused"] = self._function(
+                        state, self._fused_body(state))
+                scalars = tf.constant([dynamic, self.seed_scale], tf.float64)
+                count("scalars", scalars, None)
+                with tf.device(state.device):
+                    _, finite = fn([totals[i] for i in state.trainable], scalars)
+                count("scalars", finite, None)
+                return totals, (0.0, bool(finite))
+
+            results = self._on_devices(gather_and_apply, self.states,
+                                       "applying the optimizer", runners)
+            if results[0][1][1]:
+                if self.loss_scale is not None:
+                    self.loss_scale.after_step(finite=True)
+                return None
+        else:
+            results = self._on_devices(gather_and_report, self.states,
+                                       "summing the gradients", runners)
         norms = [norm for _, (norm, _) in results]
         if not all(finite for _, (_, finite) in results):
+            if self.loss_scale is not None:  # as Keras: skip the step, halve the scale
+                self.loss_scale.after_step(finite=False)
+                self.skipped_steps += 1
+                return "skipped"
             totals = {}
             for state, (grads, _) in zip(self.states, results):
                 totals.update({i: grads[i] for i in state.owned})
             return self._nonfinite(totals)
         scale = 1.0
-        if self.clip_global_norm is not None:
-            global_norm = math.sqrt(math.fsum(norms))
+        if self.clip_global_norm is not None:  # over the unscaled gradients, as Keras
+            global_norm = math.sqrt(math.fsum(norms)) / self.seed_scale
             scale = self.clip_global_norm / max(global_norm, self.clip_global_norm)
 
         def apply(state):
@@ -282,14 +337,16 @@ class TrainingState:
             fn = state.functions.get("apply")
             if fn is None:
                 fn = state.functions["apply"] = self._function(state, self._apply_body(state))
-            scalar = tf.constant(scale, tf.float64)
-            count("scalars", scalar, None)
+            scalars = tf.constant([dynamic, scale], tf.float64)
+            count("scalars", scalars, None)
             with tf.device(state.device):
-                fn([totals[i] for i in state.trainable], scalar)
+                fn([totals[i] for i in state.trainable], scalars)
             if is_remote(state.device):
                 wait_for([state.optimizer.iterations.value])
 
         self._on_devices(apply, self.states, "applying the optimizer", runners)
+        if self.loss_scale is not None:
+            self.loss_scale.after_step(finite=True)
         return None
 
     def _on_devices(self, work, states: Sequence[DeviceState], doing: str,
@@ -325,7 +382,7 @@ class TrainingState:
         cut_short = False
         while len(done) < len(threads):
             if errors and not cut_short:
-                grace = time.monotonic() + _GRACE_AFTER_FAILURE
+                grace = time.monotonic() + GRACE_AFTER_FAILURE
                 deadline = grace if deadline is None else min(deadline, grace)
                 cut_short = True
             try:
@@ -350,11 +407,38 @@ class TrainingState:
     def _apply_body(self, state: DeviceState):
         variables = [state.copies[i] for i in state.trainable]
         optimizer, clip = state.optimizer, self.clip_global_norm is not None
+        unscale = self.loss_scale is not None
 
-        def body(grads, scale):
+        def body(grads, scalars):
+            # scalars: the dynamic loss scale and the clipping factor. Unscaled first, then
+            # clipped, as LossScaleOptimizer and the optimizer's own clipping do in Keras.
+            if unscale:
+                grads = [g / tf.cast(scalars[0], g.dtype) for g in grads]
             if clip:
-                grads = [g * tf.cast(scale, g.dtype) for g in grads]
+                grads = [g * tf.cast(scalars[1], g.dtype) for g in grads]
             optimizer.apply(grads, variables)
+        return body
+
+    def _fused_body(self, state: DeviceState):
+        """``report`` and ``_apply_body`` in one program, for a single device: the update
+        runs only if every gradient is finite; the clipping factor is computed as the
+        caller computes it from the reported norms (float64)."""
+        apply = self._apply_body(state)
+        clip = self.clip_global_norm
+
+        def body(grads, scalars):  # scalars: the dynamic loss scale, the seed's whole scale
+            norm_sq, finite = _norm_and_finite(grads)
+            factor = tf.constant(1.0, tf.float64)
+            if clip is not None:
+                global_norm = tf.sqrt(norm_sq) / scalars[1]
+                factor = clip / tf.maximum(global_norm, clip)
+
+            def update():
+                apply(grads, tf.stack([scalars[0], factor]))
+                return tf.constant(True)
+
+            tf.cond(finite, update, lambda: tf.constant(False))
+            return norm_sq, finite
         return body
 
     def _function(self, state: DeviceState, body):
@@ -397,6 +481,16 @@ class TrainingState:
     def primary_copy(self, idx: int) -> tf.Variable:
         """The copy of variable ``idx`` on the first device holding it."""
         return next(s.copies[idx] for s in self.states if s.device == self.owner[idx])
+
+    @property
+    def seed_scale(self) -> float:
+        """What the backward of the loss is seeded with: the dynamic loss scale of a
+        ``LossScaleOptimizer`` or the optimizer's ``loss_scale_factor`` (1 without either),
+        as Keras' ``train_step`` multiplies the loss by ``optimizer.scale_loss``."""
+        scale = 1.0 if self.loss_scale is None else self.loss_scale.value
+        if self.loss_scale_factor is not None:
+            scale *= float(self.loss_scale_factor)
+        return scale
 
     @property
     def learning_rate(self) -> float | None:
@@ -451,6 +545,8 @@ class TrainingState:
         parts: dict[str, Any] = {_VARIABLES: variables, _SLOTS: slots}
         if iterations is not None:
             parts[_ITERATIONS] = iterations
+        if self.loss_scale is not None:
+            parts[_LOSS_SCALE] = self.loss_scale.variables()
         return tf.train.Checkpoint(**parts)
 
     def save(self, path: str | os.PathLike) -> str:
@@ -504,6 +600,49 @@ class TrainingState:
                 "slots": slot_bytes,
             }
         return report
+
+
+class LossScale:
+    """Keras' dynamic loss scaling (``keras.optimizers.LossScaleOptimizer``), kept by the
+    caller for every stage: the backward is seeded with the scale; a step whose gradients
+    are not all finite is skipped on every device and halves the scale; after
+    ``growth_steps`` finite steps in a row the scale doubles. The scale and the step counter
+    are variables of this process, saved in the pipeline's checkpoints."""
+
+    def __init__(self, initial_scale: float, growth_steps: int):
+        self.growth_steps = int(growth_steps)
+        with tf.init_scope(), tf.device(default_device()):
+            self.scale = tf.Variable(float(initial_scale), dtype=tf.float32,
+                                     trainable=False, name="dynamic_scale")
+            self.counter = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                       name="step_counter")
+
+    @classmethod
+    def of(cls, optimizer: Any) -> LossScale | None:
+        """The loss scaling of ``optimizer`` (``None`` unless it is a
+        ``LossScaleOptimizer``)."""
+        import keras
+
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return None
+        return cls(optimizer.initial_scale, optimizer.dynamic_growth_steps)
+
+    @property
+    def value(self) -> float:
+        return float(self.scale.numpy())
+
+    def after_step(self, finite: bool) -> None:
+        if not finite:
+            self.counter.assign(0)
+            self.scale.assign(self.scale * 0.5)
+        elif int(self.counter.numpy()) == self.growth_steps - 1:
+            self.counter.assign(0)
+            self.scale.assign(self.scale * 2.0)
+        else:
+            self.counter.assign_add(1)
+
+    def variables(self) -> dict[str, tf.Variable]:
+        return {"dynamic_scale": self.scale, "step_counter": self.counter}
 
 
 # -- checks ------------------------------------------------------------------------------------

@@ -453,3 +453,17 @@ def test_stage_variables_are_a_subset_of_split_variables(name):
     ids = {id(v) for v in split.variables}
     for stage in split.stages:
         assert {id(v) for v in stage.variables} <= ids
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_no_cuts_is_one_stage_equal_to_the_tape(jit):
+    """``cuts=[]``: the whole program as one stage (its forward and its VJP), as a
+    one-device pipeline or a baseline for the pipeline's own cost."""
+    case = seed_model(tf.float64)
+    split = gsc.split(case.fn, case.input_signature, [])
+    assert len(split.stages) == 1 and list(split.stages[0].inputs) == list(split.arg_names)
+    args = case.args(3)
+    value, grads = split.value_and_gradients(*args, jit_compile=jit)
+    ref_value, ref_grads = reference_value_and_grads(case.fn, split.variables, jit)(*args)
+    assert value_rel_error(value, ref_value) <= TOL
+    assert max_rel_error(grads, ref_grads) <= TOL

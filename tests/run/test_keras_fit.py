@@ -163,6 +163,94 @@ def test_callbacks_learning_rate_scheduler_early_stopping_checkpoint(tmp_path):
         np.testing.assert_allclose(a, b, rtol=TOL)
 
 
+def test_evaluate_and_predict_run_forwards_on_the_stages_copies():
+    """After fit, evaluate and predict run forward-only pipelines of model(x,
+    training=False) on the stage-resident weights: equal to the plain model's, with the
+    Keras variables left as they were (nothing written back) and no backward run."""
+    plain, inner = twins(cnn_with_skip, seed=51)
+    x, y = data(24, (6, 6, 2), (3,), seed=52)
+    xv, yv = data(10, (6, 6, 2), (3,), seed=53)   # 10 = 8 + a last batch of 2
+    for model in (plain,):
+        model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, cuts=["conv2"], microbatches=4, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    piped.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    untrained = [v.numpy() for v in inner.weights]
+    predicted = piped.predict(xv, batch_size=8, verbose=0)
+    evaluated = piped.evaluate(xv, yv, batch_size=8, verbose=0)
+    for v, before in zip(inner.weights, untrained):
+        np.testing.assert_array_equal(v.numpy(), before)  # the stages' values were read
+    np.testing.assert_allclose(predicted, plain.predict(xv, batch_size=8, verbose=0),
+                               rtol=TOL, atol=1e-13)
+    np.testing.assert_allclose(evaluated, plain.evaluate(xv, yv, batch_size=8, verbose=0),
+                               rtol=TOL)
+    forward = piped.forward_pipelines
+    assert len(forward) == 2 and all(p.training_state is None for p in forward)
+    for pipe in forward:
+        assert {e.kind for e in pipe.timeline()} == {"F"}
+
+
+def _summaries(folder) -> dict[str, list]:
+    """Every summary written under ``folder``: tag -> [(step, value)], a scalar's value a
+    float, an image's its width and height, a histogram's its array."""
+    found: dict[str, list] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                if value.metadata.plugin_data.plugin_name == "images":
+                    shown = tuple(int(v) for v in tensor[:2].astype(int))  # width, height
+                elif tensor.ndim:
+                    shown = tensor  # a histogram: (left edge, right edge, count) rows
+                else:
+                    shown = float(tensor)
+                found.setdefault(f"{path.parent.name}/{value.tag}", []).append(
+                    (event.step, shown))
+    return found
+
+
+def test_tensorboard_gets_keras_scalars_trained_histograms_and_the_pipeline(tmp_path):
+    """Keras' TensorBoard callback under PipelineModel.fit: its loss scalars equal the
+    plain model's, its weight histograms are of the trained weights (the stages' values),
+    and the pipeline's idle fraction, traffic and timeline picture sit beside them."""
+    pytest.importorskip("matplotlib", reason="the timeline picture needs the render extra")
+    x, y = data(32, (6,), (3,), seed=41)
+    plain, inner = twins(mlp, seed=42)
+    board = lambda name: keras.callbacks.TensorBoard(  # noqa: E731
+        str(tmp_path / name), histogram_freq=1, write_graph=False)
+    plain.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[board("plain")])
+    piped = PipelineModel(inner, cuts=["d1", "d3"], microbatches=2, devices=DEVICES[:3])
+    piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    piped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[board("piped")])
+    want, got = _summaries(tmp_path / "plain"), _summaries(tmp_path / "piped")
+    steps = [step for step, _ in want["train/epoch_loss"]]
+    assert steps == [0, 1]
+    np.testing.assert_allclose([v for _, v in got["train/epoch_loss"]],
+                               [v for _, v in want["train/epoch_loss"]], rtol=TOL)
+    # histograms of the weights at each epoch's end: the trained ones, as the plain model's
+    histograms = [t for t in want if t.startswith("train/") and "kernel" in t]
+    assert len(histograms) == 4
+    for tag in histograms:
+        assert [step for step, _ in got[tag]] == [0, 1]
+        for (_, a), (_, b) in zip(got[tag], want[tag]):
+            np.testing.assert_allclose(a, b, rtol=1e-8, err_msg=tag)
+    # the pipeline's own, per epoch
+    for tag in ("pipeline/pipeline/idle_fraction", "pipeline/pipeline/ideal_idle_fraction",
+                "pipeline/pipeline/step_seconds", "pipeline/pipeline/bytes_moved/activations",
+                "pipeline/pipeline/timeline"):
+        assert [step for step, _ in got[tag]] == [0, 1], tag
+    ideal = got["pipeline/pipeline/ideal_idle_fraction"][0][1]
+    assert ideal == pytest.approx(piped.last_pipeline.idle_fraction().ideal)
+    assert got["pipeline/pipeline/bytes_moved/activations"][-1][1] == \
+        piped.last_pipeline.bytes_moved()["activations"] > 0
+    width, height = got["pipeline/pipeline/timeline"][0][1]
+    assert width > 300 and height > 100
+
+
 class _StopAfterEpoch(keras.callbacks.Callback):
     def __init__(self, epoch):
         super().__init__()
@@ -302,16 +390,58 @@ def test_something_other_than_a_keras_model_is_refused():
         PipelineModel(lambda x: x, cuts=["d1"])
 
 
+def test_a_batch_size_that_microbatches_do_not_divide_is_refused_before_training():
+    _, inner = twins(mlp, seed=16)
+    piped = PipelineModel(inner, cuts=["d2"], microbatches=4, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = data(20, (6,), (3,), seed=17)
+    before = [v.numpy() for v in inner.weights]
+    with pytest.raises(GradSplitError, match=r"fit's batches have 10 examples, which "
+                       r"microbatches=4 does not divide into equal micro-batches; use a "
+                       r"batch_size that is a multiple of 4 \(e\.g\. 8 or 12\)\. Only the "
+                       r"last batch of an epoch may be smaller: it runs with the largest "
+                       r"micro-batch count that divides it\."):
+        piped.fit(x, y, batch_size=10, epochs=1, verbose=0)
+    assert piped.pipelines == []  # nothing was built, nothing trained
+    for v, b in zip(inner.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
 def test_compile_without_a_loss_is_refused():
     with pytest.raises(GradSplitError, match="compile needs a loss \\(e.g. loss='mse'\\)"):
         PipelineModel(mlp(), cuts=["d2"]).compile(optimizer="sgd")
 
 
-def test_loss_scaling_is_refused():
-    piped = PipelineModel(mlp(), cuts=["d2"])
-    with pytest.raises(GradSplitError, match="PipelineModel does not support loss scaling"):
-        piped.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
-                      loss="mse")
+def test_mixed_float16_with_loss_scaling_trains_as_plain_keras():
+    """mixed_float16 (float16 compute, float32 weights) and Keras' dynamic loss scaling:
+    the scale seeds every stage's backward, a step that overflows in float16 is skipped on
+    every stage and halves the scale. From 2**17 the first steps overflow; without the scale
+    in the backward none would, and the iteration counts would differ."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        plain, inner = twins(mlp, seed=31)
+        assert inner.layers[1].compute_dtype == "float16"
+        x, y = data(64, (6,), (3,), seed=32)
+        make = lambda: keras.optimizers.LossScaleOptimizer(  # noqa: E731
+            keras.optimizers.Adam(1e-3), initial_scale=2.0**17, dynamic_growth_steps=3)
+        plain.compile(optimizer=make(), loss="mse", jit_compile=True)
+        history_plain = plain.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+        piped = PipelineModel(inner, cuts=["d1", "d2"], microbatches=1, devices=DEVICES[:3])
+        piped.compile(optimizer=make(), loss="mse")
+        history_piped = piped.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0)
+        weights = piped.get_weights()  # brings the optimizer's state back too
+        assert int(piped.optimizer.iterations) == int(plain.optimizer.iterations) < 16
+        assert piped.pipelines[0].skipped_steps == 16 - int(plain.optimizer.iterations)
+        assert float(piped.optimizer.dynamic_scale) == float(plain.optimizer.dynamic_scale)
+        # float16 arithmetic, stage programs against one program: like with like, 1e-3
+        np.testing.assert_allclose(history_piped.history["loss"],
+                                   history_plain.history["loss"], rtol=1e-3)
+        for a, b in zip(plain.get_weights(), weights):
+            assert a.dtype == b.dtype == np.float32
+            assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(a))
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def test_fit_with_data_of_another_kind_than_before_is_refused():
@@ -382,14 +512,17 @@ def tied():
 
 @pytest.mark.parametrize("build, cuts", [(sequential, ["s1", "s2"]),
                                          (subclassed, ["first", "second"]),
-                                         (tied, ["middle", "late"])],
-                         ids=["sequential", "subclassed", "tied"])
+                                         (tied, ["middle", "late"]),
+                                         (sequential, [])],
+                         ids=["sequential", "subclassed", "tied", "one-stage"])
 def test_other_kinds_of_models_train_as_plain_keras(build, cuts):
     plain, inner = twins(build, seed=19)
     x, y = data(24, (6,), (3,), seed=20)
     plain.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     history_plain = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    piped = PipelineModel(inner, cuts=cuts, microbatches=2, devices=DEVICES[:3])
+    stages = {"cuts": cuts} if cuts else {"num_stages": 1}  # one stage, 2 micro-batches
+    piped = PipelineModel(inner, microbatches=2, devices=DEVICES[:3], **stages)
     piped.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     history_piped = piped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     assert_same_training(plain, history_plain, piped, history_piped)
+    assert len(piped.pipelines[0].split.stages) == len(cuts) + 1

@@ -114,7 +114,7 @@ def test_tied_copies_stay_bitwise_equal_and_only_their_gradients_travel():
     predicted = sum(row["boundary_bytes"] for row in split.summary(batch_size=BATCH)[1:])
     assert moved["activations"] == predicted
     assert moved["cotangents"] == predicted
-    assert 0 < moved["scalars"] <= 64
+    assert 0 < moved["scalars"] <= 4 * (8 + 1 + 16)  # per device: norm, flag; scale, clip
 
 
 def test_memory_report_shows_each_device_holds_its_stages_share():
@@ -506,3 +506,168 @@ def test_with_microbatches_needs_a_builtin_schedule(small_split):
     pipe = gsc.pipeline(small_split, 2, schedule, loss_reduction="mean")
     with pytest.raises(GradSplitError, match="with_microbatches needs a built-in schedule"):
         pipe.with_microbatches(1)
+
+
+def _loss_scaled(optimizer_kwargs):
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01),
+                                               **optimizer_kwargs)
+
+
+@pytest.mark.parametrize("devices", [DEVICES, None], ids=["four-devices", "one-device"])
+def test_loss_scaling_seeds_the_backward_skips_nonfinite_steps_and_moves_the_scale(
+        tmp_path, devices):
+    """As Keras' train_step with a LossScaleOptimizer: the backward of the scaled loss, a
+    step with a non-finite gradient skipped on every stage (scale halved), the scale doubled
+    after ``dynamic_growth_steps`` finite steps; the scale and its counter in checkpoints."""
+    model = TiedModel(seed=21)
+    split = model.split()
+    batches = _batches(9, seed=22)
+    for i in (2, 6):  # an example that makes every gradient NaN
+        batches[i] = (np.where(np.arange(BATCH)[:, None] == 3, np.inf, batches[i][0]),
+                      batches[i][1])
+    kwargs = {"initial_scale": 2.0**10, "dynamic_growth_steps": 2}
+    pipe = gsc.pipeline(split, 4, "1f1b", devices, loss_reduction="mean",
+                        optimizer=_loss_scaled(kwargs))
+
+    reference = _loss_scaled(kwargs)
+    trainable = [v for v in model.variables if v.trainable]
+    scales, want_scales = [], []
+    for x, y in batches:
+        loss = pipe.train_step(x, y)
+        scales.append(pipe.training_state.loss_scale.value)
+        with tf.GradientTape() as tape:
+            want = model.loss(tf.constant(x), tf.constant(y))
+            scaled = reference.scale_loss(want)
+        reference.apply(tape.gradient(scaled, trainable), trainable)
+        want_scales.append(float(reference.dynamic_scale))
+        if np.isfinite(float(want)):
+            assert abs(float(loss) - float(want)) <= 1e-10 * abs(float(want))
+    # 2**10 -> 2**11 (2 finite) -> 2**10 (inf) -> ... ; batch 6 overflows only when scaled
+    assert scales == want_scales and scales[:3] == [2.0**10, 2.0**11, 2.0**10], scales
+    assert pipe.skipped_steps == 2 and pipe.iterations == int(reference.iterations) == 7
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+
+    path = pipe.save(tmp_path / "scaled")
+    again = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                         optimizer=_loss_scaled(kwargs))
+    again.restore(path)
+    state = again.training_state.loss_scale
+    assert state.value == scales[-1]
+    assert int(state.counter.numpy()) == int(reference.step_counter.numpy())
+
+
+def test_a_static_loss_scale_factor_seeds_the_backward_and_is_divided_out():
+    model = TiedModel(seed=23)
+    split = model.split()
+    batches = _batches(4, seed=24)
+    pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=1024.0,
+                                                       global_clipnorm=0.5))
+    for x, y in batches:
+        pipe.train_step(x, y)
+    # Keras: gradients of loss * 1024, divided by 1024, clipped by their unscaled norm
+    _tape_training(model, keras.optimizers.SGD(0.1), batches, clip=0.5)
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+
+
+def test_forward_runs_forwards_alone_and_gives_the_functions_value():
+    """``forward``: the value of fn over the whole batch (mean over micro-batches), no
+    backward and no residual kept; on a training pipeline it reads the trained copies."""
+    model = TiedModel(seed=25)
+    split = model.split()
+    pipe = gsc.pipeline(split, 4, "1f1b", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.SGD(0.1))
+    x, y = _batches(1, seed=26)[0]
+    value = pipe.forward(x, y)
+    want = float(model.loss(tf.constant(x), tf.constant(y)))
+    assert abs(float(value) - want) <= 1e-12 * abs(want)
+    assert {e.kind for e in pipe.timeline()} == {"F"} and len(pipe.timeline()) == 16
+    assert pipe.peak_live_residuals == [0, 0, 0, 0]
+    for batch in _batches(3, seed=27):
+        pipe.train_step(*batch)
+    trained = float(pipe.forward(x, y))
+    pipe.write_back()  # the user's variables now hold the trained values
+    want = float(model.loss(tf.constant(x), tf.constant(y)))
+    assert abs(trained - want) <= 1e-12 * abs(want) and abs(trained - float(value)) > 1e-3
+
+
+def test_a_pipeline_of_another_program_reads_the_training_pipelines_copies():
+    """Another program of the same variables (the loss and a batched output), cut alike,
+    forwarded with ``shares_state_with``: it sees the trained values, and the user's
+    variables stay as they were."""
+    model = TiedModel(seed=28)
+    split = model.split()
+    start = [v.numpy() for v in model.variables]
+    pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.05))
+    for batch in _batches(4, seed=29):
+        pipe.train_step(*batch)
+
+    def errors(x, y):  # another program of the same variables, with a batched output
+        loss = model.loss(x, y)
+        return loss, tf.tanh(x @ model.embed) * 2.0
+
+    spec = tf.TensorSpec([None, WIDTH], tf.float64)
+    evaluation = gsc.split(errors, [spec, spec], cuts=["c1", "c2", "c3"])
+    forward = gsc.pipeline(evaluation, 2, "gpipe", loss_reduction="mean",
+                           shares_state_with=pipe)
+    assert forward.devices == pipe.devices
+    x, y = _batches(1, seed=30)[0]
+    value, projected = forward.forward(x, y)
+    for v, before in zip(model.variables, start):  # nothing written back
+        np.testing.assert_array_equal(v.numpy(), before)
+    pipe.write_back()
+    want, want_projected = errors(tf.constant(x), tf.constant(y))
+    assert abs(float(value) - float(want)) <= 1e-12 * abs(float(want))
+    np.testing.assert_allclose(projected.numpy(), want_projected.numpy(), rtol=1e-12)
+
+
+def test_sharing_state_needs_a_training_pipeline_cut_alike(small_split):
+    plain = gsc.pipeline(small_split, 1, "gpipe", loss_reduction="mean")
+    with pytest.raises(GradSplitError, match="shares_state_with takes a training pipeline"):
+        gsc.pipeline(small_split, 1, "gpipe", loss_reduction="mean", shares_state_with=plain)
+    model = TiedModel(seed=31)
+    trained = gsc.pipeline(model.split(), 1, "gpipe", DEVICES, loss_reduction="mean",
+                           optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(GradSplitError, match="give optimizer= or shares_state_with=, not"):
+        gsc.pipeline(model.split(), 1, "gpipe", loss_reduction="mean",
+                     optimizer=keras.optimizers.SGD(0.1), shares_state_with=trained)
+    # cut elsewhere: its stage 0 reads layer1's kernel, which the training pipeline holds
+    # on the second device only
+    with pytest.raises(GradSplitError, match="Cut this program where the training program"):
+        gsc.pipeline(model.split(cuts=("c2",)), 1, "gpipe", loss_reduction="mean",
+                     shares_state_with=trained)
+
+
+def test_one_device_checks_clips_and_updates_in_one_program():
+    """Every stage on one device: the finiteness check, the clipping and the update run as
+    one program (no round trip in between), with the same results as the tape."""
+    model = TiedModel(seed=33)
+    split = model.split()
+    batches = _batches(6, seed=34)
+    with tf.GradientTape() as tape:
+        loss = model.loss(*map(tf.constant, batches[0]))
+    clip = float(tf.linalg.global_norm(tape.gradient(loss, split.trainable_variables))) / 3
+    pipe = gsc.pipeline(split, 2, "gpipe", ["/CPU:1"] * 4, loss_reduction="mean",
+                        optimizer=keras.optimizers.Adam(0.02), clip_global_norm=clip)
+    losses = [float(pipe.train_step(x, y)) for x, y in batches]
+    (state,) = pipe.training_state.states
+    assert set(state.functions) == {"fused"}
+    expected = _tape_training(model, keras.optimizers.Adam(0.02), batches, clip=clip)
+    np.testing.assert_allclose(losses, expected, rtol=1e-10)
+    resident = _resident(pipe, split)
+    for v in model.variables:
+        assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
+
+    x, y = batches[0]
+    x = np.where(np.arange(BATCH)[:, None] == 1, np.nan, x)
+    with pytest.raises(GradSplitError, match="is not finite"):
+        pipe.train_step(x, y)
+    after = _resident(pipe, split)
+    for name, value in resident.items():
+        np.testing.assert_array_equal(after[name], value)
+    assert pipe.iterations == 6
