@@ -3,8 +3,9 @@
 >>> import gradsplit_compiler as gsc
 
 The public API (``split``, ``mark``, ``Split``, ``Stage``, ``verify``, ``Report``,
-``to_networkx``, ``from_networkx``, ``pipeline``, ``Pipeline``, ``auto_split`` and
-``GradSplitError``) and what each promises are in ``docs/api.md``.
+``to_networkx``, ``from_networkx``, ``capture``, ``Program``, ``to_function``,
+``pipeline``, ``Pipeline``, ``auto_split`` and ``GradSplitError``) and what each promises
+are in ``docs/api.md``.
 
 Names are loaded on first use, so ``import gradsplit_compiler`` (and ``gradsplit --help``)
 does not pay for importing TensorFlow until something needs it. TensorFlow is not a
@@ -105,6 +106,9 @@ except ImportError as error:
 
 _LAZY = {
     "auto_split": ".plan.autosplit",
+    "capture": ".frontend.capture",
+    "Program": ".ir.program",
+    "to_function": ".core.function",
     "from_networkx": ".ir",
     "to_networkx": ".ir",
     "load_variables": ".run.training",

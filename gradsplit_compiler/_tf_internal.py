@@ -18,6 +18,10 @@ TensorFlow
     - ``has_control_outputs``: ``Operation._control_outputs``
     - ``shape_dims``: ``TensorShape._dims``
     - ``connected_server_def``: ``context.context()._server_def``
+    - ``op_def``: ``op_def_registry.get``
+    - ``eager_function_names``: ``context.context().list_function_names``
+    - ``record_variable_read``: ``resource_variable_ops.variable_accessed``
+    - ``copy_handle_data``: ``handle_data_util.copy_handle_data``
 
 Keras
     - ``sublayers``: ``Layer._flatten_layers``
@@ -37,17 +41,24 @@ from tensorflow.core.function.polymorphism import function_type as _function_typ
 from tensorflow.python.eager import context as _context
 from tensorflow.python.eager.polymorphic_function import atomic_function as _atomic
 from tensorflow.python.framework import function_def_to_graph as _fdef_to_graph
+from tensorflow.python.framework import op_def_registry as _op_def_registry
+from tensorflow.python.ops import handle_data_util as _handle_data_util
+from tensorflow.python.ops import resource_variable_ops as _resource_variable_ops
 
 __all__ = [
     "call_flat",
     "capture_in_current_graph",
     "connected_server_def",
+    "copy_handle_data",
+    "eager_function_names",
     "flat_caller",
     "function_body_graph_def",
     "functional_of",
     "has_control_outputs",
     "input_layer_of",
     "nodes_by_depth",
+    "op_def",
+    "record_variable_read",
     "register_functions",
     "registered_gradient",
     "shape_dims",
@@ -199,6 +210,45 @@ def connected_server_def():
     TensorFlow 2.21.
     """
     return getattr(_context.context(), "_server_def", None)
+
+
+def op_def(op_type: str):
+    """``op_def_registry.get`` (checked on TF 2.21): the ``OpDef`` TensorFlow registered under
+    ``op_type`` (its inputs, outputs and attributes with their defaults), or ``None`` for a
+    name no kernel library registered. TensorFlow has no public way to ask."""
+    return _op_def_registry.get(op_type)
+
+
+def eager_function_names() -> set[str]:
+    """``context.context().list_function_names()`` (checked on TF 2.21): the names of every
+    function registered in the eager context (what ``import_graph_def`` of a library and
+    every traced call add). Tests read it to check that a refused program leaves nothing
+    behind."""
+    return set(_context.context().list_function_names())
+
+
+def record_variable_read(variable) -> None:
+    """``resource_variable_ops.variable_accessed`` (checked on TF 2.21): record, in the function
+    being traced (and on any active ``tf.GradientTape``), that ``variable`` is read.
+
+    Why: a function that reads a variable through its captured handle (an imported graph's
+    ``ReadVariableOp``) and not through ``variable.read_value()`` is otherwise unknown to
+    ``FuncGraph.variables``, so a tape around a call of it would not watch the variable and
+    would give ``None`` for its gradient.
+    """
+    _resource_variable_ops.variable_accessed(variable)
+
+
+def copy_handle_data(source: tf.Tensor, target: tf.Tensor) -> None:
+    """``handle_data_util.copy_handle_data`` (checked on TF 2.21): give resource tensor ``target``
+    the handle data (the dtype and shape of the variable behind it) of ``source``.
+
+    Why: ``import_graph_def`` does not restore it on the outputs of an imported ``While``
+    that carries a variable's handle through the loop (``tf.while_loop`` sets it when it
+    traces); a ``tf.GradientTape`` around a function holding such a loop then fails with
+    "Tried to take gradients ... of a variable without handle data".
+    """
+    _handle_data_util.copy_handle_data(source, target)
 
 
 def has_control_outputs(op: tf.Operation) -> bool:

@@ -20,10 +20,15 @@ predictions come back from the last stage for the compiled metrics. A batch that
 micro-batch count does not divide (the last one of an epoch) runs with the largest count
 that divides it.
 
+Evaluating and predicting. ``evaluate`` and ``predict`` run forward-only pipelines
+(``Pipeline.forward``) of ``model(x, training=False)`` (and the compiled loss, for
+``evaluate``), cut at the same layers and placed on the same devices; once ``fit`` has built
+the training state their stages read the stage-resident weights (``shares_state_with``).
+
 Where the weights are. The stage-resident copies are the truth during ``fit``; the Keras
-model's own variables (and the compiled optimizer's) are brought up to date whenever Keras
-or the user reads them through the model: ``evaluate``, ``predict`` (which run the plain
-model on this process's device), ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
+model's own variables (and the compiled optimizer's) are brought up to date at the end of
+every epoch (before the other callbacks run) and whenever Keras or the user reads them
+through the model: ``get_weights``, ``save_weights`` (``ModelCheckpoint``,
 ``BackupAndRestore``), ``save``; and ``set_weights`` / ``load_weights`` send new values to
 the stages. A learning rate changed on the compiled optimizer (``LearningRateScheduler``) is
 sent to every stage's optimizer before the next step.
@@ -182,22 +187,34 @@ class PipelineModel(keras.Model):
         ``TensorBoard`` callback, the pipeline's own figures of the epoch's last step go to
         ``<log_dir>/pipeline`` (see ``PipelineSummaries``)."""
         position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
-        if len(args) > position:
-            args, callbacks = list(args), args[position]
-            args[position] = None
-        else:
-            callbacks = kwargs.pop("callbacks", None)
-        callbacks = list(callbacks or [])
+        args = list(args)
+        given = args[position] if len(args) > position else kwargs.get("callbacks")
+        callbacks = list(given or [])
         boards = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
         ours = [PipelineSummaries(os.path.join(b.log_dir, "pipeline")) for b in boards
                 if not any(isinstance(c, PipelineSummaries) for c in callbacks)]
-        kwargs["callbacks"] = [_SyncAtEpochEnd(), *callbacks, *ours]
+        callbacks = [_SyncAtEpochEnd(), *callbacks, *ours]
+        if len(args) > position:
+            args[position] = callbacks
+        else:
+            kwargs["callbacks"] = callbacks
+        self._run.checked_batch = False
         return super().fit(*args, **kwargs)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
         batch = int(flat[0].shape[0])
+        if not self._run.checked_batch:  # the first batch of fit gives its batch size
+            self._run.checked_batch = True
+            if batch % self.microbatches:
+                m = self.microbatches
+                raise GradSplitError(
+                    f"fit's batches have {batch} examples, which microbatches={m} does not "
+                    f"divide into equal micro-batches; use a batch_size that is a multiple "
+                    f"of {m} (e.g. {max(m, batch - batch % m)} or {batch + m - batch % m}). "
+                    "Only the last batch of an epoch may be smaller: it runs with the "
+                    "largest micro-batch count that divides it.")
         pipe = self._pipeline_for(flat, structure, batch)
         self._send_learning_rate()
         loss, y_pred = pipe.train_step(*flat)
@@ -242,26 +259,32 @@ class PipelineModel(keras.Model):
             self._run.forward[key] = self._build_forward(kind, structure, list(specs))
         return _with_count(self._run.forward[key], self.microbatches, batch)
 
-    def _build_forward(self, kind: str, structure, specs):
+    def _split(self, structure, specs, kind: str):
+        """The split of ``model(x, training=kind == "train")`` followed by the compiled loss
+        (a constant stands in for it for ``"predict"``), returning ``(loss, y_pred)``, cut
+        at ``cuts`` or by ``auto_split``."""
         from gradsplit_compiler.core.split import split as make_split
         from gradsplit_compiler.plan.autosplit import auto_split
-        from gradsplit_compiler.run.pipeline import pipeline
 
-        model = self.model
+        model, training = self.model, kind == "train"
 
-        def forward_fn(*flat):
+        def fn(*flat):
             x, y, sample_weight = _unflatten(structure, flat)
-            y_pred = model(x, training=False)
-            if kind == "predict":  # no loss: a constant stands in for it
+            y_pred = model(x, training=training)
+            if kind == "predict":
                 return tf.zeros((), tf.nest.flatten(y_pred)[0].dtype), y_pred
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=False)
+                                     training=training)
             return loss, y_pred
 
         if self.cuts is not None:
-            split = make_split(forward_fn, specs, cuts=self.cuts)
-        else:
-            split = auto_split(forward_fn, specs, self.num_stages)
+            return make_split(fn, specs, cuts=self.cuts)
+        return auto_split(fn, specs, self.num_stages)
+
+    def _build_forward(self, kind: str, structure, specs):
+        from gradsplit_compiler.run.pipeline import pipeline
+
+        split = self._split(structure, specs, kind)
         options = {"loss_reduction": "sum" if kind == "predict" else self.loss_reduction,
                    "jit_compile": self.pipeline_jit_compile, "timeout": self.timeout}
         trained = next(iter(self._run.pipelines.values()), None)
@@ -282,23 +305,9 @@ class PipelineModel(keras.Model):
         return _with_count(self._run.pipelines[key], self.microbatches, batch)
 
     def _build(self, structure, specs):
-        from gradsplit_compiler.core.split import split as make_split
-        from gradsplit_compiler.plan.autosplit import auto_split
         from gradsplit_compiler.run.pipeline import pipeline
 
-        model = self.model
-
-        def loss_fn(*flat):
-            x, y, sample_weight = _unflatten(structure, flat)
-            y_pred = model(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                     training=True)
-            return loss, y_pred
-
-        if self.cuts is not None:
-            split = make_split(loss_fn, specs, cuts=self.cuts)
-        else:
-            split = auto_split(loss_fn, specs, self.num_stages)
+        split = self._split(structure, specs, "train")
         if self._run.state is None:
             self._sync_to_model()
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
@@ -499,6 +508,7 @@ class _RunState:
         self.lr: float | None = None
         self.last = None         # the pipeline of the last training step
         self.forward: dict = {}  # forward-only pipelines of evaluate and predict
+        self.checked_batch = True  # fit sets it to False: its first batch is checked
 
 
 def _with_count(pipe, microbatches: int, batch: int):

@@ -60,7 +60,12 @@ Ask for a phase by name; add a pass of one's own after a phase:
 >>> len(sizes), len(s.stages)
 (1, 2)
 
-A pass that breaks a guarantee is named, with the pass whose guarantee it broke and the op:
+``gsc.split(..., passes={"analysis": [count_ops]})`` says the same. A pass may also run
+right after one pass of a phase, by that pass's name: ``after={"resolve_cuts": [...]}``
+runs once the cuts are resolved and before ``partition`` places the ops.
+
+A pass that breaks a guarantee is named, with the pass whose guarantee it broke and the op
+(a pass of one's own raises ``UserPassError``, a ``GradSplitError``):
 
 >>> def unstage(program):
 ...     program.graph.nodes["gsc.mark.y."]["stage"] = None
@@ -69,13 +74,13 @@ A pass that breaks a guarantee is named, with the pass whose guarantee it broke 
 ...           passes=passes.pipeline(after={"cutting": [unstage]}))
 Traceback (most recent call last):
     ...
-passes.manager.PassError: The 'unstage' pass broke the guarantee of
+passes.manager.UserPassError: The 'unstage' pass broke the guarantee of
 the 'partition' pass (after [...]): live node 'gsc.mark.y.' has no stage; ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gradsplit_compiler.errors import GradSplitError
@@ -86,9 +91,10 @@ from passes import inline_calls as _inline_calls
 from passes import partition as _partition
 from passes import refresh_shapes as _refresh_shapes
 from passes import resolve_cuts as _resolve_cuts
-from passes.manager import Pass, pass_name, run_passes
+from passes.manager import Pass, UserPassError, pass_name, run_passes
 
-__all__ = ["ORDER", "PHASES", "Constraint", "Phase", "check_order", "pipeline", "run"]
+__all__ = ["ORDER", "PHASES", "Constraint", "Phase", "UserPassError", "check_order",
+           "pipeline", "run"]
 
 
 @dataclass(frozen=True)
@@ -143,18 +149,31 @@ def _phase(name: str) -> Phase:
 def pipeline(*phases: str, after: Mapping[str, Sequence[Pass]] | None = None) -> list[Pass]:
     """The passes of the named phases (all when none is named), in the declared order.
 
-    ``after`` maps a phase name to passes of one's own, run right after that phase's.
+    ``after`` maps a phase name, or the name of one pass of the pipeline
+    (``"resolve_cuts"``), to passes of one's own, run right after that phase or pass.
     """
     wanted = {_phase(name).name for name in phases} or {p.name for p in PHASES}
     extra = dict(after or {})
+    own = {pass_name(p) for phase in PHASES if phase.name in wanted for p in phase.passes}
     for name in extra:
+        if name in own:
+            continue
+        if name not in {p.name for p in PHASES} and any(
+                pass_name(q) == name for phase in PHASES for q in phase.passes):
+            raise GradSplitError(f"after={{{name!r}: ...}} names a pass this pipeline does "
+                                 f"not run; it runs {sorted(own)}.")
         if _phase(name).name not in wanted:
             raise GradSplitError(f"after={{{name!r}: ...}} names a phase this pipeline does "
                                  f"not run; it runs {sorted(wanted)}.")
+        if isinstance(extra[name], Callable):
+            raise GradSplitError(f"after={{{name!r}: ...}} must map to a list of passes; "
+                                 f"got one pass: write after={{{name!r}: [pass]}}.")
     result: list[Pass] = []
     for phase in PHASES:
         if phase.name in wanted:
-            result += [*phase.passes, *extra.get(phase.name, ())]
+            for p in phase.passes:
+                result += [p, *extra.get(pass_name(p), ())]
+            result += list(extra.get(phase.name, ()))
     return result
 
 

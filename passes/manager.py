@@ -10,6 +10,12 @@ holds). A pass may assume the guarantees of the passes before it and must keep t
 after each pass the manager checks the guarantees of every pass that has run so far, its
 own included, and names both the pass that broke one and the pass whose guarantee it was.
 The order of the passes, in phases, is declared in ``passes/__init__.py``.
+
+A pass of the caller's own (any pass not defined in ``passes/``) is checked harder: after
+it, ``gradsplit_compiler.ir.edit.problems`` must find nothing TensorFlow would refuse
+(dangling inputs, cycles, unknown ops, missing attributes, dtype mismatches...), and every
+failure it causes is a ``UserPassError``, a ``GradSplitError`` naming the pass and the
+node, raised before anything is imported into TensorFlow's runtime.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from collections.abc import Callable, Sequence
 import networkx as nx
 
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.ir import edit
 from gradsplit_compiler.ir.program import Program
 
-__all__ = ["Pass", "PassError", "check_program", "pass_name", "run_passes"]
+__all__ = ["Pass", "PassError", "UserPassError", "check_program", "is_users", "pass_name",
+           "run_passes"]
 
 Pass = Callable[[Program], Program]
 # What a pass guarantees afterwards, as a function: the violations, empty when it holds.
@@ -31,6 +39,18 @@ Check = Callable[[Program], list]
 class PassError(RuntimeError):
     """A pass failed, left the graph invalid or broke a guarantee: a bug in that pass (of
     gradsplit_compiler, or of the caller when it passes its own), not in the caller's input."""
+
+
+class UserPassError(PassError, GradSplitError):
+    """A pass of the caller's own failed or left a graph TensorFlow cannot run: the caller's
+    error, so a ``GradSplitError``, naming the pass and the node."""
+
+
+def is_users(p: Pass) -> bool:
+    """Whether ``p`` is a pass of the caller's own (not one of the pass modules of
+    ``passes/``)."""
+    module = getattr(p, "__module__", "") or ""
+    return not module.startswith("passes.")
 
 
 def pass_name(p: Pass) -> str:
@@ -58,28 +78,45 @@ def run_passes(program: Program, passes: Sequence[Pass], *,
     done: list[str] = []
     for p in passes:
         name = pass_name(p)
+        users = is_users(p)
+        error = UserPassError if users else PassError
         try:
-            program = p(program)
-        except GradSplitError:
-            raise
+            result = p(program)
+        except GradSplitError as exc:
+            if not users:
+                raise
+            raise UserPassError(f"The {name!r} pass (after {done}) failed: {exc}") from None
         except Exception as exc:
-            raise PassError(
+            raise error(
                 f"An error occurred when running the {name!r} pass after the following "
                 f"passes: {done}: {type(exc).__name__}: {exc}"
             ) from exc
+        if not isinstance(result, Program):
+            raise error(f"The {name!r} pass returned {type(result).__name__}, not the "
+                        "Program; a pass returns the program it was given (or a new one).")
+        program = result
         problems = check_program(program)
         if problems:
-            raise PassError(
+            raise error(
                 f"The graph is invalid after the {name!r} pass (after {done}): "
                 + "; ".join(problems[:5])
             )
+        if users:
+            broken = edit.problems(program)
+            if broken:
+                raise UserPassError(
+                    f"The {name!r} pass (after {done}) left a graph TensorFlow cannot run: "
+                    + "; ".join(f"node {node!r} {what}" for node, what in broken[:5])
+                    + ". Nothing was run; fix the pass (gradsplit_compiler.ir.edit builds "
+                    "nodes checked against TensorFlow's op registry)."
+                )
         _establish(in_force, p)
         for owner, ensures in in_force:
             problems = ensures(program)
             if problems:
                 what = ("did not meet its guarantee" if owner == name
                         else f"broke the guarantee of the {owner!r} pass")
-                raise PassError(
+                raise error(
                     f"The {name!r} pass {what} (after {done}): "
                     + "; ".join(problems[:5])
                 )

@@ -32,9 +32,16 @@ from gradsplit_compiler.ir.program import Program
 
 __all__ = ["check", "refresh_shapes"]
 
-def refresh_shapes(program: Program) -> Program:
+def refresh_shapes(program: Program, nodes=None) -> Program:
+    """Infer the dtypes and shapes of the nodes without (``nodes``, an iterable of op
+    names, adds those; ``True`` infers every node's again, after an edit that changes what
+    later ops see)."""
     g = program.graph
-    stale = [n for n in g.nodes if not _known(g.nodes[n].get("outputs"))]
+    if nodes is True:
+        wanted = set(g.nodes)
+    else:
+        wanted = set(nodes or ())
+    stale = [n for n in g.nodes if n in wanted or not _known(g.nodes[n].get("outputs"))]
     if not stale:
         return program
     scratch = tf.Graph()

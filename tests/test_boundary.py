@@ -75,6 +75,9 @@ PRIVATE_IMPORTS: dict[tuple[str, str], str] = {
 
 # (file, imported module) -> reason: (d) lazy imports of a higher layer.
 LAZY_UPWARD: dict[tuple[str, str], str] = {
+    ("gradsplit_compiler/ir/edit.py", "gradsplit_compiler.frontend.keras_layers"):
+        "edit.layer_outputs finds Keras layers for a pass; only the frontend knows Keras' "
+        "layer graph",
     ("gradsplit_compiler/core/split.py", "gradsplit_compiler.plan.costs"):
         "Split.summary() is the user's door to the cost model, which reads Splits",
     ("gradsplit_compiler/run/pipeline.py", "gradsplit_compiler.show.timeline"):

@@ -46,9 +46,6 @@ UNCOVERED: dict[str, str] = {
     "a stage on a task of": (
         "run/devices.py remat= for a stage on a cluster task: needs a cluster; the local "
         "rematerialised stages are tested in tests/run/test_zero_bubble.py."),
-    "failed while": (
-        "run/pipeline.py, an OpError on a remote task: needs a cluster whose task fails an "
-        "op; no test makes one."),
 }
 
 

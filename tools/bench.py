@@ -13,8 +13,8 @@ docs/bench_cut_size.png (figure 5).
 3. Peak memory of the composed step / the monolithic step (each in a fresh process).
 4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250 and
    1,000 layers, with time per graph node.
-5. The thread's answers on the seed model as the cut grows: per-scalar ``tf.gradients``,
-   ``GradientTape.jacobian``, and ours.
+5. The thread's answers on the demo's program as the cut grows: per-scalar
+   ``tf.gradients``, ``GradientTape.jacobian``, and ours, all interleaved in one loop.
 6. The pipeline's ``step`` on a LocalCluster beside the same pipeline in one process.
 7. Training steps: ``pipeline.step`` plus the caller's optimizer, against ``train_step``
    (variables and optimizers resident on the stages), in one process (4 logical CPUs) and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -319,68 +320,82 @@ def figure_split_time(quick):
 
 # -- figure 5: the thread's answers ----------------------------------------------------------
 
+# Each timed sample of figure 5 is a block of back-to-back calls lasting about this long.
+CUT_BLOCK_SECONDS = 0.02
 
-def seed_problem(cut, rng, features=64, batch=16):
-    """``zoo.seed_model`` with a cut of about ``cut`` elements: ``(loss, y_of, (W, b), x, y0,
-    elements)``."""
-    width = max(1, cut // batch)
-    case = zoo.seed_model(tf.float32, seed=rng, features=features, width=width, batch=batch,
-                          scale=features ** -0.5)
-    x, y0 = case.args(rng)
-    return case.fn, case.extras["y_of"], tuple(case.variables), x, y0, batch * width
+
+def interleaved_blocks(fns: dict, repeats: int, block_seconds: float = CUT_BLOCK_SECONDS
+                       ) -> dict:
+    """Median seconds per call of each function (no arguments).
+
+    Each sample is a block of back-to-back calls lasting about ``block_seconds`` (at least
+    one call), after one untimed call of the same function, so that no function is timed
+    cold after another one's long call; in every repeat the blocks of all functions take
+    turns, so a slow spell of the machine costs them all alike.
+    """
+    calls = {}
+    for k, fn in fns.items():
+        for _ in range(2):  # warm-up: compiles
+            _block(fn())
+        t = time.perf_counter()
+        _block(fn())
+        once = max(time.perf_counter() - t, 1e-7)
+        calls[k] = max(1, min(10_000, round(block_seconds / once)))
+    samples: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _block(fn())
+            t = time.perf_counter()
+            for _ in range(calls[k]):
+                result = fn()
+            _block(result)
+            samples[k].append((time.perf_counter() - t) / calls[k])
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def cut_size_answers(cut, per_scalar_limit, jacobian_limit) -> dict:
+    """The program of ``gradsplit demo`` (``cli.seed_problem``: ``y = tanh(x W + b)``, ``W``
+    256x16, float32, XLA) with a cut of ``cut`` elements (batch ``cut / 16``, as the demo's
+    ``--cut-size``), and the answers to time, each a call on flat tensors: the monolithic
+    tape, ours, and within their limits the thread's two answers."""
+    from gradsplit_compiler.cli import seed_problem as demo
+    from gradsplit_compiler.cli.demo import DemoConfig
+
+    config = DemoConfig(cut_size=cut, picture=None)
+    problem = demo.seed_problem(config, "float32")
+    split = gsc.split(problem.loss, problem.signature, cuts=["y"])
+    builders = {"mono": demo.monolithic_gradient, "jacobian": demo.jacobian_gradient,
+                "per_scalar": demo.per_scalar_gradient}
+    limits = {"mono": cut, "jacobian": jacobian_limit, "per_scalar": per_scalar_limit}
+    answers = {"ours": lambda: split.value_and_gradients(*problem.args)}
+    for name, build in builders.items():
+        if cut <= limits[name]:
+            call = _tf_internal.flat_caller(build(problem, True))
+            answers[name] = lambda call=call: call(*problem.args)
+    return answers
 
 
 def figure_cut_size(sizes, per_scalar_limit, jacobian_limit, repeats):
-    return [_cut_size_row(cut, per_scalar_limit, jacobian_limit, repeats) for cut in sizes]
-
-
-def _cut_size_row(cut, per_scalar_limit, jacobian_limit, repeats):
-    rng = np.random.default_rng(0)
-    loss, y_of, (W, b), x, y0, n = seed_problem(cut, rng)
-    split = gsc.split(loss, [tf.TensorSpec(x.shape), tf.TensorSpec(y0.shape)], ["y"])
-    mono = monolithic_step(loss, [W, b])
-
-    @tf.function(jit_compile=True)
-    def jacobian(x, y0):
-        with tf.GradientTape(persistent=True) as tape:
-            y = y_of(x)
-            value = tf.reduce_mean((y - y0) ** 2)
-        dl_dy = tape.gradient(value, y)
-        jw, jb = tape.jacobian(y, [W, b])
-        return (tf.tensordot(dl_dy, jw, axes=2), tf.tensordot(dl_dy, jb, axes=2))
-
-    fns = {"mono": flat(mono, x, y0), "ours": lambda: split.value_and_gradients(x, y0)}
-    if n <= jacobian_limit:
-        fns["jacobian"] = flat(jacobian, x, y0)
-    if n <= per_scalar_limit:
-        per_scalar = _per_scalar(y_of, W, b, x, y0)
-        fns["per_scalar"] = flat(per_scalar, x, y0)
-    times = interleaved(fns, repeats if n <= 4096 else max(3, repeats // 2), warmup=1)
-    ratios = ", ".join(f"{k} {v / times['mono']:.2f}x" for k, v in times.items()
-                       if k != "mono")
-    log(f"[5] cut of {n} elements: monolithic {times['mono'] * 1e6:.0f} us; {ratios}")
-    return n, {k: v / times["mono"] for k, v in times.items()}, times["mono"]
-
-
-def _per_scalar(y_of, W, b, x_example, y0_example):
-    """The accepted answer: one tf.gradients per scalar of y, chained with dL/dy."""
-    n = int(np.prod(y_of(x_example).shape))
-
-    @tf.function
-    def run(x, y0):
-        y = y_of(x)
-        value = tf.reduce_mean((y - y0) ** 2)
-        dl_dy = tf.reshape(tf.gradients(value, y)[0], [-1])
-        flat = tf.reshape(y, [-1])
-        gw = tf.zeros_like(W)
-        gb = tf.zeros_like(b)
-        for i in range(n):
-            dw, db = tf.gradients(flat[i], [W, b])
-            gw += dl_dy[i] * dw
-            gb += dl_dy[i] * db
-        return gw, gb
-
-    return run
+    """Per cut size ``(elements, {answer: time / monolithic time}, monolithic seconds)``,
+    every answer of every size timed in one interleaved loop (``interleaved_blocks``)."""
+    fns = {}
+    for cut in sizes:
+        for name, fn in cut_size_answers(cut, per_scalar_limit, jacobian_limit).items():
+            fns[(cut, name)] = fn
+        log(f"[5] built the answers for a cut of {cut} elements")
+    times = interleaved_blocks(fns, repeats)
+    rows = []
+    for cut in sizes:
+        mono = times[(cut, "mono")]
+        ratios = {name: t / mono for (n, name), t in times.items() if n == cut}
+        log(f"[5] cut of {cut} elements: monolithic {mono * 1e6:.0f} us; " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in ratios.items() if k != "mono"))
+        rows.append((cut, ratios, mono))
+    monos = [mono for _, _, mono in rows]
+    if any(b < 0.9 * max(monos[:i + 1]) for i, b in enumerate(monos[1:])):
+        log("[5] warning: the monolithic time is not monotone in the cut size (within 10%): "
+            "the machine was busy, run again")
+    return rows
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -421,6 +436,25 @@ forward returning its activations, each backward an explicit VJP, called as conc
 functions), checked against the tape before timing. Separate programs cost it more than they
 cost `run_stages`. Single programs vary by up to 2x from call to call on this shared 2-core
 machine; the medians of interleaved repeats are stable to about 0.05."""
+
+
+CUT_SIZE_NOTE = """\
+The program of `gradsplit demo`, `loss = mse(tanh(x W + b), y0)` with `W` 256x16, cut at `y`,
+whose size grows with the batch (`cut / 16` rows, as the demo's `--cut-size`). Each answer
+returns `dL/dW` and `dL/db`, compiled with XLA and called on flat tensors: the monolithic
+`tape.gradient`, ours (`split.value_and_gradients`), and the two answers the original thread
+got, `GradientTape.jacobian(y, [W, b])` chained with `dL/dy` and `tf.gradients` once per
+scalar of `y` (built up to 256 elements, the Jacobian up to 4,096: beyond, minutes to build
+or gigabytes, "-"). Every answer of every size is timed in one loop: in each of the repeats,
+each answer runs a block of back-to-back calls lasting about 20 ms after one untimed call, so
+that nothing is timed cold after another answer's long call, and the blocks take turns; the
+table gives the median time per call over the repeats. The monolithic time is a fixed cost per
+call (the call, XLA's launch, the results copied out), flat while it dominates (to about 256
+elements), plus arithmetic proportional to the batch, which makes it grow from about a
+thousand elements on: medians of a quiet run are monotone in the size within 10%, and
+`tools/bench.py` warns when they are not (a busy machine: run it again). The ratios are those
+`gradsplit demo` prints for the same `--cut-size`; one demo run times each answer in 7
+repeats of about 40 ms and varies more from run to run."""
 
 
 def write_report(path, command, speed, memory, split_rows, cut_rows):
@@ -467,8 +501,8 @@ def write_report(path, command, speed, memory, split_rows, cut_rows):
                          f"{sp / tr:.2f} | {sp / st:.2f} | {sp / nodes * 1e3:.3f} |")
         lines.append("")
     if cut_rows:
-        lines += ["## 5. The thread's answers as the cut grows (seed model, float32, XLA)", "",
-                  "Time per gradient over the monolithic one.", "",
+        lines += ["## 5. The thread's answers as the cut grows (the demo's program, float32, "
+                  "XLA)", "", CUT_SIZE_NOTE, "",
                   "![ratio against cut size](docs/bench_cut_size.png)", "",
                   "| cut elements | monolithic | ours | GradientTape.jacobian | per-scalar "
                   "tf.gradients |", "|---|---|---|---|---|"]
@@ -853,16 +887,23 @@ def figure_keras(quick: bool) -> str:
 
 KERAS_NOTE = """\
 *Reading it.* A `PipelineModel` step is a pipeline `train_step` driven from Keras' loop
-eagerly: four stage programs per micro-batch each way, one thread per device, then each
-device's optimizer update. On one machine's shared cores the stages cannot overlap, so this
-measures what the pipeline costs, not what it buys; a one-stage pipeline (the pipeline's own
-cost alone) is not measured yet, because a split needs at least one cut."""
+eagerly: the stage programs of each micro-batch (a forward and a backward per stage, each
+its own XLA program), one thread per device, then each device's optimizer update. Plain
+`fit` runs forward, backward and update as one XLA program. The one-stage row is the
+pipeline's own cost: the same model as one stage on one device (forward, backward and the
+update with its finiteness check as three programs instead of one). On one machine's shared
+cores the four stages cannot overlap, so the other rows measure what the pipeline costs,
+not what it buys."""
+
+
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--only", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--only", type=int, nargs="*", default=list(ALL_FIGURES),
+                        help="these figures only; an existing report keeps the others")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
@@ -889,25 +930,50 @@ def main(argv=None) -> int:
     split_rows = figure_split_time(args.quick) if 4 in args.only else []
     cut_rows = []
     if 5 in args.only:
-        sizes = [16, 256, 1024] if args.quick else [16, 64, 256, 1024, 4096, 16384, 32768]
+        sizes = [16, 256, 1024] if args.quick else [16, 64, 256, 1024, 4096, 16384, 65536]
         # Beyond these the answers cost minutes to build (one backward graph per element)
-        # or gigabytes (the Jacobian of y with respect to W has batch * width^2 * features
-        # entries): the table says "-".
+        # or gigabytes (the Jacobian of y with respect to W has cut * 256 * 16 entries):
+        # the table says "-".
         cut_rows = figure_cut_size(sizes, per_scalar_limit=256, jacobian_limit=4096,
                                    repeats=repeats)
         plot_cut_size(cut_rows, ROOT / "docs" / "bench_cut_size.png")
-    write_report(args.out, command.strip(), speed, memory, split_rows, cut_rows)
+    out = Path(args.out)
+    previous = out.read_text() if out.exists() else None
+    write_report(out, command.strip(), speed, memory, split_rows, cut_rows)
     if 6 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_cluster(args.quick, repeats))
     if 7 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_training(args.quick, min(repeats, 9)))
     if 8 in args.only:
-        with open(args.out, "a") as f:
+        with open(out, "a") as f:
             f.write(figure_keras(args.quick))
-    log(f"wrote {args.out}")
+    if previous is not None and set(args.only) != set(ALL_FIGURES):
+        out.write_text(merge_report(previous, out.read_text(), command.strip()))
+    log(f"wrote {out}")
     return 0
+
+
+def report_sections(text: str) -> tuple[str, dict[str, str]]:
+    """The text before the first ``## `` heading, and each section by its number
+    (``"1-2"``, ``"5"``, ...), in order."""
+    head, *parts = re.split(r"(?m)^(?=## )", text)
+    return head, {re.match(r"## ([\d-]+)", part).group(1): part for part in parts}
+
+
+def merge_report(previous: str, new: str, command: str) -> str:
+    """``previous`` with the sections ``new`` holds replaced (a run of ``--only``), and a
+    line under the heading saying which were made again, by which command, when."""
+    head, old = report_sections(previous)
+    _, fresh = report_sections(new)
+    note = (f"Section {', '.join(fresh)} made again by `{command}` on "
+            f"{time.strftime('%Y-%m-%d')}.")
+    lines = [ln for ln in head.rstrip("\n").split("\n")
+             if not (ln.startswith("Section ") and "made again by" in ln)]
+    head = "\n".join(lines[:3] + [note] + lines[3:]) + "\n\n"
+    merged = {**old, **fresh}
+    return head + "\n\n".join(part.strip("\n") for part in merged.values()) + "\n"
 
 
 if __name__ == "__main__":

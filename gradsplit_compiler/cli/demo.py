@@ -135,7 +135,7 @@ DEMO = Command(
     ),
     epilog=(
         "examples:\n"
-        f"  {PROG} demo                        the default: a cut of 256 elements, about 20 s\n"
+        f"  {PROG} demo                        the default: a cut of 256 elements, about 35 s\n"
         f"  {PROG} demo --quick -o /tmp/g.png  a cut of 64 elements, picture in /tmp\n"
         f"  {PROG} demo --cut-size 2048 --per-scalar-limit 0\n"
         "                                      a bigger cut, without the per-scalar answer\n"

@@ -120,7 +120,8 @@ def compose(stages: Sequence[StageLike], arg_names: Sequence[str], args: Sequenc
             forward: Callable[[Any, list], tuple[Sequence[Any], Any]],
             backward: Callable[[Any, Any, list], tuple[Sequence[Any], Sequence[Any]]],
             variable_zeros: Sequence[Callable[[], Any]],
-            differentiable: Callable[[Any], bool] | None = None):
+            differentiable: Callable[[Any], bool] | None = None,
+            on_cotangents: Callable[[Cotangents, dict], None] | None = None):
     """Run ``stages`` forward, then their VJPs in reverse: ``(outputs, input_cotangents,
     grads)``.
 
@@ -184,6 +185,8 @@ def compose(stages: Sequence[StageLike], arg_names: Sequence[str], args: Sequenc
         for name, cotangent in zip(stage.inputs, input_cotangents):
             cotangents.add(name, cotangent)
         totals.add(stage.variable_indices, variable_grads)
+    if on_cotangents is not None:
+        on_cotangents(cotangents, env)
     input_cotangents = []
     for name, arg in zip(arg_names, args):
         total = cotangents.get(name)

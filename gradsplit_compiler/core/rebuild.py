@@ -40,6 +40,7 @@ __all__ = [
     "emit",
     "external_inputs",
     "is_differentiable",
+    "program_graph_def",
     "stage_graph_def",
 ]
 
@@ -53,6 +54,13 @@ def is_differentiable(dtype: tf.DType) -> bool:
 def stage_graph_def(program: Program, plan: StagePlan) -> graph_pb2.GraphDef:
     """The GraphDef of the stage's ops alone; inputs from outside are left dangling."""
     return _piece_graph_def(program.graph, plan.nodes)
+
+
+def program_graph_def(program: Program) -> graph_pb2.GraphDef:
+    """The GraphDef of every op of ``program`` but its inputs (the argument and capture
+    placeholders), which ``emit`` maps to tensors of the function being traced."""
+    inputs = program.input_placeholders
+    return _piece_graph_def(program.graph, [n for n in program.graph if n not in inputs])
 
 
 def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -16,36 +17,43 @@ from gradsplit_compiler.core.compose import compose
 from gradsplit_compiler.core.rebuild import build_stage_vjp, is_differentiable
 from gradsplit_compiler.core.stage import Stage
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
-from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.errors import GradSplitError, unknown_name_message
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
 from gradsplit_compiler.util import collector_paused
 from passes.manager import run_passes
 
-__all__ = ["Split", "split"]
+__all__ = ["Cotangents", "Split", "program_of", "split"]
 
 
-def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool | None = None,
-          passes: Sequence | None = None) -> Split:
+def split(fn: Any, input_signature: Sequence | None = None, cuts: Sequence | None = None, *,
+          training: bool | None = None, passes: Sequence | Mapping | None = None) -> Split:
     """Cut ``fn`` at ``cuts`` into ``len(cuts) + 1`` stages whose VJPs compose exactly.
 
     Parameters
     ----------
-    fn : tf.function, callable or keras.Model
+    fn : tf.function, callable, keras.Model or Program
         Traced once with ``input_signature``; the variables it reads are found by tracing.
+        A ``gsc.Program`` (from ``gsc.capture``, edited or not) is cut as it is, without
+        ``input_signature``; it is not changed (the passes run on a copy).
     input_signature : list of tf.TensorSpec
-        A ``None`` batch dimension works.
+        A ``None`` batch dimension works. Omitted when ``fn`` is a ``Program``.
     cuts : list
         One entry per cut, in data-flow order: a graph tensor (``"op:index"`` or ``"op"``),
         a ``gsc.mark`` name, a Keras layer name, or a list of those for a cut of several
         tensors.
     training : bool, optional
         When ``fn`` is a ``keras.Model``, the ``training`` flag it is called with.
-    passes : list, optional
+    passes : list or dict, optional
         The graph passes to run; default ``passes.pipeline()``, the phases ``analysis``
         (``inline_calls, refresh_shapes``) and ``cutting`` (``resolve_cuts, partition``).
-        ``passes.pipeline(after={"analysis": [my_pass]})`` adds passes of one's own after a
-        phase; each pass must keep what the passes before it guarantee.
+        A dict adds passes of one's own at named points: ``{"analysis": [my_pass]}`` runs
+        ``my_pass`` once the program is analysed, before the cuts are resolved;
+        ``{"resolve_cuts": [...]}`` once they are, before ``partition``; ``{"cutting":
+        [...]}`` after partition (the same as ``passes.pipeline(after=...)``). Each pass
+        must keep what the passes before it guarantee, and the graph is checked after each
+        (``docs/passes.md``); a broken one raises ``GradSplitError`` naming the pass and
+        the node, before anything runs.
 
     Returns
     -------
@@ -69,19 +77,61 @@ def split(fn: Any, input_signature: Sequence, cuts: Sequence, *, training: bool 
     >>> len(s.stages)
     2
     """
+    if isinstance(fn, Program) and cuts is None and isinstance(input_signature, (list, tuple)):
+        input_signature, cuts = None, input_signature  # split(program, ["y"])
     if isinstance(cuts, (str, bytes)) or not isinstance(cuts, (list, tuple)):
         raise GradSplitError(
             f"cuts must be a list with one entry per cut, e.g. ['y'] or [['a', 'b']]; got "
             f"{cuts!r}."
         )
-    chosen = pass_pipeline.pipeline() if passes is None else list(passes)
+    if passes is None:
+        chosen = pass_pipeline.pipeline()
+    elif isinstance(passes, Mapping):
+        chosen = pass_pipeline.pipeline(after=passes)
+    else:
+        chosen = list(passes)
     pass_pipeline.check_order(chosen)
     with collector_paused():
-        program = capture(fn, input_signature, training=training)
+        program = program_of(fn, input_signature, training)
         program.cut_specs = list(cuts)
         program = run_passes(program, chosen)
         return Split(program)
 
+
+
+def program_of(fn: Any, input_signature: Sequence | None, training: bool | None) -> Program:
+    """A copy of ``fn`` when it is a ``Program`` (``input_signature`` must then be omitted),
+    else ``fn`` captured with ``input_signature``."""
+    if isinstance(fn, Program):
+        if input_signature is not None:
+            raise GradSplitError(
+                "fn is a gsc.Program, which carries its own input_signature; omit "
+                "input_signature (split(program, cuts=[...]))."
+            )
+        return fn.copy()
+    if input_signature is None:
+        raise GradSplitError(
+            "input_signature is missing: give one tf.TensorSpec per argument of fn, e.g. "
+            "[tf.TensorSpec([None, 10], tf.float32)] (only a gsc.Program carries its own)."
+        )
+    return capture(fn, input_signature, training=training)
+
+
+@dataclass
+class Cotangents:
+    """What ``Split.cotangents`` returns: the program's value, the cotangent of the value at
+    every cut tensor and the variables' gradients, by the names the caller gave.
+
+    ``cotangents`` maps each name a cut was given by (a ``gsc.mark`` name, a Keras layer, a
+    graph tensor) to dL/d(that tensor), summed over every stage that reads it;
+    ``tensors`` maps the same names to the graph tensors they resolved to; ``gradients``
+    align with ``split.variables``.
+    """
+
+    value: tf.Tensor
+    cotangents: dict[str, tf.Tensor]
+    gradients: list[tf.Tensor]
+    tensors: dict[str, str]
 
 
 class Split:
@@ -94,6 +144,7 @@ class Split:
 
     def __init__(self, program: Program, plan: Any = None):
         self._program = program
+        self._written: tuple[int, ...] | None = None
         self.plan = plan
         self.arg_names = list(program.arg_names)
         self.output_names = list(program.output_names)
@@ -119,6 +170,16 @@ class Split:
         self.stages: list[Stage] = stages[::-1]
         self.output_specs = [self._spec(n) for n in self.output_names]
         self._functions: dict = {}
+        # the caller's names: each cut entry's names -> the graph tensors they resolved to
+        self.cut_tensors: dict[str, str] = {}
+        for spec, tensors in zip(program.cut_specs, program.cuts):
+            names = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+            for name, tensor in zip(names, tensors):
+                self.cut_tensors.setdefault(str(name), tensor)
+        labels = {n: ir.parse_tensor_name(n)[0] for n in self.arg_names}
+        labels.update({t: name for name, t in self.cut_tensors.items()})
+        for stage in self.stages:
+            stage.set_labels(labels)
 
     def __repr__(self) -> str:
         return f"Split({len(self.stages)} stages, {len(self.variables)} variables)"
@@ -132,8 +193,61 @@ class Split:
         return summarize(self, batch_size=batch_size)
 
     def spec(self, name: str) -> tf.TensorSpec:
-        """The ``tf.TensorSpec`` (static shape, dtype) of graph tensor ``name``."""
-        return self._spec(name)
+        """The ``tf.TensorSpec`` (static shape, dtype) of graph tensor ``name`` (or of the
+        tensor a cut name or an argument name stands for)."""
+        return self._spec(self.tensor(name))
+
+    def tensor(self, name: str) -> str:
+        """The graph tensor (``"op:index"``) that ``name`` stands for: a name a cut was
+        given by (``gsc.mark`` name, Keras layer, graph tensor), an argument's name, or a
+        graph tensor itself."""
+        if name in self.cut_tensors:
+            return self.cut_tensors[name]
+        for arg in self.arg_names:
+            if name in (arg, ir.parse_tensor_name(arg)[0]):
+                return arg
+        op, index = ir.parse_tensor_name(name)
+        if op in self.graph and index < len(self.graph.nodes[op].get("outputs") or [None]):
+            return ir.tensor_name(op, index)
+        raise GradSplitError(unknown_name_message(
+            "name", name, list(self.cut_tensors) + [ir.parse_tensor_name(a)[0]
+                                                    for a in self.arg_names]))
+
+    def cotangents(self, *args, jit_compile: bool = True) -> Cotangents:
+        """The value, the cotangent at every cut and the variable gradients, in one call.
+
+        Like ``value_and_gradients`` (``fn`` returns one scalar; one forward and one
+        backward through the stages), and also dL/dy for every tensor ``y`` a cut names,
+        keyed by the name the cut gave it: ``split.cotangents(x).cotangents["y"]`` for
+        ``cuts=["y"]``. A cut tensor no later op differentiates gets zeros.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf
+        >>> import gradsplit_compiler as gsc
+        >>> f = lambda x: tf.reduce_sum(gsc.mark(tf.tanh(x), "y") ** 2)
+        >>> s = gsc.split(f, [tf.TensorSpec([3], tf.float64)], cuts=["y"])
+        >>> x = tf.constant([0.5, -1.0, 2.0], tf.float64)
+        >>> got = s.cotangents(x)
+        >>> bool(np.allclose(got.cotangents["y"], 2 * np.tanh(x))), got.tensors["y"]
+        (True, 'gsc.mark.y.:0')
+        """
+        self._check_scalar("cotangents")
+        tensors = self._check_args(args)
+        fn = self._flat_composed("cotangents", jit_compile)
+        with self._explaining_failures(tensors):
+            value, cots, grads = run_reporting_xla_errors(fn, *tensors)
+        return Cotangents(value=value, cotangents=dict(zip(self.cut_tensors, cots)),
+                          gradients=list(grads), tensors=dict(self.cut_tensors))
+
+    def _check_scalar(self, method: str) -> None:
+        if len(self.output_names) != 1 or self.output_specs[0].shape.rank not in (0, None):
+            shapes = ", ".join(str(s.shape) for s in self.output_specs)
+            raise GradSplitError(
+                f"{method} needs fn to return a single scalar; it returns "
+                f"{len(self.output_names)} tensor(s) of shape {shapes}. Reduce the output "
+                "(e.g. tf.reduce_mean) or use split.vjp(args, output_cotangents)."
+            )
 
     @property
     def trainable_variables(self) -> list[tf.Variable]:
@@ -159,7 +273,9 @@ class Split:
     def written_variables(self) -> list[tf.Variable]:
         """The variables ``fn`` assigns (batch-norm statistics, counters), in
         ``self.variables`` order."""
-        return [self.variables[i] for i in self._program.written_variables()]
+        if self._written is None:  # the program is fixed once split
+            self._written = tuple(self._program.written_variables())
+        return [self.variables[i] for i in self._written]
 
     def check_arguments(self, args: Sequence) -> list[tf.Tensor]:
         """``args`` as flat tensors checked against the input signature; a
@@ -283,6 +399,17 @@ class Split:
                     outputs, _, grads = self._emit_vjp(args, None)
                     return outputs[0], grads
                 signature = self.arg_specs
+            elif kind == "cotangents":
+                def body(*args):
+                    found = []
+
+                    def read(cotangents, values):
+                        for t in self.cut_tensors.values():
+                            c = cotangents.get(t)
+                            found.append(tf.zeros_like(values[t]) if c is None else c)
+                    outputs, _, grads = self._emit_vjp(args, None, on_cotangents=read)
+                    return outputs[0], found, grads
+                signature = self.arg_specs
             else:
                 given = [i for i in range(len(self.output_specs)) if i not in zeros]
 
@@ -297,7 +424,7 @@ class Split:
             )
         return self._functions[key]
 
-    def _emit_vjp(self, args, output_cotangents):
+    def _emit_vjp(self, args, output_cotangents, on_cotangents=None):
         """The composed VJP emitted into the function being traced: each stage's forward
         and backward inlined, named ``stage<k>.forward`` / ``stage<k>.backward``."""
         return compose(
@@ -305,7 +432,7 @@ class Split:
             forward=lambda st, inputs: st.emit_forward(inputs, f"stage{st.index}.forward"),
             backward=lambda st, res, cots: st.emit_backward(
                 res, cots, f"stage{st.index}.backward"),
-            variable_zeros=self._variable_zeros())
+            variable_zeros=self._variable_zeros(), on_cotangents=on_cotangents)
 
     def _variable_zeros(self) -> list:
         return [lambda v=v: tf.zeros(v.shape, v.dtype) for v in self.variables]
@@ -316,13 +443,7 @@ class Split:
         ``fn`` must return one scalar; ``grads`` aligns with ``self.variables`` (zeros for a
         variable the value does not depend on). Side effects of ``fn`` happen exactly once.
         """
-        if len(self.output_names) != 1 or self.output_specs[0].shape.rank not in (0, None):
-            shapes = ", ".join(str(s.shape) for s in self.output_specs)
-            raise GradSplitError(
-                "value_and_gradients needs fn to return a single scalar; it returns "
-                f"{len(self.output_names)} tensor(s) of shape {shapes}. Reduce the output "
-                "(e.g. tf.reduce_mean) or use split.vjp(args, output_cotangents)."
-            )
+        self._check_scalar("value_and_gradients")
         tensors = self._check_args(args)
         fn = self._flat_composed("value_and_gradients", jit_compile)
         with self._explaining_failures(tensors):

@@ -43,6 +43,10 @@ class Stage:
     ----------
     inputs, outputs : list of str
         Graph tensor names that enter and leave the stage.
+    input_labels, output_labels : list of str
+        The same tensors by the caller's names where it gave one (the name a cut was given
+        by, an argument's name), by graph name otherwise; ``run_forward`` and
+        ``run_backward`` take and give dicts keyed by them.
     variables : list of tf.Variable
         The variables this stage reads (a subset of ``split.variables``).
     forward : tf.function
@@ -69,6 +73,8 @@ class Stage:
         self.index = plan.index
         self.inputs = list(plan.inputs)
         self.outputs = list(plan.outputs)
+        self.input_labels = list(self.inputs)
+        self.output_labels = list(self.outputs)
         self.variable_indices = list(plan.variable_indices)
         self.variables = [program.variables[i] for i in plan.variable_indices]
         self.input_specs = input_specs
@@ -134,6 +140,53 @@ class Stage:
             f"{len(self.outputs)} outputs, {len(self.variables)} variables, "
             f"{len(self.residual_specs)} residuals)"
         )
+
+    def set_labels(self, labels: dict[str, str]) -> None:
+        """Name inputs and outputs by ``labels`` (graph tensor -> the caller's name)."""
+        self.input_labels = [labels.get(n, n) for n in self.inputs]
+        self.output_labels = [labels.get(n, n) for n in self.outputs]
+
+    def _by_label(self, given, names: list[str], labels: list[str], what: str) -> list:
+        if not isinstance(given, dict):
+            raise GradSplitError(f"stage {self.index}'s {what} are a dict keyed by "
+                                 f"{labels}; got {type(given).__name__}.")
+        index = {**{n: i for i, n in enumerate(names)}, **{n: i for i, n in enumerate(labels)}}
+        found: list = [None] * len(names)
+        for key, value in given.items():
+            if key not in index:
+                raise GradSplitError(f"stage {self.index} has no {what[:-1]} named {key!r}; "
+                                     f"its {what} are {labels}.")
+            found[index[key]] = value
+        return found
+
+    def run_forward(self, inputs: dict, jit_compile: bool = False):
+        """Run the forward on ``inputs`` keyed by ``input_labels`` (or graph names):
+        ``(outputs keyed by output_labels, residuals)``."""
+        given = self._by_label(inputs, self.inputs, self.input_labels, "inputs")
+        missing = [label for label, v in zip(self.input_labels, given) if v is None]
+        if missing:
+            raise GradSplitError(f"stage {self.index} needs the inputs {missing} too; it "
+                                 f"reads {self.input_labels}.")
+        tensors = [tf.convert_to_tensor(v, s.dtype) for v, s in zip(given, self.input_specs)]
+        outputs, residuals = self.callers(jit_compile)[0](*tensors)
+        return dict(zip(self.output_labels, outputs)), list(residuals)
+
+    def run_backward(self, residuals: Sequence, cotangents: dict, jit_compile: bool = False):
+        """Run the VJP on the forward's ``residuals`` and output cotangents keyed by
+        ``output_labels`` (an output left out gets zeros): ``(input cotangents keyed by
+        input_labels, variable gradients aligned with variables)``."""
+        given = self._by_label(cotangents, self.outputs, self.output_labels, "outputs")
+        cots = []
+        for value, spec in zip(given, self.output_specs):
+            if value is None:
+                shape = [0 if d is None else d for d in spec.shape] if spec.shape.rank else []
+                if not spec.shape.is_fully_defined():
+                    raise GradSplitError(f"stage {self.index}: give a cotangent for every "
+                                         "output of unknown shape.")
+                value = tf.zeros(shape, spec.dtype)
+            cots.append(tf.convert_to_tensor(value, spec.dtype))
+        input_cots, grads = self.callers(jit_compile)[1](*residuals, *cots)
+        return dict(zip(self.input_labels, input_cots)), list(grads)
 
     def _forward_body(self, *inputs, variables=None):
         return self.emit_forward(inputs, f"stage{self.index}.forward", variables)

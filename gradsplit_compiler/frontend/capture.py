@@ -114,7 +114,39 @@ def _reason(exc: Exception) -> str:
 
 
 def capture(fn: Any, input_signature: Sequence, training: bool | None = None) -> Program:
-    """Trace ``fn`` with ``input_signature`` and return the un-cut ``Program``."""
+    """Trace ``fn`` with ``input_signature`` and return the un-cut ``Program`` (``gsc.capture``).
+
+    Parameters
+    ----------
+    fn : tf.function, callable or keras.Model
+        As for ``gsc.split``; traced once.
+    input_signature : list of tf.TensorSpec
+    training : bool, optional
+        When ``fn`` is a ``keras.Model``, the ``training`` flag it is called with.
+
+    Returns
+    -------
+    Program
+        ``graph`` (the IR: every op of the trace, nested ``tf.function`` calls not yet
+        inlined, each op's output dtypes and static shapes), ``arg_names``, ``output_names``,
+        ``variables`` (the variables ``fn`` reads, themselves) and ``library``. Edit it with
+        ``gradsplit_compiler.ir.edit``, cut it with ``gsc.split(program, cuts=...)``, run it
+        with ``gsc.to_function(program)``; ``docs/passes.md`` is the tutorial.
+
+    Raises
+    ------
+    GradSplitError
+        When ``fn`` cannot be traced with ``input_signature``, or returns something other
+        than tensors.
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> import gradsplit_compiler as gsc
+    >>> program = gsc.capture(lambda x: tf.reduce_sum(tf.tanh(x)), [tf.TensorSpec([None])])
+    >>> sorted(program.graph.nodes[n]["op"] for n in program.graph)
+    ['Const', 'Identity', 'Placeholder', 'Sum', 'Tanh']
+    """
     specs = check_signature(input_signature)
     tf_fn, models = as_tf_function(fn, training)
     try:

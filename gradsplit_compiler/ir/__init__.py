@@ -3,7 +3,9 @@
 Every other layer reads this one; it reads only ``gradsplit_compiler.errors`` and
 ``gradsplit_compiler._tf_internal``. ``gradsplit_compiler.ir.graph`` documents the graph's
 node, edge and graph attributes; ``gradsplit_compiler.ir.program`` the ``Program`` that
-passes receive and return; ``gradsplit_compiler.ir.names`` the names of tensors and marks.
+passes receive and return; ``gradsplit_compiler.ir.names`` the names of tensors and marks;
+``gradsplit_compiler.ir.edit`` the helpers a pass uses to find, build, rewire and check
+nodes.
 
 The names of ``ir.graph`` are loaded on first use: ``ir.graph`` imports TensorFlow, and
 ``ir.names`` (which drawing and ``gradsplit --help`` read) must not.

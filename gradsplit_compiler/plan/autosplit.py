@@ -71,9 +71,8 @@ import numpy as np
 
 import passes
 from gradsplit_compiler import ir
-from gradsplit_compiler.core.split import Split
+from gradsplit_compiler.core.split import Split, program_of
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import READ_ONLY_RESOURCE_OPS, Program
 from gradsplit_compiler.plan import costs as _costs
 from gradsplit_compiler.util import collector_paused, format_bytes
@@ -394,6 +393,12 @@ def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
     # with no float tensor read later cannot end one.
     bad_end = np.ones(m, bool)
     bad_end[t_group_arr[t_float_arr]] = False
+    offered = [i for i, name in enumerate(names)
+               if program.graph.nodes[name].get("cut_candidate")]
+    if offered:  # a pass offered places to cut (ir.edit.offer_cut): only after those
+        allowed = np.zeros(m, bool)
+        allowed[[group_of[i] for i in offered if group_of[i] >= 0]] = True
+        bad_end |= ~allowed
     bad_end[m - 1] = False
     ptr = np.zeros(len(cons) + 1, np.int64)
     ptr[1:] = np.cumsum([len(c) for c in cons])
@@ -999,7 +1004,7 @@ def baseline_plan(program: Program, num_stages: int, by: str, *,
 # -- the entry point -----------------------------------------------------------------------------
 
 
-def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
+def auto_split(fn: Any, input_signature: Sequence | None, num_stages: int, *,
                batch_size: int | None = None, memory_limit: float | None = None,
                microbatches: int | None = None, training: bool | None = None,
                eps: float = 0.03, polish: bool = True,
@@ -1009,7 +1014,9 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     Parameters
     ----------
     fn, input_signature, training
-        As for ``gsc.split``.
+        As for ``gsc.split``: ``fn`` may be a ``gsc.Program`` (``input_signature`` then
+        ``None``). When some of its ops carry the node attribute ``cut_candidate``
+        (``gradsplit_compiler.ir.edit.offer_cut``), cuts go only right after those ops.
     num_stages : int
         How many stages (at least 2).
     batch_size : int, optional
@@ -1043,8 +1050,10 @@ def auto_split(fn: Any, input_signature: Sequence, num_stages: int, *,
     model = cost_model or _costs.DEFAULT_MODEL
     # One trace: the analysis phase, then the cutting phase, as split() runs them.
     with collector_paused():
-        program = capture(fn, input_signature, training=training)
+        program = program_of(fn, input_signature, training)
         program = passes.run(program, "analysis")
+        if any(nx.get_node_attributes(program.graph, "cut_candidate").values()):
+            polish = False  # a minimum cut would move the cuts off the offered ops
         plan = plan_partition(program, num_stages, batch_size=batch_size,
                               memory_limit=memory_limit, microbatches=microbatches, eps=eps,
                               polish=polish, model=model)

@@ -15,6 +15,7 @@ timeline and the memory counts is a ``StepRecord``.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from gradsplit_compiler.core.compose import GradientTotals, sum_in_order
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.run.devices import StageRunner, is_remote, same_device
 from gradsplit_compiler.run.faults import (
+    GRACE_AFTER_FAILURE,
     RESTART,
     action_failure,
     blame,
@@ -174,6 +176,7 @@ class StepRun:
 
     def execute(self) -> None:
         self.start = time.perf_counter()
+        self.finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         threads = [
             threading.Thread(target=self._device_loop, args=(d,), daemon=True,
                              name=f"gradsplit-pipeline-device{d}")
@@ -186,10 +189,23 @@ class StepRun:
         self.probe_time = 0.0 if timeout is None else min(2.0, timeout / 4)
         deadline = None if timeout is None else time.monotonic() + timeout - self.probe_time
         try:
-            for t in threads:
-                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                if t.is_alive():  # past the deadline
-                    raise self._timed_out()
+            # Wait for every device; on a cluster, once an action has failed, only a little
+            # longer: when a task dies, calls to the other tasks can hang rather than fail.
+            done, cut_short = 0, False
+            while done < len(threads):
+                if self.errors and self.sync and not cut_short:
+                    grace = time.monotonic() + GRACE_AFTER_FAILURE
+                    deadline = grace if deadline is None else min(deadline, grace)
+                    cut_short = True
+                try:
+                    self.finished.get(timeout=None if deadline is None
+                                      else max(0.0, deadline - time.monotonic()))
+                except queue.Empty:  # past the deadline
+                    break
+                done += 1
+            if done < len(threads) and not cut_short:
+                raise self._timed_out()
+            # else: cut short, the failure is the news (blamed below)
         except BaseException:  # KeyboardInterrupt, timeout: stop the devices before leaving
             self._fail(None)
             if deadline is None:
@@ -198,6 +214,8 @@ class StepRun:
             # else: a thread stuck in a call to a dead task stays behind (a daemon); its
             # results go nowhere, since this step is abandoned.
             raise
+        if done < len(threads):
+            self._fail(None)  # the threads left behind stop at their next action
         if self.errors:
             raise blame(self.errors, self.plan.runners, self.plan.timeout,
                         self.plan.after_fault)
@@ -260,6 +278,8 @@ class StepRun:
                     self.condition.notify_all()
         except BaseException as exc:
             self._fail(action_failure(exc, action, d, runner))
+        finally:
+            self.finished.put(d)
 
     def _refresh_replicas(self, runner: StageRunner) -> None:
         """Copy the variables into this stage's replicas (each stage in its own thread, so

@@ -28,6 +28,7 @@ from gradsplit_compiler.run.devices import StageRunner, device_label, is_remote
 from gradsplit_compiler.run.schedules import Action
 
 __all__ = [
+    "GRACE_AFTER_FAILURE",
     "RESTART",
     "RESTART_AND_RESTORE",
     "action_failure",
@@ -40,6 +41,10 @@ __all__ = [
     "update_timeout_error",
     "wait_for",
 ]
+
+# Seconds a step (or an optimizer update) still waits for the other devices once one has
+# failed: when a task of a cluster dies, calls to the other tasks can hang rather than fail.
+GRACE_AFTER_FAILURE = 2.0
 
 # What a caller does after a task died: the last words of every error about one.
 RESTART = "restart the cluster, connect again and build a new pipeline"
@@ -104,8 +109,13 @@ def blame(errors: Sequence[BaseException], runners: Sequence[StageRunner],
     wait = 5.0 if timeout is None else min(5.0, timeout)
     remote_used = [d for d in used if is_remote(d)]
     # One dead task breaks this process's calls to every task, so ask the network first:
-    # a task whose port refuses connections is gone.
+    # a task whose port refuses connections is gone. A process killed a moment ago may
+    # still hold its port while the system tears it down: ask again for a little while.
+    asked_until = time.monotonic() + min(1.0, wait)
     dead = [d for d in remote_used if refuses_connections(d)]
+    while not dead and time.monotonic() < asked_until:
+        time.sleep(0.1)
+        dead = [d for d in remote_used if refuses_connections(d)]
     if not dead:
         dead = unreachable(remote_used, wait)
     if not dead or len(dead) == len(used):

@@ -343,7 +343,9 @@ class Pipeline:
         their stage-resident copies and nothing is updated.
 
         If any action fails, the other devices stop at their next action (one already
-        running finishes), every variable the program assigns is put back as it was before
+        running finishes; on a cluster, the step waits for it at most
+        ``faults.GRACE_AFTER_FAILURE`` = 2 s more, since a call to a task can hang once
+        another task died), every variable the program assigns is put back as it was before
         the step, and the first error is raised here, with a note naming the action. On a
         device of another process (a cluster task), a TensorFlow error becomes a
         ``GradSplitError`` naming the task, the stage and the action; so does a step that
@@ -360,6 +362,17 @@ class Pipeline:
         value = self._with_aux(value, run)
         self._last = run.record()  # none of the step's tensors
         return value, grads
+
+    def _value_of(self, run: StepRun) -> Any:
+        """The step's value (with the outputs after the loss) in this process; the step's
+        record kept for the timeline (none of its tensors)."""
+        value = run.value()
+        if any(is_remote(d) for d in self.devices):
+            with tf.device(self._plan.home):
+                value = tf.identity(value)
+        value = self._with_aux(value, run)
+        self._last = run.record()
+        return value
 
     def _with_aux(self, value: tf.Tensor, run: StepRun) -> Any:
         """``value`` alone for a scalar ``fn``; else ``fn``'s output structure, the loss
@@ -382,13 +395,7 @@ class Pipeline:
         if self._training is None and not self._shares_state:
             for idx, device in self._copied_back:
                 self.split.variables[idx].assign(self._replicas[(idx, device)])
-        value = run.value()
-        if any(is_remote(d) for d in self.devices):
-            with tf.device(self._plan.home):
-                value = tf.identity(value)
-        value = self._with_aux(value, run)
-        self._last = run.record()
-        return value
+        return self._value_of(run)
 
     def train_step(self, *args) -> tf.Tensor:
         """One training step over a whole batch; returns the loss (the full-batch value).
@@ -419,13 +426,7 @@ class Pipeline:
             raise
         if outcome == "skipped":
             restore()
-        value = run.value()
-        if any(is_remote(d) for d in self.devices):
-            with tf.device(self._plan.home):
-                value = tf.identity(value)
-        value = self._with_aux(value, run)
-        self._last = run.record()
-        return value
+        return self._value_of(run)
 
     def _run_schedule(self, args: Sequence, caller: str, forward_only: bool = False):
         """Run the schedule on ``args`` (or its forwards alone): the finished ``StepRun`` and

@@ -57,6 +57,7 @@ from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import default_device, device_label, is_remote, keep_alive
 from gradsplit_compiler.run.faults import (
+    GRACE_AFTER_FAILURE,
     RESTART_AND_RESTORE,
     blame,
     task_failure,
@@ -70,8 +71,6 @@ __all__ = ["NONFINITE_ACTIONS", "DeviceState", "LossScale", "TrainingState", "ch
 NONFINITE_ACTIONS = ("raise", "skip")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
 _LOSS_SCALE = "loss_scale"
-# Seconds the update still waits for the other devices once one has failed.
-_GRACE_AFTER_FAILURE = 2.0
 
 
 def checkpoint_names(variables: Sequence[Any]) -> list[str]:
@@ -185,6 +184,7 @@ class TrainingState:
             self._create(state, config)
         self.skipped_steps = 0
         self._learning_rate: float | None = None
+        self._written: list[tuple[tf.Variable, str]] | None = None
         # Checkpoint files are read and written by this process (see the module docstring).
         self._io = tf.train.CheckpointOptions(experimental_io_device=default_device())
 
@@ -242,10 +242,13 @@ class TrainingState:
         return next(s for s in self.states if s.device == device)
 
     def written_copies(self) -> list[tuple[tf.Variable, str]]:
-        """The copies the program assigns, with their devices."""
-        written = set(self.split.program.written_variables())
-        return [(copy, s.device) for s in self.states for i, copy in s.copies.items()
-                if i in written]
+        """The copies the program assigns, with their devices (found once: the program
+        does not change)."""
+        if self._written is None:
+            written = set(self.split.program.written_variables())
+            self._written = [(copy, s.device) for s in self.states
+                             for i, copy in s.copies.items() if i in written]
+        return list(self._written)
 
     # -- one update ------------------------------------------------------------------------
 
@@ -286,10 +289,33 @@ class TrainingState:
             totals = gather(state)
             return totals, report(state, totals)
 
-        results = self._on_devices(gather_and_report, self.states,
-                                   "summing the gradients", runners)
-        norms = [norm for _, (norm, _) in results]
         dynamic = self.loss_scale.value if self.loss_scale is not None else 1.0
+        if len(self.states) == 1 and self.states[0].optimizer is not None:
+            # One device holds every variable: the check, the clipping and the update in one
+            # program, with no round trip to this process in between.
+            def gather_and_apply(state):
+                totals = gather(state)
+                fn = state.functions.get("fused")
+                if fn is None:
+                    fn = state.functions["fused"] = self._function(
+                        state, self._fused_body(state))
+                scalars = tf.constant([dynamic, self.seed_scale], tf.float64)
+                count("scalars", scalars, None)
+                with tf.device(state.device):
+                    _, finite = fn([totals[i] for i in state.trainable], scalars)
+                count("scalars", finite, None)
+                return totals, (0.0, bool(finite))
+
+            results = self._on_devices(gather_and_apply, self.states,
+                                       "applying the optimizer", runners)
+            if results[0][1][1]:
+                if self.loss_scale is not None:
+                    self.loss_scale.after_step(finite=True)
+                return None
+        else:
+            results = self._on_devices(gather_and_report, self.states,
+                                       "summing the gradients", runners)
+        norms = [norm for _, (norm, _) in results]
         if not all(finite for _, (_, finite) in results):
             if self.loss_scale is not None:  # as Keras: skip the step, halve the scale
                 self.loss_scale.after_step(finite=False)
@@ -356,7 +382,7 @@ class TrainingState:
         cut_short = False
         while len(done) < len(threads):
             if errors and not cut_short:
-                grace = time.monotonic() + _GRACE_AFTER_FAILURE
+                grace = time.monotonic() + GRACE_AFTER_FAILURE
                 deadline = grace if deadline is None else min(deadline, grace)
                 cut_short = True
             try:
@@ -391,6 +417,28 @@ class TrainingState:
             if clip:
                 grads = [g * tf.cast(scalars[1], g.dtype) for g in grads]
             optimizer.apply(grads, variables)
+        return body
+
+    def _fused_body(self, state: DeviceState):
+        """``report`` and ``_apply_body`` in one program, for a single device: the update
+        runs only if every gradient is finite; the clipping factor is computed as the
+        caller computes it from the reported norms (float64)."""
+        apply = self._apply_body(state)
+        clip = self.clip_global_norm
+
+        def body(grads, scalars):  # scalars: the dynamic loss scale, the seed's whole scale
+            norm_sq, finite = _norm_and_finite(grads)
+            factor = tf.constant(1.0, tf.float64)
+            if clip is not None:
+                global_norm = tf.sqrt(norm_sq) / scalars[1]
+                factor = clip / tf.maximum(global_norm, clip)
+
+            def update():
+                apply(grads, tf.stack([scalars[0], factor]))
+                return tf.constant(True)
+
+            tf.cond(finite, update, lambda: tf.constant(False))
+            return norm_sq, finite
         return body
 
     def _function(self, state: DeviceState, body):

@@ -224,3 +224,45 @@ def test_input_layer_of_a_model_input_is_its_input_layer():
     _, outer = _keras_models()
     layer = _tf_internal.input_layer_of(outer.inputs[0])
     assert layer.name == "x" and type(layer).__name__ == "InputLayer"
+
+
+def test_op_def_is_the_registered_definition_or_none():
+    check = _tf_internal.op_def("CheckNumerics")
+    assert [a.name for a in check.input_arg] == ["tensor"]
+    assert {a.name for a in check.attr} == {"T", "message"}
+    assert _tf_internal.op_def("NoSuchOpAnywhere") is None
+
+
+def test_eager_function_names_grow_when_a_function_is_called():
+    before = _tf_internal.eager_function_names()
+    f = tf.function(lambda x: x * 3.0)
+    f(tf.constant(1.0))
+    assert _tf_internal.eager_function_names() - before
+
+
+def test_a_variable_read_through_its_handle_is_watched_once_recorded():
+    v = tf.Variable(2.0)
+
+    def body(record):
+        def f():
+            if record:
+                _tf_internal.record_variable_read(v)
+            handle = _tf_internal.capture_in_current_graph(v.handle)
+            return tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32) ** 2
+        return tf.function(f, autograph=False)
+
+    for record, expected in ((False, None), (True, 4.0)):
+        with tf.GradientTape() as tape:
+            value = body(record)()
+        grad = tape.gradient(value, v)
+        assert (grad is None) if expected is None else float(grad) == expected
+
+
+def test_copy_handle_data_gives_a_resource_the_variables_dtype_and_shape():
+    with tf.Graph().as_default():
+        source = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[2, 3])
+        bare = tf.compat.v1.placeholder(tf.resource)
+        before = tf.raw_ops.ReadVariableOp(resource=bare, dtype=tf.float32).shape
+        _tf_internal.copy_handle_data(source, bare)
+        after = tf.raw_ops.ReadVariableOp(resource=bare, dtype=tf.float32).shape
+    assert before.rank is None and after.as_list() == [2, 3]

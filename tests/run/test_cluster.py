@@ -22,6 +22,7 @@ from gradsplit_compiler.run.cluster import LocalCluster, task_devices
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 TOL = 1e-12
+FAULT_TIMEOUT = 60  # the pipelines' timeout= in cluster_driver.fault
 
 
 def _alive(pid: int) -> bool:
@@ -164,24 +165,48 @@ def test_pipeline_on_cluster_equals_the_tape_at_every_step(workers):
         assert run["variables_unchanged"], run
 
 
-def test_worker_killed_or_hung_mid_step_then_restarted_cluster():
-    result = _drive("fault", timeout=150)
-    killed, stopped = result["killed"], result["stopped"]
-    # SIGKILL during stage 1's forward on task 1
-    assert killed["raised"] == "GradSplitError", killed
-    assert "task 1 " in killed["message"] and "stage 1" in killed["message"], killed
-    assert killed["seconds"] < 20, killed
-    assert killed["variables_unchanged"]
+def test_workers_killed_or_frozen_mid_step_keep_the_variables_and_are_named():
+    """Task 0 and task 1 (both worker processes: the client is job ``localhost``, outside
+    the spec) killed with SIGKILL during a forward and during a backward, each on a cluster
+    of its own, on a program whose stages assign variables (running statistics, a count).
+    The step raises a ``GradSplitError`` naming the task and its stage, long before the
+    pipeline's timeout (it was detected, not waited out), and every variable holds the value
+    it had before the step, also those that the program had assigned when the task died."""
+    result = _drive("fault", timeout=400)
+    kills = result["kills"]
+    assert {(k["kind"], k["stage"]) for k in kills} == {
+        (kind, task) for kind in "FB" for task in (0, 1)}
+    assert {k["jit_compile"] for k in kills} == {True, False}
+    for kill in kills:
+        task = kill["stage"]  # stage k runs on task k
+        assert kill["a_step_assigns"], kill  # a step does change them, so the check can fail
+        assert kill["killed"] and kill["raised"] == "GradSplitError", kill
+        assert f"task {task} " in kill["message"], kill
+        assert f"stage {task}" in kill["message"], kill
+        assert "within timeout" not in kill["message"], kill
+        assert "failed while running" in kill["message"], kill  # the action that failed
+        # The README says "within a few seconds"; under load, well under the timeout (60 s)
+        # is what can be asserted: the failure was detected, not timed out.
+        assert kill["after_kill"] < FAULT_TIMEOUT / 2, kill
+        assert kill["variables_unchanged"], kill
+        if not kill["jit_compile"]:
+            # graph functions assign the variables themselves (no replica on the task): the
+            # step had changed them when the task died, and put them back
+            assert kill["assigned_before_kill"], kill
     # SIGSTOP: the task hangs; the pipeline's timeout (8 s) gives up and names it
+    stopped = result["stopped"]
     assert stopped["raised"] == "GradSplitError", stopped
-    assert "timeout=8" in stopped["message"], stopped
-    assert "the pipeline step did not finish within timeout=" in stopped["message"], stopped
+    message = stopped["message"]
+    assert "the pipeline step did not finish within timeout=" in message, stopped
+    assert "timeout=8 s" in message and "A worker that died or stopped" in message, stopped
     assert "task 1 " in stopped["message"] and "stage 1" in stopped["message"], stopped
-    assert 7.5 < stopped["seconds"] < 12, stopped
-    assert stopped["variables_unchanged"]
-    # after reconnecting, the same argument tensors as before (scale and shift, given whole
-    # to every micro-batch, keep copies on the dead tasks): today TensorFlow fails on them;
-    # whatever happens, it is a GradSplitError and the variables are untouched
+    assert 7.5 < stopped["seconds"] < 8 + FAULT_TIMEOUT / 2, stopped
+    assert stopped["variables_unchanged"], stopped
+    # resumed (SIGCONT), the task answers again: a step runs and assigns as before
+    assert result["resumed"]["a_step_assigns"]
+    # after reconnecting, the same argument tensors as before (scale, given whole to every
+    # micro-batch, keeps copies on the dead tasks): today TensorFlow fails on them; whatever
+    # happens, it is a GradSplitError and the variables are untouched
     reused = result["reused_arguments"]
     assert reused["raised"] in (None, "GradSplitError"), reused
     assert reused["variables_unchanged"]

@@ -27,6 +27,7 @@ DRIVER = Path(__file__).with_name("training_driver.py")
 TRAIN_TOL = 1e-10
 RESUME_TOL = 1e-12
 WIDTH = 8
+PIPELINE_TIMEOUT = 60  # training_driver.resume's timeout= (but for the frozen task's 12 s)
 
 
 def _drive(scenario: str, timeout: float = 600) -> dict:
@@ -82,7 +83,9 @@ def test_workers_killed_or_frozen_mid_training_then_resumed_from_a_checkpoint():
     assert "task 2 " in killed["message"] and "stage 2" in killed["message"], killed
     assert "no longer answers (it died or stopped answering)" in killed["message"]
     assert "restore its last checkpoint (pipeline.restore)" in killed["message"]
-    assert killed["seconds"] < 20, killed
+    # detected, not waited out: well under the pipeline's timeout (60 s), even under load
+    assert killed["seconds"] < PIPELINE_TIMEOUT / 2, killed
+    assert "within timeout" not in killed["message"], killed
     assert killed["user_variables_untouched"], killed
     # checkpoints every 3 steps, into the client's own memory filesystem (ram://): the
     # client wrote every shard, also those of copies held on the tasks
@@ -107,7 +110,8 @@ def test_workers_killed_or_frozen_mid_training_then_resumed_from_a_checkpoint():
     killed = result["killed_in_update"]
     assert killed["raised"] == "GradSplitError", killed
     assert "task 3 " in killed["message"] and "stage 3" in killed["message"], killed
-    assert killed["seconds"] < 20, killed
+    assert killed["seconds"] < PIPELINE_TIMEOUT / 2, killed
+    assert "within timeout" not in killed["message"], killed
 
 
 def test_a_checkpoint_in_a_memory_filesystem_restores_by_its_prefix():

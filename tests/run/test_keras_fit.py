@@ -390,6 +390,23 @@ def test_something_other_than_a_keras_model_is_refused():
         PipelineModel(lambda x: x, cuts=["d1"])
 
 
+def test_a_batch_size_that_microbatches_do_not_divide_is_refused_before_training():
+    _, inner = twins(mlp, seed=16)
+    piped = PipelineModel(inner, cuts=["d2"], microbatches=4, devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = data(20, (6,), (3,), seed=17)
+    before = [v.numpy() for v in inner.weights]
+    with pytest.raises(GradSplitError, match=r"fit's batches have 10 examples, which "
+                       r"microbatches=4 does not divide into equal micro-batches; use a "
+                       r"batch_size that is a multiple of 4 \(e\.g\. 8 or 12\)\. Only the "
+                       r"last batch of an epoch may be smaller: it runs with the largest "
+                       r"micro-batch count that divides it\."):
+        piped.fit(x, y, batch_size=10, epochs=1, verbose=0)
+    assert piped.pipelines == []  # nothing was built, nothing trained
+    for v, b in zip(inner.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
 def test_compile_without_a_loss_is_refused():
     with pytest.raises(GradSplitError, match="compile needs a loss \\(e.g. loss='mse'\\)"):
         PipelineModel(mlp(), cuts=["d2"]).compile(optimizer="sgd")

@@ -31,3 +31,18 @@ def test_the_benchmark_measures_and_writes_its_report(tmp_path):
     assert set(cuts[0][1]) == {"mono", "ours", "jacobian", "per_scalar"}
     assert np.isclose(cuts[0][1]["mono"], 1.0)
     assert "| 16 |" in text and "MLP" in text
+
+
+def test_a_run_of_some_figures_replaces_only_their_sections():
+    bench = _bench()
+    previous = ("# Benchmarks\n\nMade by `python tools/bench.py` on 2026-01-01.\n\n"
+                "Machine: x.\n\n## 1-2. Speed\n\nold speed\n\n## 5. Cut size\n\nold cut\n\n"
+                "## 6. Cluster\n\nold cluster\n")
+    new = "# Benchmarks\n\nMade by `x` on 2026-02-02.\n\n## 5. Cut size\n\nnew cut\n"
+    merged = bench.merge_report(previous, new, "python tools/bench.py --only 5")
+    assert "old speed" in merged and "old cluster" in merged and "new cut" in merged
+    assert "old cut" not in merged
+    assert merged.index("## 1-2.") < merged.index("## 5.") < merged.index("## 6.")
+    assert "Made by `python tools/bench.py` on 2026-01-01." in merged
+    assert "Section 5 made again by `python tools/bench.py --only 5`" in merged
+    assert bench.merge_report(merged, new, "python tools/bench.py --only 5") == merged
