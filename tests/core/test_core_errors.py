@@ -172,11 +172,6 @@ def test_cut_at_an_argument_is_refused(case):
     assert "'x'" in message or "x:0" in message
 
 
-def test_empty_cut_list_is_refused(case):
-    message = _raises(case, _split_with(case, []))
-    assert "cut" in message
-
-
 # -- control flow bodies -----------------------------------------------------------------------
 
 

@@ -188,7 +188,6 @@ CORPUS = [
     Bad("stage_left_empty", _cut("h2", "h2_again"), ("'h2_again'", "empty")),
     Bad("cut_at_the_output", lambda p: p.split_fn([p.names["out"]]), ("empty",)),
     Bad("cut_at_an_argument", lambda p: p.split_fn([p.names["x"]]), ("x:0", "input of fn")),
-    Bad("no_cuts", _cut(), ("cuts", "non-empty")),
     Bad("empty_cut", _cut([]), ("cut 0", "empty")),
     # -- what cuts is --------------------------------------------------------------------------
     Bad("cuts_a_string", lambda p: p.split_fn("h1"), ("cuts must be a list", "'h1'")),

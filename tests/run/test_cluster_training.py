@@ -63,7 +63,7 @@ def test_train_steps_on_four_workers_equal_the_optimizer_on_tape_gradients():
         # gradients travel only for the tied variable, once each way between its devices
         assert moved["gradients"] == 2 * result["tied_bytes"], moved
         assert moved["results"] == 4 * 8, moved  # the four micro-batch losses
-        assert 0 < moved["scalars"] <= 64, moved
+        assert 0 < moved["scalars"] <= 4 * (8 + 1 + 16), moved  # per device: norm, flag; scales
     clipped = next(r for r in runs if r["clip"])
     assert clipped["clipped_steps"] >= 10, clipped
     # a variable the program assigns (a running mean) lives on its stage's task
