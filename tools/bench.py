@@ -19,6 +19,10 @@ docs/bench_cut_size.png (figure 5).
 7. Training steps: ``pipeline.step`` plus the caller's optimizer, against ``train_step``
    (variables and optimizers resident on the stages), in one process (4 logical CPUs) and
    on 4 worker processes, over one XLA program doing forward, backward and the optimizer.
+8. ``PipelineModel.fit`` per step against plain ``model.fit(jit_compile=True)``, with one
+   stage (the pipeline's own cost) and with four.
+9. Schedules: the simulator's idle share against each schedule's formula, then predicted
+   against measured step time, idle share and peak residual bytes on 4 logical CPUs.
 """
 
 from __future__ import annotations
@@ -896,7 +900,145 @@ cores the four stages cannot overlap, so the other rows measure what the pipelin
 not what it buys."""
 
 
-ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
+SCHEDULES_NOTE = """\
+*Reading it.* The first table needs no measurement: every forward, `B` and `W` takes one
+unit (a fused backward two), and the idle share is the simulator's against the formula of
+each schedule's paper, `(K-1)/(M+K-1)` for GPipe and 1F1B, `(K-1)/(3M+K-1)` for ZB-H1 and
+`(K-1)/(vM+K-1)` for interleaved 1F1B with `v` stages per device. The second runs each
+schedule on 4 logical CPUs that share 2 cores, so the stages cannot really overlap: the
+measured idle share is what the timeline shows (a device waiting for another, or for a
+core), and the prediction is the simulator's from the same step's own action times and
+wake-up latency (`Pipeline.simulate()`). Peak residual bytes are counted, not timed: the
+prediction is exact by construction of the order each device runs."""
+
+
+def chain_dependencies(num_stages: int):
+    """The stage dependencies of a chain of ``num_stages`` stages (no skip)."""
+    from gradsplit_compiler.schedules import Dependencies
+
+    return Dependencies(
+        [frozenset()] + [frozenset({k - 1}) for k in range(1, num_stages)],
+        [frozenset({k + 1}) for k in range(num_stages - 1)] + [frozenset()])
+
+
+def schedules_child(config: dict) -> dict:
+    """Figure 9's measured half in a process of its own (4 logical CPUs): per schedule and
+    micro-batch count, medians over ``repeats`` steps of the measured step span, idle share
+    and peak residual bytes, and what ``Pipeline.simulate()`` predicts from the same step."""
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 4)
+    layers, width, batch = 8, config["width"], config["batch"]
+    rng = np.random.default_rng(0)
+    weights = [tf.Variable(rng.normal(size=(width, width)) / np.sqrt(width), dtype=tf.float32)
+               for _ in range(layers)]
+
+    def chain(per_stage: int):
+        def fn(x, y):
+            h = x
+            for i, w in enumerate(weights):
+                h = tf.tanh(h @ w)
+                if (i + 1) % per_stage == 0 and i + 1 < layers:
+                    h = gsc.mark(h, f"c{i}")
+            return tf.reduce_mean(tf.square(h - y))
+        return fn
+
+    spec = tf.TensorSpec([None, width], tf.float32)
+    four = gsc.split(chain(2), [spec, spec], cuts=["c1", "c3", "c5"])
+    eight = gsc.split(chain(1), [spec, spec], cuts=[f"c{i}" for i in range(7)])
+    devices = [f"/CPU:{d}" for d in range(4)]
+    x = tf.constant(rng.normal(size=(batch, width)), tf.float32)
+    y = tf.constant(rng.normal(size=(batch, width)), tf.float32)
+    rows = []
+    for m in config["microbatches"]:
+        for name in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
+            split, on = (eight, devices * 2) if name == "interleaved-1f1b" else (four, devices)
+            pipe = gsc.pipeline(split, m, name, on, loss_reduction="mean")
+            for _ in range(3):
+                pipe.step(x, y)
+            got = {"span": [], "idle": [], "peak": [], "p_span": [], "p_idle": [], "p_peak": []}
+            for _ in range(config["repeats"]):
+                pipe.step(x, y)
+                events = pipe.timeline()
+                got["span"].append(max(e.end for e in events) - min(e.start for e in events))
+                got["idle"].append(pipe.idle_fraction().measured)
+                got["peak"].append(max(pipe.peak_live_residual_bytes))
+                sim = pipe.simulate()
+                got["p_span"].append(sim.step_time)
+                got["p_idle"].append(float(np.mean(sim.idle)))
+                got["p_peak"].append(max(sim.peak_live_bytes))
+            row = {"schedule": name, "m": m, "stages": len(split.stages),
+                   **{k: float(np.median(v)) for k, v in got.items()}}
+            rows.append(row)
+            log(f"[9] {name} M={m}: span {row['span'] * 1e3:.1f} ms (predicted "
+                f"{row['p_span'] * 1e3:.1f}), idle {row['idle']:.2f} (predicted "
+                f"{row['p_idle']:.2f}), peak {row['peak']:.0f} B (predicted {row['p_peak']:.0f})")
+    return {"rows": rows}
+
+
+def schedule_idle_rows(k: int, v: int, microbatches) -> list[tuple[str, str, list]]:
+    """Per built-in schedule on ``k`` devices (interleaved: ``v`` stages per device): the
+    literature's idle-share formula and, per micro-batch count, ``(simulated, formula)``
+    with equal-time actions."""
+    from gradsplit_compiler.schedules import builtin_schedule, ideal_idle_fraction
+
+    formulas = {
+        "gpipe": ("(K-1)/(M+K-1)", lambda m: (k - 1) / (m + k - 1)),
+        "1f1b": ("(K-1)/(M+K-1)", lambda m: (k - 1) / (m + k - 1)),
+        "zb-h1": ("(K-1)/(3M+K-1)", lambda m: (k - 1) / (3 * m + k - 1)),
+        "interleaved-1f1b": ("(K-1)/(vM+K-1)", lambda m: (k - 1) / (v * m + k - 1)),
+    }
+    devices = [f"/CPU:{d}" for d in range(k)]
+    rows = []
+    for name, (text, formula) in formulas.items():
+        stages = k * v if name == "interleaved-1f1b" else k
+        cells = [(ideal_idle_fraction(builtin_schedule(name, stages, m,
+                                                       devices * (stages // k)),
+                                      chain_dependencies(stages)), formula(m))
+                 for m in microbatches]
+        rows.append((name, text, cells))
+    return rows
+
+
+def figure_schedules(quick: bool) -> str:
+    """9. Schedules: simulated idle share against the literature's formulas, then predicted
+    against measured on 4 logical CPUs. The section's markdown."""
+    k, v = 4, 2
+    table = [
+        "\n## 9. Schedules: the simulator against the literature and against a run\n",
+        f"Idle share of the devices in one step, K = {k} devices, equal-time actions "
+        f"(simulated, and the formula; interleaved 1F1B with v = {v} stages per device).\n",
+        "| schedule | formula | M = 4 | M = 8 | M = 16 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, text, cells in schedule_idle_rows(k, v, (4, 8, 16)):
+        table.append(f"| {name} | `{text}` | " + " | ".join(
+            f"{simulated:.3f} ({formula:.3f})" for simulated, formula in cells) + " |")
+    config = ({"width": 128, "batch": 32, "microbatches": [4], "repeats": 3} if quick else
+              {"width": 512, "batch": 256, "microbatches": [4, 8], "repeats": 7})
+    got = run_child("--schedules-child", config, 9)
+    if got is not None:
+        table += [
+            "",
+            f"Measured on 4 logical CPUs (2 cores): a chain of 8 dense tanh layers "
+            f"{config['width']} wide, float32, batch {config['batch']}, 4 stages of 2 layers "
+            "(interleaved: 8 stages of one layer, two per device); medians of "
+            f"{config['repeats']} steps after warm-up; the prediction from the same step.\n",
+            "| schedule | M | step ms | predicted | idle | predicted | peak residual bytes "
+            "| predicted |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in got["rows"]:
+            table.append(
+                f"| {r['schedule']} | {r['m']} | {r['span'] * 1e3:.1f} | "
+                f"{r['p_span'] * 1e3:.1f} ({r['p_span'] / r['span']:.2f}x) | {r['idle']:.2f} | "
+                f"{r['p_idle']:.2f} | {r['peak']:,.0f} | {r['p_peak']:,.0f} |")
+    text = "\n".join(table) + "\n\n" + SCHEDULES_NOTE + "\n"
+    log(text)
+    return text
+
+
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 def main(argv=None) -> int:
@@ -908,7 +1050,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
     parser.add_argument("--keras-child", help=argparse.SUPPRESS)
+    parser.add_argument("--schedules-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.schedules_child:  # figure 9's subprocess
+        import json
+
+        print("RESULT " + json.dumps(schedules_child(json.loads(args.schedules_child))),
+              flush=True)
+        return 0
     if args.keras_child:  # figure 8's subprocess
         import json
 
@@ -949,6 +1098,9 @@ def main(argv=None) -> int:
     if 8 in args.only:
         with open(out, "a") as f:
             f.write(figure_keras(args.quick))
+    if 9 in args.only:
+        with open(out, "a") as f:
+            f.write(figure_schedules(args.quick))
     if previous is not None and set(args.only) != set(ALL_FIGURES):
         out.write_text(merge_report(previous, out.read_text(), command.strip()))
     log(f"wrote {out}")

@@ -46,3 +46,13 @@ def test_a_run_of_some_figures_replaces_only_their_sections():
     assert "Made by `python tools/bench.py` on 2026-01-01." in merged
     assert "Section 5 made again by `python tools/bench.py --only 5`" in merged
     assert bench.merge_report(merged, new, "python tools/bench.py --only 5") == merged
+
+
+def test_each_schedules_simulated_idle_share_is_its_papers_formula():
+    """Figure 9's first table: with equal-time actions the simulator gives GPipe's and
+    1F1B's (K-1)/(M+K-1), ZB-H1's (K-1)/(3M+K-1) and interleaved 1F1B's (K-1)/(vM+K-1)."""
+    rows = _bench().schedule_idle_rows(4, 2, (4, 8, 16))
+    assert [name for name, _, _ in rows] == ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"]
+    for name, _, cells in rows:
+        for simulated, formula in cells:
+            assert abs(simulated - formula) < 1e-12, name
