@@ -1015,7 +1015,7 @@ def figure_schedules(quick: bool) -> str:
         table.append(f"| {name} | `{text}` | " + " | ".join(
             f"{simulated:.3f} ({formula:.3f})" for simulated, formula in cells) + " |")
     config = ({"width": 128, "batch": 32, "microbatches": [4], "repeats": 3} if quick else
-              {"width": 512, "batch": 256, "microbatches": [4, 8], "repeats": 7})
+              {"width": 512, "batch": 256, "microbatches": [4, 8, 16], "repeats": 7})
     got = run_child("--schedules-child", config, 9)
     if got is not None:
         table += [
