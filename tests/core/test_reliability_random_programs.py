@@ -30,7 +30,7 @@ from random_programs import (
 import gradsplit_compiler as gsc
 
 GRAPH_SHARDS = 4
-GRAPH_EXAMPLES = 30  # per shard: 120 in all (--slow: 1,200)
+GRAPH_EXAMPLES = 20  # per shard: 80 in all (--slow: 800)
 XLA_SHARDS = 2
 XLA_EXAMPLES = 10  # per shard: 20 in all
 XLA_NONE_BATCH_SHARDS = 2
