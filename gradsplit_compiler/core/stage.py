@@ -225,25 +225,11 @@ class Stage:
                       variables: Sequence | None = None, vjp: StageVJP | None = None):
         """Emit the VJP: ``(input_cotangents, variable_grads)``."""
         vjp = vjp or self._vjp
-        residuals = list(residuals)
-        for i, as_list in vjp.list_residuals.items():
-            residuals[i] = as_list.from_tensor(residuals[i])
-        input_map = dict(zip(vjp.residual_names, residuals))
-        for j, key in vjp.cotangent_keys.items():
-            input_map[key] = cotangents[j]
-        input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
+        residuals, input_map = self._backward_input_map(vjp, residuals, cotangents, variables)
         wanted = [s for s in vjp.input_gradients + vjp.variable_gradients if isinstance(s, str)]
         wanted = list(dict.fromkeys(wanted))
         got = dict(zip(wanted, emit(vjp.backward_graph_def, input_map, wanted, name)))
-
-        def resolve(source):
-            if source is None:
-                return None
-            if isinstance(source, str):
-                return got[source]
-            kind, j = source
-            return cotangents[j] if kind == "cotangent" else residuals[j]
-
+        resolve = _resolver(got, cotangents, residuals)
         input_cotangents = [resolve(s) for s in vjp.input_gradients]
         variable_grads = []
         for source, var in zip(vjp.variable_gradients, self.variables):
@@ -251,12 +237,10 @@ class Stage:
             variable_grads.append(tf.zeros(var.shape, var.dtype) if grad is None else grad)
         return input_cotangents, variable_grads
 
-    def emit_backward_input(self, residuals: Sequence[tf.Tensor], cotangents: Sequence,
-                            name: str, variables: Sequence | None = None,
-                            vjp: StageVJP | None = None):
-        """Emit B: ``(input_cotangents, carried)``."""
-        vjp = vjp or self._vjp
-        split = vjp.split_backward
+    def _backward_input_map(self, vjp: StageVJP, residuals: Sequence, cotangents: Sequence,
+                            variables: Sequence | None) -> tuple[list, dict]:
+        """The residuals (list residuals unpacked) and the input map of a backward piece:
+        residuals, cotangents and captures by their names in the traced gradient graph."""
         residuals = list(residuals)
         for i, as_list in vjp.list_residuals.items():
             residuals[i] = as_list.from_tensor(residuals[i])
@@ -264,18 +248,19 @@ class Stage:
         for j, key in vjp.cotangent_keys.items():
             input_map[key] = cotangents[j]
         input_map.update(capture_map(vjp, self._program, self._overrides(variables)))
+        return residuals, input_map
+
+    def emit_backward_input(self, residuals: Sequence[tf.Tensor], cotangents: Sequence,
+                            name: str, variables: Sequence | None = None,
+                            vjp: StageVJP | None = None):
+        """Emit B: ``(input_cotangents, carried)``."""
+        vjp = vjp or self._vjp
+        split = vjp.split_backward
+        residuals, input_map = self._backward_input_map(vjp, residuals, cotangents, variables)
         wanted = [s for s in vjp.input_gradients if isinstance(s, str)]
         wanted = list(dict.fromkeys(wanted + split.carried_names))
         got = dict(zip(wanted, emit(split.input_graph_def, input_map, wanted, name)))
-
-        def resolve(source):
-            if source is None:
-                return None
-            if isinstance(source, str):
-                return got[source]
-            kind, j = source
-            return cotangents[j] if kind == "cotangent" else residuals[j]
-
+        resolve = _resolver(got, cotangents, residuals)
         return ([resolve(s) for s in vjp.input_gradients],
                 [got[n] for n in split.carried_names])
 
@@ -621,3 +606,16 @@ class Stage:
             return False
         return any(nd.op == "FakeParam" for f in self._vjp.forward_graph_def.library.function
                    for nd in f.node_def)
+
+
+def _resolver(got: dict, cotangents: Sequence, residuals: Sequence):
+    """Where a backward output comes from: ``None``, an emitted tensor by name, or a
+    cotangent or residual passed through (``("cotangent" | "residual", index)``)."""
+    def resolve(source):
+        if source is None:
+            return None
+        if isinstance(source, str):
+            return got[source]
+        kind, j = source
+        return cotangents[j] if kind == "cotangent" else residuals[j]
+    return resolve
