@@ -629,6 +629,13 @@ def figure_cluster(quick, repeats):
 # -- figure 7: training steps ------------------------------------------------------------------
 
 
+def logical_cpus(count: int) -> None:
+    """Split this process's CPU into ``count`` logical devices (before TensorFlow starts)."""
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * count)
+
+
 def run_child(flag: str, config: dict, figure: int) -> dict | None:
     """Run this script with ``flag`` and ``config`` (JSON) in a process of its own and return
     the dict it prints on its ``RESULT`` line; ``None`` (logged) if it printed none."""
@@ -674,9 +681,7 @@ def training_child(config: dict) -> dict:
     from gradsplit_compiler.run.cluster import LocalCluster
 
     workers = config["workers"]
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * workers)
+    logical_cpus(workers)
     cluster = LocalCluster(workers)
     cluster.connect()
     make = lambda: keras.optimizers.Adam(config["learning_rate"])  # noqa: E731
@@ -813,9 +818,7 @@ def keras_child(config: dict) -> dict:
 
     from gradsplit_compiler.keras import PipelineModel
 
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * 4)
+    logical_cpus(4)
     layers, width, batch = config["layers"], config["width"], config["batch"]
 
     def build():
@@ -925,9 +928,7 @@ def schedules_child(config: dict) -> dict:
     """Figure 9's measured half in a process of its own (4 logical CPUs): per schedule and
     micro-batch count, medians over ``repeats`` steps of the measured step span, idle share
     and peak residual bytes, and what ``Pipeline.simulate()`` predicts from the same step."""
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * 4)
+    logical_cpus(4)
     layers, width, batch = 8, config["width"], config["batch"]
     rng = np.random.default_rng(0)
     weights = [tf.Variable(rng.normal(size=(width, width)) / np.sqrt(width), dtype=tf.float32)
