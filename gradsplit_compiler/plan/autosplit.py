@@ -72,6 +72,7 @@ import numpy as np
 import passes
 from gradsplit_compiler import ir
 from gradsplit_compiler.core.split import Split, program_of
+from gradsplit_compiler.core.verify import RANDOM_OPS
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import READ_ONLY_RESOURCE_OPS, Program
 from gradsplit_compiler.plan import costs as _costs
@@ -94,6 +95,13 @@ class Plan:
     to its intended stage. Costs are estimated seconds (forward + backward), bytes are at
     ``batch_size``. ``mismatches`` (filled by ``auto_split``) lists ``(op, intended stage,
     stage split chose)`` for every op ``split`` put elsewhere.
+
+    ``remat`` (one bool per stage) says which stages the plan rematerialises: chosen only
+    when no plan fits ``memory_limit`` without, and then only for the stages whose residuals
+    do not fit; ``gsc.pipeline`` of the split uses it unless told otherwise.
+    ``remat_saved`` is the bytes each such stage saves (its need without remat minus its
+    need with), ``remat_seconds`` the forward it runs again, counted in ``stage_costs``;
+    ``stage_memory`` is each stage's need as planned. ``explain()`` says all this in words.
     """
 
     num_stages: int
@@ -109,6 +117,9 @@ class Plan:
     polished: list[int] = field(default_factory=list)
     mismatches: list[tuple[str, int, int | None]] = field(default_factory=list)
     method: str = "auto"
+    remat: list[bool] = field(default_factory=list)
+    remat_saved: list[int] = field(default_factory=list)
+    remat_seconds: list[float] = field(default_factory=list)
     # (op names, members of each group in order, stage of each group): groups and stage_of
     # are built from these when asked for, not on every plan of a 100,000-op program
     _layout: Any = field(default=None, repr=False, compare=False)
@@ -135,6 +146,29 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return int(sum(self.cut_bytes))
+
+    def explain(self) -> str:
+        """The plan in words: per stage its estimated seconds and, with ``memory_limit``,
+        its bytes; the stages rematerialised, and what that saves and costs."""
+        lines = [f"{self.num_stages} stages ({self.method}), bottleneck "
+                 f"{self.bottleneck * 1e3:.3g} ms, imbalance {self.imbalance:.3f}, "
+                 f"{format_bytes(self.total_bytes)} across the cuts"]
+        for s in range(self.num_stages):
+            line = f"stage {s}: {self.stage_costs[s] * 1e3:.3g} ms"
+            if self.stage_memory:
+                line += f", {format_bytes(self.stage_memory[s])}"
+            if self.remat and self.remat[s]:
+                line += (f", rematerialised: saves {format_bytes(self.remat_saved[s])} "
+                         f"for {self.remat_seconds[s] * 1e3:.3g} ms of forward run again")
+            lines.append(line)
+        chosen = [s for s, r in enumerate(self.remat) if r]
+        lines.append(f"remat on stage{'s' if len(chosen) > 1 else ''} "
+                     f"{', '.join(map(str, chosen))}: their residuals would not fit "
+                     "memory_limit" if chosen else "no stage rematerialised")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
 
     def compare(self, split: Any) -> list[tuple[str, int, int | None]]:
         """``(op, intended, actual)`` for every op ``split`` placed in another stage."""
@@ -265,6 +299,10 @@ class _Groups:
     t_cons: np.ndarray
     var_items: list[list[tuple[int, int]]]       # per group: (variable item, bytes)
     residual_items: list[list[tuple[int, int]]]  # per group: (tensor item, bytes)
+    # per group: (argument of fn, bytes) it reads; whether a stage holding it may not run
+    # its forward twice (it assigns a variable or draws random numbers: no remat)
+    arg_items: list[list[tuple[int, int]]] = field(default_factory=list)
+    no_remat: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
@@ -406,14 +444,28 @@ def _coarsen(program: Program, ix: _Indexed, op_seconds: dict[str, float],
 
     var_items: list[list[tuple[int, int]]] = [[] for _ in range(m)]
     residual_items: list[list[tuple[int, int]]] = [[] for _ in range(m)]
+    arg_items: list[list[tuple[int, int]]] = [[] for _ in range(m)]
+    no_remat = np.zeros(m, bool)
     if with_memory:
         _memory_items(program, ix, members, excluded, inputs, read_of, var_ph, batch,
                       var_items, residual_items)
+        for gi, mem in enumerate(members):
+            seen = set()
+            for v in mem:
+                if ops[v] in RANDOM_OPS or any(u in written for u in data_pred[v]):
+                    no_remat[gi] = True
+                for u in data_pred[v]:
+                    if u in inputs and u not in seen:
+                        seen.add(u)
+                        outs = ix.outputs[u]
+                        arg_items[gi].append(
+                            (u, tensor_bytes(*outs[0], batch) if outs else 0))
     return _Groups(
         members=members, cost=cost, bad_end=bad_end, group_of=group_of,
         t_op=np.array(t_op, np.int64), t_index=np.array(t_index, np.int64),
         t_group=t_group_arr, t_bytes=np.array(t_bytes, np.float64), t_float=t_float_arr,
         t_cons_ptr=ptr, t_cons=flat, var_items=var_items, residual_items=residual_items,
+        arg_items=arg_items, no_remat=no_remat,
     )
 
 
@@ -551,6 +603,249 @@ def _stage_memory(gr: _Groups, order: np.ndarray, bounds: Sequence[int],
             residuals.update(gr.residual_items[g])
         found.append(sum(variables.values()) + in_flight[k] * sum(residuals.values()))
     return found
+
+
+# -- remat ---------------------------------------------------------------------------------------
+#
+# A stage that would not fit ``memory_limit`` with its residuals may be rematerialised: its
+# forward then keeps only its inputs (the tensors it reads from earlier stages, and the
+# arguments of fn) per micro-batch in flight, and its backward runs the forward again first,
+# so one micro-batch's residuals are alive while that backward runs. Its need is
+# ``variables + in_flight x inputs + residuals``, against ``variables + in_flight x
+# residuals`` without; the extra forward is added to the stage's time. A stage that assigns
+# a variable or draws random numbers cannot run its forward twice and is never
+# rematerialised. The inputs of a stage are not monotone in where it starts (starting just
+# after a wide tensor makes it an input), so the search in this mode takes, for each start
+# ``j``, the furthest end ``ends[j]`` (exact: the need grows with the end) and runs the
+# dynamic program over ``j < i <= ends[j]`` (``_interval_min``) rather than over a window of
+# starts.
+
+
+class _Window:
+    """A stage ``[start, end)`` of an order of the groups, moved one group at a time: its
+    variables, one micro-batch's residuals, its inputs, and whether it may be
+    rematerialised."""
+
+    def __init__(self, gr: _Groups, order: np.ndarray, reads: list[list[int]],
+                 made: list[list[int]], gpos: np.ndarray, start: int = 0):
+        self.gr, self.order, self.reads, self.made = gr, order, reads, made
+        self.producer_pos = gpos[gr.t_group] if len(gr.t_group) else np.zeros(0, np.int64)
+        self.counts: list[dict[int, int]] = [{}, {}, {}]  # variables, residuals, arguments
+        self.sums = [0.0, 0.0, 0.0]
+        self.readers = [0] * len(gr.t_group)
+        self.inputs = 0.0  # tensors made before the stage and read in it
+        self.blocked = 0
+        self.start = self.end = start
+
+    def _items(self, g: int, sign: int) -> None:
+        gr = self.gr
+        for slot, items in enumerate((gr.var_items[g], gr.residual_items[g], gr.arg_items[g])):
+            counts = self.counts[slot]
+            for item, nbytes in items:
+                before = counts.get(item, 0)
+                counts[item] = before + sign
+                if before == 0 and sign > 0:
+                    self.sums[slot] += nbytes
+                elif before == 1 and sign < 0:
+                    self.sums[slot] -= nbytes
+        self.blocked += sign * int(gr.no_remat[g])
+
+    def _read(self, g: int, sign: int) -> None:
+        readers, pos, nbytes = self.readers, self.producer_pos, self.gr.t_bytes
+        for t in self.reads[g]:
+            readers[t] += sign
+            if readers[t] == (1 if sign > 0 else 0) and pos[t] < self.start:
+                self.inputs += sign * nbytes[t]
+
+    def push(self) -> None:
+        g = int(self.order[self.end])
+        self.end += 1
+        self._items(g, 1)
+        self._read(g, 1)
+
+    def pop_end(self) -> None:
+        self.end -= 1
+        g = int(self.order[self.end])
+        self._items(g, -1)
+        self._read(g, -1)
+
+    def pop_start(self) -> None:
+        g = int(self.order[self.start])
+        self._items(g, -1)
+        self._read(g, -1)
+        self.start += 1
+        for t in self.made[g]:  # made here, read later in the stage: now an input
+            if self.readers[t] > 0:
+                self.inputs += self.gr.t_bytes[t]
+
+    def plain(self, in_flight: int) -> float:
+        return self.sums[0] + in_flight * self.sums[1]
+
+    def remat(self, in_flight: int) -> float:
+        if self.blocked:
+            return _INF
+        return self.sums[0] + in_flight * (self.inputs + self.sums[2]) + self.sums[1]
+
+    def input_bytes(self) -> float:
+        return self.inputs + self.sums[2]
+
+
+class _Remat:
+    """The planner's view of remat under ``limit`` (see above)."""
+
+    def __init__(self, gr: _Groups, ix: _Indexed, forward_seconds: dict[str, float],
+                 limit: float, in_flight: Sequence[int]):
+        self.gr, self.limit, self.in_flight = gr, limit, list(in_flight)
+        m = len(gr.members)
+        names = ix.names
+        self.forward = np.array([sum(forward_seconds.get(names[v], 0.0) for v in mem)
+                                 for mem in gr.members]) if m else np.zeros(0)
+        self.reads: list[list[int]] = [[] for _ in range(m)]
+        self.made: list[list[int]] = [[] for _ in range(m)]
+        ptr, cons = gr.t_cons_ptr, gr.t_cons
+        for t, producer in enumerate(gr.t_group.tolist()):
+            self.made[producer].append(t)
+            for reader in cons[ptr[t]:ptr[t + 1]].tolist():
+                self.reads[reader].append(t)
+
+    def window(self, order: np.ndarray, start: int = 0) -> _Window:
+        m = len(order)
+        gpos = np.empty(m, np.int64)
+        gpos[order] = np.arange(m)
+        return _Window(self.gr, order, self.reads, self.made, gpos, start)
+
+    def needs(self, order: np.ndarray, bounds: Sequence[int]) -> list[dict[str, float]]:
+        """Per stage: its need without remat (``plain``) and with (``remat``, inf when it
+        cannot be), its ``inputs``, ``variables`` and one micro-batch's ``residuals``."""
+        found = []
+        for s in range(len(bounds) - 1):
+            w = self.window(order, bounds[s])
+            while w.end < bounds[s + 1]:
+                w.push()
+            f = self.in_flight[s]
+            found.append({"plain": w.plain(f), "remat": w.remat(f), "inputs": w.input_bytes(),
+                          "variables": w.sums[0], "residuals": w.sums[1], "in_flight": f})
+        return found
+
+    def flags(self, order: np.ndarray, bounds: Sequence[int]) -> list[bool]:
+        """Remat where the stage's residuals do not fit and its inputs do."""
+        return [n["plain"] > self.limit and n["remat"] <= self.limit
+                for n in self.needs(order, bounds)]
+
+    def extra(self, order: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+        """Per stage: the seconds of the forward it runs again (0 without remat)."""
+        fwd = np.r_[0.0, np.cumsum(self.forward[order])]
+        again = np.diff(fwd[list(bounds)])
+        return np.where(self.flags(order, bounds), again, 0.0)
+
+    def reach(self, order: np.ndarray, cand: np.ndarray, in_flight: int,
+              limit: float) -> np.ndarray:
+        """For each candidate boundary ``j``: the furthest candidate ``i`` such that the stage
+        ``[j, i)`` fits ``limit`` rematerialised (``order`` and ``cand`` are those of the
+        search: remembered per limit and in-flight count)."""
+        cache = self.__dict__.setdefault("_reach_cache", {})
+        if (limit, in_flight) not in cache:
+            cache[limit, in_flight] = self._reach(order, cand, in_flight, limit)
+        return cache[limit, in_flight]
+
+    def _reach(self, order: np.ndarray, cand: np.ndarray, in_flight: int,
+               limit: float) -> np.ndarray:
+        m = len(order)
+        w = self.window(order)
+        reach_group = np.zeros(m + 1, np.int64)
+        for start in range(m + 1):
+            while w.end < m:
+                w.push()
+                if w.remat(in_flight) > limit:
+                    w.pop_end()
+                    break
+            reach_group[start] = w.end
+            if start == m:
+                break
+            if w.end > start:
+                w.pop_start()
+            else:
+                w.start = w.end = start + 1
+            while w.end > w.start and w.remat(in_flight) > limit:
+                w.pop_end()  # a later start can make more inputs: the need may grow
+        return np.searchsorted(cand, reach_group[cand], side="right") - 1
+
+
+def _interval_min(values: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``i``: the smallest ``values[j]`` over the ``j`` with ``j < i <= ends[j]``
+    (ties: the smallest ``j``), and that ``j`` (-1 where there is none). Each ``j`` lowers
+    the interval ``(j, ends[j]]`` of a sparse table (two blocks of a power of two), and the
+    table is pushed down level by level: O(n log n) in numpy."""
+    n = len(values)
+    j = np.flatnonzero((ends > np.arange(n)) & np.isfinite(values))
+    best, arg = np.full(n, _INF), np.full(n, -1, np.int64)
+    if not len(j):
+        return best, arg
+    a, b = j + 1, ends[j]
+    level = np.frexp((b - a + 1).astype(np.float64))[1] - 1
+    top = int(level.max())
+    table_v = np.full((top + 1, n), _INF)
+    table_a = np.full((top + 1, n), -1, np.int64)
+    starts = np.r_[a, b - (1 << level) + 1]
+    levels, js = np.r_[level, level], np.r_[j, j]
+    vals = values[js]
+    by = np.lexsort((js, vals, starts, levels))  # per cell the smallest value, then j
+    ls, ss = levels[by], starts[by]
+    first = by[np.r_[True, (ls[1:] != ls[:-1]) | (ss[1:] != ss[:-1])]]
+    table_v[levels[first], starts[first]] = vals[first]
+    table_a[levels[first], starts[first]] = js[first]
+    for lvl in range(top, 0, -1):
+        half = 1 << (lvl - 1)
+        parent_v, parent_a = table_v[lvl], table_a[lvl]
+        for shift in (0, half):
+            child_v, child_a = table_v[lvl - 1, shift:], table_a[lvl - 1, shift:]
+            pv, pa = parent_v[:n - shift], parent_a[:n - shift]
+            better = (pv < child_v) | ((pv == child_v) & (pa >= 0) & (
+                (child_a < 0) | (pa < child_a)))
+            child_v[better] = pv[better]
+            child_a[better] = pa[better]
+    return table_v[0], table_a[0]
+
+
+def _stage_ends(cp: np.ndarray, cpr: np.ndarray, cap: float, plain: np.ndarray | None,
+                remat: np.ndarray) -> np.ndarray:
+    """For each candidate start: the furthest candidate end of a stage under ``cap`` that
+    fits as it is (cost ``cp``, memory reach ``plain``) or rematerialised (cost ``cpr``,
+    reach ``remat``)."""
+    tol = 1e-12 * cpr[-1]
+    ends_plain = np.searchsorted(cp, cp + cap + tol, side="right") - 1
+    if plain is not None:
+        ends_plain = np.minimum(ends_plain, plain)
+    ends_remat = np.minimum(np.searchsorted(cpr, cpr + cap + tol, side="right") - 1, remat)
+    return np.maximum(ends_plain, ends_remat)
+
+
+def _fewest_bytes_ends(cp: np.ndarray, xp: np.ndarray | None, k: int,
+                       ends: Sequence[np.ndarray]) -> list[int] | None:
+    """``_fewest_bytes`` over stages given by their furthest end per start (``ends[s]``);
+    ``xp=None``: any feasible cuts."""
+    mc = len(cp)
+    idx = np.arange(mc)
+    total = float(cp[-1])
+    g = np.where((idx > 0) & (idx <= ends[0][0]), 0.0, _INF)
+    choices = []
+    for s in range(1, k):
+        if xp is None:
+            values = g.copy()
+        else:
+            share = np.abs(cp - s * total / k) / max(total, 1e-300) * (0.5 / k)
+            values = g + xp + share
+        values[0] = _INF
+        g, arg = _interval_min(values, ends[s])
+        choices.append(arg)
+    if not np.isfinite(g[mc - 1]):
+        return None
+    cuts = []
+    i = mc - 1
+    for s in range(k - 1, 0, -1):
+        i = int(choices[s - 1][i])
+        cuts.append(i)
+    return cuts[::-1]
 
 
 # -- the search ---------------------------------------------------------------------------------
@@ -772,6 +1067,7 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     g = program.graph
+    op_seconds_given = op_seconds is not None
     if op_seconds is None:
         outputs = {ir.parse_tensor_name(o)[0] for o in program.output_names}
         op_seconds = _costs.op_costs(g, outputs, batch_size, model)
@@ -801,18 +1097,23 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
         reach = [_memory_reach(gr, order, cand, memory_limit, f) for f in in_flight]
         reach_lo = [np.searchsorted(r, np.arange(len(cand)), side="left") for r in reach]
     best_cap = _bottleneck(cp, k, reach)
-    if not math.isfinite(best_cap):
-        smallest = _smallest_memory(gr, order, cand, k, in_flight)
-        raise GradSplitError(
-            f"memory_limit={format_bytes(memory_limit, exact=True)} per stage cannot hold "
-            f"this program in {k} stages (variables + residuals x micro-batches in flight); "
-            f"the smallest limit that works is {format_bytes(smallest, exact=True)}. Raise "
-            "memory_limit or ask for more stages."
-        )
+    remat = None
+    if not math.isfinite(best_cap):  # no plan fits as it is: rematerialise where needed
+        if op_seconds_given:  # measured: the backward taken as twice the forward
+            forward = {n: t / 3.0 for n, t in op_seconds.items()}
+        else:
+            forward = _costs.op_costs(g, (), batch_size, model, forward=True)
+        remat = _Remat(gr, ix, forward, memory_limit, in_flight)
+        cpr = cp + np.r_[0.0, np.cumsum(remat.forward[order])][cand]
+        remat_reach = [remat.reach(order, cand, f, memory_limit) for f in in_flight]
+        best_cap = _remat_bottleneck(cp, cpr, k, reach, remat_reach)
+        if not math.isfinite(best_cap):
+            raise GradSplitError(_memory_refusal(gr, ix, order, cand, k, in_flight,
+                                                 memory_limit, microbatches, remat, reach))
     timings["bottleneck"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    total = float(c[-1])
+    total = float(c[-1]) if remat is None else float(cpr[-1])
     if microbatches:
         caps = [best_cap * f for f in _PIPELINE_CAPS]
         caps = [min(cap, total) if math.isfinite(cap) else total for cap in caps]
@@ -821,11 +1122,15 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
         caps = [max(best_cap * (1 + eps), max_stage_cost or 0.0)]
     best = None
     for cap in sorted(set(caps)):
-        chosen = _fewest_bytes(cp, xp, k, cap, reach_lo)
+        if remat is None:
+            chosen = _fewest_bytes(cp, xp, k, cap, reach_lo)
+        else:
+            chosen = _fewest_bytes_ends(cp, xp, k, [
+                _stage_ends(cp, cpr, cap, r, rr) for r, rr in zip(reach, remat_reach)])
         if chosen is None:
             continue
         bounds = [0] + [int(cand[i]) for i in chosen] + [len(order)]
-        score = _score(gr, order, bounds, microbatches, model)
+        score = _score(gr, order, bounds, microbatches, model, remat)
         if best is None or score < best[0] - 1e-15:
             best = (score, cap, bounds)
     assert best is not None, "the cap found by the bottleneck search is feasible"
@@ -835,20 +1140,23 @@ def _plan_partition(program, num_stages, batch_size, memory_limit, microbatches,
     clock = time.perf_counter()
     polished = []
     if polish and k > 1:
-        memory_ok = _memory_check(gr, memory_limit, in_flight)
+        memory_ok = _memory_check(gr, memory_limit, in_flight, remat)
         for cut in range(k - 1):
             moved = _polish_cut(gr, ix, order, bounds, cut, cap, memory_ok, polish_window)
             if moved is None:
                 continue
             new_order, new_position = moved
             new_bounds = bounds[:cut + 1] + [new_position] + bounds[cut + 2:]
-            if _score(gr, new_order, new_bounds, microbatches, model) < _score(
-                    gr, order, bounds, microbatches, model):
+            if remat is not None and max(_stage_times(gr, new_order, new_bounds, remat)) > (
+                    cap * (1 + 1e-12)):
+                continue  # a stage moved into remat: its second forward breaks the cap
+            if _score(gr, new_order, new_bounds, microbatches, model, remat) < _score(
+                    gr, order, bounds, microbatches, model, remat):
                 order, bounds = new_order, new_bounds
                 polished.append(cut)
     timings["polish"] = time.perf_counter() - clock
     plan = _make_plan(program, ix, gr, order, bounds, k, best_cap, in_flight, model,
-                      microbatches, memory_limit is not None)
+                      microbatches, memory_limit is not None, remat)
     plan.polished = polished
     plan.timings = timings
     return plan
@@ -874,28 +1182,130 @@ def _check_arguments(num_stages, batch_size, memory_limit, microbatches, eps) ->
         raise GradSplitError(f"eps must be a non-negative number; got {eps!r}.")
 
 
+def _stage_times(gr: _Groups, order: np.ndarray, bounds: Sequence[int],
+                 remat: _Remat | None) -> np.ndarray:
+    """Each stage's seconds, the forward a rematerialised stage runs again included."""
+    c, _ = _prefix(gr, order)
+    stage = np.diff(c[list(bounds)])
+    return stage if remat is None else stage + remat.extra(order, bounds)
+
+
 def _score(gr: _Groups, order: np.ndarray, bounds: Sequence[int], microbatches: int | None,
-           model: _costs.CostModel) -> float:
+           model: _costs.CostModel, remat: _Remat | None = None) -> float:
     """What the plan minimises: the pipeline's time with ``microbatches``; otherwise the
     bytes crossing all cuts (the bottleneck is held by the cap)."""
     c, x = _prefix(gr, order)
     cut_bytes = [float(x[b]) for b in bounds[1:-1]]
     if not microbatches:
         return float(sum(cut_bytes))
-    stage = np.diff(c[list(bounds)])
+    stage = _stage_times(gr, order, bounds, remat)
     link = np.array([0.0] + [2.0 * b / model.link_bytes_per_second for b in cut_bytes])
     t = stage + link
     return float(t.sum() + (microbatches - 1) * t.max())
 
 
-def _memory_check(gr: _Groups, memory_limit: float | None, in_flight: Sequence[int]):
+def _memory_check(gr: _Groups, memory_limit: float | None, in_flight: Sequence[int],
+                  remat: _Remat | None = None):
     if memory_limit is None:
         return lambda stage, start, end, order: True
 
     def ok(stage: int, start: int, end: int, order: np.ndarray) -> bool:
-        return _stage_memory(gr, order, [start, end], [in_flight[stage]])[0] <= memory_limit
+        if _stage_memory(gr, order, [start, end], [in_flight[stage]])[0] <= memory_limit:
+            return True
+        if remat is None:
+            return False
+        w = remat.window(order, start)
+        while w.end < end:
+            w.push()
+        return w.remat(in_flight[stage]) <= memory_limit
 
     return ok
+
+
+def _remat_bottleneck(cp: np.ndarray, cpr: np.ndarray, k: int,
+                      reach: Sequence[np.ndarray], remat_reach: Sequence[np.ndarray]) -> float:
+    """``_bottleneck`` when stages may be rematerialised: each probe is the dynamic program
+    over the furthest end of each start (the greedy pass needs a reach that grows with the
+    start, which a stage's inputs do not give)."""
+
+    def feasible(cap: float) -> bool:
+        ends = [_stage_ends(cp, cpr, cap, r, rr) for r, rr in zip(reach, remat_reach)]
+        return _fewest_bytes_ends(cp, None, k, ends) is not None
+
+    total = float(cpr[-1])
+    steps = np.diff(cp)
+    lo = max(float(cp[-1]) / k, float(steps.max()) if len(steps) else 0.0)
+    hi = total
+    if not feasible(_INF):
+        return _INF
+    if feasible(lo):
+        return lo
+    for _ in range(100):
+        if hi - lo <= 1e-9 * total:
+            break
+        mid = 0.5 * (lo + hi)
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _memory_refusal(gr: _Groups, ix: _Indexed, order: np.ndarray, cand: np.ndarray, k: int,
+                    in_flight: Sequence[int], limit: float, microbatches: int | None,
+                    remat: _Remat, reach: Sequence[np.ndarray]) -> str:
+    """Why no ``k`` stages fit ``limit``, even rematerialised: the smallest limit that works,
+    and at it the stage that needs the most (its inputs, its micro-batches in flight)."""
+    plain_smallest = _smallest_memory(gr, order, cand, k, in_flight)
+
+    def plan_at(bound: float) -> list[int] | None:
+        plain = [_memory_reach(gr, order, cand, bound, f) for f in in_flight]
+        rematerialised = [remat.reach(order, cand, f, bound) for f in in_flight]
+        ends = [_stage_ends(cand.astype(np.float64), cand.astype(np.float64), _INF, r, rr)
+                for r, rr in zip(plain, rematerialised)]
+        return _fewest_bytes_ends(cand.astype(np.float64), None, k, ends)
+
+    lo, hi = 0.0, plain_smallest
+    cuts = plan_at(hi)
+    for _ in range(40):  # the smallest limit with remat allowed: at most the plain one
+        if hi - lo <= max(1.0, 1e-4 * hi):
+            break
+        mid = 0.5 * (lo + hi)
+        found = plan_at(mid)
+        if found is not None:
+            hi, cuts = mid, found
+        else:
+            lo = mid
+    bounds = [0] + [int(cand[i]) for i in cuts] + [len(order)]
+    needs = remat.needs(order, bounds)
+    s = max(range(k), key=lambda i: min(needs[i]["plain"], needs[i]["remat"]))
+    need = needs[s]
+    f = in_flight[s]
+    names = ix.names
+    first = names[gr.members[int(order[bounds[s]])][0]]
+    last = names[gr.members[int(order[bounds[s + 1] - 1])][-1]]
+    if not math.isfinite(need["remat"]):
+        why = (" Remat is ruled out for it: it assigns a variable or draws random numbers, "
+               "which running its forward again would repeat.")
+    elif f == 1:
+        why = (" With one micro-batch in flight remat cannot help: it keeps the inputs on top "
+               "of one micro-batch's residuals.")
+    else:
+        why = ""
+    fewer = (f", or use fewer micro-batches: microbatches={microbatches} keeps {f} in flight "
+             f"at stage {s}" if f > 1 else "")
+    return (
+        f"memory_limit={format_bytes(limit, exact=True)} per stage cannot hold this program "
+        f"in {k} stages, even with remat on the stages whose residuals do not fit (a stage "
+        "needs its variables + residuals x micro-batches in flight; rematerialised, its "
+        "variables + inputs x micro-batches in flight + one micro-batch's residuals while its "
+        f"backward runs the forward again). Stage {s}, ops {first!r} to {last!r}, needs "
+        f"{format_bytes(min(need['plain'], need['remat']))} at best: its inputs are "
+        f"{format_bytes(need['inputs'])} per micro-batch with {f} in flight, its residuals "
+        f"{format_bytes(need['residuals'])} per micro-batch, its variables "
+        f"{format_bytes(need['variables'])}.{why} The smallest limit that works is "
+        f"{format_bytes(hi, exact=True)}. Raise memory_limit or ask for more stages{fewer}."
+    )
 
 
 def _smallest_memory(gr: _Groups, order: np.ndarray, cand: np.ndarray, k: int,
@@ -919,7 +1329,7 @@ def _smallest_memory(gr: _Groups, order: np.ndarray, cand: np.ndarray, k: int,
 def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
                bounds: Sequence[int], k: int, lower_bound: float, in_flight: Sequence[int],
                model: _costs.CostModel, microbatches: int | None,
-               with_memory: bool) -> Plan:
+               with_memory: bool, remat: _Remat | None = None) -> Plan:
     c, x = _prefix(gr, order)
     m = len(order)
     gpos = np.empty(m, np.int64)
@@ -938,17 +1348,25 @@ def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
     for s, names in enumerate(cuts):
         if not names:  # the bad_end rule rules this out; a bug if it happens
             raise AssertionError(f"stage {s} of the plan hands no float tensor on")
-    stage_costs = [float(v) for v in np.diff(c[list(bounds)])]
+    stage_costs = [float(v) for v in _stage_times(gr, order, bounds, remat)]
     cut_bytes = [int(x[b]) for b in bounds[1:-1]]
     plan = Plan(
         num_stages=k, cuts=cuts, positions=list(bounds[1:-1]), _layout=layout,
         stage_costs=stage_costs, cut_bytes=cut_bytes,
         lower_bound=float(lower_bound), total_cost=float(c[-1]),
+        remat=[False] * k, remat_saved=[0] * k, remat_seconds=[0.0] * k,
     )
     if with_memory:
         plan.stage_memory = _stage_memory(gr, order, bounds, in_flight)
+    if remat is not None:
+        for s, need in enumerate(remat.needs(order, bounds)):
+            if need["plain"] > remat.limit and need["remat"] <= remat.limit:
+                plan.remat[s] = True
+                plan.remat_saved[s] = int(need["plain"] - need["remat"])
+                plan.stage_memory[s] = need["remat"]
+                plan.remat_seconds[s] = stage_costs[s] - float(c[bounds[s + 1]] - c[bounds[s]])
     if microbatches:
-        plan.pipeline_time = _score(gr, order, bounds, microbatches, model)
+        plan.pipeline_time = _score(gr, order, bounds, microbatches, model, remat)
     return plan
 
 

@@ -421,20 +421,22 @@ _FLOAT: dict[int, tuple[Any, bool]] = {}
 
 
 def op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | None = None,
-             model: CostModel = DEFAULT_MODEL, nodes: Iterable[str] | None = None
-             ) -> dict[str, float]:
-    """Forward plus backward seconds of every op (or of ``nodes``) under ``model``.
+             model: CostModel = DEFAULT_MODEL, nodes: Iterable[str] | None = None,
+             forward: bool = False) -> dict[str, float]:
+    """Forward plus backward seconds of every op (or of ``nodes``) under ``model``;
+    ``forward=True``: the forward's seconds alone (what running it again costs).
 
     The same numbers as ``op_cost(...).seconds(model)``, each tensor's bytes computed once.
     """
     with collector_paused():  # on 100,000 ops one collection costs more than the pass
-        return _op_costs(g, output_ops, batch_size, model, nodes)
+        return _op_costs(g, output_ops, batch_size, model, nodes, forward)
 
 
 def _op_costs(g: nx.MultiDiGraph, output_ops: Iterable[str], batch_size: int | None,
-              model: CostModel, nodes: Iterable[str] | None) -> dict[str, float]:
+              model: CostModel, nodes: Iterable[str] | None,
+              forward: bool = False) -> dict[str, float]:
     pred, attrs = ir.predecessor_edges(g), ir.node_attributes(g)
-    with_backward = _gradient_ops(pred, attrs, output_ops)
+    with_backward = set() if forward else _gradient_ops(pred, attrs, output_ops)
     batch = batch_size or 1
     out_bytes: dict[str, list[int]] = {}
 
