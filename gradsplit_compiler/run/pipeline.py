@@ -111,7 +111,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              optimizer: Any = None, clip_global_norm: float | None = None,
              on_nonfinite: str = "raise", jit_compile: bool = True,
              timeout: float | None = None, shares_state_with: Pipeline | None = None,
-             remat: Any = False) -> Pipeline:
+             remat: Any = None) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -160,12 +160,14 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         cluster died or stopped answering) raises ``GradSplitError`` naming the actions
         still running, their stages and devices; no variable changes. ``None``: wait. In
         ``train_step`` the optimizer update is bounded by it too.
-    remat : bool, list of bool or list of int
+    remat : bool, list of bool or list of int, optional
         Rematerialisation: ``True`` for every stage, one bool per stage, or the indices of
         the stages. Such a stage keeps only its inputs as residuals; its backward (``B``
         under ``"zb-h1"``) runs its forward again first, in the same XLA program. Refused
         for a stage that assigns a variable or draws random numbers (running it again
-        would repeat that).
+        would repeat that). ``None`` (the default): what ``split.plan.remat`` says for a
+        split made by ``gsc.auto_split`` (remat chosen to fit its ``memory_limit``), no
+        remat otherwise.
     shares_state_with : Pipeline, optional
         A training pipeline (built with ``optimizer=``) of the same model: this pipeline's
         stages then read that one's stage-resident copies instead of ``split.variables``
@@ -219,7 +221,7 @@ class Pipeline:
                  optimizer: Any = None, clip_global_norm: float | None = None,
                  on_nonfinite: str = "raise", jit_compile: bool = True,
                  timeout: float | None = None, shares_state_with: Pipeline | None = None,
-                 remat: Any = False):
+                 remat: Any = None):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -804,8 +806,12 @@ def _durations_for(durations: Any, measured_split: bool, target_split: bool) -> 
 
 
 def _remat_flags(remat: Any, split: Split) -> list[bool]:
-    """``remat=`` as one bool per stage; refuses a stage whose forward cannot run twice."""
+    """``remat=`` as one bool per stage; refuses a stage whose forward cannot run twice.
+    ``None``: the plan's choice (``split.plan.remat``), or no remat."""
     k = len(split.stages)
+    if remat is None:
+        planned = getattr(split.plan, "remat", None)
+        remat = list(planned) if planned and len(planned) == k else False
     if isinstance(remat, bool):
         flags = [remat] * k
     elif isinstance(remat, Sequence) and not isinstance(remat, (str, bytes)) and remat and all(
