@@ -73,6 +73,11 @@ class PipelineModel(keras.Model):
         the whole model, which micro-batches still divide: gradient accumulation).
     num_stages : int, optional
         Instead of ``cuts``: ``gsc.auto_split`` chooses them (``1``: one stage).
+    memory_limit : float, optional
+        With ``num_stages``: the bytes each stage may hold (``auto_split``'s
+        ``memory_limit``, at the micro-batch size of the first batch ``fit`` trains on, with
+        ``microbatches`` in flight as 1F1B keeps them). The training pipeline
+        rematerialises the stages the plan chose (``split.plan.remat``).
     microbatches, schedule, devices, jit_compile, timeout
         As for ``gsc.pipeline``.
     """
@@ -80,7 +85,8 @@ class PipelineModel(keras.Model):
     def __init__(self, model: Any, cuts: Sequence[str] | None = None,
                  num_stages: int | None = None, microbatches: int = 1,
                  schedule: str = "1f1b", devices: Sequence[str] | None = None, *,
-                 jit_compile: bool = True, timeout: float | None = None, name: str | None = None):
+                 jit_compile: bool = True, timeout: float | None = None, name: str | None = None,
+                 memory_limit: float | None = None):
         if not isinstance(model, keras.Model):
             raise GradSplitError(
                 f"PipelineModel wraps a keras.Model; got {type(model).__name__}.")
@@ -93,6 +99,10 @@ class PipelineModel(keras.Model):
             raise GradSplitError(
                 "give PipelineModel either cuts=[layer names] or num_stages=K (auto_split "
                 "chooses the cuts), not both or neither.")
+        if memory_limit is not None and num_stages is None:
+            raise GradSplitError(
+                "memory_limit guides auto_split's choice of cuts: give it with num_stages=K, "
+                "not with cuts=[layer names].")
         if num_stages == 1 and not isinstance(num_stages, bool):
             cuts, num_stages = [], None  # one stage: the whole model on one device
         if cuts is not None:
@@ -115,6 +125,7 @@ class PipelineModel(keras.Model):
         self.model = model
         self.cuts = None if cuts is None else list(cuts)
         self.num_stages = num_stages
+        self.memory_limit = memory_limit
         self.microbatches = microbatches
         self.schedule = schedule
         self.stage_devices = None if devices is None else list(devices)
@@ -259,7 +270,7 @@ class PipelineModel(keras.Model):
             self._run.forward[key] = self._build_forward(kind, structure, list(specs))
         return _with_count(self._run.forward[key], self.microbatches, batch)
 
-    def _split(self, structure, specs, kind: str):
+    def _split(self, structure, specs, kind: str, batch: int | None = None):
         """The split of ``model(x, training=kind == "train")`` followed by the compiled loss
         (a constant stands in for it for ``"predict"``), returning ``(loss, y_pred)``, cut
         at ``cuts`` or by ``auto_split``."""
@@ -279,6 +290,10 @@ class PipelineModel(keras.Model):
 
         if self.cuts is not None:
             return make_split(fn, specs, cuts=self.cuts)
+        if self.memory_limit is not None and kind == "train" and batch is not None:
+            return auto_split(fn, specs, self.num_stages, memory_limit=self.memory_limit,
+                              batch_size=max(batch // self.microbatches, 1),
+                              microbatches=self.microbatches)
         return auto_split(fn, specs, self.num_stages)
 
     def _build_forward(self, kind: str, structure, specs):
@@ -301,13 +316,13 @@ class PipelineModel(keras.Model):
         specs = tuple(tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in flat)
         key = (structure[:3], specs)
         if key not in self._run.pipelines:
-            self._run.pipelines[key] = self._build(structure, list(specs))
+            self._run.pipelines[key] = self._build(structure, list(specs), batch)
         return _with_count(self._run.pipelines[key], self.microbatches, batch)
 
-    def _build(self, structure, specs):
+    def _build(self, structure, specs, batch: int | None = None):
         from gradsplit_compiler.run.pipeline import pipeline
 
-        split = self._split(structure, specs, "train")
+        split = self._split(structure, specs, "train", batch)
         if self._run.state is None:
             self._sync_to_model()
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())

@@ -34,7 +34,10 @@ with ``t_k`` the stage's cost plus sending its inputs and their cotangents over 
 (``CostModel.link_bytes_per_second``): steps 5-6 run for a ladder of caps above ``B*`` and the
 fastest result wins. With ``memory_limit`` (bytes per stage), a stage's variables plus its
 residuals times the micro-batches in flight under 1F1B (``min(K - k, M)``, 1 without
-``microbatches``) must fit, or ``GradSplitError`` names the smallest limit that can work.
+``microbatches``) must fit. When no plan does, stages may be rematerialised (``Plan.remat``,
+see "remat" below): only those whose residuals do not fit, at the price of a second forward
+in their time; when even that cannot fit, ``GradSplitError`` names the stage and the
+smallest limit that can work.
 
 The cuts handed to ``split`` are, for each cut ``k``, the floating-point tensors made in
 stage ``k`` and used after it; ``split`` computes each boundary from them (skip connections,
@@ -1443,6 +1446,9 @@ def auto_split(fn: Any, input_signature: Sequence | None, num_stages: int, *,
     memory_limit : float, optional
         Bytes each stage may hold: its variables plus the residuals its backward keeps,
         times the micro-batches in flight (1F1B: ``min(num_stages - k, microbatches)``).
+        When no plan fits, the stages whose residuals do not fit are rematerialised
+        (``split.plan.remat``, which ``gsc.pipeline`` follows): their inputs times the
+        micro-batches in flight plus one micro-batch's residuals must fit then.
     microbatches : int, optional
         Minimise the pipeline's time ``sum(t_k) + (M - 1) max(t_k)`` instead of the
         bottleneck alone.

@@ -475,6 +475,33 @@ def test_num_stages_asks_auto_split_and_summary_lists_the_stages():
     assert sum(int(line.split()[2].replace(",", "")) for line in table[2:]) == held
 
 
+def test_num_stages_with_a_memory_limit_trains_the_planned_remat_as_plain_keras():
+    """The smallest limit auto_split can meet rematerialises the first stage (two
+    micro-batches in flight under 1F1B); the training pipeline runs that, as plain Keras."""
+    plain, inner = twins(mlp, seed=21)
+    x, y = data(32, (6,), (3,), seed=22)
+    too_small = PipelineModel(inner, num_stages=2, microbatches=4, memory_limit=1,
+                              devices=DEVICES[:2])
+    too_small.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    with pytest.raises(GradSplitError, match=r"even with remat .* smallest limit that works "
+                                             r"is .*\((\d+) bytes\)") as info:
+        too_small.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    smallest = int(str(info.value).rsplit("(", 1)[1].split()[0])
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_plain = plain.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    piped = PipelineModel(inner, num_stages=2, microbatches=4, memory_limit=smallest,
+                          devices=DEVICES[:2])
+    piped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    history_piped = piped.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_same_training(plain, history_plain, piped, history_piped)
+    pipe = piped.pipelines[0]
+    assert pipe.remat == pipe.split.plan.remat == [True, False]
+    assert max(pipe.split.plan.stage_memory) <= smallest
+    with pytest.raises(GradSplitError, match=r"memory_limit guides auto_split's choice of "
+                                             r"cuts: give it with num_stages=K"):
+        PipelineModel(inner, cuts=["d2"], memory_limit=smallest)
+
+
 class _Subclassed(keras.Model):
     def __init__(self):
         super().__init__(name="subclassed")
