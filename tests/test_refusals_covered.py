@@ -43,9 +43,6 @@ UNCOVERED: dict[str, str] = {
     "plotting the timeline needs matplotlib; install": (
         "run/pipeline.py plot_timeline without matplotlib: the test environment installs the "
         "render extra, so this branch cannot run here."),
-    "a stage on a task of": (
-        "run/devices.py remat= for a stage on a cluster task: needs a cluster; the local "
-        "rematerialised stages are tested in tests/run/test_zero_bubble.py."),
 }
 
 

@@ -418,16 +418,21 @@ class Stage:
         return cache[key]
 
     def programs(self, jit_compile: bool = True, variables: Sequence | None = None,
-                 remat: bool = False) -> StagePrograms:
+                 remat: bool = False, nested: bool = False) -> StagePrograms:
         """The stage's programs for a pipeline device (see ``StagePrograms``), each its own
         XLA program with ``jit_compile``; ``variables`` as in ``compiled``.
 
         ``remat``: the forward keeps only the stage inputs as residuals, and ``backward``
         and ``backward_input`` run the forward again from them (inside the same program)
         before the backward; ``backward_input`` then also returns the residuals W reads.
+
+        ``nested``: each XLA program is called from a plain ``tf.function`` around it, as a
+        task of a cluster needs (TensorFlow cannot run an XLA function as the top-level call
+        on another process's device); the forward and fused backward without ``remat`` are
+        then the caller's to make (``run.devices`` keeps its own), and ``None`` here.
         """
         key = (bool(jit_compile), None if variables is None else tuple(map(id, variables)),
-               bool(remat))
+               bool(remat), bool(nested))
         cache = self.__dict__.setdefault("_programs", {})
         if key in cache:
             return cache[key]
@@ -453,11 +458,17 @@ class Stage:
             function = tf.function(body, input_signature=signature, jit_compile=jit_compile,
                                    autograph=False)
             made = []
+            if nested:
+                outer = tf.function(lambda *args: function(*args), input_signature=signature,
+                                    autograph=False)
 
-            def call(*flat):
-                if not made:
-                    made.append(flat_caller(function))
-                return made[0](*flat)
+                def call(*flat):
+                    return outer(*tf.nest.pack_sequence_as(signature, list(flat)))
+            else:
+                def call(*flat):
+                    if not made:
+                        made.append(flat_caller(function))
+                    return made[0](*flat)
             call.function = function
             return call
 
@@ -473,18 +484,20 @@ class Stage:
         backward_weight.function = flat_weight.function
 
         if not remat:
-            forward, flat_backward = self.callers(jit_compile, variables)
-
             def backward_input_body(residuals, cotangents):
                 return self.emit_backward_input(residuals, cotangents,
                                                 f"{name}.backward_input", variables)
 
             flat_input = xla(backward_input_body, [res_specs, out_specs])
+            if nested:
+                forward = backward = None
+            else:
+                forward, flat_backward = self.callers(jit_compile, variables)
 
-            def backward(residuals, cotangents):
-                return flat_backward(*residuals, *cotangents)
+                def backward(residuals, cotangents):
+                    return flat_backward(*residuals, *cotangents)
 
-            backward.function = flat_backward.function
+                backward.function = flat_backward.function
 
             def backward_input(residuals, cotangents):
                 input_cotangents, carried = flat_input(*residuals, *cotangents)

@@ -1366,7 +1366,7 @@ def _make_plan(program: Program, ix: _Indexed, gr: _Groups, order: np.ndarray,
             if need["plain"] > remat.limit and need["remat"] <= remat.limit:
                 plan.remat[s] = True
                 plan.remat_saved[s] = int(need["plain"] - need["remat"])
-                plan.stage_memory[s] = need["remat"]
+                plan.stage_memory[s] = float(need["remat"])
                 plan.remat_seconds[s] = stage_costs[s] - float(c[bounds[s + 1]] - c[bounds[s]])
     if microbatches:
         plan.pipeline_time = _score(gr, order, bounds, microbatches, model, remat)

@@ -221,19 +221,22 @@ def stage_runner(split: Split, stage: Any, device: str,
         if mine else None
     backward_input = backward_weight = None
     if jit_compile and is_remote(device):
-        if remat:
-            raise GradSplitError(
-                f"remat= for stage {stage.index} on {device}: a stage on a task of a "
-                "cluster cannot run the forward again in its backward yet. Leave this stage "
-                "out of remat=, or run it on a device of this process.")
-        forward, backward = stage.compiled(jit_compile, variables)
+        # TensorFlow runs an XLA function on another process's device only from inside a
+        # plain function (``_remote_callable``): every program here is called that way.
         wrappers = _cache(split)
         key = ("remote", stage.index, device, _incarnation(device),
-               None if variables is None else tuple(map(id, variables)))
+               None if variables is None else tuple(map(id, variables)), bool(remat))
         if key not in wrappers["stages"]:
-            wrappers["stages"][key] = _remote_callable(stage, forward, backward)
-            _KEEP_ALIVE.append(wrappers["stages"][key])
-        forward, backward = wrappers["stages"][key]
+            programs = stage.programs(jit_compile, variables, remat, nested=True)
+            if remat:
+                made = programs
+            else:
+                forward, backward = stage.compiled(jit_compile, variables)
+                made = programs._replace(**dict(zip(
+                    ("forward", "backward"), _remote_callable(stage, forward, backward))))
+            wrappers["stages"][key] = made
+            _KEEP_ALIVE.append(made)
+        forward, backward, backward_input, backward_weight = wrappers["stages"][key]
     else:
         programs = stage.programs(jit_compile, variables, remat)
         forward, backward = programs.forward, programs.backward

@@ -304,15 +304,12 @@ class Pipeline:
         split_backward = splits_backward(self.schedule)
         for runner in runners:
             if split_backward and runner.backward_input is None:
-                where = (f"runs on {runner.device}, a task of a cluster, where only its fused "
-                         "backward runs yet" if is_remote(runner.device) else
-                         "holds a tf.cond whose gradient reads branch intermediates: XLA "
-                         "compiles it per input shape, from the forward's trace, and only "
-                         "its fused backward that way")
                 raise GradSplitError(
                     f"the schedule splits the backward into B and W, but stage "
-                    f"{runner.index} {where}. Use schedule='1f1b' or 'gpipe'"
-                    + ("" if is_remote(runner.device) else ", or jit_compile=False") + ".")
+                    f"{runner.index} holds a tf.cond whose gradient reads branch "
+                    "intermediates: XLA compiles it per input shape, from the forward's "
+                    "trace, and only its fused backward that way. Use schedule='1f1b' or "
+                    "'gpipe', or jit_compile=False.")
         self._plan = StepPlan(
             runners=runners,
             schedule=self.schedule, dependencies=dependencies, microbatches=microbatches,

@@ -3,7 +3,8 @@
 Run by tests/run/test_cluster.py in a subprocess of its own: connecting to a cluster changes
 the eager context of the whole process, which the pytest processes must not see.
 
-    python tests/run/cluster_driver.py exact WORKERS   # 1F1B and GPipe against the tape
+    python tests/run/cluster_driver.py exact WORKERS   # 1F1B, GPipe (2 workers: ZB-H1 with
+                                                       # remat too) against the tape
     python tests/run/cluster_driver.py fault           # SIGKILL/SIGSTOP a worker mid-step
 
 Every step is compared with ``tf.GradientTape`` on the original function in this process
@@ -124,19 +125,22 @@ def exact(workers: int) -> dict:
         out["devices"] = devices
         fn, signature, args = zoo_model()
         split = gsc.split(fn, signature, CUTS[workers])
-        plans = [("1f1b", 4, True), ("gpipe", 2, True)]
+        plans = [("1f1b", 4, True, False), ("gpipe", 2, True, False)]
         if workers == 2:
-            plans.append(("1f1b", 4, False))  # plain graph functions on the tasks
-        for i, (schedule, m, jit) in enumerate(plans):
+            plans.append(("1f1b", 4, False, False))  # plain graph functions on the tasks
+            # B and W on the tasks, stage 0 rematerialised (its B runs its forward again)
+            plans.append(("zb-h1", 4, True, [True, False]))
+        for i, (schedule, m, jit, remat) in enumerate(plans):
             pipe = gsc.pipeline(split, m, schedule, devices=devices, loss_reduction="mean",
-                                timeout=60, jit_compile=jit)
+                                timeout=60, jit_compile=jit, remat=remat)
             errors, moved = checked_steps(pipe, fn, split, args, 3, seed=[workers, i])
             # one more step at the same weights: it must leave them as they are
             before = [v.numpy() for v in split.variables]
             result = pipe.step(*args)
             placed = sorted({e.device for e in pipe.timeline()})
             out["runs"].append({
-                "schedule": schedule, "microbatches": m, "jit_compile": jit,
+                "schedule": schedule, "microbatches": m, "jit_compile": jit, "remat": remat,
+                "kinds": sorted({e.kind for e in pipe.timeline()}),
                 "step_errors": errors, "gradients_moved": moved,
                 "value_device": result[0].device, "bytes_moved": pipe.bytes_moved(),
                 "devices_used": placed,

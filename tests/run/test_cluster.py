@@ -147,10 +147,15 @@ def test_bytes_moved_between_logical_devices_match_the_boundary():
 def test_pipeline_on_cluster_equals_the_tape_at_every_step(workers):
     """Three steps per schedule, the weights redrawn before the second and third: every step
     equals ``tf.GradientTape`` on the original function at the weights it ran with (so a task
-    computing with a stale copy of a variable fails here), within 1e-12."""
+    computing with a stale copy of a variable fails here), within 1e-12. On two workers also
+    ZB-H1 (B and W programs on the tasks) with stage 0 rematerialised."""
     result = _drive("exact", str(workers))
     assert len(result["devices"]) == workers
-    assert [r["jit_compile"] for r in result["runs"]] == [True, True] + [False] * (workers == 2)
+    assert [r["jit_compile"] for r in result["runs"]] == [True, True] + [False, True] * (
+        workers == 2)
+    for run in result["runs"]:
+        assert run["kinds"] == (["B", "F", "W"] if run["schedule"] == "zb-h1" else ["B", "F"])
+
     for run in result["runs"]:
         assert len(run["step_errors"]) == 3, run
         assert max(run["step_errors"]) <= TOL, run
