@@ -906,8 +906,10 @@ not what it buys."""
 SCHEDULES_NOTE = """\
 *Reading it.* The first table needs no measurement: every forward, `B` and `W` takes one
 unit (a fused backward two), and the idle share is the simulator's against the formula of
-each schedule's paper, `(K-1)/(M+K-1)` for GPipe and 1F1B, `(K-1)/(3M+K-1)` for ZB-H1 and
-`(K-1)/(vM+K-1)` for interleaved 1F1B with `v` stages per device. The second runs each
+each schedule's paper, `(K-1)/(M+K-1)` for GPipe and 1F1B, `(K-1)/(3M+K-1)` for ZB-H1,
+`(K-1)/(vM+K-1)` for interleaved 1F1B with `v` stages per device and `(K-1)/(6M+K-1)` for
+ZB-V (two stages per device in a V, each half the work: the paper's zero bubble, only the
+ramp of `K-1` half-stage actions left, at 1F1B's peak memory). The second runs each
 schedule on 4 logical CPUs that share 2 cores, so the stages cannot really overlap: the
 measured idle share is what the timeline shows (a device waiting for another, or for a
 core), and the prediction is the simulator's from the same step's own action times and
@@ -978,9 +980,9 @@ def schedules_child(config: dict) -> dict:
 
 
 def schedule_idle_rows(k: int, v: int, microbatches) -> list[tuple[str, str, list]]:
-    """Per built-in schedule on ``k`` devices (interleaved: ``v`` stages per device): the
-    literature's idle-share formula and, per micro-batch count, ``(simulated, formula)``
-    with equal-time actions."""
+    """Per built-in schedule on ``k`` devices (interleaved: ``v`` stages per device; ZB-V:
+    two, in a V): the literature's idle-share formula and, per micro-batch count,
+    ``(simulated, formula)`` with equal-time actions."""
     from gradsplit_compiler.schedules import builtin_schedule, ideal_idle_fraction
 
     formulas = {
@@ -988,13 +990,14 @@ def schedule_idle_rows(k: int, v: int, microbatches) -> list[tuple[str, str, lis
         "1f1b": ("(K-1)/(M+K-1)", lambda m: (k - 1) / (m + k - 1)),
         "zb-h1": ("(K-1)/(3M+K-1)", lambda m: (k - 1) / (3 * m + k - 1)),
         "interleaved-1f1b": ("(K-1)/(vM+K-1)", lambda m: (k - 1) / (v * m + k - 1)),
+        "zb-v": ("(K-1)/(6M+K-1)", lambda m: (k - 1) / (6 * m + k - 1)),
     }
     devices = [f"/CPU:{d}" for d in range(k)]
     rows = []
     for name, (text, formula) in formulas.items():
-        stages = k * v if name == "interleaved-1f1b" else k
-        cells = [(ideal_idle_fraction(builtin_schedule(name, stages, m,
-                                                       devices * (stages // k)),
+        stages = {"interleaved-1f1b": k * v, "zb-v": 2 * k}.get(name, k)
+        placed = devices + devices[::-1] if name == "zb-v" else devices * (stages // k)
+        cells = [(ideal_idle_fraction(builtin_schedule(name, stages, m, placed),
                                       chain_dependencies(stages)), formula(m))
                  for m in microbatches]
         rows.append((name, text, cells))
@@ -1008,7 +1011,8 @@ def figure_schedules(quick: bool) -> str:
     table = [
         "\n## 9. Schedules: the simulator against the literature and against a run\n",
         f"Idle share of the devices in one step, K = {k} devices, equal-time actions "
-        f"(simulated, and the formula; interleaved 1F1B with v = {v} stages per device).\n",
+        f"(simulated, and the formula; interleaved 1F1B with v = {v} stages per device, "
+        f"ZB-V with {2 * k} stages, two per device in a V).\n",
         "| schedule | formula | M = 4 | M = 8 | M = 16 |",
         "|---|---|---:|---:|---:|",
     ]

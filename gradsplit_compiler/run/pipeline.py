@@ -87,6 +87,7 @@ from gradsplit_compiler.run.engine import (
 from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
 from gradsplit_compiler.run.schedules import (
     BACKWARD,
+    BUILTIN_SCHEDULES,
     FORWARD,
     WEIGHT,
     Action,
@@ -120,12 +121,14 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         A split whose ``fn`` returns one floating-point scalar (the loss).
     microbatches : int
         ``M``; it must divide the batch given to ``step``.
-    schedule : "gpipe", "1f1b", "zb-h1", "interleaved-1f1b" or list of lists of Action
+    schedule : "gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v" or list of lists of Action
         The order in which each device runs its forwards and backwards; a list is checked
         with ``validate_schedule`` first. ``"zb-h1"`` splits each backward into ``B``
         (input cotangents) and ``W`` (variable gradients), two programs of the stage;
         ``"interleaved-1f1b"`` runs several stages per device (``devices`` round robin,
-        e.g. ``[d0, d1, d0, d1]``), one thread per device.
+        e.g. ``[d0, d1, d0, d1]``), one thread per device; ``"zb-v"`` splits the backward
+        and runs stages ``k`` and ``K - 1 - k`` on one device (``devices`` in a V, e.g.
+        ``[d0, d1, d1, d0]``).
     devices : list of str, optional
         A TensorFlow device name per stage (``"/CPU:1"``, ``"/GPU:0"``, ...); stage ``k``
         runs on ``devices[k]`` (extra names are ignored); a name may repeat. ``None``: every
@@ -238,7 +241,7 @@ class Pipeline:
                 f"timeout must be a positive number of seconds or None; got {timeout!r}.")
         self.timeout = timeout
         self._schedule_name = schedule.lower() if isinstance(schedule, str) else None
-        if isinstance(schedule, str):
+        if isinstance(schedule, str) and self._schedule_name not in BUILTIN_SCHEDULES:
             builtin_schedule(schedule, 1, 1)  # an unknown name, before anything else
         self.remat = _remat_flags(remat, split)
         if shares_state_with is not None:
@@ -251,8 +254,8 @@ class Pipeline:
         # A built-in one is checked all the same: the dependencies come from this split.
         # Lists per device (virtual stages) only where the caller named devices, or asked for
         # interleaved-1f1b: devices=None keeps one thread per stage.
-        self._list_devices = self.devices if (
-            devices is not None or self._schedule_name == "interleaved-1f1b") else None
+        self._list_devices = self.devices if (devices is not None or self._schedule_name in (
+            "interleaved-1f1b", "zb-v")) else None
         self.schedule = validate_schedule(schedule, split, microbatches, self._list_devices)
         dependencies = schedule_dependencies(split)
         self._ideal_idle = ideal_idle_fraction(self.schedule, dependencies)

@@ -57,6 +57,7 @@ __all__ = [
     "unit_durations",
     "validate_schedule",
     "zb_h1_schedule",
+    "zb_v_schedule",
 ]
 
 FORWARD = "F"
@@ -206,15 +207,79 @@ def interleaved_one_f_one_b_schedule(num_stages: int, microbatches: int,
     return schedule
 
 
+def zb_v_schedule(num_stages: int, microbatches: int) -> list[list[Action]]:
+    """ZB-V (zero bubble in a V, Qi et al. 2024): ``K = 2D`` stages on ``D`` devices, device
+    ``d`` holding stage ``d`` and stage ``K - 1 - d`` (the forward goes down the devices and
+    back up, the backward the other way); each backward split into ``B`` and ``W``. One
+    list per device.
+
+    The order is that of a list scheduler run with every ``F``, ``B`` and ``W`` one time
+    unit: at each unit a device runs a ready ``B`` (the earliest micro-batch, the later
+    stage first), else a ready forward (likewise) while fewer than ``2D`` of its
+    micro-batch-stages hold residuals (1F1B's peak on ``D`` devices, its stages being half
+    these: a micro-batch's residuals count from its ``F`` until its ``W``), else its oldest
+    waiting ``W``. For ``D <= 4`` and ``M >= D`` this reaches the paper's zero bubble at
+    1F1B's memory: the step takes ``6M + D - 1`` units and each device idles only ``D - 1``
+    of them, the ramp (device ``d`` waits ``d`` units for its first forward): idle share
+    ``(D - 1) / (6M + D - 1)``, half of ZB-H1's ramp in time, its actions being on stages
+    half the size. With more devices the list scheduler loses a few units more.
+    """
+    _check_counts(num_stages, microbatches)
+    if num_stages % 2:
+        raise GradSplitError(
+            f"zb-v puts two stages on each device, stage d and stage K-1-d; the "
+            f"{num_stages} stages are an odd number. Cut into an even number of stages, or "
+            "use schedule='zb-h1'.")
+    k, m_ = num_stages, microbatches
+    d_ = k // 2
+    chain = Dependencies([frozenset({s - 1} if s else ()) for s in range(k)],
+                         [frozenset({s + 1} if s < k - 1 else ()) for s in range(k)])
+    done: dict[Action, int] = {}  # action -> the unit it ends at
+    lists: list[list[Action]] = [[] for _ in range(d_)]
+    waiting_w: list[list[Action]] = [[] for _ in range(d_)]
+    alive = [0] * d_
+    next_of = {kind: [[0, 0] for _ in range(d_)] for kind in (FORWARD, BACKWARD)}
+    now = 0
+    while len(done) < 3 * k * m_:
+        for d in range(d_):
+            stages = (d, k - 1 - d)
+
+            def ready(kind: str, d=d, stages=stages, now=now) -> list[Action]:
+                found = [Action(kind, stages[c], next_of[kind][d][c]) for c in (1, 0)
+                         if next_of[kind][d][c] < m_]
+                return [a for a in found if all(done.get(x, now + 1) <= now
+                                                for x in chain.of(a))]
+
+            options = ready(BACKWARD) or (ready(FORWARD) if alive[d] < 2 * d_ else [])
+            if options:
+                action = min(options, key=lambda a: (a.microbatch, -a.stage))
+                next_of[action.kind][d][stages.index(action.stage)] += 1
+                if action.kind == FORWARD:
+                    alive[d] += 1
+                else:
+                    waiting_w[d].append(Action(WEIGHT, action.stage, action.microbatch))
+            elif waiting_w[d]:
+                action = waiting_w[d].pop(0)
+                alive[d] -= 1
+            else:
+                continue
+            lists[d].append(action)
+            done[action] = now + 1
+        now += 1
+    return lists
+
+
 BUILTIN_SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule,
                      "zb-h1": zb_h1_schedule,
-                     "interleaved-1f1b": interleaved_one_f_one_b_schedule}
+                     "interleaved-1f1b": interleaved_one_f_one_b_schedule,
+                     "zb-v": zb_v_schedule}
 
 
 def builtin_schedule(name: str, num_stages: int, microbatches: int,
                      devices: Sequence[str] | None = None) -> list[list[Action]]:
     """The built-in schedule ``name`` for ``num_stages`` stages on ``devices`` (one name per
-    stage; ``interleaved-1f1b`` needs stage ``k`` on the ``k % D``-th distinct device)."""
+    stage; ``interleaved-1f1b`` needs stage ``k`` on the ``k % D``-th distinct device,
+    ``zb-v`` stages ``k`` and ``K - 1 - k`` on the ``k``-th)."""
     maker = BUILTIN_SCHEDULES.get(name.lower())
     if maker is None:
         raise GradSplitError(
@@ -222,6 +287,16 @@ def builtin_schedule(name: str, num_stages: int, microbatches: int,
             f"{', '.join(repr(n) for n in BUILTIN_SCHEDULES)}, or a list with one list "
             f"of Action(kind, stage, microbatch) per device."
         )
+    if maker is zb_v_schedule:
+        named = list(devices or [None] * num_stages)
+        half = num_stages // 2
+        if num_stages % 2 == 0 and (len(set(named[:half])) < half or any(
+                named[k] != named[num_stages - 1 - k] for k in range(half))):
+            raise GradSplitError(
+                f"zb-v runs stage k and stage K-1-k on one device, a V; devices {named} do "
+                f"not. Name {half} distinct devices down and back up (e.g. devices=[d0, d1, "
+                "d1, d0] for 4 stages on 2 devices).")
+        return maker(num_stages, microbatches)
     if maker is not interleaved_one_f_one_b_schedule:
         return maker(num_stages, microbatches)
     distinct = list(dict.fromkeys(devices or [None] * num_stages))

@@ -40,14 +40,18 @@ from gradsplit_compiler.run.schedules import (
     ideal_idle_fraction,
     interleaved_one_f_one_b_schedule,
     one_f_one_b_schedule,
+    simulate,
+    timed_schedule,
     validate_schedule,
     zb_h1_schedule,
+    zb_v_schedule,
 )
 from gradsplit_compiler.show.timeline import plot_simulation
 
 TOL = 1e-12
 BATCH, WIDTH, M = 8, 4, 4
 TWO_DEVICES_TWICE = ["/CPU:0", "/CPU:1", "/CPU:0", "/CPU:1"]
+TWO_DEVICES_IN_A_V = ["/CPU:0", "/CPU:1", "/CPU:1", "/CPU:0"]  # zb-v: stages 0 and 3 share
 
 
 def _chain(k: int) -> Dependencies:
@@ -84,12 +88,14 @@ def model():
 
 
 RUNS = [("zb-h1", False), ("zb-h1", True), ("interleaved-1f1b", False),
-        ("interleaved-1f1b", [0, 3]), ("1f1b", [True, False, True, False])]
+        ("interleaved-1f1b", [0, 3]), ("1f1b", [True, False, True, False]),
+        ("zb-v", [0, 3])]  # the first and last stage, sharing E and a device, rematerialised
 
 
 @pytest.mark.parametrize("schedule, remat", RUNS)
 def test_step_gives_the_split_s_and_the_tape_s_gradient(model, schedule, remat):
-    devices = TWO_DEVICES_TWICE if schedule == "interleaved-1f1b" else cpu_devices(4)
+    devices = {"interleaved-1f1b": TWO_DEVICES_TWICE, "zb-v": TWO_DEVICES_IN_A_V}.get(
+        schedule, cpu_devices(4))
     pipe = gsc.pipeline(model.split, M, schedule, devices, loss_reduction="mean",
                         remat=remat)
     value, grads = pipe.step(*model.args)
@@ -97,8 +103,8 @@ def test_step_gives_the_split_s_and_the_tape_s_gradient(model, schedule, remat):
     assert_matches(value, grads, tape_value_and_gradients(model.loss, model.split.variables,
                                                           model.args), TOL, "tape")
     kinds = {e.kind for e in pipe.timeline()}
-    assert kinds == ({"F", "B", "W"} if schedule == "zb-h1" else {"F", "B"})
-    assert len(pipe.schedule) == (2 if schedule == "interleaved-1f1b" else 4)
+    assert kinds == ({"F", "B", "W"} if schedule.startswith("zb") else {"F", "B"})
+    assert len(pipe.schedule) == (4 if schedule in ("zb-h1", "1f1b") else 2)
 
 
 def test_zb_h1_runs_b_and_w_in_the_schedule_s_order_and_draws_them(model, tmp_path):
@@ -159,6 +165,40 @@ def test_train_steps_equal_the_optimizer_on_tape_gradients(schedule, devices, re
 
 
 # -- schedules as data ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d, m", [(2, 2), (2, 5), (3, 4), (4, 4), (4, 8), (4, 16)])
+def test_zb_v_is_busy_from_first_to_last_action_at_1f1b_s_peak_memory(d, m):
+    """ZB-V on D devices (2D stages, device d holding stages d and 2D-1-d): with equal-time
+    F, B and W one step takes 6M + D - 1 units, each device idling only D - 1 of them (the
+    ramp: device d waits d units for its first forward), and each holds at most 2D
+    micro-batch-stages of residuals: 1F1B's peak on D devices of two such stages each."""
+    k = 2 * d
+    schedule = zb_v_schedule(k, m)
+    assert [{a.stage for a in actions} for actions in schedule] == [
+        {s, k - 1 - s} for s in range(d)]
+    times = timed_schedule(schedule, _chain(k), {"F": 1, "B": 1, "W": 1})
+    span = max(end for _, end in times.values())
+    assert span == 6 * m + d - 1
+    for device, actions in enumerate(schedule):
+        assert len(actions) == 6 * m  # so D - 1 units idle
+        assert min(times[a][0] for a in actions) == device
+    assert ideal_idle_fraction(schedule, _chain(k)) == pytest.approx((d - 1) / (6 * m + d - 1))
+    residuals = simulate(schedule, _chain(k), {"F": 1, "B": 1, "W": 1},
+                         residual_bytes=[1] * k, weight_input_bytes=[0] * k).peak_live_bytes
+    one_f_one_b = simulate(one_f_one_b_schedule(d, m), _chain(d), {"F": 1, "B": 2},
+                           residual_bytes=[2] * d).peak_live_bytes  # a stage: two of these
+    assert max(residuals) <= max(one_f_one_b) == 2 * min(d, m)
+
+
+def test_zb_v_needs_an_even_number_of_stages_and_devices_in_a_v(model):
+    with pytest.raises(GradSplitError, match=r"zb-v puts two stages on each device, stage d and "
+                                             r"stage K-1-d; the 3 stages are an odd number"):
+        zb_v_schedule(3, 4)
+    with pytest.raises(GradSplitError, match=r"zb-v runs stage k and stage K-1-k on one device, "
+                                             r"a V; devices .* do not\. Name 2 distinct devices "
+                                             r"down and back up"):
+        gsc.pipeline(model.split, M, "zb-v", TWO_DEVICES_TWICE, loss_reduction="mean")
 
 
 @pytest.mark.parametrize("k, m", [(2, 2), (4, 4), (4, 8), (3, 12)])

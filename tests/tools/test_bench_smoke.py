@@ -50,9 +50,11 @@ def test_a_run_of_some_figures_replaces_only_their_sections():
 
 def test_each_schedules_simulated_idle_share_is_its_papers_formula():
     """Figure 9's first table: with equal-time actions the simulator gives GPipe's and
-    1F1B's (K-1)/(M+K-1), ZB-H1's (K-1)/(3M+K-1) and interleaved 1F1B's (K-1)/(vM+K-1)."""
+    1F1B's (K-1)/(M+K-1), ZB-H1's (K-1)/(3M+K-1), interleaved 1F1B's (K-1)/(vM+K-1) and
+    ZB-V's (K-1)/(6M+K-1)."""
     rows = _bench().schedule_idle_rows(4, 2, (4, 8, 16))
-    assert [name for name, _, _ in rows] == ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"]
+    assert [name for name, _, _ in rows] == ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b",
+                                             "zb-v"]
     for name, _, cells in rows:
         for simulated, formula in cells:
             assert abs(simulated - formula) < 1e-12, name
