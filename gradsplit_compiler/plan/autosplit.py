@@ -1268,11 +1268,14 @@ def _memory_refusal(gr: _Groups, ix: _Indexed, order: np.ndarray, cand: np.ndarr
                 for r, rr in zip(plain, rematerialised)]
         return _fewest_bytes_ends(cand.astype(np.float64), None, k, ends)
 
-    lo, hi = 0.0, plain_smallest
+    # The smallest limit with remat allowed: at most the plain one, and at least that over
+    # the most micro-batches in flight (a stage's plain need is at most that many times its
+    # need rematerialised). Bisected to 0.1%, unless remat helps nowhere near it.
+    lo, hi = plain_smallest / max(in_flight), plain_smallest
     cuts = plan_at(hi)
-    for _ in range(40):  # the smallest limit with remat allowed: at most the plain one
-        if hi - lo <= max(1.0, 1e-4 * hi):
-            break
+    if plan_at(hi * (1 - 1e-3)) is None:
+        lo = hi
+    while hi - lo > max(1.0, 1e-3 * hi):
         mid = 0.5 * (lo + hi)
         found = plan_at(mid)
         if found is not None:
