@@ -193,7 +193,9 @@ def test_zb_v_is_busy_from_first_to_last_action_at_1f1b_s_peak_memory(d, m):
 
 def test_zb_v_needs_an_even_number_of_stages_and_devices_in_a_v(model):
     with pytest.raises(GradSplitError, match=r"zb-v puts two stages on each device, stage d and "
-                                             r"stage K-1-d; the 3 stages are an odd number"):
+                                             r"stage K-1-d; the 3 stages are an odd number\. "
+                                             r"Cut into an even number of stages, or use "
+                                             r"schedule='zb-h1'\."):
         zb_v_schedule(3, 4)
     with pytest.raises(GradSplitError, match=r"zb-v runs stage k and stage K-1-k on one device, "
                                              r"a V; devices .* do not\. Name 2 distinct devices "
