@@ -220,20 +220,30 @@ class PipelineModel(keras.Model):
         loss, y_pred = pipe.train_step(*flat)
         self._run.stale = True
         self._run.last = pipe
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss, sample_weight=batch)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._update_metrics("train", loss, batch, x, y, y_pred, sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
         pipe = self._forward_pipeline_for("test", flat, structure)
         loss, y_pred = pipe.forward(*flat)
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss, sample_weight=int(flat[0].shape[0]))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._update_metrics("test", loss, int(flat[0].shape[0]), x, y, y_pred,
+                                    sample_weight)
+
+    def _update_metrics(self, kind: str, loss, batch: int, x, y, y_pred, sample_weight):
+        """The loss tracker (weighted by the batch size) and the compiled metrics updated,
+        and every metric's result, as one traced function per ``kind`` (eagerly, each
+        update is tens of small operations a step)."""
+        function = self._run.metrics.get(kind)
+        if function is None:
+            def update(loss, batch, x, y, y_pred, sample_weight):
+                for metric in self.metrics:
+                    if metric.name == "loss":
+                        metric.update_state(loss, sample_weight=batch)
+                return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+            function = self._run.metrics[kind] = tf.function(update, reduce_retracing=True)
+        return function(loss, tf.constant(batch, loss.dtype), x, y, y_pred, sample_weight)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -509,6 +519,7 @@ class _RunState:
         self.last = None         # the pipeline of the last training step
         self.forward: dict = {}  # forward-only pipelines of evaluate and predict
         self.checked_batch = True  # fit sets it to False: its first batch is checked
+        self.metrics: dict = {}  # traced metric updates of training and evaluation
 
 
 def _with_count(pipe, microbatches: int, batch: int):
