@@ -73,14 +73,16 @@ class PipelineModel(keras.Model):
         the whole model, which micro-batches still divide: gradient accumulation).
     num_stages : int, optional
         Instead of ``cuts``: ``gsc.auto_split`` chooses them (``1``: one stage).
-    microbatches, schedule, devices, jit_compile, timeout
-        As for ``gsc.pipeline``.
+    microbatches, schedule, devices, jit_compile, timeout, one_program
+        As for ``gsc.pipeline`` (with every stage on one device, a training step is one
+        XLA program unless ``one_program=False``).
     """
 
     def __init__(self, model: Any, cuts: Sequence[str] | None = None,
                  num_stages: int | None = None, microbatches: int = 1,
                  schedule: str = "1f1b", devices: Sequence[str] | None = None, *,
-                 jit_compile: bool = True, timeout: float | None = None, name: str | None = None):
+                 jit_compile: bool = True, timeout: float | None = None,
+                 one_program: bool | None = None, name: str | None = None):
         if not isinstance(model, keras.Model):
             raise GradSplitError(
                 f"PipelineModel wraps a keras.Model; got {type(model).__name__}.")
@@ -120,6 +122,7 @@ class PipelineModel(keras.Model):
         self.stage_devices = None if devices is None else list(devices)
         self.pipeline_jit_compile = jit_compile
         self.timeout = timeout
+        self.one_program = one_program
         self._run = _RunState()
         self.built = True
 
@@ -323,7 +326,8 @@ class PipelineModel(keras.Model):
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
             pipe = pipeline(split, self.microbatches, self.schedule, self.stage_devices,
                                 loss_reduction=self.loss_reduction, optimizer=optimizer,
-                                jit_compile=self.pipeline_jit_compile, timeout=self.timeout)
+                                jit_compile=self.pipeline_jit_compile, timeout=self.timeout,
+                                one_program=self.one_program)
             self._run.state = pipe.training_state
             if self.optimizer.built:  # state restored into the model (BackupAndRestore)
                 self._sync_from_model()
