@@ -5,7 +5,7 @@
 # TF=gpu` for the CUDA build.
 
 PYTHON      ?= python3
-PYTEST_ARGS ?= -n 2 --dist worksteal -q
+PYTEST_ARGS ?= -n 2 --dist worksteal -q --durations=25
 VENV        := .venv
 BIN         := $(VENV)/bin
 TF          ?= cpu

@@ -78,14 +78,16 @@ class PipelineModel(keras.Model):
         ``memory_limit``, at the micro-batch size of the first batch ``fit`` trains on, with
         ``microbatches`` in flight as 1F1B keeps them). The training pipeline
         rematerialises the stages the plan chose (``split.plan.remat``).
-    microbatches, schedule, devices, jit_compile, timeout
-        As for ``gsc.pipeline``.
+    microbatches, schedule, devices, jit_compile, timeout, one_program
+        As for ``gsc.pipeline`` (with every stage on one device, a training step is one
+        XLA program unless ``one_program=False``).
     """
 
     def __init__(self, model: Any, cuts: Sequence[str] | None = None,
                  num_stages: int | None = None, microbatches: int = 1,
                  schedule: str = "1f1b", devices: Sequence[str] | None = None, *,
-                 jit_compile: bool = True, timeout: float | None = None, name: str | None = None,
+                 jit_compile: bool = True, timeout: float | None = None,
+                 one_program: bool | None = None, name: str | None = None,
                  memory_limit: float | None = None):
         if not isinstance(model, keras.Model):
             raise GradSplitError(
@@ -131,6 +133,7 @@ class PipelineModel(keras.Model):
         self.stage_devices = None if devices is None else list(devices)
         self.pipeline_jit_compile = jit_compile
         self.timeout = timeout
+        self.one_program = one_program
         self._run = _RunState()
         self.built = True
 
@@ -231,20 +234,30 @@ class PipelineModel(keras.Model):
         loss, y_pred = pipe.train_step(*flat)
         self._run.stale = True
         self._run.last = pipe
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss, sample_weight=batch)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._update_metrics("train", loss, batch, x, y, y_pred, sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         flat, structure = _flatten(x, y, sample_weight)
         pipe = self._forward_pipeline_for("test", flat, structure)
         loss, y_pred = pipe.forward(*flat)
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss, sample_weight=int(flat[0].shape[0]))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._update_metrics("test", loss, int(flat[0].shape[0]), x, y, y_pred,
+                                    sample_weight)
+
+    def _update_metrics(self, kind: str, loss, batch: int, x, y, y_pred, sample_weight):
+        """The loss tracker (weighted by the batch size) and the compiled metrics updated,
+        and every metric's result, as one traced function per ``kind`` (eagerly, each
+        update is tens of small operations a step)."""
+        function = self._run.metrics.get(kind)
+        if function is None:
+            def update(loss, batch, x, y, y_pred, sample_weight):
+                for metric in self.metrics:
+                    if metric.name == "loss":
+                        metric.update_state(loss, sample_weight=batch)
+                return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+            function = self._run.metrics[kind] = tf.function(update, reduce_retracing=True)
+        return function(loss, tf.constant(batch, loss.dtype), x, y, y_pred, sample_weight)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -328,7 +341,8 @@ class PipelineModel(keras.Model):
             optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
             pipe = pipeline(split, self.microbatches, self.schedule, self.stage_devices,
                                 loss_reduction=self.loss_reduction, optimizer=optimizer,
-                                jit_compile=self.pipeline_jit_compile, timeout=self.timeout)
+                                jit_compile=self.pipeline_jit_compile, timeout=self.timeout,
+                                one_program=self.one_program)
             self._run.state = pipe.training_state
             if self.optimizer.built:  # state restored into the model (BackupAndRestore)
                 self._sync_from_model()
@@ -524,6 +538,7 @@ class _RunState:
         self.last = None         # the pipeline of the last training step
         self.forward: dict = {}  # forward-only pipelines of evaluate and predict
         self.checked_batch = True  # fit sets it to False: its first batch is checked
+        self.metrics: dict = {}  # traced metric updates of training and evaluation
 
 
 def _with_count(pipe, microbatches: int, batch: int):

@@ -85,6 +85,7 @@ from gradsplit_compiler.run.engine import (
     measured_idle_fraction,
 )
 from gradsplit_compiler.run.faults import RESTART, RESTART_AND_RESTORE
+from gradsplit_compiler.run.fused import ONE_PROGRAM, OneProgramStep
 from gradsplit_compiler.run.schedules import (
     BACKWARD,
     BUILTIN_SCHEDULES,
@@ -112,7 +113,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
              optimizer: Any = None, clip_global_norm: float | None = None,
              on_nonfinite: str = "raise", jit_compile: bool = True,
              timeout: float | None = None, shares_state_with: Pipeline | None = None,
-             remat: Any = None) -> Pipeline:
+             remat: Any = None, one_program: bool | None = None) -> Pipeline:
     """Run ``split`` as a pipeline of ``microbatches`` micro-batches.
 
     Parameters
@@ -178,6 +179,15 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         the weights being trained, nothing written back). Stage ``k`` runs on that
         pipeline's ``devices[k]`` unless ``devices`` says otherwise, and each variable it
         reads must be held on its device there: cut both programs at the same places.
+    one_program : bool, optional
+        With ``optimizer``, when every stage runs on one device of this process, there is
+        nothing to overlap: ``train_step`` then runs the whole step (every micro-batch's
+        forwards and backwards, the gradient sums, the check, clipping and update) as one
+        program, one XLA program under ``jit_compile``, instead of one program per action
+        and thread hand-offs between them. Same results up to rounding; its timeline is
+        one event of kind ``"S"``. ``None`` (default): so whenever it applies (not with
+        ``remat``); ``False``: one program per action (a per-action timeline);
+        ``True``: insist (refused where it does not apply).
 
     Returns
     -------
@@ -194,7 +204,8 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
                     optimizer=optimizer, clip_global_norm=clip_global_norm,
                     on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout,
-                    shares_state_with=shares_state_with, remat=remat)
+                    shares_state_with=shares_state_with, remat=remat,
+                    one_program=one_program)
 
 
 class IdleFraction(NamedTuple):
@@ -224,7 +235,7 @@ class Pipeline:
                  optimizer: Any = None, clip_global_norm: float | None = None,
                  on_nonfinite: str = "raise", jit_compile: bool = True,
                  timeout: float | None = None, shares_state_with: Pipeline | None = None,
-                 remat: Any = None):
+                 remat: Any = None, one_program: bool | None = None):
         if not isinstance(split, Split):
             raise GradSplitError(
                 f"pipeline needs a gsc.Split (from gsc.split); got {type(split).__name__}."
@@ -322,10 +333,38 @@ class Pipeline:
             aux_names=tuple(split.output_names[1:]),
             after_fault=RESTART if optimizer is None else RESTART_AND_RESTORE,
             split_backward=split_backward)
+        self._one_program = self._one_program_step(one_program)
         self._last: StepRecord | None = None
         self._last_batch: int | None = None
         self._reduction_checked = False
         self._shares_state = shares_state_with is not None
+
+    def _one_program_step(self, wanted: bool | None) -> OneProgramStep | None:
+        """The step as one program (``fused.OneProgramStep``) when ``one_program`` asks for
+        it or leaves it open and it applies; refuses ``one_program=True`` where it does
+        not."""
+        if wanted not in (None, True, False):
+            raise GradSplitError(
+                f"one_program must be True, False or None (decide by the devices); got "
+                f"{wanted!r}.")
+        if wanted is False:
+            return None
+        devices = set(self.devices)
+        why = ("it needs optimizer= (train_step runs as one program; step() runs per action)"
+               if self._training is None else
+               "the stages run on several devices" if len(devices) > 1 else
+               f"{self.devices[0]} is a task of a cluster" if is_remote(self.devices[0]) else
+               "remat= keeps a stage's residuals small by running its forward again in its "
+               "own backward program" if any(self.remat) else None)
+        if why is None:
+            return OneProgramStep(self.split, self._training, self.microbatches,
+                                  self.loss_reduction, self.jit_compile, self._plan.home)
+        if wanted:
+            raise GradSplitError(
+                f"one_program=True runs a training step as one program on the one device "
+                f"that holds every stage, but {why}. Leave one_program unset (None) to use "
+                "it only where it applies.")
+        return None
 
     def __repr__(self) -> str:
         return (
@@ -421,8 +460,11 @@ class Pipeline:
             )
         run, restore = self._run_schedule(args, "train_step")
         try:
-            outcome = self._training.update(run.stage_gradients(), run.count,
-                                            self._plan.runners)
+            if self._one_program is not None:
+                outcome = self._training.after_one_program(run.finite_each)
+            else:
+                outcome = self._training.update(run.stage_gradients(), run.count,
+                                                self._plan.runners)
         except BaseException as exc:
             self._undo(restore, exc)
             raise
@@ -468,7 +510,12 @@ class Pipeline:
             plan = replace(plan, forward_only=True, schedule=[
                 [Action(FORWARD, k, m) for m in range(self.microbatches)]
                 for k in range(self.num_stages)])
-        run = StepRun(plan, per_microbatch, seed_scale)
+        if caller == "train_step" and self._one_program is not None:
+            scale = self._training.loss_scale
+            run = self._one_program.run(per_microbatch, seed_scale,
+                                        1.0 if scale is None else scale.value)
+        else:
+            run = StepRun(plan, per_microbatch, seed_scale)
         try:
             run.execute()
             if not self._reduction_checked and not forward_only:
@@ -584,6 +631,10 @@ class Pipeline:
             microbatches=microbatches, schedule=schedule, _last=None,
             _ideal_idle=ideal_idle_fraction(schedule, self._plan.dependencies),
             _plan=replace(self._plan, schedule=schedule, microbatches=microbatches))
+        if self._one_program is not None:
+            twin._one_program = OneProgramStep(
+                self.split, self._training, microbatches, self.loss_reduction,
+                self.jit_compile, self._plan.home)
         return twin
 
     def _state(self, what: str) -> TrainingState:
@@ -689,6 +740,13 @@ class Pipeline:
         ``durations`` give it, or, from measured times, the fused backward's half (and ``B``
         the other half)."""
         record = self._last_run()
+        if any(e.kind == ONE_PROGRAM for e in record.events) and (
+                durations is None or latency is None):
+            raise GradSplitError(
+                "the last step ran as one program (every stage on one device, see "
+                "one_program=): it has no time per action to simulate from. Pass durations= "
+                "(e.g. {'F': 1.0, 'B': 2.0}) and latency=, or build the pipeline with "
+                "one_program=False and run a step.")
         if latency is None:
             latency = measured_latency(self.schedule, self._plan.dependencies, {
                 Action(e.kind, e.stage, e.microbatch): (e.start, e.end)

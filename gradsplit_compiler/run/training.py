@@ -302,7 +302,7 @@ class TrainingState:
                 scalars = tf.constant([dynamic, self.seed_scale], tf.float64)
                 count("scalars", scalars, None)
                 with tf.device(state.device):
-                    _, finite = fn([totals[i] for i in state.trainable], scalars)
+                    finite, _ = fn([totals[i] for i in state.trainable], scalars)
                 count("scalars", finite, None)
                 return totals, (0.0, bool(finite))
 
@@ -427,9 +427,12 @@ class TrainingState:
         clip = self.clip_global_norm
 
         def body(grads, scalars):  # scalars: the dynamic loss scale, the seed's whole scale
-            norm_sq, finite = _norm_and_finite(grads)
+            finite_each = _finite_each(grads)
+            finite = tf.reduce_all(finite_each)
             factor = tf.constant(1.0, tf.float64)
             if clip is not None:
+                norm_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float64)))
+                                    for g in grads])
                 global_norm = tf.sqrt(norm_sq) / scalars[1]
                 factor = clip / tf.maximum(global_norm, clip)
 
@@ -438,8 +441,35 @@ class TrainingState:
                 return tf.constant(True)
 
             tf.cond(finite, update, lambda: tf.constant(False))
-            return norm_sq, finite
+            return finite, finite_each
         return body
+
+    def update_in_program(self):
+        """The check, the clipping and the update of the one device's optimizer as a function
+        to call inside a program being traced (``fused.OneProgramStep``):
+        ``update(grads, scalars) -> finite_each``, ``grads`` aligned with the device's
+        trainable variables, ``scalars`` (float64) the dynamic loss scale and the seed's
+        whole scale; it updates only if every gradient is finite."""
+        body = self._fused_body(self.states[0])
+
+        def update(grads, scalars):
+            return body(grads, scalars)[1]
+        return update
+
+    def after_one_program(self, finite_each: Sequence[bool]) -> str | None:
+        """What ``update`` does after its program, for a step that ran as one program with
+        ``update_in_program``: move the loss scale, count a skipped step (``"skipped"``),
+        or refuse a non-finite gradient naming its variable."""
+        if all(finite_each):
+            if self.loss_scale is not None:
+                self.loss_scale.after_step(finite=True)
+            return None
+        if self.loss_scale is not None:
+            self.loss_scale.after_step(finite=False)
+            self.skipped_steps += 1
+            return "skipped"
+        return self._refuse_nonfinite([i for i, ok in zip(self.states[0].trainable,
+                                                            finite_each) if not ok])
 
     def _function(self, state: DeviceState, body):
         function = tf.function(body, jit_compile=self.jit_compile)
@@ -453,8 +483,12 @@ class TrainingState:
         return function
 
     def _nonfinite(self, totals: dict[int, tf.Tensor]):
-        bad = [i for i in sorted(totals) if not bool(tf.reduce_all(tf.math.is_finite(
-            totals[i])))]
+        return self._refuse_nonfinite([i for i in sorted(totals) if not bool(
+            tf.reduce_all(tf.math.is_finite(totals[i])))])
+
+    def _refuse_nonfinite(self, bad: list[int]):
+        """``"skipped"`` (counted) or a ``GradSplitError`` naming the first of the variables
+        ``bad`` whose gradient is not finite."""
         if self.on_nonfinite == "skip":
             self.skipped_steps += 1
             return "skipped"
@@ -725,8 +759,11 @@ def _check_written(split: Split, devices: Sequence[str], readers: dict[int, list
 
 def _norm_and_finite(grads):
     norm_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float64))) for g in grads])
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
-    return norm_sq, finite
+    return norm_sq, tf.reduce_all(_finite_each(grads))
+
+
+def _finite_each(grads):
+    return tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
 
 
 def plain_variable(variable: Any) -> tf.Variable:

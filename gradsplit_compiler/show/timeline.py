@@ -24,14 +24,16 @@ from typing import Any
 
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.engine import TimelineEvent
+from gradsplit_compiler.run.fused import ONE_PROGRAM
 from gradsplit_compiler.run.schedules import BACKWARD, FORWARD, WEIGHT
 
 __all__ = ["CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation", "plot_timeline",
            "write_chrome_trace"]
 
 # Chrome trace category and Gantt chart hatch of each action kind.
-CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight"}
-HATCHES = {FORWARD: None, BACKWARD: "///", WEIGHT: "..."}
+CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight",
+              ONE_PROGRAM: "step as one program"}
+HATCHES = {FORWARD: None, BACKWARD: "///", WEIGHT: "...", ONE_PROGRAM: "xx"}
 
 
 def chrome_trace(events: Sequence[Any], labels: Sequence[str], *, microbatches: int) -> dict:
@@ -115,6 +117,9 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     if WEIGHT in kinds:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="...",
                              label="weight gradients (W)"))
+    if ONE_PROGRAM in kinds:  # a step run as one program: no forwards or backwards apart
+        handles = [Patch(facecolor="white", edgecolor="black", hatch="xx",
+                         label="the whole step, one program")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     path = os.fspath(path)

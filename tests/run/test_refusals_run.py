@@ -279,3 +279,42 @@ def test_connect_to_a_local_cluster_whose_worker_died():
         with pytest.raises(GradSplitError, match=r"cannot connect: worker tasks \[0\] are not "
                                                  r"running\."):
             cluster.connect()
+
+
+@pytest.mark.parametrize("options, why", [
+    ({}, r"it needs optimizer= \(train_step runs as one program; step\(\) runs per action\)"),
+    ({"devices": ["/CPU:0", "/CPU:1"], "optimizer": "sgd"},
+     "the stages run on several devices"),
+    ({"devices": ["/CPU:0"] * 2, "optimizer": "sgd", "remat": True},
+     "remat= keeps a stage's residuals small by running its forward again"),
+])
+def test_one_program_where_it_does_not_apply(two, options, why):
+    import keras
+
+    _, split = two
+    if options.get("optimizer"):
+        options = dict(options, optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(GradSplitError, match=r"one_program=True runs a training step as one "
+                                             r"program on the one device that holds every "
+                                             r"stage, but " + why) as e:
+        _pipe(split, one_program=True, **options)
+    assert "Leave one_program unset (None) to use it only where it applies." in str(e.value)
+    with pytest.raises(GradSplitError, match=r"one_program must be True, False or None "
+                                             r"\(decide by the devices\); got 'yes'"):
+        _pipe(split, one_program="yes")
+
+
+def test_simulating_a_step_that_ran_as_one_program(two):
+    import keras
+
+    case, split = two
+    pipe = _pipe(split, devices=["/CPU:0"] * 2, optimizer=keras.optimizers.SGD(0.1))
+    pipe.train_step(*case.make_args(np.random.default_rng(5), 4))
+    assert [e.kind for e in pipe.timeline()] == ["S"]
+    with pytest.raises(GradSplitError, match=r"the last step ran as one program \(every stage "
+                                             r"on one device, see one_program=\): it has no "
+                                             r"time per action to simulate from"):
+        pipe.simulate()
+    predicted = pipe.simulate({"F": 1.0, "B": 2.0}, latency=0.0)
+    # the schedule per action, as the stages would run apart: GPipe's (M + K - 1)(F + B)
+    assert predicted.step_time == pytest.approx((2 + 2 - 1) * (1.0 + 2.0))

@@ -284,17 +284,25 @@ class CountingModel:
         return tf.reduce_mean(tf.tanh(h @ self.w1) ** 2)
 
 
-def test_variables_the_program_assigns_live_on_their_stage():
+@pytest.mark.parametrize("devices", [DEVICES[:2], ["/CPU:1"] * 2],
+                         ids=["two-devices", "one-device-one-program"])
+def test_variables_the_program_assigns_live_on_their_stage(devices):
     model = CountingModel()
     split = gsc.split(model.loss, [tf.TensorSpec([None, WIDTH], tf.float64)], cuts=["h"])
     assert [v.name for v in split.trainable_variables] == ["w0:0", "w1:0"]
-    pipe = gsc.pipeline(split, 1, "1f1b", DEVICES[:2], loss_reduction="mean",
+    pipe = gsc.pipeline(split, 1, "1f1b", devices, loss_reduction="mean",
                         optimizer=keras.optimizers.SGD(0.1))
     xs = [x for x, _ in _batches(4, seed=18)]
     for x in xs:
         pipe.train_step(x)
     assert model.mean.numpy().max() == 0.0  # the user's variable is not touched
     resident = _resident(pipe, split)
+    # a step with a non-finite gradient puts back the running mean it had assigned (NaN)
+    with pytest.raises(GradSplitError, match="is not finite"):
+        pipe.train_step(np.full_like(xs[0], np.nan))
+    for name, value in _resident(pipe, split).items():
+        np.testing.assert_array_equal(value, resident[name])
+    assert pipe.iterations == 4
     optimizer = keras.optimizers.SGD(0.1)
     for x in xs:
         with tf.GradientTape() as tape:
@@ -643,9 +651,13 @@ def test_sharing_state_needs_a_training_pipeline_cut_alike(small_split):
                      shares_state_with=trained)
 
 
-def test_one_device_checks_clips_and_updates_in_one_program():
-    """Every stage on one device: the finiteness check, the clipping and the update run as
-    one program (no round trip in between), with the same results as the tape."""
+@pytest.mark.parametrize("one_program", [None, False], ids=["whole-step", "update"])
+def test_one_device_checks_clips_and_updates_in_one_program(one_program):
+    """Every stage on one device: by default the whole step (two micro-batches' forwards and
+    backwards, the finiteness check, the clipping and the update) runs as one program;
+    with one_program=False each action is a program, and the check, the clipping and the
+    update one more (no round trip in between). The same results as the tape either way,
+    and a non-finite gradient refused with nothing changed."""
     model = TiedModel(seed=33)
     split = model.split()
     batches = _batches(6, seed=34)
@@ -653,10 +665,15 @@ def test_one_device_checks_clips_and_updates_in_one_program():
         loss = model.loss(*map(tf.constant, batches[0]))
     clip = float(tf.linalg.global_norm(tape.gradient(loss, split.trainable_variables))) / 3
     pipe = gsc.pipeline(split, 2, "gpipe", ["/CPU:1"] * 4, loss_reduction="mean",
-                        optimizer=keras.optimizers.Adam(0.02), clip_global_norm=clip)
+                        optimizer=keras.optimizers.Adam(0.02), clip_global_norm=clip,
+                        one_program=one_program)
     losses = [float(pipe.train_step(x, y)) for x, y in batches]
     (state,) = pipe.training_state.states
-    assert set(state.functions) == {"fused"}
+    if one_program is None:
+        assert [e.kind for e in pipe.timeline()] == ["S"] and not state.functions
+    else:
+        assert set(state.functions) == {"fused"}
+        assert {e.kind for e in pipe.timeline()} == {"F", "B"}
     expected = _tape_training(model, keras.optimizers.Adam(0.02), batches, clip=clip)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
     resident = _resident(pipe, split)

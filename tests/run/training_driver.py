@@ -116,8 +116,10 @@ def train() -> dict:
         with tf.GradientTape() as tape:
             first = model.loss(*map(tf.constant, data[0]))
         norm = float(tf.linalg.global_norm(tape.gradient(first, split.trainable_variables)))
-        plans = [(name, schedule, None) for name in sorted(OPTIMIZERS)
-                 for schedule in ("gpipe", "1f1b")]
+        # every optimizer once, both schedules (each schedule's equality with the tape on
+        # logical devices is tested per optimizer in test_training.py)
+        plans = [(name, ("gpipe", "1f1b")[i % 2], None)
+                 for i, name in enumerate(sorted(OPTIMIZERS))]
         plans.append(("adam", "1f1b", norm / 3))  # every step clipped
         for name, schedule, clip in plans:
             pipe = gsc.pipeline(split, 4, schedule, devices, loss_reduction="mean",
