@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from gradsplit_compiler._tf_internal import connected_server_def
 from gradsplit_compiler.core.split import Split
+from gradsplit_compiler.core.stage import StagePrograms
 from gradsplit_compiler.errors import GradSplitError
 
 __all__ = [
@@ -232,8 +233,8 @@ def stage_runner(split: Split, stage: Any, device: str,
                 made = programs
             else:
                 forward, backward = stage.compiled(jit_compile, variables)
-                made = programs._replace(**dict(zip(
-                    ("forward", "backward"), _remote_callable(stage, forward, backward))))
+                made = StagePrograms(*_remote_callable(stage, forward, backward),
+                                     programs.backward_input, programs.backward_weight)
             wrappers["stages"][key] = made
             _KEEP_ALIVE.append(made)
         forward, backward, backward_input, backward_weight = wrappers["stages"][key]
