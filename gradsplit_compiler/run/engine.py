@@ -37,7 +37,8 @@ from gradsplit_compiler.run.faults import (
 )
 from gradsplit_compiler.run.schedules import FORWARD, WEIGHT, Action, Dependencies
 
-__all__ = ["ALLREDUCE", "StepPlan", "StepRecord", "StepRun", "TimelineEvent", "measured_idle_fraction"]
+__all__ = ["ALLREDUCE", "StepPlan", "StepRecord", "StepRun", "TimelineEvent",
+           "measured_idle_fraction"]
 
 
 # The kind of a timeline event that is no action of a schedule: a stage's gradients

@@ -261,7 +261,7 @@ class GridPipeline:
             return error
         where = ", ".join(f"stage {k} on {device_label(row[r])}"
                           for k, row in enumerate(self.devices))
-        named = GradSplitError(f"replica {r} of the grid ({where}): {error}")
+        named = GradSplitError(f"replica {r} of the grid failed ({where}): {error}")
         named.__cause__ = error.__cause__
         return named
 

@@ -26,8 +26,8 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.engine import ALLREDUCE, TimelineEvent
 from gradsplit_compiler.run.schedules import BACKWARD, FORWARD, WEIGHT
 
-__all__ = ["ALLREDUCE_COLOUR", "CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation", "plot_timeline",
-           "write_chrome_trace"]
+__all__ = ["ALLREDUCE_COLOUR", "CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation",
+           "plot_timeline", "write_chrome_trace"]
 
 # Chrome trace category and Gantt chart hatch of each action kind.
 CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight",
