@@ -167,10 +167,11 @@ class GridPipeline:
             together=self._steps > 0)
         failed = [(r, out) for r, out in enumerate(outcomes) if isinstance(out, BaseException)]
         if failed:
+            error = self._replica_error(*self._first_failure(failed))
             for r, out in enumerate(outcomes):
                 if not isinstance(out, BaseException):
-                    self.replicas[r].undo_share(out[1], failed[0][1])
-            raise self._replica_error(*failed[0])
+                    self.replicas[r].undo_share(out[1], error)
+            raise error
         runs = [run for run, _ in outcomes]
         restores = [restore for _, restore in outcomes]
 
@@ -189,7 +190,7 @@ class GridPipeline:
                 reduced[r], runs[r].count, self.replicas[r].runners), together=True)
         failed = [(r, out) for r, out in enumerate(updates) if isinstance(out, BaseException)]
         if failed:
-            error = self._replica_error(*failed[0])
+            error = self._replica_error(*self._first_failure(failed))
             undo(error)
             raise error
         if updates[0] == "skipped":
@@ -253,6 +254,18 @@ class GridPipeline:
         for t in threads:
             t.join()
         return results
+
+    def _first_failure(self, failed: list[tuple[int, BaseException]]
+                       ) -> tuple[int, BaseException]:
+        """Of the replicas that failed, one that ran on a task of a cluster that is gone:
+        when a task dies, this process's calls to the other tasks can fail too, and the
+        replica whose own task died is the news. Else the first."""
+        if len(failed) == 1 or not any(is_remote(d) for row in self.devices for d in row):
+            return failed[0]
+        for r, error in failed:
+            if any(refuses_connections(row[r]) for row in self.devices):
+                return r, error
+        return failed[0]
 
     def _replica_error(self, r: int, error: BaseException) -> BaseException:
         """``error`` of replica ``r``; one about a task of a cluster names the replica."""
