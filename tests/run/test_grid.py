@@ -263,3 +263,37 @@ def test_bad_grids_are_refused_before_anything_runs():
                                              r"4 divides \(4, 8, 12, ...\)"):
         pipe.train_step(x[:6], y[:6])
     assert pipe.iterations == 0
+
+
+def test_loss_scaling_skips_a_step_on_every_replica_when_one_share_overflows():
+    """A ``LossScaleOptimizer`` as in Keras: the backward seeded with the scale; an
+    infinite example in replica 1's share only skips the step on both replicas and halves
+    the scale; ``dynamic_growth_steps`` finite steps double it."""
+    model = TiedModel(seed=21)
+    batches = _batches(6, seed=22)
+    x, y = batches[2]
+    batches[2] = (np.where(np.arange(BATCH)[:, None] == BATCH - 3, np.inf, x), y)
+
+    def scaled():
+        return keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.01),
+                                                   initial_scale=2.0**10,
+                                                   dynamic_growth_steps=2)
+
+    pipe = _grid(model.split(cuts=("c2",)), scaled())
+    reference = scaled()
+    trainable = [v for v in model.variables if v.trainable]
+    scales, want_scales = [], []
+    for x, y in batches:
+        pipe.train_step(x, y)
+        scales.append(pipe.replicas[1].training_state.loss_scale.value)
+        with tf.GradientTape() as tape:
+            want = reference.scale_loss(model.loss(tf.constant(x), tf.constant(y)))
+        reference.apply(tape.gradient(want, trainable), trainable)
+        want_scales.append(float(reference.dynamic_scale))
+    assert scales == want_scales and scales[:3] == [2.0**10, 2.0**11, 2.0**10], scales
+    assert pipe.skipped_steps == 1 and pipe.iterations == 5
+    assert pipe.replicas[1].skipped_steps == 1
+    resident = _resident(pipe)
+    for v in model.variables:
+        assert value_rel_error(resident[v.name], v.numpy()) < TOL, v.name
+    _assert_replicas_bitwise_equal(pipe)
