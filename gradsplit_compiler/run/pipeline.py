@@ -132,6 +132,9 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         runs on ``devices[k]`` (extra names are ignored); a name may repeat. ``None``: every
         stage on TensorFlow's default device, still one thread each (except under
         ``"interleaved-1f1b"``, or a schedule with one list per distinct device).
+        A list of lists is a grid (one list per stage, a device per replica, ``R`` each):
+        the result is then a ``run.grid.GridPipeline`` of ``R`` replicas whose stages'
+        gradients are all-reduced with TensorFlow's collectives (it needs ``optimizer=``).
     loss_reduction : "mean" or "sum"
         Required: how ``fn`` reduces the per-example losses of a batch. Checked on the
         first step: a loss declared ``"mean"`` that sums (or the reverse) is refused.
@@ -177,7 +180,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
 
     Returns
     -------
-    Pipeline
+    Pipeline, or GridPipeline for a grid of devices
 
     Raises
     ------
