@@ -327,7 +327,7 @@ class GridPipeline:
                     count = self._reducer(k, 0, [grads[0][k][j] for j in self._trainable[k]])[1]
                     keys[k] = [next(_INSTANCE_KEYS) for _ in range(count)]
         reduced = [[list(g) for g in per_stage] for per_stage in grads]
-        events: list[tuple[int, int, float, float]] = []
+        events: list[tuple[int, int, float, float, int]] = []  # k, r, start, end, bytes
         errors: dict[tuple[int, int], BaseException] = {}
         finished: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -344,7 +344,8 @@ class GridPipeline:
                     wait_for(out)
                 for j, g in zip(self._trainable[k], out):
                     reduced[r][k][j] = g
-                events.append((k, r, start, time.perf_counter() - origin))
+                events.append((k, r, start, time.perf_counter() - origin,
+                               sum(_nbytes(g) for g in mine)))
             except BaseException as exc:  # reported below
                 errors[(k, r)] = exc
             finally:
@@ -422,20 +423,23 @@ class GridPipeline:
             for e in self.replicas[r].last_record().events:
                 events.append(e._replace(device_index=r * lists + e.device_index,
                                          start=e.start + shift, end=e.end + shift))
-        for k, r, start, end in reduce_events:
+        sent = 0
+        for k, r, start, end, nbytes in reduce_events:
             events.append(TimelineEvent(r * lists + list_of.get(k, k), self.devices[k][r],
                                         ALLREDUCE, k, -1, start, end))
+            # a ring member sends 2 (R - 1) / R of what it gives the op
+            sent += allreduce_bytes(nbytes, self.num_replicas) // self.num_replicas
         self._events = events
         moved: dict[str, int] = {}
         for replica in self.replicas:
             for kind, count in replica.last_record().moved.items():
                 moved[kind] = moved.get(kind, 0) + count
-        moved["allreduce"] = sum(self.allreduce_bytes_per_step())
+        moved["allreduce"] = sent
         self._moved = moved
 
     def allreduce_bytes_per_step(self) -> list[int]:
-        """Per stage, the bytes its group's all-reduce sends in a step, as a ring sends them
-        (``allreduce_bytes`` of the stage's trainable gradient bytes)."""
+        """Per stage, the bytes its group's all-reduce sends in a step, predicted from its
+        trainable variables' sizes (``allreduce_bytes``, as a ring sends them)."""
         out = []
         for k, stage in enumerate(self.split.stages):
             nbytes = sum(_nbytes(self.split.variables[stage.variable_indices[j]])
@@ -450,7 +454,9 @@ class GridPipeline:
 
     def bytes_moved(self) -> dict[str, int]:
         """The replicas' ``bytes_moved()`` summed by kind, and ``"allreduce"``: what the
-        stage groups' all-reduces sent (``allreduce_bytes_per_step``)."""
+        stage groups' all-reduces sent, counted from the gradients each member gave its op
+        as a ring sends them (``2 (R - 1) / R`` of them per member; what
+        ``allreduce_bytes_per_step`` predicts)."""
         self._last_run()
         return dict(self._moved)
 
@@ -543,8 +549,9 @@ class GridPipeline:
         return report
 
 
-def _nbytes(variable: Any) -> int:
-    return int(math.prod(variable.shape)) * tf.as_dtype(variable.dtype).size
+def _nbytes(value: Any) -> int:
+    """Bytes of a variable or tensor."""
+    return int(math.prod(value.shape)) * tf.as_dtype(value.dtype).size
 
 
 def _first_line(exc: BaseException) -> str:

@@ -109,6 +109,7 @@ def test_a_two_by_two_grid_trains_as_the_optimizer_on_tape_gradients(name):
                           for i in s.variable_indices if split.variables[i].trainable)
                       for s in split.stages]
     assert moved["allreduce"] == sum(allreduce_bytes(b, 2) for b in gradient_bytes)
+    assert pipe.allreduce_bytes_per_step() == [allreduce_bytes(b, 2) for b in gradient_bytes]
     assert allreduce_bytes(gradient_bytes[0], 2) == 2 * gradient_bytes[0]
     predicted = split.summary(batch_size=BATCH // 2)[1]["boundary_bytes"]
     assert moved["activations"] == moved["cotangents"] == 2 * predicted  # both replicas
