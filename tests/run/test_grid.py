@@ -252,6 +252,13 @@ def test_bad_grids_are_refused_before_anything_runs():
     with pytest.raises(GradSplitError, match="does not exist here"):
         _grid(split, adam, devices=[["/CPU:0", "/CPU:9"], ["/CPU:1", "/CPU:3"]])
 
+    from gradsplit_compiler.keras import PipelineModel
+
+    dense = keras.Sequential([keras.Input((WIDTH,)), keras.layers.Dense(2)])
+    with pytest.raises(GradSplitError, match="PipelineModel takes one device per stage; a "
+                                             "grid of devices"):
+        PipelineModel(dense, num_stages=2, devices=GRID)
+
     pipe = _grid(split, adam)
     with pytest.raises(GradSplitError, match="no step has run yet: call train_step"):
         pipe.bytes_moved()
