@@ -1,7 +1,8 @@
 """Pictures of a pipeline step: Chrome trace JSON and a Gantt chart of its timeline.
 
 Both read a list of recorded events (``gsc.Pipeline.timeline()``: each with
-``device_index``, ``device``, ``kind`` ``"F"``, ``"B"`` or ``"W"``, ``stage``,
+``device_index``, ``device``, ``kind`` ``"F"``, ``"B"``, ``"W"`` or ``"A"`` (a grid's
+all-reduce, drawn in a colour of its own), ``stage``,
 ``microbatch``, and ``start`` and ``end`` in seconds from the step start) and one label per
 device (per list of the schedule);
 ``Pipeline.write_chrome_trace`` and ``Pipeline.plot_timeline`` call them.
