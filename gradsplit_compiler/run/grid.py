@@ -121,6 +121,14 @@ class GridPipeline:
                 "For gradients alone, give a plain list of devices, one per stage.")
         self.devices = resolve_grid(devices, len(split.stages))
         self.num_replicas = len(self.devices[0])
+        self._batched = [i for i, spec in enumerate(split.arg_specs)
+                         if spec.shape.rank and spec.shape[0] is None]
+        if self.num_replicas > 1 and not self._batched:
+            raise GradSplitError(
+                f"a grid of {self.num_replicas} replicas cuts the batch into "
+                f"{self.num_replicas} shares, but no argument of fn has a batch dimension "
+                "(a None leading dimension in input_signature). Declare the batch dimension "
+                "as None, or give one device per stage (a plain list).")
         self.replicas = [replica([row[r] for row in self.devices])
                          for r in range(self.num_replicas)]
         first = self.replicas[0]
@@ -203,8 +211,7 @@ class GridPipeline:
 
     def _shares(self, tensors: list[tf.Tensor]) -> list[list[tf.Tensor]]:
         """The batch cut into ``R`` equal shares (unbatched arguments whole in each)."""
-        batched = [i for i, spec in enumerate(self.split.arg_specs)
-                   if spec.shape.rank and spec.shape[0] is None]
+        batched = self._batched
         r, m = self.num_replicas, self.microbatches
         if batched:
             batch = tensors[batched[0]].shape[0]

@@ -252,6 +252,12 @@ def test_bad_grids_are_refused_before_anything_runs():
     with pytest.raises(GradSplitError, match="does not exist here"):
         _grid(split, adam, devices=[["/CPU:0", "/CPU:9"], ["/CPU:1", "/CPU:3"]])
 
+    fixed = gsc.split(model.loss, [tf.TensorSpec([BATCH, WIDTH], tf.float64)] * 2,
+                      cuts=["c2"])
+    with pytest.raises(GradSplitError, match=r"shares, but no argument of fn has a batch "
+                                             r"dimension \(a None leading dimension"):
+        _grid(fixed, adam, microbatches=1)
+
     from gradsplit_compiler.keras import PipelineModel
 
     dense = keras.Sequential([keras.Input((WIDTH,)), keras.layers.Dense(2)])
