@@ -428,8 +428,9 @@ class GridPipeline:
         for r, run in enumerate(runs):
             shift = run.start - origin
             for e in self.replicas[r].last_record().events:
-                events.append(e._replace(device_index=r * lists + e.device_index,
-                                         start=e.start + shift, end=e.end + shift))
+                events.append(TimelineEvent(r * lists + e.device_index, e.device, e.kind,
+                                            e.stage, e.microbatch, e.start + shift,
+                                            e.end + shift))
         sent = 0
         for k, r, start, end, nbytes in reduce_events:
             events.append(TimelineEvent(r * lists + list_of.get(k, k), self.devices[k][r],
