@@ -46,6 +46,14 @@ UNCOVERED: dict[str, str] = {
     "a stage on a task of": (
         "run/devices.py remat= for a stage on a cluster task: needs a cluster; the local "
         "rematerialised stages are tested in tests/run/test_zero_bubble.py."),
+    "'s gradients failed on replica": (
+        "run/grid.py: an all-reduce that fails on a device that still answers; a collective "
+        "that fails in the test process aborts its collective executor for the process. A "
+        "dead task's all-reduce is tested (tests/run/test_cluster_training.py)."),
+    "the all-reduce of the gradients did": (
+        "run/grid.py: an all-reduce past timeout= with every task answering; a task that "
+        "hangs is named instead ('no longer answers'), and a collective that times out in "
+        "the test process aborts its collective executor for the process."),
 }
 
 
