@@ -678,10 +678,10 @@ class Pipeline:
             microbatches=microbatches, schedule=schedule, _last=None,
             _ideal_idle=ideal_idle_fraction(schedule, self._plan.dependencies),
             _plan=replace(self._plan, schedule=schedule, microbatches=microbatches))
-        if self._one_program is not None:
-            twin._one_program = OneProgramStep(
+        if self._one_program is not None:  # traced again for the count
+            vars(twin).update(_one_program=OneProgramStep(
                 self.split, self._training, microbatches, self.loss_reduction,
-                self.jit_compile, self._plan.home)
+                self.jit_compile, self._plan.home))
         return twin
 
     def _state(self, what: str) -> TrainingState:
