@@ -835,36 +835,39 @@ def keras_child(config: dict) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * config["steps"], width)).astype("float32")
     y = rng.normal(size=(batch * config["steps"], 10)).astype("float32")
-    rows = []
-
-    def timed(model, **compile_kw):
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", **compile_kw)
-        times = _StepTimes()
-        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # compiles
-        model.fit(x, y, batch_size=batch, epochs=config["epochs"], shuffle=False, verbose=0,
-                  callbacks=[times.callback])
-        return float(np.median(times.times))
-
-    plain = timed(build(), jit_compile=True)
-    rows.append({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1,
-                 "seconds": plain})
-    # K=1: the whole model as one stage on one device, one micro-batch: what the pipeline
-    # itself costs (Keras' loop through an eager step, the stage programs, the update)
-    for one_program, run in ((None, "PipelineModel, one stage (the step as one program)"),
-                             (False, "PipelineModel, one stage, one program per action")):
-        seconds = timed(PipelineModel(build(), num_stages=1, microbatches=1,
-                                      devices=["/CPU:0"], one_program=one_program))
-        rows.append({"run": run, "stages": 1, "m": 1, "seconds": seconds})
-        log(f"[8] {run}: {seconds * 1e3:.1f} ms per step, {seconds / plain:.2f}x plain fit")
     stages = config["stages"]
     cuts = [f"dense{(i + 1) * layers // stages - 1}" for i in range(stages - 1)]
+    # (row, model): plain fit, then K=1 (the whole model as one stage on one device, one
+    # micro-batch: what the pipeline itself costs) both ways, then K stages on K devices
+    runs = [({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1}, build())]
+    for one_program, name in ((None, "PipelineModel, one stage (the step as one program)"),
+                              (False, "PipelineModel, one stage, one program per action")):
+        runs.append(({"run": name, "stages": 1, "m": 1},
+                     PipelineModel(build(), num_stages=1, microbatches=1, devices=["/CPU:0"],
+                                   one_program=one_program)))
     for m in config["microbatches"]:
-        piped = PipelineModel(build(), cuts=cuts, microbatches=m,
-                              devices=[f"/CPU:{d}" for d in range(stages)])
-        seconds = timed(piped)
-        rows.append({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
-                     "stages": stages, "m": m, "seconds": seconds})
-        log(f"[8] PipelineModel K={stages} M={m}: {seconds * 1e3:.1f} ms per step, "
+        runs.append(({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
+                      "stages": stages, "m": m},
+                     PipelineModel(build(), cuts=cuts, microbatches=m,
+                                   devices=[f"/CPU:{d}" for d in range(stages)])))
+    times: list[list[float]] = [[] for _ in runs]
+    for i, (_, model) in enumerate(runs):
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse",
+                      **({"jit_compile": True} if i == 0 else {}))
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # compiles
+    # epochs interleaved across the runs, so that a change of load hits every run alike
+    for _ in range(config["epochs"]):
+        for i, (_, model) in enumerate(runs):
+            recorder = _StepTimes()
+            model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[recorder.callback])
+            times[i] += recorder.times
+    plain = float(np.median(times[0]))
+    rows = []
+    for (row, _), measured in zip(runs, times):
+        seconds = float(np.median(measured))
+        rows.append(dict(row, seconds=seconds))
+        log(f"[8] {row['run']} (M={row['m']}): {seconds * 1e3:.1f} ms per step, "
             f"{seconds / plain:.2f}x plain fit")
     return {"rows": rows, "config": config}
 
@@ -874,7 +877,7 @@ def figure_keras(quick: bool) -> str:
 
     config = ({"layers": 4, "width": 64, "batch": 32, "steps": 4, "epochs": 1,
                "stages": 4, "microbatches": [1, 8]} if quick else
-              {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 3,
+              {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 5,
                "stages": 4, "microbatches": [1, 8]})
     got = run_child("--keras-child", config, 8)
     if got is None:
@@ -885,7 +888,8 @@ def figure_keras(quick: bool) -> str:
         f"MLP {config['layers']}x{config['width']} (tanh), float32, batch {config['batch']}, "
         f"Adam, loss mse; median seconds per `fit` step (Keras' own loop, callbacks and "
         f"metrics included) over {config['epochs']} epochs of {config['steps']} steps after "
-        "one epoch of warm-up, in one process with 4 logical CPUs.\n",
+        "one epoch of warm-up, each run's epochs interleaved with the others', in one "
+        "process with 4 logical CPUs.\n",
         "| run | stages | micro-batches | ms per step | over plain fit |",
         "|---|---:|---:|---:|---:|",
     ]
