@@ -56,6 +56,7 @@ import tensorflow as tf
 
 from gradsplit_compiler._tf_internal import sublayers
 from gradsplit_compiler.errors import GradSplitError, close_names
+from gradsplit_compiler.run.devices import is_grid
 from gradsplit_compiler.run.training import plain_variable
 
 __all__ = ["PipelineModel", "PipelineSummaries"]
@@ -123,6 +124,12 @@ class PipelineModel(keras.Model):
                 microbatches < 1:
             raise GradSplitError(
                 f"microbatches must be a positive integer; got {microbatches!r}.")
+        if is_grid(devices):
+            raise GradSplitError(
+                "PipelineModel takes one device per stage; a grid of devices (one list per "
+                "stage, a device per replica) does not run through Keras' fit yet. Train "
+                "the grid with gsc.pipeline(split, M, devices=grid, optimizer=...) and its "
+                "train_step.")
         super().__init__(name=name or f"pipeline_{model.name}")
         self.model = model
         self.cuts = None if cuts is None else list(cuts)

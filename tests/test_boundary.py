@@ -83,6 +83,8 @@ LAZY_UPWARD: dict[tuple[str, str], str] = {
     ("gradsplit_compiler/run/pipeline.py", "gradsplit_compiler.show.timeline"):
         "Pipeline.plot_timeline / write_chrome_trace, documented methods, hand the recorded "
         "events to show's drawing on call",
+    ("gradsplit_compiler/run/grid.py", "gradsplit_compiler.show.timeline"):
+        "GridPipeline.plot_timeline / write_chrome_trace, as Pipeline's",
 }
 
 # file -> reason: (e) private TensorFlow / Keras modules outside _tf_internal.py.

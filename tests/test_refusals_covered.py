@@ -43,6 +43,14 @@ UNCOVERED: dict[str, str] = {
     "plotting the timeline needs matplotlib; install": (
         "run/pipeline.py plot_timeline without matplotlib: the test environment installs the "
         "render extra, so this branch cannot run here."),
+    "'s gradients failed on replica": (
+        "run/grid.py: an all-reduce that fails on a device that still answers; a collective "
+        "that fails in the test process aborts its collective executor for the process. A "
+        "dead task's all-reduce is tested (tests/run/test_cluster_training.py)."),
+    "the all-reduce of the gradients did": (
+        "run/grid.py: an all-reduce past timeout= with every task answering; a task that "
+        "hangs is named instead ('no longer answers'), and a collective that times out in "
+        "the test process aborts its collective executor for the process."),
 }
 
 

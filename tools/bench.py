@@ -23,6 +23,9 @@ docs/bench_cut_size.png (figure 5).
    stage (the pipeline's own cost) and with four.
 9. Schedules: the simulator's idle share against each schedule's formula, then predicted
    against measured step time, idle share and peak residual bytes on 4 logical CPUs.
+10. Grids: 2 stages x 2 replicas (gradients all-reduced with TensorFlow's collectives)
+    against 1-D pipelines of 2 and 4 stages on the same 4 logical CPUs: bytes per step by
+    kind against what the grid predicts, and ``train_step`` time.
 """
 
 from __future__ import annotations
@@ -832,36 +835,39 @@ def keras_child(config: dict) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * config["steps"], width)).astype("float32")
     y = rng.normal(size=(batch * config["steps"], 10)).astype("float32")
-    rows = []
-
-    def timed(model, **compile_kw):
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse", **compile_kw)
-        times = _StepTimes()
-        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # compiles
-        model.fit(x, y, batch_size=batch, epochs=config["epochs"], shuffle=False, verbose=0,
-                  callbacks=[times.callback])
-        return float(np.median(times.times))
-
-    plain = timed(build(), jit_compile=True)
-    rows.append({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1,
-                 "seconds": plain})
-    # K=1: the whole model as one stage on one device, one micro-batch: what the pipeline
-    # itself costs (Keras' loop through an eager step, the stage programs, the update)
-    for one_program, run in ((None, "PipelineModel, one stage (the step as one program)"),
-                             (False, "PipelineModel, one stage, one program per action")):
-        seconds = timed(PipelineModel(build(), num_stages=1, microbatches=1,
-                                      devices=["/CPU:0"], one_program=one_program))
-        rows.append({"run": run, "stages": 1, "m": 1, "seconds": seconds})
-        log(f"[8] {run}: {seconds * 1e3:.1f} ms per step, {seconds / plain:.2f}x plain fit")
     stages = config["stages"]
     cuts = [f"dense{(i + 1) * layers // stages - 1}" for i in range(stages - 1)]
+    # (row, model): plain fit, then K=1 (the whole model as one stage on one device, one
+    # micro-batch: what the pipeline itself costs) both ways, then K stages on K devices
+    runs = [({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1}, build())]
+    for one_program, name in ((None, "PipelineModel, one stage (the step as one program)"),
+                              (False, "PipelineModel, one stage, one program per action")):
+        runs.append(({"run": name, "stages": 1, "m": 1},
+                     PipelineModel(build(), num_stages=1, microbatches=1, devices=["/CPU:0"],
+                                   one_program=one_program)))
     for m in config["microbatches"]:
-        piped = PipelineModel(build(), cuts=cuts, microbatches=m,
-                              devices=[f"/CPU:{d}" for d in range(stages)])
-        seconds = timed(piped)
-        rows.append({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
-                     "stages": stages, "m": m, "seconds": seconds})
-        log(f"[8] PipelineModel K={stages} M={m}: {seconds * 1e3:.1f} ms per step, "
+        runs.append(({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
+                      "stages": stages, "m": m},
+                     PipelineModel(build(), cuts=cuts, microbatches=m,
+                                   devices=[f"/CPU:{d}" for d in range(stages)])))
+    times: list[list[float]] = [[] for _ in runs]
+    for i, (_, model) in enumerate(runs):
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse",
+                      **({"jit_compile": True} if i == 0 else {}))
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)  # compiles
+    # epochs interleaved across the runs, so that a change of load hits every run alike
+    for _ in range(config["epochs"]):
+        for i, (_, model) in enumerate(runs):
+            recorder = _StepTimes()
+            model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[recorder.callback])
+            times[i] += recorder.times
+    plain = float(np.median(times[0]))
+    rows = []
+    for (row, _), measured in zip(runs, times):
+        seconds = float(np.median(measured))
+        rows.append(dict(row, seconds=seconds))
+        log(f"[8] {row['run']} (M={row['m']}): {seconds * 1e3:.1f} ms per step, "
             f"{seconds / plain:.2f}x plain fit")
     return {"rows": rows, "config": config}
 
@@ -871,7 +877,7 @@ def figure_keras(quick: bool) -> str:
 
     config = ({"layers": 4, "width": 64, "batch": 32, "steps": 4, "epochs": 1,
                "stages": 4, "microbatches": [1, 8]} if quick else
-              {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 3,
+              {"layers": 8, "width": 512, "batch": 128, "steps": 8, "epochs": 5,
                "stages": 4, "microbatches": [1, 8]})
     got = run_child("--keras-child", config, 8)
     if got is None:
@@ -882,7 +888,8 @@ def figure_keras(quick: bool) -> str:
         f"MLP {config['layers']}x{config['width']} (tanh), float32, batch {config['batch']}, "
         f"Adam, loss mse; median seconds per `fit` step (Keras' own loop, callbacks and "
         f"metrics included) over {config['epochs']} epochs of {config['steps']} steps after "
-        "one epoch of warm-up, in one process with 4 logical CPUs.\n",
+        "one epoch of warm-up, each run's epochs interleaved with the others', in one "
+        "process with 4 logical CPUs.\n",
         "| run | stages | micro-batches | ms per step | over plain fit |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -1047,7 +1054,109 @@ def figure_schedules(quick: bool) -> str:
     return text
 
 
-ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# -- figure 10: grids --------------------------------------------------------------------------
+
+GRID_NOTE = """\
+*Reading it.* Bytes are counted, not timed: activations and cotangents as each replica's
+pipeline counts them (a tensor consumed on another device), the all-reduce as a ring sends
+it (each of a stage's R devices sends 2(R-1)/R of the gradients it gives the collective op),
+and the prediction from the split alone: `split.summary()`'s boundary bytes at the batch, and
+`2 (R - 1)` times each stage's trainable variable bytes. The times are medians of
+`train_step` on 4 logical CPUs that share the machine's cores, so neither the grid's replicas
+nor the stages can really run at once: the rows compare what each layout costs here, not
+what it buys on separate devices."""
+
+
+def grid_rows(config: dict) -> list[dict]:
+    """Figure 10's measurements in this process (which has 4 logical CPUs): per layout,
+    bytes moved per step by kind with their predictions, and the median ``train_step``
+    time over ``repeats`` steps after warm-up."""
+    import keras
+
+    from gradsplit_compiler.run.grid import allreduce_bytes
+
+    layers, width, batch, m = 8, config["width"], config["batch"], config["microbatches"]
+    rng = np.random.default_rng(0)
+    weights = [tf.Variable(rng.normal(size=(width, width)) / np.sqrt(width), dtype=tf.float32)
+               for _ in range(layers)]
+
+    def fn(x, y):
+        h = x
+        for i, w in enumerate(weights):
+            h = tf.tanh(h @ w)
+            if i + 1 < layers:
+                h = gsc.mark(h, f"c{i}")
+        return tf.reduce_mean(tf.square(h - y))
+
+    spec = tf.TensorSpec([None, width], tf.float32)
+    two = gsc.split(fn, [spec, spec], cuts=["c3"])
+    four = gsc.split(fn, [spec, spec], cuts=["c1", "c3", "c5"])
+    cpus = [f"/CPU:{d}" for d in range(4)]
+    layouts = [("1-D, 2 stages", two, cpus[:2], 1), ("1-D, 4 stages", four, cpus, 1),
+               ("2 stages x 2 replicas", two, [[cpus[0], cpus[2]], [cpus[1], cpus[3]]], 2)]
+    x = tf.constant(rng.normal(size=(batch, width)), tf.float32)
+    y = tf.constant(rng.normal(size=(batch, width)), tf.float32)
+    rows = []
+    for name, split, devices, replicas in layouts:
+        pipe = gsc.pipeline(split, m, "1f1b", devices, loss_reduction="mean",
+                            optimizer=keras.optimizers.SGD(0.01),
+                            jit_compile=config.get("jit_compile", True))
+        for _ in range(config.get("warmup", 3)):
+            pipe.train_step(x, y)
+        times = []
+        for _ in range(config["repeats"]):
+            t0 = time.perf_counter()
+            float(pipe.train_step(x, y))
+            times.append(time.perf_counter() - t0)
+        moved = pipe.bytes_moved()
+        boundary = sum(r["boundary_bytes"] for r in split.summary(batch_size=batch)[1:])
+        stage_bytes = [sum(int(np.prod(split.variables[i].shape)) * 4
+                           for i in stage.variable_indices) for stage in split.stages]
+        row = {"layout": name, "stages": len(split.stages), "replicas": replicas,
+               "step": float(np.median(times)),
+               "activations": moved["activations"], "p_activations": boundary,
+               "cotangents": moved["cotangents"], "p_cotangents": boundary,
+               "allreduce": moved.get("allreduce", 0),
+               "p_allreduce": sum(allreduce_bytes(b, replicas) for b in stage_bytes)}
+        rows.append(row)
+        log(f"[10] {name}: step {row['step'] * 1e3:.1f} ms, activations "
+            f"{row['activations']:,} B (predicted {row['p_activations']:,}), all-reduce "
+            f"{row['allreduce']:,} B (predicted {row['p_allreduce']:,})")
+    return rows
+
+
+def grid_child(config: dict) -> dict:
+    """Figure 10 in a process of its own, split into 4 logical CPUs."""
+    logical_cpus(4)
+    return {"rows": grid_rows(config)}
+
+
+def figure_grid(quick: bool) -> str:
+    """10. Grids against 1-D pipelines on 4 logical CPUs. The section's markdown."""
+    config = ({"width": 64, "batch": 32, "microbatches": 4, "repeats": 3} if quick else
+              {"width": 512, "batch": 256, "microbatches": 4, "repeats": 9})
+    table = ["\n## 10. Grids: data times pipeline parallelism\n"]
+    got = run_child("--grid-child", config, 10)
+    if got is not None:
+        table += [
+            f"A chain of 8 dense tanh layers {config['width']} wide, float32, batch "
+            f"{config['batch']}, M = {config['microbatches']}, 1F1B, SGD; `train_step` on 4 "
+            f"logical CPUs (2 cores); medians of {config['repeats']} steps after warm-up. "
+            "Bytes per step, measured (predicted).\n",
+            "| layout | step ms | activations | cotangents | all-reduce |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in got["rows"]:
+            table.append(
+                f"| {r['layout']} | {r['step'] * 1e3:.1f} | {r['activations']:,} "
+                f"({r['p_activations']:,}) | {r['cotangents']:,} ({r['p_cotangents']:,}) | "
+                f"{r['allreduce']:,} ({r['p_allreduce']:,}) |")
+    text = "\n".join(table) + "\n\n" + GRID_NOTE + "\n"
+    log(text)
+    return text
+
+
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 def main(argv=None) -> int:
@@ -1060,7 +1169,13 @@ def main(argv=None) -> int:
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
     parser.add_argument("--keras-child", help=argparse.SUPPRESS)
     parser.add_argument("--schedules-child", help=argparse.SUPPRESS)
+    parser.add_argument("--grid-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.grid_child:  # figure 10's subprocess
+        import json
+
+        print("RESULT " + json.dumps(grid_child(json.loads(args.grid_child))), flush=True)
+        return 0
     if args.schedules_child:  # figure 9's subprocess
         import json
 
@@ -1110,6 +1225,9 @@ def main(argv=None) -> int:
     if 9 in args.only:
         with open(out, "a") as f:
             f.write(figure_schedules(args.quick))
+    if 10 in args.only:
+        with open(out, "a") as f:
+            f.write(figure_grid(args.quick))
     if previous is not None and set(args.only) != set(ALL_FIGURES):
         out.write_text(merge_report(previous, out.read_text(), command.strip()))
     log(f"wrote {out}")

@@ -33,11 +33,13 @@ __all__ = [
     "StageRunner",
     "default_device",
     "device_label",
+    "is_grid",
     "is_remote",
     "keep_alive",
     "plan_replicas",
     "resolve_device",
     "resolve_devices",
+    "resolve_grid",
     "same_device",
     "stage_runner",
 ]
@@ -115,6 +117,52 @@ def resolve_devices(devices: Any, num_stages: int) -> list[str]:
             f"run every stage on the default device."
         )
     return [resolve_device(n) for n in names[:num_stages]]
+
+
+def is_grid(devices: Any) -> bool:
+    """Whether ``devices`` is a grid: a list whose entries are lists (one per stage, a
+    device per replica), not names.
+
+    >>> is_grid([["/CPU:0", "/CPU:2"], ["/CPU:1", "/CPU:3"]]), is_grid(["/CPU:0", "/CPU:1"])
+    (True, False)
+    """
+    return (isinstance(devices, Sequence) and not isinstance(devices, (str, bytes))
+            and any(isinstance(d, Sequence) and not isinstance(d, (str, bytes))
+                    for d in devices))
+
+
+def resolve_grid(devices: Sequence[Any], num_stages: int) -> list[list[str]]:
+    """The full names of a grid, one list per stage (``R`` replicas each; extra lists are
+    ignored). Refuses a grid whose lists differ in length or are empty, a list where a
+    name is expected, fewer lists than stages, and a device named twice in one stage's
+    list (its replicas all-reduce with TensorFlow's collective ops, one device per
+    member)."""
+    if not all(isinstance(d, Sequence) and not isinstance(d, (str, bytes)) for d in devices):
+        raise GradSplitError(
+            f"devices mixes device names and lists: {list(devices)!r}. Give one device "
+            "name per stage (a pipeline), or one list of device names per stage, one per "
+            "replica (a grid: data parallelism times pipeline parallelism).")
+    lengths = [len(d) for d in devices]
+    if len(set(lengths)) > 1 or not lengths[0]:
+        raise GradSplitError(
+            f"the grid of devices is ragged: its stage lists hold {lengths} devices; give "
+            "every stage the same number R >= 1 of devices, one per replica (e.g. "
+            "[['/CPU:0', '/CPU:2'], ['/CPU:1', '/CPU:3']]: 2 stages x 2 replicas).")
+    if len(devices) < num_stages:
+        raise GradSplitError(
+            f"the split has {num_stages} stages but the grid of devices has only "
+            f"{len(devices)} lists; give one list of devices (one per replica) per stage.")
+    grid = [[resolve_device(getattr(n, "name", n)) for n in row]
+            for row in list(devices)[:num_stages]]
+    for k, row in enumerate(grid):
+        twice = sorted({d for d in row if row.count(d) > 1})
+        if twice:
+            raise GradSplitError(
+                f"device {twice[0]} is named twice in stage {k}'s list of the grid; the "
+                "replicas of a stage sum their gradients with TensorFlow's collective "
+                "all-reduce, which needs one device per replica. Give each stage R "
+                "different devices (a device may serve different stages).")
+    return grid
 
 
 def default_device() -> str:

@@ -37,7 +37,13 @@ from gradsplit_compiler.run.faults import (
 )
 from gradsplit_compiler.run.schedules import FORWARD, WEIGHT, Action, Dependencies
 
-__all__ = ["StepPlan", "StepRecord", "StepRun", "TimelineEvent", "measured_idle_fraction"]
+__all__ = ["ALLREDUCE", "StepPlan", "StepRecord", "StepRun", "TimelineEvent",
+           "measured_idle_fraction"]
+
+
+# The kind of a timeline event that is no action of a schedule: a stage's gradients
+# all-reduced over the replicas of a grid (``run.grid``).
+ALLREDUCE = "A"
 
 
 class TimelineEvent(NamedTuple):

@@ -54,6 +54,13 @@ class OneProgramStep:
         self.jit_compile = bool(jit_compile)
         self._call = None
 
+    def call(self, flat: Sequence[tf.Tensor]):
+        """The program on every micro-batch's arguments in order, then the scalars:
+        ``(values, aux, finite_each)``; traced on the first call."""
+        if self._call is None:
+            self._build()
+        return self._call(*flat)
+
     def _build(self):
         split, state, m = self.split, self.state, self.microbatches
         copies = [state.stage_variables(k) for k in range(len(split.stages))]
@@ -94,8 +101,6 @@ class OneProgramStep:
 
     def run(self, per_microbatch: Sequence[Sequence[tf.Tensor]], seed_scale: float,
             dynamic_scale: float) -> OneProgramRun:
-        if self._call is None:
-            self._build()
         return OneProgramRun(self, per_microbatch, seed_scale, dynamic_scale)
 
 
@@ -120,8 +125,8 @@ class OneProgramRun:
         flat = [t for args in self.args for t in args]
         start = time.perf_counter()
         with tf.device(step.device):
-            values, aux, finite_each = run_reporting_xla_errors(step._call, *flat,
-                                                                self.scalars)
+            values, aux, finite_each = run_reporting_xla_errors(step.call,
+                                                                [*flat, self.scalars])
         self.finite_each = np.asarray(finite_each)
         self.seconds = time.perf_counter() - start
         self.values, self.aux = list(values), [list(a) for a in aux]

@@ -72,6 +72,7 @@ from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.run.devices import (
     default_device,
     device_label,
+    is_grid,
     is_remote,
     plan_replicas,
     resolve_devices,
@@ -135,6 +136,9 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         runs on ``devices[k]`` (extra names are ignored); a name may repeat. ``None``: every
         stage on TensorFlow's default device, still one thread each (except under
         ``"interleaved-1f1b"``, or a schedule with one list per distinct device).
+        A list of lists is a grid (one list per stage, a device per replica, ``R`` each):
+        the result is then a ``run.grid.GridPipeline`` of ``R`` replicas whose stages'
+        gradients are all-reduced with TensorFlow's collectives (it needs ``optimizer=``).
     loss_reduction : "mean" or "sum"
         Required: how ``fn`` reduces the per-example losses of a batch. Checked on the
         first step: a loss declared ``"mean"`` that sums (or the reverse) is refused.
@@ -191,7 +195,7 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
 
     Returns
     -------
-    Pipeline
+    Pipeline, or GridPipeline for a grid of devices
 
     Raises
     ------
@@ -201,6 +205,22 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         return a scalar, an optimizer that is not a fresh Keras optimizer, a clip norm that
         is not positive. Nothing runs.
     """
+    if is_grid(devices):
+        from gradsplit_compiler.run.grid import GridPipeline  # it builds on Pipeline
+
+        if shares_state_with is not None:
+            raise GradSplitError(
+                "shares_state_with is not supported on a grid of devices (one list per "
+                "stage) yet; give a plain list of devices, one per stage.")
+        if one_program:
+            raise GradSplitError(
+                "one_program=True runs a training step as one program on one device, but a "
+                "grid of devices sums each stage's gradients over its replicas between the "
+                "schedule and the update. Leave one_program unset for a grid.")
+        return GridPipeline(split, microbatches, schedule, devices,
+                            loss_reduction=loss_reduction, optimizer=optimizer,
+                            clip_global_norm=clip_global_norm, on_nonfinite=on_nonfinite,
+                            jit_compile=jit_compile, timeout=timeout, remat=remat)
     return Pipeline(split, microbatches, schedule, devices, loss_reduction=loss_reduction,
                     optimizer=optimizer, clip_global_norm=clip_global_norm,
                     on_nonfinite=on_nonfinite, jit_compile=jit_compile, timeout=timeout,
@@ -472,9 +492,11 @@ class Pipeline:
             restore()
         return self._value_of(run)
 
-    def _run_schedule(self, args: Sequence, caller: str, forward_only: bool = False):
+    def _run_schedule(self, args: Sequence, caller: str, forward_only: bool = False,
+                      seed_factor: float = 1.0):
         """Run the schedule on ``args`` (or its forwards alone): the finished ``StepRun`` and
-        a function that puts back what the program assigned during it."""
+        a function that puts back what the program assigned during it. ``seed_factor``
+        multiplies every backward's seed (a replica of a grid: ``1/R`` for a mean)."""
         if not tf.executing_eagerly():
             raise GradSplitError(
                 f"pipeline.{caller} was called inside a tf.function (or graph mode): a step "
@@ -503,8 +525,8 @@ class Pipeline:
                 with tf.device(device or v.device):
                     v.assign(value)
 
-        seed_scale = (self._training.seed_scale
-                      if caller == "train_step" and self._training is not None else 1.0)
+        seed_scale = seed_factor * (self._training.seed_scale if caller == "train_step"
+                                    and self._training is not None else 1.0)
         plan = self._plan
         if forward_only:  # each device its forwards, in micro-batch order
             plan = replace(plan, forward_only=True, schedule=[
@@ -607,6 +629,33 @@ class Pipeline:
         ]
         return [[p[j] for p in pieces] for j in range(m)]
 
+    # -- one replica of a grid (the package's interface for ``run.grid``) --------------------
+
+    @property
+    def runners(self) -> tuple:
+        """Each stage bound to its device (``devices.StageRunner``)."""
+        return self._plan.runners
+
+    def run_share(self, args: Sequence, seed_factor: float):
+        """The schedule of ``train_step`` on ``args`` (this replica's share of a grid's
+        batch), every backward seeded ``seed_factor`` times as much: ``(run, restore)``
+        as ``train_step`` has them before the update. A failure puts back what the program
+        assigned and raises."""
+        return self._run_schedule(args, "train_step", seed_factor=seed_factor)
+
+    def undo_share(self, restore, error: BaseException) -> None:
+        """Put back what the program assigned during a share whose step failed later."""
+        self._undo(restore, error)
+
+    def value_of_share(self, run: StepRun) -> Any:
+        """The value of a share's run (with ``fn``'s outputs after the loss), here; the
+        run's record kept for this replica's timeline and traffic."""
+        return self._value_of(run)
+
+    def last_record(self) -> StepRecord:
+        """What the last step left (``GradSplitError`` before any step)."""
+        return self._last_run()
+
     # -- training state ----------------------------------------------------------------------
 
     @property
@@ -631,10 +680,10 @@ class Pipeline:
             microbatches=microbatches, schedule=schedule, _last=None,
             _ideal_idle=ideal_idle_fraction(schedule, self._plan.dependencies),
             _plan=replace(self._plan, schedule=schedule, microbatches=microbatches))
-        if self._one_program is not None:
-            twin._one_program = OneProgramStep(
+        if self._one_program is not None:  # traced again for the count
+            vars(twin).update(_one_program=OneProgramStep(
                 self.split, self._training, microbatches, self.loss_reduction,
-                self.jit_compile, self._plan.home)
+                self.jit_compile, self._plan.home))
         return twin
 
     def _state(self, what: str) -> TrainingState:

@@ -1,7 +1,8 @@
 """Pictures of a pipeline step: Chrome trace JSON and a Gantt chart of its timeline.
 
 Both read a list of recorded events (``gsc.Pipeline.timeline()``: each with
-``device_index``, ``device``, ``kind`` ``"F"``, ``"B"`` or ``"W"``, ``stage``,
+``device_index``, ``device``, ``kind`` ``"F"``, ``"B"``, ``"W"`` or ``"A"`` (a grid's
+all-reduce, drawn in a colour of its own), ``stage``,
 ``microbatch``, and ``start`` and ``end`` in seconds from the step start) and one label per
 device (per list of the schedule);
 ``Pipeline.write_chrome_trace`` and ``Pipeline.plot_timeline`` call them.
@@ -23,17 +24,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradsplit_compiler.errors import GradSplitError
-from gradsplit_compiler.run.engine import TimelineEvent
+from gradsplit_compiler.run.engine import ALLREDUCE, TimelineEvent
 from gradsplit_compiler.run.fused import ONE_PROGRAM
 from gradsplit_compiler.run.schedules import BACKWARD, FORWARD, WEIGHT
 
-__all__ = ["CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation", "plot_timeline",
-           "write_chrome_trace"]
+__all__ = ["ALLREDUCE_COLOUR", "CATEGORIES", "HATCHES", "chrome_trace", "plot_simulation",
+           "plot_timeline", "write_chrome_trace"]
 
 # Chrome trace category and Gantt chart hatch of each action kind.
 CATEGORIES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight",
-              ONE_PROGRAM: "step as one program"}
-HATCHES = {FORWARD: None, BACKWARD: "///", WEIGHT: "...", ONE_PROGRAM: "xx"}
+              ALLREDUCE: "allreduce", ONE_PROGRAM: "step as one program"}
+HATCHES = {FORWARD: None, BACKWARD: "///", WEIGHT: "...", ALLREDUCE: "xx", ONE_PROGRAM: "++"}
+# An all-reduce (a grid's stage gradients summed over its replicas) has a colour of its own.
+ALLREDUCE_COLOUR = "#9e9e9e"
 
 
 def chrome_trace(events: Sequence[Any], labels: Sequence[str], *, microbatches: int) -> dict:
@@ -48,7 +51,8 @@ def chrome_trace(events: Sequence[Any], labels: Sequence[str], *, microbatches: 
                       "args": {"name": f"device {d}: {label}"}})
     for e in events:
         trace.append({
-            "name": f"{e.kind}{e.microbatch}",
+            "name": f"allreduce s{e.stage}" if e.kind == ALLREDUCE else
+                    f"{e.kind}{e.microbatch}",
             "cat": CATEGORIES.get(e.kind, e.kind),
             "ph": "X", "pid": 0, "tid": e.device_index,
             "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6,
@@ -93,9 +97,9 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     span = max(e.end for e in events) or 1.0
     for e in events:
         ax.barh(e.device_index, (e.end - e.start) * 1e3, left=e.start * 1e3, height=0.8,
-                color=stage_colour(e.stage), edgecolor="black", linewidth=0.5,
-                hatch=HATCHES.get(e.kind))
-        if (e.end - e.start) > span / 150:
+                color=ALLREDUCE_COLOUR if e.kind == ALLREDUCE else stage_colour(e.stage),
+                edgecolor="black", linewidth=0.5, hatch=HATCHES.get(e.kind))
+        if (e.end - e.start) > span / 150 and e.kind != ALLREDUCE:
             ax.text((e.start + e.end) / 2 * 1e3, e.device_index, str(e.microbatch),
                     ha="center", va="center", fontsize=7)
     ax.set_yticks(range(k), [f"device {d}\n{label}" for d, label in enumerate(labels)],
@@ -104,7 +108,7 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     ax.set_xlabel(xlabel)
     measured, ideal = idle
     kinds = {e.kind for e in events}
-    stages = sorted({e.stage for e in events})
+    stages = sorted({e.stage for e in events if e.kind != ALLREDUCE})
     ax.set_title(
         f"{len(stages)} stages on {k} devices, {microbatches} micro-batches: idle "
         f"{measured:.0%} (ideal {ideal:.0%})\nplain = forward, hatched = backward"
@@ -117,8 +121,11 @@ def plot_timeline(events: Sequence[Any], path: str | os.PathLike, *, labels: Seq
     if WEIGHT in kinds:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="...",
                              label="weight gradients (W)"))
+    if ALLREDUCE in kinds:
+        handles.append(Patch(facecolor=ALLREDUCE_COLOUR, edgecolor="black",
+                             hatch=HATCHES[ALLREDUCE], label="all-reduce"))
     if ONE_PROGRAM in kinds:  # a step run as one program: no forwards or backwards apart
-        handles = [Patch(facecolor="white", edgecolor="black", hatch="xx",
+        handles = [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[ONE_PROGRAM],
                          label="the whole step, one program")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()

@@ -145,3 +145,42 @@ def test_a_checkpoint_in_a_memory_filesystem_restores_by_its_prefix():
     assert moved > 1e-3
     with pytest.raises(gsc.GradSplitError, match="cannot read a checkpoint at"):
         second.restore("ram://gradsplit-tests/no-such-checkpoint")
+
+
+def test_a_two_by_two_grid_on_four_workers_trains_survives_a_kill_and_resumes():
+    """2 stages x 2 replicas (stage 0 on tasks 0 and 2, stage 1 on tasks 1 and 3), each
+    stage's gradients all-reduced between its two tasks by TensorFlow's collectives."""
+    result = _drive("grid")
+    devices = result["devices"]
+    for name, run in result["runs"].items():
+        assert run["iterations"] == 20, (name, run)
+        assert run["loss_error"] < TRAIN_TOL and run["variable_error"] < TRAIN_TOL, run
+        assert run["moved_from_start"] > 1e-2, run
+        assert run["replicas_equal"], run  # bitwise
+        assert run["copy_devices"] == [[[devices[0]], [devices[2]]],
+                                       [[devices[1]], [devices[3]]]], run
+        assert run["allreduce_events"] == [[0, 0], [1, 1], [2, 0], [3, 1]], run
+        moved = run["bytes_moved"]
+        assert moved["replicas"] == 0 and moved["allreduce"] > 0, moved
+
+    # task 3 (stage 1 of replica 1) killed mid-training
+    killed = result["killed"]
+    assert killed["raised"] == "GradSplitError", killed
+    message = killed["message"]
+    assert message.startswith("replica 1 of the grid failed (stage 0 on "), message
+    assert "task 3 " in message and "stage 1 ran there" in message, message
+    assert "no longer answers (it died or stopped answering)" in message
+    assert killed["seconds"] < PIPELINE_TIMEOUT / 2 and "within timeout" not in message
+
+    # a new cluster, the grid built again and restored: the uninterrupted run's end
+    assert result["resumed_from"] == killed["checkpoint_step"] > 0
+    assert result["resumed_iterations"] == 20
+    assert result["resumed_error"] <= RESUME_TOL, result
+
+    # task 0 (stage 0 of replica 0) killed as the all-reduce starts
+    killed = result["killed_in_allreduce"]
+    assert killed["raised"] == "GradSplitError", killed
+    assert ("no longer answers (it died or stopped answering) during the all-reduce of "
+            "the gradients: task 0 of job 'worker'") in killed["message"], killed
+    assert "ran stage 0 of replica 0" in killed["message"], killed
+    assert killed["seconds"] < PIPELINE_TIMEOUT / 2, killed

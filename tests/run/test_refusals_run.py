@@ -299,6 +299,10 @@ def test_one_program_where_it_does_not_apply(two, options, why):
                                              r"stage, but " + why) as e:
         _pipe(split, one_program=True, **options)
     assert "Leave one_program unset (None) to use it only where it applies." in str(e.value)
+    with pytest.raises(GradSplitError, match=r"a grid of devices sums each stage's gradients "
+                                             r"over its replicas between the schedule and the "
+                                             r"update. Leave one_program unset for a grid"):
+        _pipe(split, one_program=True, devices=[["/CPU:0", "/CPU:1"], ["/CPU:2", "/CPU:3"]])
     with pytest.raises(GradSplitError, match=r"one_program must be True, False or None "
                                              r"\(decide by the devices\); got 'yes'"):
         _pipe(split, one_program="yes")

@@ -8,6 +8,8 @@ clusters.
     python tests/run/training_driver.py train    # optimizers x schedules, clipping; 4 workers
     python tests/run/training_driver.py resume   # workers killed or frozen mid-training,
                                                  # restarted, restored from a checkpoint
+    python tests/run/training_driver.py grid     # 2 stages x 2 replicas: trained, a worker
+                                                 # killed, restored on a new cluster
 
 The oracle is the tape: the same Keras optimizer applied to ``tf.GradientTape`` gradients of
 the original loss on the whole batch, on the user's own variables (which the pipeline never
@@ -33,6 +35,7 @@ from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel
 import gradsplit_compiler as gsc
 from gradsplit_compiler.run import training
 from gradsplit_compiler.run.cluster import LocalCluster
+from gradsplit_compiler.run.grid import GridPipeline
 
 WORKERS = 4
 STEPS = 20
@@ -202,27 +205,6 @@ def resume() -> dict:
             pipe.train_step(x, y)
         return done, restored
 
-    def train_until_failure(pipe, kill_at: int, fault) -> dict:
-        """Train, saving every EVERY steps (into this process's memory filesystem: the
-        client must write every shard itself); ``fault`` starts before step ``kill_at``."""
-        report: dict = {"checkpoint": None, "checkpoint_step": None}
-        for i, (x, y) in enumerate(data):
-            if i and i % EVERY == 0:
-                report["checkpoint"] = pipe.save(f"ram://gradsplit-resume/step{i}")
-                report["checkpoint_step"] = i
-            if i == kill_at:
-                fault()
-            t0 = time.perf_counter()
-            try:
-                pipe.train_step(x, y)
-            except Exception as exc:
-                report.update(raised=type(exc).__name__, message=str(exc),
-                              seconds=time.perf_counter() - t0, step=i)
-                break
-        else:
-            report["raised"] = None
-        return report
-
     # 1. An uninterrupted run, then the same run with task 2 killed during step 7.
     cluster = LocalCluster(WORKERS)
     devices = cluster.connect()
@@ -237,7 +219,7 @@ def resume() -> dict:
     del whole
     pipe = make_pipeline(split, devices)
     killer = threading.Timer(0.05, cluster.kill, args=(2,))
-    out["killed"] = train_until_failure(pipe, 7, killer.start)
+    out["killed"] = train_until_failure(pipe, data, 7, killer.start)
     killer.join()
     out["killed"]["user_variables_untouched"] = all(
         np.array_equal(v.numpy(), start[v.name]) for v in model.variables)
@@ -274,6 +256,118 @@ def resume() -> dict:
     return out
 
 
+def train_until_failure(pipe, data, kill_at: int, fault, where: str = "resume") -> dict:
+    """Train, saving every EVERY steps (into this process's memory filesystem: the client
+    must write every shard itself); ``fault`` starts before step ``kill_at``."""
+    report: dict = {"checkpoint": None, "checkpoint_step": None}
+    for i, (x, y) in enumerate(data):
+        if i and i % EVERY == 0:
+            report["checkpoint"] = pipe.save(f"ram://gradsplit-{where}/step{i}")
+            report["checkpoint_step"] = i
+        if i == kill_at:
+            fault()
+        t0 = time.perf_counter()
+        try:
+            pipe.train_step(x, y)
+        except Exception as exc:
+            report.update(raised=type(exc).__name__, message=str(exc),
+                          seconds=time.perf_counter() - t0, step=i)
+            break
+    else:
+        report["raised"] = None
+    return report
+
+
+# -- grid: 2 stages x 2 replicas, gradients all-reduced with TensorFlow's collectives ---------
+
+GRID_STEPS = STEPS  # 20
+
+
+def grid() -> dict:
+    """Train a 2x2 grid against the tape (SGD with momentum, Adam); kill a worker mid-training
+    (a replica's schedule), restart the cluster, restore the checkpoint into the grid and
+    finish as the uninterrupted run; then kill a worker as the all-reduce starts."""
+    out: dict = {"runs": {}}
+    data = batches(GRID_STEPS, seed=9)
+
+    def make(split, devices, name, timeout=60):
+        return gsc.pipeline(split, 2, "1f1b", [[devices[0], devices[2]],
+                                               [devices[1], devices[3]]],
+                            loss_reduction="mean", optimizer=OPTIMIZERS[name](),
+                            timeout=timeout, jit_compile=False)
+
+    cluster = LocalCluster(WORKERS)
+    devices = cluster.connect()
+    out["devices"] = devices
+    model = TiedModel(seed=11)
+    split = model.split(cuts=("c2",))
+    start = values_of(model.variables)
+    final = None
+    for name in ("sgd-momentum", "adam"):
+        pipe = make(split, devices, name)
+        losses = [float(pipe.train_step(x, y)) for x, y in data]
+        got = resident(pipe)
+        expected, _ = tape_training(model, OPTIMIZERS[name](), data)
+        want = values_of(model.variables)
+        for v in model.variables:
+            v.assign(start[v.name])
+        out["runs"][name] = {
+            "loss_error": rel(losses, expected),
+            "variable_error": max(rel(got[n], want[n]) for n in want),
+            "moved_from_start": max(rel(got[n], start[n]) for n in want),
+            "replicas_equal": all(
+                np.array_equal(a.numpy(), b.numpy()) for k in range(2)
+                for a, b in zip(pipe.stage_variables(k, 0), pipe.stage_variables(k, 1))),
+            "copy_devices": [[sorted({c.device for c in pipe.stage_variables(k, r)})
+                              for r in range(2)] for k in range(2)],
+            "bytes_moved": pipe.bytes_moved(), "iterations": pipe.iterations,
+            "allreduce_events": sorted((e.device_index, e.stage) for e in pipe.timeline()
+                                       if e.kind == "A")}
+        final = got
+    del pipe
+
+    # task 3 (stage 1 of replica 1) killed during step 7
+    pipe = make(split, devices, "adam")
+    killer = threading.Timer(0.05, cluster.kill, args=(3,))
+    out["killed"] = train_until_failure(pipe, data, 7, killer.start, where="grid")
+    killer.join()
+    checkpoint = out["killed"]["checkpoint"]
+    cluster.stop()
+
+    # a new cluster, the grid built again, the checkpoint restored: the uninterrupted end
+    cluster = LocalCluster(WORKERS)
+    devices = cluster.connect()
+    pipe = make(split, devices, "adam")
+    pipe.restore(checkpoint)
+    out["resumed_from"] = pipe.iterations
+    for x, y in data[pipe.iterations:]:
+        pipe.train_step(x, y)
+    got = resident(pipe)
+    out["resumed_error"] = max(rel(got[n], final[n]) for n in final)
+    out["resumed_iterations"] = pipe.iterations
+
+    # task 0 (stage 0 of replica 0) killed as the all-reduce starts
+    real = GridPipeline._all_reduce
+
+    def all_reduce(self, *args, **kwargs):
+        cluster.kill(0)
+        time.sleep(0.3)  # the signal has landed
+        return real(self, *args, **kwargs)
+
+    GridPipeline._all_reduce = all_reduce
+    t0 = time.perf_counter()
+    try:
+        pipe.train_step(*data[0])
+        out["killed_in_allreduce"] = {"raised": None}
+    except Exception as exc:
+        out["killed_in_allreduce"] = {"raised": type(exc).__name__, "message": str(exc),
+                                      "seconds": time.perf_counter() - t0}
+    finally:
+        GridPipeline._all_reduce = real
+    cluster.stop()
+    return out
+
+
 def fault_in_update(pipe, data, fault) -> dict:
     """A ``train_step`` (compiling), then one whose optimizer update starts with
     ``fault()``: what that one raised."""
@@ -299,7 +393,7 @@ def fault_in_update(pipe, data, fault) -> dict:
 
 
 def main() -> None:
-    result = {"train": train, "resume": resume}[sys.argv[1]]()
+    result = {"train": train, "resume": resume, "grid": grid}[sys.argv[1]]()
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)  # threads stuck in calls to a dead or frozen task must not hold the exit
 

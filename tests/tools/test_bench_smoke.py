@@ -58,3 +58,17 @@ def test_each_schedules_simulated_idle_share_is_its_papers_formula():
     for name, _, cells in rows:
         for simulated, formula in cells:
             assert abs(simulated - formula) < 1e-12, name
+
+
+def test_figure_10_counts_each_kind_of_bytes_as_the_grid_predicts():
+    """Figure 10 on a tiny chain: activations, cotangents and the all-reduce per step equal
+    their predictions from the split, for the 1-D pipelines and the 2 x 2 grid."""
+    rows = _bench().grid_rows({"width": 16, "batch": 8, "microbatches": 2, "repeats": 1,
+                               "warmup": 0, "jit_compile": False})
+    assert [(r["stages"], r["replicas"]) for r in rows] == [(2, 1), (4, 1), (2, 2)]
+    for r in rows:
+        for kind in ("activations", "cotangents", "allreduce"):
+            assert r[kind] == r[f"p_{kind}"], (r["layout"], kind, r)
+        assert r["step"] > 0
+    assert rows[2]["allreduce"] == 2 * 8 * 16 * 16 * 4  # 2 (R - 1) x every kernel's bytes
+    assert rows[0]["allreduce"] == 0
