@@ -918,9 +918,10 @@ SCHEDULES_NOTE = """\
 *Reading it.* The first table needs no measurement: every forward, `B` and `W` takes one
 unit (a fused backward two), and the idle share is the simulator's against the formula of
 each schedule's paper, `(K-1)/(M+K-1)` for GPipe and 1F1B, `(K-1)/(3M+K-1)` for ZB-H1,
-`(K-1)/(vM+K-1)` for interleaved 1F1B with `v` stages per device and `(K-1)/(6M+K-1)` for
-ZB-V (two stages per device in a V, each half the work: the paper's zero bubble, only the
-ramp of `K-1` half-stage actions left, at 1F1B's peak memory). The second runs each
+`(K-1)/(vM+K-1)` for interleaved 1F1B with `v` stages per device; for ZB-V (two stages
+per device in a V, each half the work) the paper claims zero bubble at 1F1B's peak memory,
+and `(K-1)/(6M+K-1)` is derived here: the ramp of `K-1` half-stage actions a step cannot
+avoid. The second runs each
 schedule on 4 logical CPUs that share 2 cores, so the stages cannot really overlap: the
 measured idle share is what the timeline shows (a device waiting for another, or for a
 core), and the prediction is the simulator's from the same step's own action times and
