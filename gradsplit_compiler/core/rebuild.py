@@ -231,7 +231,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         trace = _trace_with_gradients(program, plan, stage_gd, input_specs, output_specs,
                                       diff_outputs, diff_inputs)
     with phase(stage + "convert"):
-        h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph)
+        h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph, consume=True)
     with phase(stage + "cut"):
         lists = _ListAccumulators(h, trace.graph)
         cut = _cut_traced(program, plan, stage_gd, trace, h, lists)
@@ -299,9 +299,9 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
     and loop accumulators get a fixed size, so every piece compiles on its own); without
     XLA's rules when a loop has no ``maximum_iterations`` (the stage is then not
     ``xla_compatible``)."""
+    stage_variables = set(plan.variable_indices)
     var_placeholders = {
-        ph: idx for ph, idx in program.variable_placeholders.items()
-        if idx in plan.variable_indices
+        ph: idx for ph, idx in program.variable_placeholders.items() if idx in stage_variables
     }
     recorded: dict = {}
 

@@ -188,7 +188,7 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
     with phase("convert"):
         graph_def = graph.as_graph_def(add_shapes=True)
         custom_gradients.make_portable(graph, graph_def)
-        ir_graph = ir.to_networkx(graph_def, graph)
+        ir_graph = ir.to_networkx(graph_def, graph, consume=True)
     program = Program(
         graph=ir_graph,
         arg_names=arg_names,

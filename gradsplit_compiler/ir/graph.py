@@ -49,7 +49,8 @@ def _input_string(op: str, index: int) -> str:
     return op if index == 0 else f"{op}:{index}"
 
 
-def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) -> nx.MultiDiGraph:
+def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
+                consume: bool = False) -> nx.MultiDiGraph:
     """Convert a ``GraphDef`` to the IR. ``graph``, when given, supplies dtypes and shapes.
 
     Parameters
@@ -60,6 +61,9 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
         The graph ``graph_def`` was exported from; its ops give each node's output dtypes
         and static shapes. Without it, shapes come from the ``_output_shapes`` attribute
         when present and dtypes are left unknown.
+    consume : bool
+        ``graph_def`` is the caller's to give away (exported for this call alone): its
+        node defs become the nodes' (their inputs cleared) instead of being copied.
 
     Returns
     -------
@@ -78,9 +82,12 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
     ops = {op.name: op for op in graph.get_operations()} if graph is not None else {}
     nodes = []
     for nd in graph_def.node:
-        stored = node_def_pb2.NodeDef()
-        stored.CopyFrom(nd)
-        del stored.input[:]
+        if consume:
+            stored = nd
+        else:
+            stored = node_def_pb2.NodeDef()
+            stored.CopyFrom(nd)
+            del stored.input[:]
         nodes.append((nd.name, {"node_def": stored, "op": nd.op,
                                 "outputs": _outputs_of(nd, ops.get(nd.name))}))
     g.add_nodes_from(nodes)
@@ -101,6 +108,8 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
                               {"control": False, "src_output": index,
                                "dst_input": data_index}))
                 data_index += 1
+        if consume:
+            del nd.input[:]
     g.add_edges_from(edges)
     return g
 
