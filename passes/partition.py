@@ -103,7 +103,11 @@ def partition(program: Program) -> Program:
     nx.set_node_attributes(g, stage, "stage")
     _replicate(program, stage)
     _check_not_empty(program, stage, num_stages)
-    program.stages = [_plan(program, k) for k in range(num_stages)]
+    members: list[list[str]] = [[] for _ in range(num_stages)]
+    for node, copies in nx.get_node_attributes(g, "stages").items():
+        for k in copies:
+            members[k].append(node)
+    program.stages = [_plan(program, k, members[k]) for k in range(num_stages)]
     program.boundaries = _boundaries(program, num_stages)
     return program
 
@@ -208,9 +212,10 @@ def _check_not_empty(program: Program, stage: dict, num_stages: int) -> None:
         )
 
 
-def _plan(program: Program, k: int) -> StagePlan:
+def _plan(program: Program, k: int, nodes: list[str]) -> StagePlan:
+    """Stage ``k``'s plan; ``nodes`` are its ops (those whose ``stages`` hold ``k``), in
+    graph order."""
     g = program.graph
-    nodes = [n for n in g.nodes if k in g.nodes[n].get("stages", ())]
     members = set(nodes)
     inputs: dict[str, None] = {}  # ordered sets
     variable_indices: set[int] = set()
