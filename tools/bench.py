@@ -307,29 +307,22 @@ TF_PHASES = ("trace", "stages: gradients")
 
 def figure_split_time(quick):
     """One row per program: the medians of ``repeats`` interleaved rounds of TF's trace of
-    ``fn``, TF's trace of the training step and ``split``, ``split.profile`` of the median
-    split (stages summed), and the first ``value_and_gradients`` call (trace of the
-    composed program and XLA's compile), once. The 100,000-node chain runs one round and
-    skips TF's plain trace (its row shows the split's own ``trace`` phase) and the XLA call:
-    a round costs about 4 minutes."""
+    the training step and ``split``, ``split.profile`` of the median split (stages summed;
+    its ``trace`` phase is TF's trace of ``fn``, the table's TF trace), and for the smallest
+    program the first ``value_and_gradients`` call (trace of the composed program and XLA's
+    compile). Rounds: the 100,000-node chain one (about 4 minutes on 2 cores), the others
+    two or three, so that the section stays under 6 minutes."""
     rows = []
     rng = np.random.default_rng(0)
-    cases = [(chain(250, rng), 3, True), (chain(1000, rng), 3, True)]
+    cases = [(chain(250, rng), 2 if quick else 3, True),
+             (chain(1000, rng), 1 if quick else 2, False)]
     if not quick:
         name, loss, sig, cuts, args = resnet50(rng)
-        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 3, True))
+        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 2, False))
         cases.append((chain(25000, rng), 1, False))
-    else:
-        cases = [(c, 2, xla) for c, _, xla in cases]
-    for (name, body, sig, cuts, args), repeats, small in cases:
-        trace_times, step_times, splits = [], [], []
+    for (name, body, sig, cuts, args), repeats, first_call_too in cases:
+        step_times, splits = [], []
         for _ in range(repeats):
-            fn = tf.function(body)
-            if small:
-                t = time.perf_counter()
-                fn.get_concrete_function(*sig)
-                trace_times.append(time.perf_counter() - t)
-
             def step(*a, body=body):
                 with tf.GradientTape() as tape:
                     value = body(*a)
@@ -343,19 +336,19 @@ def figure_split_time(quick):
             splits.append((time.perf_counter() - t, split))
             del split
         splits.sort(key=lambda s: s[0])
-        sp, split = splits[len(splits) // 2]
+        sp, split = splits[(len(splits) - 1) // 2]
         del splits
         phases = profile_phases(split.profile)
-        st = float(np.median(step_times))
-        tr = float(np.median(trace_times)) if trace_times else phases["trace"]
+        st = sorted(step_times)[(len(step_times) - 1) // 2]  # as the split: lower median
+        tr = phases["trace"]
         first_call = None
-        if small:
+        if first_call_too:
             t = time.perf_counter()
             _block(split.value_and_gradients(*args))
             first_call = time.perf_counter() - t
         nodes = split.graph.number_of_nodes()
-        rows.append({"name": name, "nodes": nodes, "trace": tr, "traced_alone": small,
-                     "step": st, "split": sp, "phases": phases, "first_call": first_call})
+        rows.append({"name": name, "nodes": nodes, "trace": tr, "step": st, "split": sp,
+                     "phases": phases, "first_call": first_call})
         tf_work = sum(phases.get(p, 0.0) for p in TF_PHASES)
         log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
             f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
@@ -366,19 +359,20 @@ def figure_split_time(quick):
 
 
 SPLIT_TIME_NOTE = """\
-A split traces `fn` (TensorFlow's `trace`), then traces each stage's gradient
-(`stages: gradients`, TensorFlow's `tf.gradients`): together what the training step's own
-trace does, which is the floor. Everything else is the compiler's: `convert` (the trace to
-the networkx IR), the passes and their `checks`, and per stage (summed over the stages)
-`piece` (the stage's GraphDef), `import` (into the scratch graph its gradient is traced
-in), `trace` (the rest of that scratch graph: placeholders, captured variables),
+A split traces `fn` (TensorFlow's `trace`, the TF trace column), then traces each stage's
+gradient (`stages: gradients`, TensorFlow's `tf.gradients`): together what the training
+step's own trace does, which is the floor. Everything else is the compiler's: `convert`
+(the trace to the networkx IR), the passes and their `checks`, and per stage (summed over
+the stages) `piece` (the stage's GraphDef), `import` (into the scratch graph its gradient
+is traced in), `trace` (the rest of that scratch graph: placeholders, captured variables),
 `convert`, `cut` (forward, backward, residuals), `split backward` (B and W for zero-bubble
 schedules), `pieces` (their GraphDefs), `functions` (the stage's `tf.function`s, not yet
-traced). The split's `profile` holds these (`Split.profile`); the first
+traced). The split's `profile` holds these (`Split.profile`). The first
 `value_and_gradients` call, which traces the composed program and compiles it with XLA,
-is not part of `split()` and is shown apart. The 100,000-node chain (25,000 layers) is
-timed in one round, without TensorFlow's trace of `fn` alone (its TF trace column is the
-split's own `trace` phase, marked *) and without the XLA call."""
+is not part of `split()`; it is shown for the smallest program only (minutes for the
+larger ones). Medians (the lower of two) of 3 rounds (chain of 250 layers), 2 (ResNet50,
+chain of 1,000) and 1 (the 100,000-node chain of 25,000 layers, about 4 minutes), each
+round the step's trace then the split, so the section stays under 6 minutes."""
 
 
 def split_time_markdown(rows) -> list[str]:
@@ -389,8 +383,7 @@ def split_time_markdown(rows) -> list[str]:
              "split |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr, st, sp, nodes = r["trace"], r["step"], r["split"], r["nodes"]
-        mark = "" if r["traced_alone"] else "*"
-        lines.append(f"| {r['name']} | {nodes} | {tr:.2f} s{mark} | {st:.2f} s | {sp:.2f} s "
+        lines.append(f"| {r['name']} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s "
                      f"| {sp / tr:.2f} | {sp / st:.2f} | {st / nodes * 1e3:.3f} | "
                      f"{sp / nodes * 1e3:.3f} |")
     phases: list[str] = []
