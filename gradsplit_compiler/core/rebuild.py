@@ -304,6 +304,7 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
         ph: idx for ph, idx in program.variable_placeholders.items() if idx in stage_variables
     }
     recorded: dict = {}
+    stand_ins: dict = {}  # placeholder op of a variable's handle -> the handle
 
     def body(*args):
         ins = args[: len(input_specs)]
@@ -312,8 +313,16 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
         recorded["cots"] = [t.op.name for t in cots]
         input_map = dict(zip(plan.inputs, ins))
         handles = {}
+        stand_ins.clear()
         for ph, idx in var_placeholders.items():
-            handles[idx] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+            # A placeholder with the handle's dtype and shape, not a capture of the function
+            # graph: tf.gradients in a function graph looks through every capture for each
+            # tensor it visits, quadratic in the stage's variables.
+            handle = program.variables[idx].handle
+            handles[idx] = tf.compat.v1.placeholder(tf.resource, handle.shape,
+                                                    name=f"gsc.variable.{idx}")
+            _tf_internal.copy_handle_data(handle, handles[idx])
+            stand_ins[handles[idx].op.name] = handle
             input_map[ph + ":0"] = handles[idx]
         for ph in plan.capture_placeholders:
             input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
@@ -362,7 +371,7 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
         xla_compatible = False
         graph = trace(xla=False)
     xla_compatible = xla_compatible and not _unbounded_lists(graph)
-    capture_kind = {}
+    capture_kind = dict(stand_ins)
     for external, internal in graph.captures:
         capture_kind[internal.op.name] = external
     return _Trace(graph=graph, xla_compatible=xla_compatible, input_ops=recorded["ins"],
