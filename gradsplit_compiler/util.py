@@ -1,5 +1,6 @@
-"""Small helpers every layer may use: the garbage-collector pause around big graph work, and
-byte counts for people, in two styles: ``human_bytes`` for tables (short, rounded to
+"""Small helpers every layer may use: the garbage-collector pause around big graph work, the
+time spent in each phase of a piece of work (``recording_phases`` / ``phase``), and byte
+counts for people, in two styles: ``human_bytes`` for tables (short, rounded to
 what a column needs) and ``format_bytes`` for messages (two decimals, optionally exact).
 
 The lowest layer with ``errors`` and ``_tf_internal``: it imports nothing of the package (and
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 
-__all__ = ["collector_paused", "format_bytes", "human_bytes"]
+__all__ = ["collector_paused", "format_bytes", "human_bytes", "phase", "recording_phases"]
 
 
 @contextlib.contextmanager
@@ -40,6 +42,66 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+# The phases being timed, innermost last: [name, start, seconds of nested phases, record].
+_open_phases: list[list] = []
+
+
+@contextlib.contextmanager
+def recording_phases() -> Iterator[dict[str, float]]:
+    """Time every ``phase`` entered inside the block; yields the record it fills.
+
+    The record maps each phase name to the seconds spent in it, outside the phases nested in
+    it (each second counts once), in the order phases were first entered; ``"other"`` holds
+    the block's time outside every phase, so the values add up to the block's wall time.
+    A phase entered twice (one per stage, say) adds up. A recording inside another keeps its
+    phases to itself; the outer one sees its whole time as spent in the enclosing phase.
+
+    >>> with recording_phases() as record:
+    ...     with phase("outer"):
+    ...         with phase("inner"):
+    ...             pass
+    >>> list(record)
+    ['outer', 'inner', 'other']
+    >>> abs(sum(record.values()) - record.total) < 1e-9
+    True
+    """
+    record = _PhaseRecord()
+    root = ["other", time.perf_counter(), 0.0, record]
+    _open_phases.append(root)
+    try:
+        yield record
+    finally:
+        _open_phases.pop()
+        record.total = time.perf_counter() - root[1]
+        record["other"] = record.get("other", 0.0) + record.total - root[2]
+
+
+class _PhaseRecord(dict):
+    """``{phase: seconds}`` with ``total``, the recorded block's wall time."""
+
+    total: float = 0.0
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Count the block's time as phase ``name`` of the innermost ``recording_phases``
+    (nothing is timed outside one)."""
+    if not _open_phases:
+        yield
+        return
+    record = _open_phases[-1][3]
+    record.setdefault(name, 0.0)  # in the order phases are first entered
+    frame = [name, time.perf_counter(), 0.0, record]
+    _open_phases.append(frame)
+    try:
+        yield
+    finally:
+        _open_phases.pop()
+        elapsed = time.perf_counter() - frame[1]
+        record[name] = record.get(name, 0.0) + elapsed - frame[2]
+        _open_phases[-1][2] += elapsed
 
 
 _UNITS = (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10))

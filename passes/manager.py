@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 
 import networkx as nx
 
+from gradsplit_compiler import ir
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir import edit
 from gradsplit_compiler.ir.program import Program
+from gradsplit_compiler.util import phase
 
 __all__ = ["Pass", "PassError", "UserPassError", "check_program", "is_users", "pass_name",
            "run_passes"]
@@ -81,7 +83,8 @@ def run_passes(program: Program, passes: Sequence[Pass], *,
         users = is_users(p)
         error = UserPassError if users else PassError
         try:
-            result = p(program)
+            with phase(f"pass {name}"):
+                result = p(program)
         except GradSplitError as exc:
             if not users:
                 raise
@@ -95,7 +98,8 @@ def run_passes(program: Program, passes: Sequence[Pass], *,
             raise error(f"The {name!r} pass returned {type(result).__name__}, not the "
                         "Program; a pass returns the program it was given (or a new one).")
         program = result
-        problems = check_program(program)
+        with phase("checks"):
+            problems = check_program(program)
         if problems:
             raise error(
                 f"The graph is invalid after the {name!r} pass (after {done}): "
@@ -112,7 +116,8 @@ def run_passes(program: Program, passes: Sequence[Pass], *,
                 )
         _establish(in_force, p)
         for owner, ensures in in_force:
-            problems = ensures(program)
+            with phase("checks"):
+                problems = ensures(program)
             if problems:
                 what = ("did not meet its guarantee" if owner == name
                         else f"broke the guarantee of the {owner!r} pass")
@@ -136,10 +141,9 @@ def check_program(program: Program) -> list[str]:
     problems: list[str] = []
     if not nx.is_directed_acyclic_graph(g):
         problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
-    for node in g.nodes:
-        indices = sorted(
-            a["dst_input"] for _, _, a in g.in_edges(node, data=True) if not a["control"]
-        )
+    for node, preds in ir.predecessor_edges(g).items():
+        indices = sorted(a["dst_input"] for keyed in preds.values() for a in keyed.values()
+                         if not a["control"])
         if indices != list(range(len(indices))):
             problems.append(f"node {node!r} has data inputs {indices}, not 0..n-1")
     for name in list(program.arg_names) + list(program.output_names):

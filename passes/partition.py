@@ -103,7 +103,11 @@ def partition(program: Program) -> Program:
     nx.set_node_attributes(g, stage, "stage")
     _replicate(program, stage)
     _check_not_empty(program, stage, num_stages)
-    program.stages = [_plan(program, k) for k in range(num_stages)]
+    members: list[list[str]] = [[] for _ in range(num_stages)]
+    for node, copies in nx.get_node_attributes(g, "stages").items():
+        for k in copies:
+            members[k].append(node)
+    program.stages = [_plan(program, k, members[k]) for k in range(num_stages)]
     program.boundaries = _boundaries(program, num_stages)
     return program
 
@@ -208,11 +212,12 @@ def _check_not_empty(program: Program, stage: dict, num_stages: int) -> None:
         )
 
 
-def _plan(program: Program, k: int) -> StagePlan:
+def _plan(program: Program, k: int, nodes: list[str]) -> StagePlan:
+    """Stage ``k``'s plan; ``nodes`` are its ops (those whose ``stages`` hold ``k``), in
+    graph order."""
     g = program.graph
-    nodes = [n for n in g.nodes if k in g.nodes[n].get("stages", ())]
     members = set(nodes)
-    inputs: list[str] = []
+    inputs: dict[str, None] = {}  # ordered sets
     variable_indices: set[int] = set()
     captures: set[str] = set()
     for node in nodes:
@@ -224,27 +229,27 @@ def _plan(program: Program, k: int) -> StagePlan:
             elif src in program.other_captures:
                 captures.add(src)
             else:
-                name = ir.tensor_name(src, src_output)
-                if name not in inputs:
-                    inputs.append(name)
+                inputs[ir.tensor_name(src, src_output)] = None
     order = {n: i for i, n in enumerate(g.nodes)}
-    inputs.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]], ir.parse_tensor_name(t)[1]))
-    outputs = []
+
+    def in_graph_order(names) -> list[str]:
+        return sorted(names, key=lambda t: (order[ir.parse_tensor_name(t)[0]],
+                                            ir.parse_tensor_name(t)[1]))
+
+    outputs: dict[str, None] = {}
     wanted = set(program.output_names)
     for node in nodes:
         if g.nodes[node].get("stage") != k:
             continue
         for dst, src_output, _ in sorted(ir.data_consumers(g, node), key=lambda c: c[1]):
             if k not in g.nodes[dst].get("stages", ()) and g.nodes[dst].get("stage") is not None:
-                name = ir.tensor_name(node, src_output)
-                if name not in outputs:
-                    outputs.append(name)
+                outputs[ir.tensor_name(node, src_output)] = None
         n_out = len(g.nodes[node].get("outputs") or []) or 1
         for i in range(n_out):
             name = ir.tensor_name(node, i)
-            if name in wanted and name not in outputs:
-                outputs.append(name)
-    outputs.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]], ir.parse_tensor_name(t)[1]))
+            if name in wanted:
+                outputs[name] = None
+    inputs, outputs = in_graph_order(inputs), in_graph_order(outputs)
     return StagePlan(
         index=k,
         nodes=nodes,
@@ -259,13 +264,13 @@ def _boundaries(program: Program, num_stages: int) -> list[list[str]]:
     g = program.graph
     boundaries = []
     for cut in range(num_stages - 1):
-        crossing: list[str] = []
+        crossing: dict[str, None] = {}  # an ordered set
         for plan in program.stages[cut + 1:]:
             for name in plan.inputs:
                 producer_stage = g.nodes[ir.parse_tensor_name(name)[0]].get("stage")
-                if (producer_stage is None or producer_stage <= cut) and name not in crossing:
-                    crossing.append(name)
-        boundaries.append(crossing)
+                if producer_stage is None or producer_stage <= cut:
+                    crossing[name] = None
+        boundaries.append(list(crossing))
     return boundaries
 
 

@@ -4,8 +4,9 @@ Guarantees afterwards: every node's ``outputs`` attribute lists ``(dtype, shape)
 of its outputs, a known ``tf.DType`` and a ``tf.TensorShape``, as TensorFlow's shape
 inference gives them on the current graph (inlined bodies included, with the arguments'
 shapes from the input signature); every output index a data edge reads is listed. The graph
-itself is unchanged. Nodes whose dtypes are already all known are left as they are, so the
-pass costs one C++ import only when an earlier pass added nodes.
+itself is unchanged. Nodes whose dtypes are already all known are left as they are (an op
+TensorFlow registers without outputs, ``NoOp`` or ``AssignVariableOp``, is known by its empty
+list), so the pass costs one C++ import only when an earlier pass added nodes.
 
 ``check`` (the pass's ``ensures``) tests the list, the types and the indices read, one look
 at each node and edge. Not tested: that the values are what inference would give (that is
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from gradsplit_compiler import ir
+from gradsplit_compiler import _tf_internal, ir
 from gradsplit_compiler.ir.program import Program
 
 __all__ = ["check", "refresh_shapes"]
@@ -41,7 +42,9 @@ def refresh_shapes(program: Program, nodes=None) -> Program:
         wanted = set(g.nodes)
     else:
         wanted = set(nodes or ())
-    stale = [n for n in g.nodes if n in wanted or not _known(g.nodes[n].get("outputs"))]
+    no_outputs: dict[str, bool] = {}
+    stale = [n for n, attrs in g.nodes(data=True)
+             if n in wanted or not _known(attrs.get("outputs"), attrs.get("op"), no_outputs)]
     if not stale:
         return program
     scratch = tf.Graph()
@@ -53,10 +56,17 @@ def refresh_shapes(program: Program, nodes=None) -> Program:
     return program
 
 
-def _known(outputs) -> bool:
-    return outputs is not None and all(dtype is not None for dtype, _ in outputs) and (
-        outputs != []
-    )
+def _known(outputs, op: str | None, no_outputs: dict[str, bool]) -> bool:
+    """Whether ``outputs`` lists every output with its dtype; an empty list is known only
+    for an op type registered without outputs (``no_outputs`` caches the answer per type)."""
+    if outputs is None or any(dtype is None for dtype, _ in outputs):
+        return False
+    if outputs:
+        return True
+    if op not in no_outputs:
+        registered = _tf_internal.op_def(op) if op else None
+        no_outputs[op] = registered is not None and not registered.output_arg
+    return no_outputs[op]
 
 
 def check(program: Program) -> list[str]:

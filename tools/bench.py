@@ -11,8 +11,9 @@ docs/bench_cut_size.png (figure 5).
 2. The stages driven one by one (``run_stages``), each forward and backward its own XLA
    program, / the monolithic step.
 3. Peak memory of the composed step / the monolithic step (each in a fresh process).
-4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250 and
-   1,000 layers, with time per graph node.
+4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250,
+   1,000 and 25,000 layers (100,000 graph nodes), with time per graph node, and where the
+   split spends it (``Split.profile``, by phase) beside the first XLA call.
 5. The thread's answers on the demo's program as the cut grows: per-scalar
    ``tf.gradients``, ``GradientTape.jacobian``, and ours, all interleaved in one loop.
 6. The pipeline's ``step`` on a LocalCluster beside the same pipeline in one process.
@@ -286,43 +287,127 @@ def chain(layers, rng):
                            cut_after=(layers // 4, layers // 2, 3 * layers // 4), scale=0.2,
                            dtype=tf.float32, seed=rng)
     return (f"chain of {layers} layers", case.fn.python_function, case.input_signature,
-            case.cuts, case.variables)
+            case.cuts, case.args(rng))
+
+
+def profile_phases(profile: dict) -> dict:
+    """``Split.profile`` with each stage's phases summed over the stages (``stages: import``
+    is every stage's import), in first-seen order."""
+    summed: dict = {}
+    for phase, seconds in profile.items():
+        key = "stages: " + phase.split(": ", 1)[1] if phase.startswith("stage ") else phase
+        summed[key] = summed.get(key, 0.0) + seconds
+    return summed
+
+
+# Phases that are TensorFlow building what the training step's own trace builds too (the
+# forward, then the gradient formulas); every other phase of a split is the compiler's.
+TF_PHASES = ("trace", "stages: gradients")
 
 
 def figure_split_time(quick):
+    """One row per program: the medians of ``repeats`` interleaved rounds of TF's trace of
+    the training step and ``split``, ``split.profile`` of the median split (stages summed;
+    its ``trace`` phase is TF's trace of ``fn``, the table's TF trace), and for the smallest
+    program the first ``value_and_gradients`` call (trace of the composed program and XLA's
+    compile). Rounds: the 100,000-node chain one (about 4 minutes on 2 cores), the others
+    two or three, so that the section stays under 6 minutes."""
     rows = []
     rng = np.random.default_rng(0)
-    cases = [chain(250, rng), chain(1000, rng)]
+    cases = [(chain(250, rng), 2 if quick else 3, True),
+             (chain(1000, rng), 1 if quick else 2, False)]
     if not quick:
-        name, loss, sig, cuts, _ = resnet50(rng)
-        cases.insert(0, (name, loss.python_function, sig, cuts, None))
-    for name, body, sig, cuts, _ in cases:
-        trace_times, step_times, split_times = [], [], []
-        for _ in range(2 if quick else 5):  # medians of 5: single traces vary by 10-20%
-            fn = tf.function(body)
-            t = time.perf_counter()
-            concrete = fn.get_concrete_function(*sig)
-            trace_times.append(time.perf_counter() - t)
-            watched = concrete.graph.variables
-
-            def step(*a, body=body, watched=watched):
+        name, loss, sig, cuts, args = resnet50(rng)
+        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 2, False))
+        cases.append((chain(25000, rng), 1, False))
+    for (name, body, sig, cuts, args), repeats, first_call_too in cases:
+        step_times, splits = [], []
+        for _ in range(repeats):
+            def step(*a, body=body):
                 with tf.GradientTape() as tape:
                     value = body(*a)
-                return tape.gradient(value, watched)
+                return tape.gradient(value, tape.watched_variables())
 
             t = time.perf_counter()
             tf.function(step).get_concrete_function(*sig)
             step_times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            split = gsc.split(fn, sig, cuts)
-            split_times.append(time.perf_counter() - t)
+            split = gsc.split(tf.function(body), sig, cuts)
+            splits.append((time.perf_counter() - t, split))
+            del split
+        splits.sort(key=lambda s: s[0])
+        sp, split = splits[(len(splits) - 1) // 2]
+        del splits
+        phases = profile_phases(split.profile)
+        st = sorted(step_times)[(len(step_times) - 1) // 2]  # as the split: lower median
+        tr = phases["trace"]
+        first_call = None
+        if first_call_too:
+            t = time.perf_counter()
+            _block(split.value_and_gradients(*args))
+            first_call = time.perf_counter() - t
         nodes = split.graph.number_of_nodes()
-        tr, st, sp = (float(np.median(x)) for x in (trace_times, step_times, split_times))
-        rows.append((name, nodes, tr, st, sp))
+        rows.append({"name": name, "nodes": nodes, "trace": tr, "step": st, "split": sp,
+                     "phases": phases, "first_call": first_call})
+        tf_work = sum(phases.get(p, 0.0) for p in TF_PHASES)
         log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
             f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
-            f"step's trace, {sp / nodes * 1e3:.2f} ms per node)")
+            f"step's trace, {sp / nodes * 1e3:.2f} ms per node; TensorFlow's trace and "
+            f"gradients {tf_work:.2f} s, the compiler's phases {sp - tf_work:.2f} s)")
+        del split
     return rows
+
+
+SPLIT_TIME_NOTE = """\
+A split traces `fn` (TensorFlow's `trace`, the TF trace column), then traces each stage's
+gradient (`stages: gradients`, TensorFlow's `tf.gradients`): together what the training
+step's own trace does, which is the floor. Everything else is the compiler's: `convert`
+(the trace to the networkx IR), the passes and their `checks`, and per stage (summed over
+the stages) `piece` (the stage's GraphDef), `import` (into the scratch graph its gradient
+is traced in), `trace` (the rest of that scratch graph: placeholders, captured variables),
+`convert`, `cut` (forward, backward, residuals), `split backward` (B and W for zero-bubble
+schedules), `pieces` (their GraphDefs), `functions` (the stage's `tf.function`s, not yet
+traced). The split's `profile` holds these (`Split.profile`). The first
+`value_and_gradients` call, which traces the composed program and compiles it with XLA,
+is not part of `split()`; it is shown for the smallest program only (minutes for the
+larger ones). Medians (the lower of two) of 3 rounds (chain of 250 layers), 2 (ResNet50,
+chain of 1,000) and 1 (the 100,000-node chain of 25,000 layers, about 4 minutes), each
+round the step's trace then the split, so the section stays under 6 minutes."""
+
+
+def split_time_markdown(rows) -> list[str]:
+    """Section 4's tables: the times, then the phases of each split."""
+    lines = ["## 4. `split()` time", "",
+             "| program | nodes | TF trace | TF trace of the training step | split | "
+             "split / trace | split / step trace | ms per node, step trace | ms per node, "
+             "split |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tr, st, sp, nodes = r["trace"], r["step"], r["split"], r["nodes"]
+        lines.append(f"| {r['name']} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s "
+                     f"| {sp / tr:.2f} | {sp / st:.2f} | {st / nodes * 1e3:.3f} | "
+                     f"{sp / nodes * 1e3:.3f} |")
+    phases: list[str] = []
+    for r in rows:
+        phases += [p for p in r["phases"] if p not in phases]
+    lines += ["", "Where each split's time goes (`Split.profile`, seconds and share of the "
+              "split):", "",
+              "| phase | " + " | ".join(r["name"] for r in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+
+    def cell(r, seconds):
+        return f"{seconds:.2f} s ({100 * seconds / r['split']:.0f}%)"
+
+    for p in phases:
+        lines.append(f"| {p} | " + " | ".join(cell(r, r["phases"].get(p, 0.0))
+                                              for r in rows) + " |")
+    ours = [r["split"] - sum(r["phases"].get(p, 0.0) for p in TF_PHASES) for r in rows]
+    lines.append("| **the compiler's (all but `trace` and `stages: gradients`)** | "
+                 + " | ".join(cell(r, o) for r, o in zip(rows, ours)) + " |")
+    lines.append("| first `value_and_gradients` call (trace and XLA compile; not in "
+                 "split) | " + " | ".join("-" if r["first_call"] is None else
+                                          f"{r['first_call']:.2f} s" for r in rows) + " |")
+    lines += ["", SPLIT_TIME_NOTE, ""]
+    return lines
 
 
 # -- figure 5: the thread's answers ----------------------------------------------------------
@@ -499,14 +584,7 @@ def write_report(path, command, speed, memory, split_rows, cut_rows):
                          f"{stage_sum / 2**20:.1f} MiB |")
         lines.append("")
     if split_rows:
-        lines += ["## 4. `split()` time", "",
-                  "| program | nodes | TF trace | TF trace of the training step | split | "
-                  "split / trace | split / step trace | ms per node |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, nodes, tr, st, sp in split_rows:
-            lines.append(f"| {name} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s | "
-                         f"{sp / tr:.2f} | {sp / st:.2f} | {sp / nodes * 1e3:.3f} |")
-        lines.append("")
+        lines += split_time_markdown(split_rows)
     if cut_rows:
         lines += ["## 5. The thread's answers as the cut grows (the demo's program, float32, "
                   "XLA)", "", CUT_SIZE_NOTE, "",

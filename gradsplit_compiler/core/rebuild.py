@@ -31,6 +31,7 @@ from gradsplit_compiler.core.residuals import cut_forward_backward
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program, StagePlan
+from gradsplit_compiler.util import phase
 
 __all__ = [
     "ListResidual",
@@ -67,13 +68,14 @@ def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef
     members = set(nodes)
     gd = graph_pb2.GraphDef()
     gd.versions.CopyFrom(g.graph["versions"])
+    pred = ir.predecessor_edges(g)
+    attrs = ir.node_attributes(g)
     for name in nodes:
         nd = gd.node.add()
-        nd.CopyFrom(g.nodes[name]["node_def"])
-        for inp in ir.node_inputs(g, name):
-            if inp.startswith("^") and inp[1:] not in members:
-                continue  # ordered by the stage order already
-            nd.input.append(inp)
+        nd.CopyFrom(attrs[name]["node_def"])
+        nd.input.extend(inp for inp in ir.inputs_from_edges(pred[name].items())
+                        # a control input from outside: ordered by the stage order already
+                        if not (inp.startswith("^") and inp[1:] not in members))
         if "_class" in nd.attr:
             keep = [
                 s for s in nd.attr["_class"].list.s
@@ -93,6 +95,8 @@ def _copy_used_functions(library, gd: graph_pb2.GraphDef) -> None:
     directly or through other functions (a cond branch calling a tf.function...), and their
     registered gradients. A piece carrying the whole program's library would register every
     function again each time it is imported."""
+    if not library.function:
+        return
     functions = {f.signature.name: f for f in library.function}
     gradients = {gr.function_name: gr for gr in library.gradient}
     seen: set[str] = set()
@@ -216,30 +220,40 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     from), ``_capture_keys`` (variables and other captures of the pieces) and
     ``_split_backward`` (the backward cut again into B and W, for zero-bubble schedules).
     """
-    stage_gd = _stage_piece(program, plan, static)
+    stage = f"stage {plan.index}: "
+    with phase(stage + "piece"):
+        stage_gd = _stage_piece(program, plan, static)
     if cotangent_outputs is None:
         cotangent_outputs = [j for j, s in enumerate(output_specs) if is_differentiable(s.dtype)]
     diff_outputs = list(cotangent_outputs)
     diff_inputs = [i for i, s in enumerate(input_specs) if is_differentiable(s.dtype)]
-    trace = _trace_with_gradients(program, plan, stage_gd, input_specs, output_specs,
-                                  diff_outputs, diff_inputs)
-    h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph)
-    lists = _ListAccumulators(h, trace.graph)
-    cut = _cut_traced(program, plan, stage_gd, trace, h, lists)
-    residual_names, list_residuals, residual_specs = _residuals(
-        h, trace.graph, cut.residuals, lists)
-    input_gradients, variable_gradients = _gradient_sources(
-        plan, trace, residual_names, set(cut.backward), len(input_specs), diff_outputs,
-        diff_inputs)
-    variable_keys, capture_keys = _capture_keys(program, plan, trace.capture_kind)
-    split_backward = _split_backward(h, trace, cut.backward, residual_names, list_residuals,
-                                     input_gradients, variable_gradients, diff_outputs)
+    with phase(stage + "trace"):
+        trace = _trace_with_gradients(program, plan, stage_gd, input_specs, output_specs,
+                                      diff_outputs, diff_inputs)
+    with phase(stage + "convert"):
+        h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph, consume=True)
+    with phase(stage + "cut"):
+        lists = _ListAccumulators(h, trace.graph)
+        cut = _cut_traced(program, plan, stage_gd, trace, h, lists)
+        residual_names, list_residuals, residual_specs = _residuals(
+            h, trace.graph, cut.residuals, lists)
+        input_gradients, variable_gradients = _gradient_sources(
+            plan, trace, residual_names, set(cut.backward), len(input_specs), diff_outputs,
+            diff_inputs)
+        variable_keys, capture_keys = _capture_keys(program, plan, trace.capture_kind)
+    with phase(stage + "split backward"):
+        split_backward = _split_backward(h, trace, cut.backward, residual_names,
+                                         list_residuals, input_gradients, variable_gradients,
+                                         diff_outputs)
+    with phase(stage + "pieces"):
+        forward_graph_def = _piece_graph_def(h, cut.forward)
+        backward_graph_def = _piece_graph_def(h, cut.backward)
     return StageVJP(
         split_backward=split_backward,
         xla_compatible=trace.xla_compatible,
         list_residuals=list_residuals,
-        forward_graph_def=_piece_graph_def(h, cut.forward),
-        backward_graph_def=_piece_graph_def(h, cut.backward),
+        forward_graph_def=forward_graph_def,
+        backward_graph_def=backward_graph_def,
         input_keys=[ph + ":0" for ph in trace.input_ops],
         output_names=trace.output_names,
         residual_names=residual_names,
@@ -285,31 +299,44 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
     and loop accumulators get a fixed size, so every piece compiles on its own); without
     XLA's rules when a loop has no ``maximum_iterations`` (the stage is then not
     ``xla_compatible``)."""
+    stage_variables = set(plan.variable_indices)
     var_placeholders = {
-        ph: idx for ph, idx in program.variable_placeholders.items()
-        if idx in plan.variable_indices
+        ph: idx for ph, idx in program.variable_placeholders.items() if idx in stage_variables
     }
     recorded: dict = {}
+    stand_ins: dict = {}  # placeholder op of a variable's handle -> the handle
 
     def body(*args):
         ins = args[: len(input_specs)]
         cots = args[len(input_specs):]
+        recorded["ins"] = [t.op.name for t in ins]
+        recorded["cots"] = [t.op.name for t in cots]
         input_map = dict(zip(plan.inputs, ins))
         handles = {}
+        stand_ins.clear()
         for ph, idx in var_placeholders.items():
-            handles[idx] = _tf_internal.capture_in_current_graph(program.variables[idx].handle)
+            # A placeholder with the handle's dtype and shape, not a capture of the function
+            # graph: tf.gradients in a function graph looks through every capture for each
+            # tensor it visits, quadratic in the stage's variables.
+            handle = program.variables[idx].handle
+            handles[idx] = tf.compat.v1.placeholder(tf.resource, handle.shape,
+                                                    name=f"gsc.variable.{idx}")
+            _tf_internal.copy_handle_data(handle, handles[idx])
+            stand_ins[handles[idx].op.name] = handle
             input_map[ph + ":0"] = handles[idx]
         for ph in plan.capture_placeholders:
             input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
                 program.other_captures[ph]
             )
-        outs = emit(stage_gd, input_map, plan.outputs, name="")
+        with phase(f"stage {plan.index}: import"):
+            outs = emit(stage_gd, input_map, plan.outputs, name="")
         ys = [outs[j] for j in diff_outputs]
         xs = [ins[i] for i in diff_inputs] + [handles[idx] for idx in plan.variable_indices]
         grads = [None] * len(xs)
         if ys and xs:
             try:
-                with custom_gradients.names_in_trace(input_map):
+                with custom_gradients.names_in_trace(input_map), \
+                        phase(f"stage {plan.index}: gradients"):
                     grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
             except LookupError as exc:
                 raise GradSplitError(
@@ -318,11 +345,8 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
                     "in tf.stop_gradient."
                 ) from None
         grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
-        recorded["ins"] = [t.op.name for t in ins]
-        recorded["cots"] = [t.op.name for t in cots]
         recorded["outs"] = [t.name for t in outs]
         recorded["grads"] = [None if g is None else g.name for g in grads]
-        return [t for t in list(outs) + grads if t is not None]
 
     cot_specs = [
         tf.TensorSpec(output_specs[j].shape, output_specs[j].dtype, name=f"gsc.cot.{j}")
@@ -331,18 +355,23 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
     named_inputs = [
         tf.TensorSpec(s.shape, s.dtype, name=f"gsc.in.{i}") for i, s in enumerate(input_specs)
     ]
+
+    def trace(xla: bool):
+        with _tf_internal.scratch_graph(f"gsc_stage{plan.index}_vjp", xla) as graph:
+            body(*[tf.compat.v1.placeholder(s.dtype, s.shape, name=s.name)
+                   for s in named_inputs + cot_specs])
+        return graph
+
     xla_compatible = True
     try:
-        graph = tf.function(body, jit_compile=True, autograph=False).get_concrete_function(
-            *(named_inputs + cot_specs)).graph
+        graph = trace(xla=True)
     except (ValueError, tf.errors.InvalidArgumentError) as exc:
         if "maximum_iterations" not in str(exc):
             raise
         xla_compatible = False
-        graph = tf.function(body, autograph=False).get_concrete_function(
-            *(named_inputs + cot_specs)).graph
+        graph = trace(xla=False)
     xla_compatible = xla_compatible and not _unbounded_lists(graph)
-    capture_kind = {}
+    capture_kind = dict(stand_ins)
     for external, internal in graph.captures:
         capture_kind[internal.op.name] = external
     return _Trace(graph=graph, xla_compatible=xla_compatible, input_ops=recorded["ins"],
@@ -368,11 +397,12 @@ def _cut_traced(program: Program, plan: StagePlan, stage_gd: graph_pb2.GraphDef,
     """The traced graph cut into forward and backward (``residuals.cut_forward_backward``):
     captured reads of variables nobody writes may be read again in the backward."""
     written = set(program.written_variables())
-    rereadable = {
-        ph for ph, external in trace.capture_kind.items()
-        if any(program.variables[i].handle is external and i not in written
-               for i in plan.variable_indices)
-    }
+    by_handle = _stage_variables_by_handle(program, plan)
+    rereadable = set()
+    for ph, external in trace.capture_kind.items():
+        index = by_handle.get(id(external))
+        if index is not None and index not in written:
+            rereadable.add(ph)
     return cut_forward_backward(
         h,
         gradients={ir.parse_tensor_name(n)[0] for n in trace.gradient_names if n is not None},
@@ -439,7 +469,8 @@ def _gradient_sources(plan: StagePlan, trace: _Trace, residual_names: list[str],
     """Per stage input and per variable, where its gradient comes from: a tensor the backward
     returns, ``("cotangent", j)`` (the gradient is an output's cotangent itself),
     ``("residual", r)`` or ``None`` (no gradient)."""
-    cot_ph = trace.cotangent_ops
+    cot_ph = {op: diff_outputs[k] for k, op in enumerate(trace.cotangent_ops)}
+    residual_index = {name: r for r, name in reversed(list(enumerate(residual_names)))}
     grad_names = trace.gradient_names
 
     def grad_source(name: str | None):
@@ -447,9 +478,9 @@ def _gradient_sources(plan: StagePlan, trace: _Trace, residual_names: list[str],
             return None
         op = ir.parse_tensor_name(name)[0]
         if op in cot_ph:
-            return ("cotangent", diff_outputs[cot_ph.index(op)])
-        if name in residual_names:
-            return ("residual", residual_names.index(name))
+            return ("cotangent", cot_ph[op])
+        if name in residual_index:
+            return ("residual", residual_index[name])
         return name
 
     n_diff_in = len(diff_inputs)
@@ -484,23 +515,28 @@ def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
     # shape arithmetic both need are recomputed in each, as the fused backward does.
     b_work = b_ops & ir.descendants(h, set(cot_ph))
     w_ops = ir.ancestors(h, ops_of(variable_gradients), within=backward - b_work)
-    carried: list[str] = []
-    weight_inputs: list[tuple[str, int]] = []
+    residual_index = {name: r for r, name in reversed(list(enumerate(residual_names)))}
+    cotangent_of = {op: diff_outputs[k] for k, op in enumerate(cot_ph)}
+    carried: dict[str, int] = {}  # name -> position, in the order first read
+    weight_inputs: dict[tuple[str, int], None] = {}  # an ordered set
     weight_keys: list[str] = []
+    keyed: set[str] = set()
+
+    def add(source: tuple[str, int], key: str) -> None:
+        weight_inputs[source] = None
+        weight_keys.append(key)
+        keyed.add(key)
 
     def read(name: str) -> None:
         op = ir.parse_tensor_name(name)[0]
-        if name in weight_keys or op in w_ops or op in trace.capture_kind:
+        if name in keyed or op in w_ops or op in trace.capture_kind:
             return
-        if op in cot_ph:
-            weight_inputs.append(("cotangent", diff_outputs[cot_ph.index(op)]))
+        if op in cotangent_of:
+            add(("cotangent", cotangent_of[op]), name)
         elif op in b_work:
-            if name not in carried:
-                carried.append(name)
-            weight_inputs.append(("carried", carried.index(name)))
+            add(("carried", carried.setdefault(name, len(carried))), name)
         else:
-            weight_inputs.append(("residual", residual_names.index(name)))
-        weight_keys.append(name)
+            add(("residual", residual_index[name]), name)
 
     for node in sorted(w_ops, key=order.__getitem__):
         for src, index in ir.data_inputs(h, node):
@@ -509,16 +545,16 @@ def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
         if isinstance(source, str):
             if ir.parse_tensor_name(source)[0] not in w_ops:
                 read(source)
-        elif source is not None and source not in weight_inputs:
+        elif source is not None and tuple(source) not in weight_inputs:
             kind, j = source
-            weight_inputs.append(source)
-            weight_keys.append(residual_names[j] if kind == "residual" else
-                               cot_ph[diff_outputs.index(j)] + ":0")
+            add(tuple(source), residual_names[j] if kind == "residual" else
+                cot_ph[diff_outputs.index(j)] + ":0")
     for r, as_list in list_residuals.items():  # a loop accumulator needs its trip count
         if ("residual", r) in weight_inputs and ("residual", as_list.counter) not in \
                 weight_inputs:
-            weight_inputs.append(("residual", as_list.counter))
-            weight_keys.append(residual_names[as_list.counter])
+            add(("residual", as_list.counter), residual_names[as_list.counter])
+    weight_inputs = list(weight_inputs)
+    carried = list(carried)
     carried_specs = []
     for name in carried:
         t = trace.graph.get_tensor_by_name(name)
@@ -539,14 +575,23 @@ def _capture_keys(program: Program, plan: StagePlan, capture_kind: dict[str, Any
     captured tensors (-> the tensor)."""
     variable_keys = {}
     capture_keys = {}
+    by_handle = _stage_variables_by_handle(program, plan)
     for ph, external in capture_kind.items():
-        idx = next((i for i in plan.variable_indices
-                    if program.variables[i].handle is external), None)
+        idx = by_handle.get(id(external))
         if idx is not None:
             variable_keys[ph + ":0"] = idx
         else:
             capture_keys[ph + ":0"] = external
     return variable_keys, capture_keys
+
+
+def _stage_variables_by_handle(program: Program, plan: StagePlan) -> dict[int, int]:
+    """``id(handle)`` of each variable the stage reads -> its index in
+    ``program.variables`` (the first, should two share a handle)."""
+    found: dict[int, int] = {}
+    for i in plan.variable_indices:
+        found.setdefault(id(program.variables[i].handle), i)
+    return found
 
 
 def _unbounded_lists(graph) -> bool:

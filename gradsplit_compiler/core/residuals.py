@@ -95,11 +95,14 @@ def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: se
         stage's forward and its backward.
     """
     placeholders = inputs | cotangents | captures
+    attrs = ir.node_attributes(h)
+    data_in = _data_inputs_of(h)
     needed = ir.ancestors(h, gradients)
     from_cotangent = ir.descendants(h, cotangents)
-    recompute = _recomputable(h, needed - from_cotangent - placeholders, rereadable)
+    recompute = _recomputable(attrs, data_in, needed - from_cotangent - placeholders,
+                              rereadable)
     core = (needed & from_cotangent) - placeholders
-    core |= _variant_producers(h, core, needed - placeholders, travels)
+    core |= _variant_producers(attrs, data_in, core, needed - placeholders, travels)
     forward_extra = needed - core - recompute - placeholders
     # Recompute only what the backward reaches through recomputable ops, not through
     # forward values (those arrive as residuals).
@@ -107,24 +110,21 @@ def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: se
     # A tensor the backward reads only for its shape does not travel: its Shape op runs in
     # the forward and the (tiny) shape travels instead; XLA specialises a program on the
     # values of shape arguments, so they still count as compile-time constants.
-    shape_only = _shape_only_readers(h, backward)
+    shape_only = _shape_only_readers(h, attrs, data_in, backward)
     backward -= shape_only
     forward_needed = ir.ancestors(h, forward_extra | shape_only,
                                   within=forward_extra | recompute | shape_only)
     forward = ir.ancestors(h, stage_ops | forward_needed) - placeholders
 
-    order = {n: i for i, n in enumerate(h.nodes)}
+    order = {n: i for i, n in enumerate(attrs)}
     backward_nodes = sorted(backward, key=order.__getitem__)
-    residuals: list[str] = []
+    read: set[tuple[str, int]] = set()
     for node in backward_nodes:
-        for src, index in ir.data_inputs(h, node):
-            if src in backward or src in cotangents or src in captures:
-                continue
-            name = ir.tensor_name(src, index)
-            if name not in residuals:
-                residuals.append(name)
-    residuals.sort(key=lambda t: (order[ir.parse_tensor_name(t)[0]],
-                                  ir.parse_tensor_name(t)[1]))
+        for src, index in data_in[node]:
+            if not (src in backward or src in cotangents or src in captures):
+                read.add((src, index))
+    residuals = [ir.tensor_name(src, index)
+                 for src, index in sorted(read, key=lambda t: (order[t[0]], t[1]))]
     return ForwardBackward(
         forward=sorted(forward, key=order.__getitem__),
         backward=backward_nodes,
@@ -132,7 +132,17 @@ def cut_forward_backward(h: nx.MultiDiGraph, gradients: set[str], cotangents: se
     )
 
 
-def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[str],
+def _data_inputs_of(h: nx.MultiDiGraph) -> dict[str, list[tuple[str, int]]]:
+    """``ir.data_inputs`` of every node of ``h``, in one pass over plain dicts."""
+    found = {}
+    for node, preds in ir.predecessor_edges(h).items():
+        edges = sorted((a["dst_input"], src, a["src_output"]) for src, keyed in preds.items()
+                       for a in keyed.values() if not a["control"])
+        found[node] = [(src, index) for _, src, index in edges]
+    return found
+
+
+def _variant_producers(attrs: dict, data_in: dict, backward: set[str], candidates: set[str],
                        travels) -> set[str]:
     """Forward ops whose ``variant`` outputs the backward reads and that cannot travel as
     tensors, and what they need to be recomputed from plain tensors."""
@@ -141,10 +151,10 @@ def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[s
     while frontier:
         new = set()
         for node in frontier:
-            for src, idx in ir.data_inputs(h, node):
+            for src, idx in data_in[node]:
                 if src in backward or src in added or src not in candidates:
                     continue
-                outputs = h.nodes[src].get("outputs") or []
+                outputs = attrs[src].get("outputs") or []
                 if (idx < len(outputs) and outputs[idx][0] == tf.variant
                         and not travels(ir.tensor_name(src, idx))):
                     new.add(src)
@@ -153,15 +163,15 @@ def _variant_producers(h: nx.MultiDiGraph, backward: set[str], candidates: set[s
     return added
 
 
-def _recomputable(h: nx.MultiDiGraph, candidates: set[str],
+def _recomputable(attrs: dict, data_in: dict, candidates: set[str],
                   rereadable: set[str] = frozenset()) -> set[str]:
     """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants;
     and reads of variables nobody writes (the backward reads the variable itself)."""
     chosen: set[str] = set()
-    for node in nx.topological_sort(h.subgraph(candidates)):
-        op = h.nodes[node]["op"]
-        preds = [src for src, _ in ir.data_inputs(h, node)]
-        outputs = h.nodes[node].get("outputs") or []
+    for node in _data_order(data_in, candidates):
+        op = attrs[node]["op"]
+        preds = [src for src, _ in data_in[node]]
+        outputs = attrs[node].get("outputs") or []
         if op == "Const" and not preds:
             chosen.add(node)
         elif op in SHAPE_OPS:
@@ -175,17 +185,41 @@ def _recomputable(h: nx.MultiDiGraph, candidates: set[str],
     return chosen
 
 
-def _shape_only_readers(h: nx.MultiDiGraph, backward: set[str]) -> set[str]:
+def _data_order(data_in: dict, nodes: set[str]) -> list[str]:
+    """``nodes`` ordered so that each comes after its data inputs among them (a depth-first
+    walk over ``data_in``, without a networkx subgraph view)."""
+    order: list[str] = []
+    done: set[str] = set()
+    for start in nodes:
+        if start in done:
+            continue
+        done.add(start)
+        stack = [(start, iter(data_in[start]))]
+        while stack:
+            node, preds = stack[-1]
+            for src, _ in preds:
+                if src in nodes and src not in done:
+                    done.add(src)
+                    stack.append((src, iter(data_in[src])))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    return order
+
+
+def _shape_only_readers(h: nx.MultiDiGraph, attrs: dict, data_in: dict,
+                        backward: set[str]) -> set[str]:
     """``Shape``/``Size``/``Rank`` ops of the backward whose input the backward reads for
     nothing else, and that do not wait for a cotangent."""
     readers: dict[tuple[str, int], set[str]] = {}
     for node in backward:
-        for src, index in ir.data_inputs(h, node):
+        for src, index in data_in[node]:
             if src not in backward:
                 readers.setdefault((src, index), set()).add(node)
     moved = set()
     for nodes in readers.values():
-        if all(h.nodes[n]["op"] in ("Shape", "Size", "Rank") for n in nodes) and not any(
+        if all(attrs[n]["op"] in ("Shape", "Size", "Rank") for n in nodes) and not any(
             a["control"] for n in nodes for _, _, a in h.in_edges(n, data=True)
         ):
             moved |= nodes

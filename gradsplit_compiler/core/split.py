@@ -20,7 +20,7 @@ from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.errors import GradSplitError, unknown_name_message
 from gradsplit_compiler.frontend.capture import capture
 from gradsplit_compiler.ir.program import Program
-from gradsplit_compiler.util import collector_paused
+from gradsplit_compiler.util import collector_paused, phase, recording_phases
 from passes.manager import run_passes
 
 __all__ = ["Cotangents", "Split", "program_of", "split"]
@@ -91,11 +91,13 @@ def split(fn: Any, input_signature: Sequence | None = None, cuts: Sequence | Non
     else:
         chosen = list(passes)
     pass_pipeline.check_order(chosen)
-    with collector_paused():
+    with collector_paused(), recording_phases() as profile:
         program = program_of(fn, input_signature, training)
         program.cut_specs = list(cuts)
         program = run_passes(program, chosen)
-        return Split(program)
+        result = Split(program)
+    result.profile = profile
+    return result
 
 
 
@@ -108,7 +110,8 @@ def program_of(fn: Any, input_signature: Sequence | None, training: bool | None)
                 "fn is a gsc.Program, which carries its own input_signature; omit "
                 "input_signature (split(program, cuts=[...]))."
             )
-        return fn.copy()
+        with phase("copy"):
+            return fn.copy()
     if input_signature is None:
         raise GradSplitError(
             "input_signature is missing: give one tf.TensorSpec per argument of fn, e.g. "
@@ -140,12 +143,21 @@ class Split:
     ``plan`` is what ``gsc.auto_split`` chose (a ``plan.autosplit.Plan``: the intended
     stages, estimated costs and bytes, and any op placed elsewhere); ``None`` for a split
     whose cuts the caller gave.
+
+    ``profile`` is where ``gsc.split`` spent its time: ``{phase: seconds}`` in the order
+    the phases ran (``trace`` and ``convert`` of the capture, ``pass <name>`` and
+    ``checks`` of the passes, ``stage <k>: ...`` of each stage's rebuild: ``piece``,
+    ``trace`` (the scratch function, apart from ``import`` of the stage's ops and
+    TensorFlow's ``gradients``), ``convert``, ``cut``, ``split backward``, ``pieces``,
+    ``functions``), ``other`` the rest; the values add up to ``profile.total``, the wall
+    time of the call. Empty for a ``Split`` made otherwise.
     """
 
     def __init__(self, program: Program, plan: Any = None):
         self._program = program
         self._written: tuple[int, ...] | None = None
         self.plan = plan
+        self.profile: dict[str, float] = {}
         self.arg_names = list(program.arg_names)
         self.output_names = list(program.output_names)
         self.variables = list(program.variables)
@@ -166,7 +178,8 @@ class Split:
             def rebuild(specs, plan=plan, output_specs=output_specs, cots=cotangent_outputs):
                 return build_stage_vjp(program, plan, specs, output_specs, cots, static=True)
 
-            stages.append(Stage(program, plan, vjp, input_specs, output_specs, rebuild))
+            with phase(f"stage {plan.index}: functions"):
+                stages.append(Stage(program, plan, vjp, input_specs, output_specs, rebuild))
         self.stages: list[Stage] = stages[::-1]
         self.output_specs = [self._spec(n) for n in self.output_names]
         self._functions: dict = {}

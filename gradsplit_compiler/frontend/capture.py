@@ -12,6 +12,7 @@ from gradsplit_compiler import ir
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.frontend import custom_gradients
 from gradsplit_compiler.ir.program import Program
+from gradsplit_compiler.util import phase
 
 __all__ = ["as_tf_function", "capture", "check_signature"]
 
@@ -150,7 +151,8 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
     specs = check_signature(input_signature)
     tf_fn, models = as_tf_function(fn, training)
     try:
-        concrete = tf_fn.get_concrete_function(*input_signature)
+        with phase("trace"):
+            concrete = tf_fn.get_concrete_function(*input_signature)
     except GradSplitError:
         raise
     except Exception as exc:  # any tracing failure is the caller's program
@@ -183,10 +185,12 @@ def capture(fn: Any, input_signature: Sequence, training: bool | None = None) ->
             f"{concrete.structured_outputs!r}."
         )
     output_names = [t.name for t in outputs]
-    graph_def = graph.as_graph_def(add_shapes=True)
-    custom_gradients.make_portable(graph, graph_def)
+    with phase("convert"):
+        graph_def = graph.as_graph_def(add_shapes=True)
+        custom_gradients.make_portable(graph, graph_def)
+        ir_graph = ir.to_networkx(graph_def, graph, consume=True)
     program = Program(
-        graph=ir.to_networkx(graph_def, graph),
+        graph=ir_graph,
         arg_names=arg_names,
         arg_specs=specs,
         output_names=output_names,

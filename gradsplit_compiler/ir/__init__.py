@@ -28,6 +28,7 @@ GRAPH_NAMES = (
     "data_inputs",
     "descendants",
     "from_networkx",
+    "inputs_from_edges",
     "node_attributes",
     "node_inputs",
     "predecessor_edges",

@@ -49,7 +49,8 @@ def _input_string(op: str, index: int) -> str:
     return op if index == 0 else f"{op}:{index}"
 
 
-def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) -> nx.MultiDiGraph:
+def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
+                consume: bool = False) -> nx.MultiDiGraph:
     """Convert a ``GraphDef`` to the IR. ``graph``, when given, supplies dtypes and shapes.
 
     Parameters
@@ -60,6 +61,9 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
         The graph ``graph_def`` was exported from; its ops give each node's output dtypes
         and static shapes. Without it, shapes come from the ``_output_shapes`` attribute
         when present and dtypes are left unknown.
+    consume : bool
+        ``graph_def`` is the caller's to give away (exported for this call alone): its
+        node defs become the nodes' (their inputs cleared) instead of being copied.
 
     Returns
     -------
@@ -75,11 +79,19 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
     g.graph["has_versions"] = graph_def.HasField("versions")
     g.graph["has_library"] = graph_def.HasField("library")
 
+    ops = {op.name: op for op in graph.get_operations()} if graph is not None else {}
+    nodes = []
     for nd in graph_def.node:
-        stored = node_def_pb2.NodeDef()
-        stored.CopyFrom(nd)
-        del stored.input[:]
-        g.add_node(nd.name, node_def=stored, op=nd.op, outputs=_outputs_of(nd, graph))
+        if consume:
+            stored = nd
+        else:
+            stored = node_def_pb2.NodeDef()
+            stored.CopyFrom(nd)
+            del stored.input[:]
+        nodes.append((nd.name, {"node_def": stored, "op": nd.op,
+                                "outputs": _outputs_of(nd, ops.get(nd.name))}))
+    g.add_nodes_from(nodes)
+    edges = []
     for nd in graph_def.node:
         data_index = 0
         control_index = 0
@@ -88,27 +100,25 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None) ->
             if src not in g:
                 raise ValueError(f"GraphDef node {nd.name!r} reads {inp!r}, which is not a node")
             if control:
-                g.add_edge(
-                    src, nd.name, key=f"^{control_index}", control=True, position=control_index
-                )
+                edges.append((src, nd.name, f"^{control_index}",
+                              {"control": True, "position": control_index}))
                 control_index += 1
             else:
-                g.add_edge(
-                    src, nd.name, key=data_index, control=False,
-                    src_output=index, dst_input=data_index,
-                )
+                edges.append((src, nd.name, data_index,
+                              {"control": False, "src_output": index,
+                               "dst_input": data_index}))
                 data_index += 1
+        if consume:
+            del nd.input[:]
+    g.add_edges_from(edges)
     return g
 
 
-def _outputs_of(nd: node_def_pb2.NodeDef, graph: tf.Graph | None) -> list:
-    if graph is not None:
-        try:
-            op = graph.get_operation_by_name(nd.name)
-        except (KeyError, ValueError):
-            op = None
-        if op is not None:
-            return [(t.dtype, t.shape) for t in op.outputs]
+def _outputs_of(nd: node_def_pb2.NodeDef, op: tf.Operation | None) -> list:
+    """``(dtype, shape)`` of each output of ``nd``: from ``op`` (its operation in the graph
+    it was exported from) when there is one, else shapes from ``_output_shapes``."""
+    if op is not None:
+        return [(t.dtype, t.shape) for t in op.outputs]
     if "_output_shapes" in nd.attr:
         return [(None, tf.TensorShape(s)) for s in nd.attr["_output_shapes"].list.shape]
     return []
@@ -124,21 +134,29 @@ def from_networkx(graph: nx.MultiDiGraph) -> graph_pb2.GraphDef:
         gd.versions.CopyFrom(graph.graph["versions"])
     if graph.graph.get("has_library", True) and "library" in graph.graph:
         gd.library.CopyFrom(graph.graph["library"])
-    for name in graph.nodes:
+    pred = predecessor_edges(graph)
+    for name, attrs in graph.nodes(data=True):
         nd = gd.node.add()
-        nd.CopyFrom(graph.nodes[name]["node_def"])
-        nd.input.extend(node_inputs(graph, name))
+        nd.CopyFrom(attrs["node_def"])
+        nd.input.extend(inputs_from_edges(pred[name].items()))
     return gd
 
 
 def node_inputs(graph: nx.MultiDiGraph, name: str) -> list[str]:
     """The ``NodeDef.input`` strings of node ``name``: data inputs in order, then control."""
+    return inputs_from_edges(graph.pred[name].items())
+
+
+def inputs_from_edges(in_edges) -> list[str]:
+    """``node_inputs`` from a node's entry of ``predecessor_edges`` (``.items()`` of it):
+    the form for loops over every node, without a networkx view per node."""
     data, control = [], []
-    for src, _, attrs in graph.in_edges(name, data=True):
-        if attrs["control"]:
-            control.append((attrs.get("position", 1 << 30), src))
-        else:
-            data.append((attrs["dst_input"], _input_string(src, attrs["src_output"])))
+    for src, edges in in_edges:
+        for attrs in edges.values():
+            if attrs["control"]:
+                control.append((attrs.get("position", 1 << 30), src))
+            else:
+                data.append((attrs["dst_input"], _input_string(src, attrs["src_output"])))
     data.sort()
     control.sort()
     return [s for _, s in data] + ["^" + s for _, s in control]

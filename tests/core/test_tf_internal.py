@@ -266,3 +266,30 @@ def test_copy_handle_data_gives_a_resource_the_variables_dtype_and_shape():
         _tf_internal.copy_handle_data(source, bare)
         after = tf.raw_ops.ReadVariableOp(resource=bare, dtype=tf.float32).shape
     assert before.rank is None and after.as_list() == [2, 3]
+
+
+def test_scratch_graph_captures_eager_tensors_and_differentiates_as_xla_does():
+    """What the stage trace relies on: an eager handle becomes a capture of the graph, no
+    control dependencies are added, and with ``xla`` a ``tf.cond`` keeps the intermediates
+    its gradient reads as plain tensors (XLA's rule), without it as optionals (variants)."""
+    v = tf.Variable([1.5, -2.0])
+
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [2], name="x")
+        handle = _tf_internal.capture_in_current_graph(v.handle)
+        w = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+        y = tf.cond(x[0] > 0, lambda: tf.sin(x * w), lambda: tf.cos(x))
+        grads = tf.gradients(y, [x, handle])
+        assert all(g is not None for g in grads)
+        forward_if, = [op for op in tf.compat.v1.get_default_graph().get_operations()
+                       if op.type in ("If", "StatelessIf") and "gradients" not in op.name]
+        return [t.dtype for t in forward_if.outputs]
+
+    with _tf_internal.scratch_graph("plain", xla=False) as graph:
+        assert tf.variant in build()
+    (external, _), = graph.captures
+    assert external is v.handle
+    assert not any(op.control_inputs for op in graph.get_operations()
+                   if op.type == "ReadVariableOp")
+    with _tf_internal.scratch_graph("xla", xla=True):
+        assert tf.variant not in build()

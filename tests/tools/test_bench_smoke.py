@@ -72,3 +72,21 @@ def test_figure_10_counts_each_kind_of_bytes_as_the_grid_predicts():
         assert r["step"] > 0
     assert rows[2]["allreduce"] == 2 * 8 * 16 * 16 * 4  # 2 (R - 1) x every kernel's bytes
     assert rows[0]["allreduce"] == 0
+
+
+def test_section_4_tables_show_each_phase_of_each_split_and_the_compilers_share():
+    import tensorflow as tf
+
+    import gradsplit_compiler as gsc
+
+    bench = _bench()
+    name, body, sig, cuts, _ = bench.chain(8, np.random.default_rng(0))
+    split = gsc.split(tf.function(body), sig, cuts)
+    phases = bench.profile_phases(split.profile)
+    assert "stages: gradients" in phases and not any(p.startswith("stage ") for p in phases)
+    assert abs(sum(phases.values()) - split.profile.total) < 1e-9
+    row = {"name": name, "nodes": split.graph.number_of_nodes(), "trace": 1.0, "step": 2.0,
+           "split": split.profile.total, "phases": phases, "first_call": None}
+    text = "\n".join(bench.split_time_markdown([row]))
+    assert f"| {name} | {row['nodes']} | 1.00 s | 2.00 s |" in text
+    assert "| stages: gradients | " in text and "| **the compiler's" in text
