@@ -79,7 +79,7 @@ class PipelineModel(keras.Model):
         ``memory_limit``, at the micro-batch size of the first batch ``fit`` trains on, with
         ``microbatches`` in flight as 1F1B keeps them). The training pipeline
         rematerialises the stages the plan chose (``split.plan.remat``).
-    microbatches, schedule, devices, jit_compile, timeout, one_program
+    microbatches, schedule, devices, jit_compile, timeout, one_program, on_nonfinite
         As for ``gsc.pipeline`` (with every stage on one device, a training step is one
         XLA program unless ``one_program=False``).
     """
@@ -88,7 +88,8 @@ class PipelineModel(keras.Model):
                  num_stages: int | None = None, microbatches: int = 1,
                  schedule: str = "1f1b", devices: Sequence[str] | None = None, *,
                  jit_compile: bool = True, timeout: float | None = None,
-                 one_program: bool | None = None, name: str | None = None,
+                 one_program: bool | None = None, on_nonfinite: str = "raise",
+                 name: str | None = None,
                  memory_limit: float | None = None):
         if not isinstance(model, keras.Model):
             raise GradSplitError(
@@ -141,6 +142,7 @@ class PipelineModel(keras.Model):
         self.pipeline_jit_compile = jit_compile
         self.timeout = timeout
         self.one_program = one_program
+        self.on_nonfinite = on_nonfinite
         self._run = _RunState()
         self.built = True
 
@@ -349,7 +351,8 @@ class PipelineModel(keras.Model):
             pipe = pipeline(split, self.microbatches, self.schedule, self.stage_devices,
                                 loss_reduction=self.loss_reduction, optimizer=optimizer,
                                 jit_compile=self.pipeline_jit_compile, timeout=self.timeout,
-                                one_program=self.one_program)
+                                one_program=self.one_program,
+                                on_nonfinite=self.on_nonfinite)
             self._run.state = pipe.training_state
             if self.optimizer.built:  # state restored into the model (BackupAndRestore)
                 self._sync_from_model()

@@ -918,11 +918,13 @@ def keras_child(config: dict) -> dict:
     # (row, model): plain fit, then K=1 (the whole model as one stage on one device, one
     # micro-batch: what the pipeline itself costs) both ways, then K stages on K devices
     runs = [({"run": "plain model.fit(jit_compile=True)", "stages": 1, "m": 1}, build())]
-    for one_program, name in ((None, "PipelineModel, one stage (the step as one program)"),
-                              (False, "PipelineModel, one stage, one program per action")):
+    for one_program, check, name in (
+            (None, "apply", "PipelineModel, one stage, on_nonfinite='apply' (as plain fit)"),
+            (None, "raise", "PipelineModel, one stage (the step as one program)"),
+            (False, "raise", "PipelineModel, one stage, one program per action")):
         runs.append(({"run": name, "stages": 1, "m": 1},
                      PipelineModel(build(), num_stages=1, microbatches=1, devices=["/CPU:0"],
-                                   one_program=one_program)))
+                                   one_program=one_program, on_nonfinite=check)))
     for m in config["microbatches"]:
         runs.append(({"run": f"PipelineModel, {stages} stages on 4 logical CPUs",
                       "stages": stages, "m": m},
@@ -987,9 +989,13 @@ its own XLA program), one thread per device, then each device's optimizer update
 pipeline's own cost: the same model as one stage on one device. There the pipeline runs the
 whole step as one XLA program (`one_program`, the default when every stage shares one
 device: forward, backward, the finiteness check and the update), and Keras' metric updates
-are one traced call; the row below it runs each action as its own program on a thread, as
-on several devices. On one machine's shared cores the four stages cannot overlap, so the
-other rows measure what the pipeline costs, not what it buys."""
+are one traced call. The first of them compares like with like: `on_nonfinite='apply'`
+updates whatever the gradients, as plain `fit` does; by default (`'raise'`) a step first
+checks that every gradient is finite and updates only then (a condition around the update
+in the program, which keeps XLA from fusing the update into the backward). The third runs
+each action as its own program on a thread, as on several devices. On one machine's shared
+cores the four stages cannot overlap, so the other rows measure what the pipeline costs,
+not what it buys."""
 
 
 SCHEDULES_NOTE = """\

@@ -157,10 +157,12 @@ def pipeline(split: Split, microbatches: int, schedule: str | Sequence = "1f1b",
         With ``optimizer``: scale the gradients so that their norm over all stages is at
         most this (``tf.clip_by_global_norm``); an optimizer's own ``global_clipnorm`` is
         taken as this.
-    on_nonfinite : "raise" or "skip"
+    on_nonfinite : "raise", "skip" or "apply"
         With ``optimizer``: a step whose gradients are not all finite changes no variable,
         and raises ``GradSplitError`` naming the variable (``"raise"``) or is skipped and
-        counted in ``skipped_steps`` (``"skip"``).
+        counted in ``skipped_steps`` (``"skip"``). ``"apply"``: no check, the update runs
+        whatever the gradients, as in plain Keras ``fit`` (with a loss scale the check
+        stays: its skipped steps need it).
     jit_compile : bool
         Run each stage's forward and backward as its own XLA program.
     timeout : float, optional

@@ -68,7 +68,7 @@ from gradsplit_compiler.run.faults import (
 __all__ = ["NONFINITE_ACTIONS", "DeviceState", "LossScale", "TrainingState", "checkpoint_names",
            "load_variables", "plain_variable"]
 
-NONFINITE_ACTIONS = ("raise", "skip")
+NONFINITE_ACTIONS = ("raise", "skip", "apply")
 _VARIABLES, _SLOTS, _ITERATIONS = "variables", "slots", "iterations"
 _LOSS_SCALE = "loss_scale"
 
@@ -308,7 +308,7 @@ class TrainingState:
 
             results = self._on_devices(gather_and_apply, self.states,
                                        "applying the optimizer", runners)
-            if results[0][1][1]:
+            if results[0][1][1] or not self.checks_finite:
                 if self.loss_scale is not None:
                     self.loss_scale.after_step(finite=True)
                 return None
@@ -316,7 +316,9 @@ class TrainingState:
             results = self._on_devices(gather_and_report, self.states,
                                        "summing the gradients", runners)
         norms = [norm for _, (norm, _) in results]
-        if not all(finite for _, (_, finite) in results):
+        if not self.checks_finite:
+            pass  # on_nonfinite="apply": the update runs whatever the gradients
+        elif not all(finite for _, (_, finite) in results):
             if self.loss_scale is not None:  # as Keras: skip the step, halve the scale
                 self.loss_scale.after_step(finite=False)
                 self.skipped_steps += 1
@@ -426,8 +428,13 @@ class TrainingState:
         apply = self._apply_body(state)
         clip = self.clip_global_norm
 
+        check = self.checks_finite
+
         def body(grads, scalars):  # scalars: the dynamic loss scale, the seed's whole scale
-            finite_each = _finite_each(grads)
+            if not check:  # on_nonfinite="apply": no check, no condition around the update
+                finite_each = tf.ones([len(grads)], tf.bool)
+            else:
+                finite_each = _finite_each(grads)
             finite = tf.reduce_all(finite_each)
             factor = tf.constant(1.0, tf.float64)
             if clip is not None:
@@ -440,7 +447,10 @@ class TrainingState:
                 apply(grads, tf.stack([scalars[0], factor]))
                 return tf.constant(True)
 
-            tf.cond(finite, update, lambda: tf.constant(False))
+            if check:
+                tf.cond(finite, update, lambda: tf.constant(False))
+            else:
+                update()
             return finite, finite_each
         return body
 
@@ -501,6 +511,12 @@ class TrainingState:
             "(clip_global_norm=), check the data, or pass on_nonfinite='skip' to skip such "
             "steps and count them."
         )
+
+    @property
+    def checks_finite(self) -> bool:
+        """Whether a step checks its gradients before the update: always, except with
+        ``on_nonfinite="apply"`` and no loss scaling (whose skipped steps need the check)."""
+        return self.on_nonfinite != "apply" or self.loss_scale is not None
 
     # -- state in and out ------------------------------------------------------------------
 
@@ -735,7 +751,8 @@ def _check_on_nonfinite(action: Any) -> str:
     if action not in NONFINITE_ACTIONS:
         raise GradSplitError(
             f"on_nonfinite must be 'raise' (a step with a NaN or infinite gradient changes "
-            f"nothing and raises) or 'skip' (it changes nothing and is counted); got "
+            f"nothing and raises), 'skip' (it changes nothing and is counted) or 'apply' (no "
+            f"check: the update runs whatever the gradients, as plain Keras fit does); got "
             f"{action!r}."
         )
     return action

@@ -402,9 +402,33 @@ def test_clipping_without_an_optimizer_is_refused(small_split):
 
 
 def test_an_unknown_nonfinite_action_is_refused(small_split):
-    with pytest.raises(GradSplitError, match="on_nonfinite must be 'raise'"):
+    with pytest.raises(GradSplitError, match=r"on_nonfinite must be 'raise'.*'skip'.* or "
+                                             r"'apply' \(no check: the update runs whatever "
+                                             r"the gradients, as plain Keras fit does\)"):
         gsc.pipeline(small_split, 2, loss_reduction="mean",
                      optimizer=keras.optimizers.SGD(0.1), on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("devices", [DEVICES[:2], ["/CPU:1"] * 2],
+                         ids=["two-devices", "one-device-one-program"])
+def test_on_nonfinite_apply_updates_whatever_the_gradients_as_plain_keras(small_split,
+                                                                          devices):
+    """No check: a finite step equals the checked one, and a NaN reaches the variables
+    (as in plain Keras fit) instead of being refused."""
+    (x, y), = _batches(1, seed=41)
+    pipes = [gsc.pipeline(small_split, 2, "1f1b", devices, loss_reduction="mean",
+                          optimizer=keras.optimizers.SGD(0.1), on_nonfinite=action)
+             for action in ("raise", "apply")]
+    for pipe in pipes:
+        pipe.train_step(x, y)
+    for k in range(2):
+        for a, b in zip(pipes[0].stage_variables(k), pipes[1].stage_variables(k)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    bad = y.copy()
+    bad[3, 2] = np.nan
+    pipes[1].train_step(x, bad)
+    assert pipes[1].iterations == 2 and pipes[1].skipped_steps == 0
+    assert not all(np.isfinite(v.numpy()).all() for v in pipes[1].stage_variables(1))
 
 
 def test_training_calls_without_an_optimizer_are_refused(small_split):
