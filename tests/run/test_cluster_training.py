@@ -167,8 +167,14 @@ def test_a_two_by_two_grid_on_four_workers_trains_survives_a_kill_and_resumes():
     killed = result["killed"]
     assert killed["raised"] == "GradSplitError", killed
     message = killed["message"]
-    assert message.startswith("replica 1 of the grid failed (stage 0 on "), message
-    assert "task 3 " in message and "stage 1 ran there" in message, message
+    # seen in replica 1's schedule or, when the kill lands after it, in the all-reduce that
+    # follows (a race with the step): either way the task, its stage and its replica
+    in_schedule = message.startswith("replica 1 of the grid failed (stage 0 on ") and \
+        "stage 1 ran there" in message
+    in_allreduce = "during the all-reduce of the gradients" in message and \
+        "ran stage 1 of replica 1" in message
+    assert in_schedule or in_allreduce, message
+    assert "task 3 " in message, message
     assert "no longer answers (it died or stopped answering)" in message
     assert killed["seconds"] < PIPELINE_TIMEOUT / 2 and "within timeout" not in message
 

@@ -404,9 +404,10 @@ def test_clipping_without_an_optimizer_is_refused(small_split):
 def test_an_unknown_nonfinite_action_is_refused(small_split):
     with pytest.raises(GradSplitError, match=r"on_nonfinite must be 'raise'.*'skip'.* or "
                                              r"'apply' \(no check: the update runs whatever "
-                                             r"the gradients, as plain Keras fit does\)"):
+                                             r"the gradients, as plain Keras fit does\)") as e:
         gsc.pipeline(small_split, 2, loss_reduction="mean",
                      optimizer=keras.optimizers.SGD(0.1), on_nonfinite="ignore")
+    assert "on_nonfinite must be 'raise' (a step with a NaN or infinite gradient" in str(e.value)
 
 
 @pytest.mark.parametrize("devices", [DEVICES[:2], ["/CPU:1"] * 2],
