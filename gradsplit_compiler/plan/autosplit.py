@@ -841,14 +841,7 @@ def _fewest_bytes_ends(cp: np.ndarray, xp: np.ndarray | None, k: int,
         values[0] = _INF
         g, arg = _interval_min(values, ends[s])
         choices.append(arg)
-    if not np.isfinite(g[mc - 1]):
-        return None
-    cuts = []
-    i = mc - 1
-    for s in range(k - 1, 0, -1):
-        i = int(choices[s - 1][i])
-        cuts.append(i)
-    return cuts[::-1]
+    return _backtrack(g, choices, mc, k)
 
 
 # -- the search ---------------------------------------------------------------------------------
@@ -952,14 +945,7 @@ def _fewest_bytes(cp: np.ndarray, xp: np.ndarray, k: int, cap: float,
         new = np.where(valid, values[arg], _INF)
         choices.append(arg)
         g = new
-    if not np.isfinite(g[mc - 1]):
-        return None
-    cuts = []
-    i = mc - 1
-    for s in range(k - 1, 0, -1):
-        i = int(choices[s - 1][i])
-        cuts.append(i)
-    return cuts[::-1]
+    return _backtrack(g, choices, mc, k)
 
 
 # -- min-cut polish ------------------------------------------------------------------------------
@@ -1489,3 +1475,16 @@ def auto_split(fn: Any, input_signature: Sequence | None, num_stages: int, *,
         result = Split(program, plan=plan)
     plan.compare(result)
     return result
+
+
+def _backtrack(g, choices: list, mc: int, k: int) -> list[int] | None:
+    """The cuts of the best partition of ``mc`` groups into ``k`` stages from a dynamic
+    program's last row ``g`` and each stage's ``choices`` (``None`` if nothing fits)."""
+    if not np.isfinite(g[mc - 1]):
+        return None
+    cuts = []
+    i = mc - 1
+    for s in range(k - 1, 0, -1):
+        i = int(choices[s - 1][i])
+        cuts.append(i)
+    return cuts[::-1]

@@ -37,7 +37,7 @@ from gradsplit_compiler.run.faults import (
 )
 from gradsplit_compiler.run.schedules import FORWARD, WEIGHT, Action, Dependencies
 
-__all__ = ["ALLREDUCE", "StepPlan", "StepRecord", "StepRun", "TimelineEvent",
+__all__ = ["ALLREDUCE", "StepPlan", "StepRecord", "StepRun", "TimelineEvent", "gather_outputs",
            "measured_idle_fraction"]
 
 
@@ -442,15 +442,8 @@ class StepRun:
     def aux_outputs(self) -> list[tf.Tensor]:
         """The outputs after the loss, each the micro-batches' values concatenated along
         the batch dimension."""
-        outputs = []
-        for name in self.plan.aux_names:
-            parts = [self.aux[(name, m)] for m in range(self.plan.microbatches)]
-            for part in parts:
-                self.count("results", part, self.plan.home)
-            with tf.device(self.plan.home):
-                outputs.append(tf.concat(parts, axis=0) if len(parts) > 1 else
-                               tf.identity(parts[0]))
-        return outputs
+        return gather_outputs([[self.aux[(name, m)] for m in range(self.plan.microbatches)]
+                               for name in self.plan.aux_names], self.plan.home, self.count)
 
     def stage_gradients(self) -> list[list[tf.Tensor]]:
         """Per stage, its variable gradients summed over the micro-batches, on the stage's
@@ -463,6 +456,20 @@ class StepRun:
             return StepRecord(tuple(self.events), tuple(self.peak_live), dict(self.moved),
                               tuple(self.peak_live_bytes), tuple(self.residual_bytes),
                               tuple(self.weight_input_bytes))
+
+
+def gather_outputs(parts_per_output: Sequence[Sequence[tf.Tensor]], home: str,
+                   count: Any) -> list[tf.Tensor]:
+    """Each output's micro-batch values (counted as ``"results"`` moving to ``home``)
+    concatenated along the batch dimension on ``home``."""
+    outputs = []
+    for parts in parts_per_output:
+        for part in parts:
+            count("results", part, home)
+        with tf.device(home):
+            outputs.append(tf.concat(list(parts), axis=0) if len(parts) > 1 else
+                           tf.identity(parts[0]))
+    return outputs
 
 
 def _nbytes(*groups: Sequence[Any]) -> int:

@@ -33,7 +33,7 @@ from gradsplit_compiler.core.compose import GradientTotals, compose, sum_in_orde
 from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.core.xla import run_reporting_xla_errors
 from gradsplit_compiler.run.devices import same_device
-from gradsplit_compiler.run.engine import StepRecord, TimelineEvent
+from gradsplit_compiler.run.engine import StepRecord, TimelineEvent, gather_outputs
 from gradsplit_compiler.run.training import TrainingState
 
 __all__ = ["ONE_PROGRAM", "OneProgramRun", "OneProgramStep"]
@@ -154,15 +154,8 @@ class OneProgramRun:
     def aux_outputs(self) -> list[tf.Tensor]:
         """As ``StepRun.aux_outputs``: each output after the loss, concatenated over the
         micro-batches."""
-        outputs = []
-        for j in range(len(self.aux[0]) if self.aux else 0):
-            parts = [a[j] for a in self.aux]
-            for part in parts:
-                self._count("results", part, self.step.home)
-            with tf.device(self.step.home):
-                outputs.append(tf.concat(parts, axis=0) if len(parts) > 1 else
-                               tf.identity(parts[0]))
-        return outputs
+        return gather_outputs([[a[j] for a in self.aux] for j in range(len(self.aux[0]))],
+                              self.step.home, self._count)
 
     def record(self) -> StepRecord:
         """One event for the whole step; each stage held one micro-batch's residuals at a

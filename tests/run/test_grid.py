@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import value_rel_error
-from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel
+from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel, tape_training
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.errors import GradSplitError
@@ -36,20 +36,6 @@ def _batches(n: int, seed: int):
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(BATCH, WIDTH)), rng.normal(size=(BATCH, WIDTH)))
             for _ in range(n)]
-
-
-def _tape_training(model, optimizer, batches, clip=None) -> list[float]:
-    trainable = [v for v in model.variables if v.trainable]
-    losses = []
-    for x, y in batches:
-        with tf.GradientTape() as tape:
-            loss = model.loss(tf.constant(x), tf.constant(y))
-        grads = tape.gradient(loss, trainable)
-        if clip is not None:
-            grads, _ = tf.clip_by_global_norm(grads, clip)
-        optimizer.apply(grads, trainable)
-        losses.append(float(loss))
-    return losses
 
 
 def _resident(pipe, replica: int = 0) -> dict[str, np.ndarray]:
@@ -90,7 +76,7 @@ def test_a_two_by_two_grid_trains_as_the_optimizer_on_tape_gradients(name):
     losses = [float(pipe.train_step(x, y)) for x, y in batches]
     for v in model.variables:  # training never touched the user's variables
         np.testing.assert_array_equal(v.numpy(), start[v.name])
-    expected = _tape_training(model, OPTIMIZERS[name](), batches)
+    expected = tape_training(model, OPTIMIZERS[name](), batches)
     np.testing.assert_allclose(losses, expected, rtol=TOL)
     resident = _resident(pipe)
     for v in model.variables:

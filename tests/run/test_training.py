@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from models import value_rel_error
-from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel
+from tied_model import BATCH, OPTIMIZERS, WIDTH, TiedModel, tape_training
 
 import gradsplit_compiler as gsc
 from gradsplit_compiler.errors import GradSplitError
@@ -37,22 +37,6 @@ def _batches(n: int, seed: int = 1, dtype=np.float64):
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(BATCH, WIDTH)).astype(dtype),
              rng.normal(size=(BATCH, WIDTH)).astype(dtype)) for _ in range(n)]
-
-
-def _tape_training(model: TiedModel, optimizer, batches, clip=None) -> list[float]:
-    """The oracle: ``optimizer`` on tape gradients of the whole batch, on the model's own
-    trainable variables."""
-    trainable = [v for v in model.variables if v.trainable]
-    losses = []
-    for x, y in batches:
-        with tf.GradientTape() as tape:
-            loss = model.loss(tf.constant(x), tf.constant(y))
-        grads = tape.gradient(loss, trainable)
-        if clip is not None:
-            grads, _ = tf.clip_by_global_norm(grads, clip)
-        optimizer.apply(grads, trainable)
-        losses.append(float(loss))
-    return losses
 
 
 def _resident(pipe, split) -> dict[str, np.ndarray]:
@@ -81,7 +65,7 @@ def test_train_steps_equal_the_optimizer_on_tape_gradients(name, schedule):
     # training never touched the user's variables
     for v, before in zip(model.variables, start):
         np.testing.assert_array_equal(v.numpy(), before)
-    expected = _tape_training(model, OPTIMIZERS[name](), batches)
+    expected = tape_training(model, OPTIMIZERS[name](), batches)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
     resident = _resident(pipe, split)
     moved = 0.0
@@ -144,7 +128,7 @@ def test_global_norm_clipping_over_all_stages():
                         optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
                         clip_global_norm=clip)
     losses = [float(pipe.train_step(x, y)) for x, y in batches]
-    expected = _tape_training(model, keras.optimizers.SGD(0.1, momentum=0.5), batches,
+    expected = tape_training(model, keras.optimizers.SGD(0.1, momentum=0.5), batches,
                               clip=clip)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
     resident = _resident(pipe, split)
@@ -159,7 +143,7 @@ def test_the_optimizers_own_global_clipnorm_is_taken_over_all_stages():
     pipe = gsc.pipeline(split, 2, "gpipe", DEVICES, loss_reduction="mean",
                         optimizer=keras.optimizers.SGD(0.2, global_clipnorm=0.05))
     losses = [float(pipe.train_step(x, y)) for x, y in batches]
-    expected = _tape_training(model, keras.optimizers.SGD(0.2), batches, clip=0.05)
+    expected = tape_training(model, keras.optimizers.SGD(0.2), batches, clip=0.05)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
 
 
@@ -601,7 +585,7 @@ def test_a_static_loss_scale_factor_seeds_the_backward_and_is_divided_out():
     for x, y in batches:
         pipe.train_step(x, y)
     # Keras: gradients of loss * 1024, divided by 1024, clipped by their unscaled norm
-    _tape_training(model, keras.optimizers.SGD(0.1), batches, clip=0.5)
+    tape_training(model, keras.optimizers.SGD(0.1), batches, clip=0.5)
     resident = _resident(pipe, split)
     for v in model.variables:
         assert _max_rel(resident[v.name], v.numpy()) < 1e-10, v.name
@@ -699,7 +683,7 @@ def test_one_device_checks_clips_and_updates_in_one_program(one_program):
     else:
         assert set(state.functions) == {"fused"}
         assert {e.kind for e in pipe.timeline()} == {"F", "B"}
-    expected = _tape_training(model, keras.optimizers.Adam(0.02), batches, clip=clip)
+    expected = tape_training(model, keras.optimizers.Adam(0.02), batches, clip=clip)
     np.testing.assert_allclose(losses, expected, rtol=1e-10)
     resident = _resident(pipe, split)
     for v in model.variables:

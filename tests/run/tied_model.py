@@ -52,3 +52,19 @@ class TiedModel:
     def split(self, cuts=("c1", "c2", "c3")):
         spec = tf.TensorSpec([None, WIDTH], self.dtype)
         return gsc.split(self.loss, [spec, spec], cuts=list(cuts))
+
+
+def tape_training(model: TiedModel, optimizer, batches, clip=None) -> list[float]:
+    """The oracle: ``optimizer`` on tape gradients of the whole batch, on the model's own
+    trainable variables (clipped by their global norm when ``clip`` is given); the losses."""
+    trainable = [v for v in model.variables if v.trainable]
+    losses = []
+    for x, y in batches:
+        with tf.GradientTape() as tape:
+            loss = model.loss(tf.constant(x), tf.constant(y))
+        grads = tape.gradient(loss, trainable)
+        if clip is not None:
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+        optimizer.apply(grads, trainable)
+        losses.append(float(loss))
+    return losses
