@@ -39,6 +39,7 @@ from gradsplit_compiler.run.grid import GridPipeline
 
 WORKERS = 4
 STEPS = 20
+ASSIGNED_STEPS = 6  # the running mean's placement and updates, not an optimizer's
 
 
 class CountingModel:
@@ -119,11 +120,11 @@ def train() -> dict:
         with tf.GradientTape() as tape:
             first = model.loss(*map(tf.constant, data[0]))
         norm = float(tf.linalg.global_norm(tape.gradient(first, split.trainable_variables)))
-        # every optimizer once, both schedules (each schedule's equality with the tape on
-        # logical devices is tested per optimizer in test_training.py)
-        plans = [(name, ("gpipe", "1f1b")[i % 2], None)
-                 for i, name in enumerate(sorted(OPTIMIZERS))]
-        plans.append(("adam", "1f1b", norm / 3))  # every step clipped
+        # every optimizer once, both schedules, AdamW's steps clipped (each optimizer and
+        # schedule, with and without clipping, is tested on logical devices in
+        # test_training.py)
+        plans = [(name, ("gpipe", "1f1b")[i % 2], norm / 3 if name == "adamw-schedule"
+                  else None) for i, name in enumerate(sorted(OPTIMIZERS))]
         for name, schedule, clip in plans:
             pipe = gsc.pipeline(split, 4, schedule, devices, loss_reduction="mean",
                                 optimizer=OPTIMIZERS[name](), clip_global_norm=clip,
@@ -163,7 +164,7 @@ def assigned_on_a_task(devices) -> dict:
     split = gsc.split(model.loss, [tf.TensorSpec([None, WIDTH], tf.float64)], cuts=["h"])
     pipe = gsc.pipeline(split, 1, "1f1b", devices[:2], loss_reduction="mean",
                         optimizer=keras.optimizers.SGD(0.1), timeout=120)
-    xs = [x for x, _ in batches(STEPS, seed=18)]
+    xs = [x for x, _ in batches(ASSIGNED_STEPS, seed=18)]
     for x in xs:
         pipe.train_step(x)
     untouched = float(np.max(np.abs(model.mean.numpy()))) == 0.0
