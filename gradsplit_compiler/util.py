@@ -17,11 +17,13 @@ not TensorFlow).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import time
 from collections.abc import Iterator
 
-__all__ = ["collector_paused", "format_bytes", "human_bytes", "phase", "recording_phases"]
+__all__ = ["collector_paused", "format_bytes", "forwarding", "human_bytes", "phase",
+           "recording_phases"]
 
 
 @contextlib.contextmanager
@@ -128,3 +130,22 @@ def human_bytes(nbytes: int) -> str:
     if nbytes >= 10 << 10:
         return f"{nbytes / (1 << 10):.0f} KB"
     return f"{nbytes} B"
+
+
+def _forward_call(function, *args, **kwargs):
+    return function(*args, **kwargs)
+
+
+def forwarding(function, *bound, **bound_keywords) -> functools.partial:
+    """A callable that calls ``function(*bound, *args, **bound_keywords, **kwargs)``, to wrap
+    in ``tf.function`` where a lambda would do.
+
+    TensorFlow keys its "frequent retracing" warning by the code of the Python function:
+    every ``tf.function(lambda ...)`` made at one line of code shares a key, so five of them,
+    each traced once (one per stage, per device), log a warning that blames the user. A
+    ``functools.partial`` has no code of its own and is keyed by itself.
+
+    >>> forwarding(divmod, 7)(2)
+    (3, 1)
+    """
+    return functools.partial(_forward_call, function, *bound, **bound_keywords)

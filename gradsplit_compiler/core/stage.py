@@ -12,6 +12,7 @@ from gradsplit_compiler._tf_internal import flat_caller
 from gradsplit_compiler.core.rebuild import StageVJP, capture_map, emit
 from gradsplit_compiler.errors import GradSplitError
 from gradsplit_compiler.ir.program import Program, StagePlan
+from gradsplit_compiler.util import forwarding
 
 __all__ = ["Stage", "StagePrograms"]
 
@@ -459,7 +460,7 @@ class Stage:
                                    autograph=False)
             made = []
             if nested:
-                outer = tf.function(lambda *args: function(*args), input_signature=signature,
+                outer = tf.function(forwarding(function), input_signature=signature,
                                     autograph=False)
 
                 def call(*flat):

@@ -28,6 +28,7 @@ from gradsplit_compiler._tf_internal import connected_server_def
 from gradsplit_compiler.core.split import Split
 from gradsplit_compiler.core.stage import StagePrograms
 from gradsplit_compiler.errors import GradSplitError
+from gradsplit_compiler.util import forwarding
 
 __all__ = [
     "StageRunner",
@@ -317,10 +318,10 @@ def _remote_callable(stage: Any, forward: Any, backward: Any) -> tuple[Any, Any]
     EagerFunctionParams``. Called from inside a plain function, the same XLA function runs
     on the task as a compiled cluster (``_XlaMustCompile``), as on a local device.
     """
-    outer_forward = tf.function(lambda *inputs: forward(*inputs),
-                                input_signature=stage.input_specs, autograph=False)
+    outer_forward = tf.function(forwarding(forward), input_signature=stage.input_specs,
+                                autograph=False)
     outer_backward = tf.function(
-        lambda residuals, cotangents: backward(residuals, cotangents),
+        forwarding(backward),
         input_signature=[list(stage.residual_specs), list(stage.output_specs)],
         autograph=False)
     return outer_forward, outer_backward

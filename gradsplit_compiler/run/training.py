@@ -64,6 +64,7 @@ from gradsplit_compiler.run.faults import (
     update_timeout_error,
     wait_for,
 )
+from gradsplit_compiler.util import forwarding
 
 __all__ = ["NONFINITE_ACTIONS", "DeviceState", "LossScale", "TrainingState", "checkpoint_names",
            "load_variables", "plain_variable"]
@@ -487,7 +488,7 @@ class TrainingState:
             if self.jit_compile:
                 # As for stages: a remote task runs an XLA function only from a plain one.
                 inner = function
-                function = tf.function(lambda *args: inner(*args))
+                function = tf.function(forwarding(inner))
                 keep_alive(inner)
             keep_alive(function)  # see devices.keep_alive: never collected after a reconnect
         return function
