@@ -55,7 +55,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-__all__ = ["FLAG_SETTINGS", "interleaved", "measure", "per_setting", "main"]
+__all__ = ["FLAG_SETTINGS", "MLP", "flat_call", "hlo_counts", "interleaved", "main", "measure",
+           "per_setting", "profile", "step_breakdown"]
 
 # Settings measured each in a process of its own: (label, XLA_FLAGS added, threads), threads
 # as (intra_op, inter_op) for tf.config.threading or None for TensorFlow's defaults.
@@ -321,43 +322,106 @@ def per_setting(config: dict, settings=None) -> list[dict]:
 # -- XLA's own view: optimized HLO and per-thunk trace events ----------------------------------
 
 
-def hlo_counts(dump: Path) -> list[dict]:
-    """Per compiled program in an ``--xla_dump_to`` directory: the instructions of its
-    optimized entry computation, its fusions, dots and copies."""
-    rows = []
+def hlo_counts(dump: Path) -> dict:
+    """Per compiled program in an ``--xla_dump_to`` directory (by its function's name):
+    the instructions of its optimized entry computation, its fusions, dots, copies and
+    parameters."""
+    import re
+
+    found = {}
     for path in sorted(dump.glob("*after_optimizations.txt")):
         text = path.read_text()
-        entry = text[text.index("ENTRY"):] if "ENTRY" in text else text
-        body = entry[: entry.index("\n}")] if "\n}" in entry else entry
-        lines = [ln for ln in body.splitlines()[1:] if "=" in ln]
-        kinds = [ln.split("=", 1)[1].split("(", 1)[0].split()[-1] for ln in lines]
-        rows.append({"program": path.name.split(".")[1] if "." in path.name else path.name,
-                     "instructions": len(lines),
-                     "fusions": sum(k == "fusion" for k in kinds),
-                     "dots": sum(k in ("dot", "custom-call") for k in kinds)
-                     + entry.count("kind=kOutput"),
-                     "copies": sum(k == "copy" for k in kinds)})
-    return rows
+        entry = text[text.index("\nENTRY"):]
+        lines = [ln for ln in entry[: entry.index("\n}")].splitlines()[2:] if " = " in ln]
+        kinds = [m.group(1) for ln in lines
+                 if (m := re.search(r"\s([a-z][\w\-]*)\(", ln.split(" = ", 1)[1]))]
+        name = re.search(r"inference_(\w+?)_\d+__", path.name)
+        found[name.group(1) if name else path.name] = found.get(
+            name.group(1) if name else path.name, []) + [
+            {"instructions": len(kinds), "fusions": kinds.count("fusion"),
+             "dots": kinds.count("dot"), "copies": kinds.count("copy"),
+             "parameters": kinds.count("parameter")}]
+    return found
 
 
-def thunk_profile(logdir: Path) -> dict:
-    """From a profiler trace taken with ``--xla_cpu_enable_xprof_traceme``: per XLA program
-    (its TensorFlow op name), calls, total wall time of its launch op, and total time of the
-    thunks it ran, in seconds, on any thread."""
+_PROFILE_CHILD = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tools!r})
+import tensorflow as tf
+import xla_separate_programs as x
+config, logdir = {config!r}, Path({logdir!r})
+model = x.MLP(config["layers"], config["width"], config["batch"])
+sides = {{"mono": model.mono(), **{{f"{{m}} stages": model.staged(m)[0]
+                                 for m in config["profiled"]}}}}
+for fn in sides.values():
+    for _ in range(3):
+        x._block(fn())
+tf.profiler.experimental.start(str(logdir / "trace"))
+for _ in range(config["profile_repeats"]):
+    for name, fn in sides.items():
+        with tf.profiler.experimental.Trace("step " + name):
+            x._block(fn())
+tf.profiler.experimental.stop()
+print("RESULT " + json.dumps({{"steps": x.step_breakdown(logdir / "trace"),
+                              "hlo": x.hlo_counts(logdir / "dump")}}), flush=True)
+"""
+
+# The host thread's trace events of one call of an XLA program, outermost first.
+_CALL, _EXECUTE = "TFE_Py_ExecuteCancelable", "CpuExecutable::ExecuteAsyncOnStream"
+
+
+def step_breakdown(trace: Path) -> dict:
+    """Per ``step <side>`` annotation in a profiler trace, medians over the steps, seconds:
+    ``step`` (wall time), ``xla`` (XLA's executables running: ``CpuExecutable::
+    ExecuteAsyncOnStream``, thunks and the wait for them), ``runtime`` (TensorFlow's eager
+    call around each executable: dispatch, XLA's cache lookup, arguments and results),
+    ``host`` (the rest: Python between and around the calls), and ``calls``."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
-    space.ParseFromString(next(logdir.rglob("*.xplane.pb")).read_bytes())
-    totals: dict = {}
-    for plane in space.planes:
-        names = {k: m.name for k, m in plane.event_metadata.items()}
-        for line in plane.lines:
-            for event in line.events:
-                name = names.get(event.metadata_id, "")
-                totals.setdefault(name, [0, 0.0])
-                totals[name][0] += 1
-                totals[name][1] += event.duration_ps * 1e-12
-    return {k: {"count": c, "seconds": s} for k, (c, s) in totals.items()}
+    space.ParseFromString(next(trace.rglob("*.xplane.pb")).read_bytes())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    names = {k: m.name for k, m in plane.event_metadata.items()}
+    events = []
+    for line in plane.lines:
+        for e in line.events:
+            start = line.timestamp_ns * 1000 + e.offset_ps
+            events.append((names[e.metadata_id], start, start + e.duration_ps))
+    steps = [e for e in events if e[0].startswith("step ")]
+    out = {}
+    for side in dict.fromkeys(e[0] for e in steps):
+        rows = []
+        for _, s0, s1 in (e for e in steps if e[0] == side):
+            inside = [e for e in events if s0 <= e[1] < s1]
+            calls = sum(b - a for n, a, b in inside if n == _CALL)
+            xla = sum(b - a for n, a, b in inside if n == _EXECUTE)
+            count = sum(n == _CALL for n, _, _ in inside)
+            rows.append([s1 - s0, xla, calls - xla, s1 - s0 - calls, count])
+        med = np.median(np.array(rows, dtype=float), axis=0)
+        out[side[len("step "):]] = {"step": med[0] * 1e-12, "xla": med[1] * 1e-12,
+                                    "runtime": med[2] * 1e-12, "host": med[3] * 1e-12,
+                                    "calls": int(med[4])}
+    return out
+
+
+def profile(config: dict) -> dict:
+    """TensorFlow's profiler and XLA's dumps, in a child process (XLA reads ``XLA_FLAGS``
+    once): ``{"steps": step_breakdown, "hlo": hlo_counts}`` for ``mono`` and the stages of
+    ``config["profiled"]`` (a list of M)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={tmp}/dump").strip()
+        code = _PROFILE_CHILD.format(tools=str(Path(__file__).resolve().parent),
+                                     config=config, logdir=tmp)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=900)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"the profile failed: {done.stderr[-2000:]}")
+        return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv=None) -> int:
@@ -366,18 +430,26 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-settings", action="store_true",
                         help="skip the per-process settings (XLA flags, threads)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the profiler's breakdown and XLA's HLO counts")
     args = parser.parse_args(argv)
     config = ({"layers": 8, "width": 32, "batch": 8, "repeats": args.repeats or 3,
-               "stages": [1, 4]} if args.quick else
+               "stages": [1, 4], "profiled": [4], "profile_repeats": 3} if args.quick else
               {"layers": 8, "width": 512, "batch": 128, "repeats": args.repeats or 41,
-               "stages": [1, 2, 4, 8]})
+               "stages": [1, 2, 4, 8], "profiled": [4], "profile_repeats": 15})
     got = measure(config)
     mono = got["times"]["mono"]
     for k, t in got["times"].items():
         print(f"  {k}: {t * 1e3:.3f} ms, {t / mono:.3f}x", flush=True)
     settings = [] if args.no_settings else per_setting(
         config, FLAG_SETTINGS[:2] if args.quick else FLAG_SETTINGS)
-    print("RESULT " + json.dumps({"config": config, **got, "settings": settings}), flush=True)
+    profiled = {} if args.no_profile else profile(config)
+    for side, row in profiled.get("steps", {}).items():
+        print(f"  profile {side}: " + ", ".join(
+            f"{k} {v * 1e3:.2f} ms" if k != "calls" else f"{v} calls" for k, v in row.items()),
+            flush=True)
+    print("RESULT " + json.dumps({"config": config, **got, "settings": settings,
+                                  "profile": profiled}), flush=True)
     return 0
 
 
