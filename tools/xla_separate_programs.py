@@ -248,19 +248,21 @@ def measure(config: dict) -> dict:
     mono = model.mono()
     want = mono()
     sides, programs = {"mono": mono}, {"mono": 1}
+    variant = 4 if 4 in config["stages"] else config["stages"][-1]
+    recorded = []
     for m in config["stages"]:
-        step, _ = model.staged(m)
+        step, calls = model.staged(m)
         _check(want, step(), f"{m} stages")
         sides[f"{m} stages"], programs[f"{m} stages"] = step, 2 * m
-    alone = []
+        if m == variant:
+            recorded = calls
+    alone, block = [], 4
     if config.get("variants", True):
-        m = 4 if 4 in config["stages"] or model.layers % 4 == 0 else config["stages"][-1]
+        m = variant
         for mode, label in (("copy", "input copied"), ("remat", "remat")):
             step, _ = model.staged(m, mode)
             _check(want, step(), f"{m} stages, {label}")
             sides[f"{m} stages, {label}"], programs[f"{m} stages, {label}"] = step, 2 * m
-        _, recorded = model.staged(m)
-        block = 4
         for name, call, args in recorded:
             sides[f"alone: {name}"] = (lambda call=call, args=args:
                                        [call(*args) for _ in range(block)])
