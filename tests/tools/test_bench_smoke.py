@@ -137,5 +137,6 @@ def test_section_11_times_the_stages_as_plain_programs_and_writes_its_tables(tmp
     text = _bench().separate_programs_markdown(got)
     assert text.startswith("\n## 11. Separate XLA programs on XLA:CPU")
     assert "| 2 stages | 4 |" in text and "| broken | failed | - |" in text
-    assert "| programs called | 1 | 8 |" in text
+    assert "| programs called | 1 | 8 |" in text and "| one program | 1 |" in text
+    assert "took 1.00x the one program's" in text and "1.00 ms more per step" in text
     assert "| stage forwards | 1 | 6 | 1 | 1 | 1 |" in text
