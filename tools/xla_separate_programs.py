@@ -19,8 +19,8 @@ squared error against a target, float32). Every side computes the same gradient:
   itself (warm caches, warm threads), the times summed: what the sequence would cost if
   switching programs cost nothing;
 - ``empty program``: one call of a jit-compiled ``x + 1`` on a scalar, the fixed cost of a
-  call (TensorFlow's dispatch, XLA's launch, one output allocated), counted per program of the
-  4-stage step.
+  call (TensorFlow's dispatch, XLA's launch, one output allocated); a 4-stage step pays it
+  8 times.
 
 Every program is called the same way, through its concrete function's public
 ``inference_fn.call_flat`` on flat tensors, so no side pays ``tf.function``'s argument
@@ -31,10 +31,12 @@ gradients (float32, 1e-5 relative) before timing.
 Process-wide settings (``XLA_FLAGS``, ``tf.config.threading``) are measured in a child process
 per setting, each timing ``mono`` and the 4 stages again, so each setting's ratio is its own.
 
-``--profile DIR`` also records TensorFlow's profiler trace of the 4-stage step and ``mono``
-with XLA's per-thunk trace events (``--xla_cpu_enable_xprof_traceme``) and prints, per
-program, wall time against the time its thunks ran; ``--dump DIR`` writes XLA's optimized HLO
-of every program and prints the instructions, fusions and dots of each.
+Another child process records TensorFlow's profiler trace of ``mono`` and the 4 stages and
+splits each step into XLA's executables running (``CpuExecutable::ExecuteAsyncOnStream``),
+TensorFlow's eager call around each (dispatch, XLA's program cache, arguments and results)
+and the host's Python between calls (``step_breakdown``), and counts the instructions,
+fusions, dots and copies of every program's optimized HLO from ``--xla_dump_to``
+(``hlo_counts``).
 
 Run ``python tools/xla_separate_programs.py [--quick]``; the last line is ``RESULT {json}``.
 ``tools/bench.py --only 11`` runs it and writes its tables into BENCHMARKS.md.
