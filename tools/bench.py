@@ -27,6 +27,11 @@ docs/bench_cut_size.png (figure 5).
 10. Grids: 2 stages x 2 replicas (gradients all-reduced with TensorFlow's collectives)
     against 1-D pipelines of 2 and 4 stages on the same 4 logical CPUs: bytes per step by
     kind against what the grid predicts, and ``train_step`` time.
+11. Separate XLA programs on XLA:CPU, outside the compiler: ``tools/xla_separate_programs.py``
+    (plain TensorFlow) run in a process of its own: the MLP's step as 1, 2, 4 and 8 stages
+    of hand-written programs over one program, the fixed cost of a call, XLA flags and
+    thread settings each in a process of its own, and TensorFlow's profiler and XLA's
+    optimized HLO of the one program against the 4 stages.
 """
 
 from __future__ import annotations
@@ -510,24 +515,31 @@ def machine() -> str:
 
 
 STAGES_NOTE = """\
-*Why `run_stages` costs more than one program, and what the compiler does about it.* Profiles
-(TensorFlow's profiler, XLA's optimized HLO of each program) show the stage programs doing the
-same arithmetic as the monolithic one: the same dots and fusions, no forward op in any backward.
-The difference is the runtime: (a) every call of a `tf.function` binds and type-checks its
-arguments in Python (0.3-1 ms for a stage with 40 residuals), (b) XLA:CPU returns a parameter
-or a variable's value as an output only by copying it, and (c) XLA:CPU's thunk executor runs a
-program of at most 8 thunks sequentially (a constant in `CpuExecutable::Create`), so in a small
-stage the weight and input gradients of a layer no longer overlap as they do in the big program,
-and each program's thunks start on cold threads. The compiler removes (a) and (b): stages are
-called through `stage.callers` (a flat call into the concrete function, no binding), a
-residual that is a stage input or output is passed on instead of copied, and the backward reads
-a variable the program never writes instead of receiving a copy of it. (c) is the cost of
-separate programs on this runtime, and it shrinks as stages grow (ResNet50: 1.00). The last
+*Why `run_stages` costs more than one program, and what the compiler does about it.* XLA's
+optimized HLO of each program shows the stage programs doing the same arithmetic as the
+monolithic one: the same dots and fusions, no forward op in any backward, and no copy of a large
+tensor (section 11 counts them). TensorFlow's profiler splits a step into XLA's executables
+running (`CpuExecutable::ExecuteAsyncOnStream`), TensorFlow's eager call around each of them and
+the host's Python between calls; section 11 does so for the same MLP written as separate
+programs in plain TensorFlow, without this package. There, the executables of the stages take
+close to the one program's time (section 11 gives its run's ratio), and calling each stage
+program alone, warm, costs as much as calling them in turn (no cold caches or threads to speak
+of); what separate programs add is mostly a fixed cost per program called (TensorFlow's dispatch
+and XLA's launch, of the order of the `empty program` row, and the Python between calls), so it
+grows with the number of stages and its share shrinks as stages grow (ResNet50 about 1.0); no
+XLA flag or thread setting removes it. What the compiler removed is what it added itself: stages
+are called through `stage.callers` (a flat call into the concrete function, without
+`tf.function`'s argument binding, 0.3-1 ms for a stage with 40 residuals); a residual that is a
+stage input or output, also through `Identity` ops (a cut's mark), is passed on by the caller
+instead of being returned and copied by the program (XLA:CPU returns a parameter or a second
+alias of an output only by copying it); and the backward reads again the variables the program
+never writes, and reshapes or casts of them and of counts, instead of receiving them as
+residuals copied out of the forward (a transformer block's reshaped attention kernels were).
+Left: shapes with static values still travel as small residuals (a few bytes each). The last
 column is the baseline a user has without this tool: the same MLP stages written by hand (each
-forward returning its activations, each backward an explicit VJP, called as concrete
-functions), checked against the tape before timing. Separate programs cost it more than they
-cost `run_stages`. Single programs vary by up to 2x from call to call on this shared 2-core
-machine; the medians of interleaved repeats are stable to about 0.05."""
+forward returning its activations, each backward an explicit VJP, called as concrete functions),
+checked against the tape before timing. Single programs vary by up to 2x from call to call on
+this shared 2-core machine; the medians of interleaved repeats are stable to about 0.05."""
 
 
 CUT_SIZE_NOTE = """\
@@ -1241,7 +1253,130 @@ def figure_grid(quick: bool) -> str:
     return text
 
 
-ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+# -- figure 11: separate XLA programs, outside the compiler ------------------------------------
+
+SEPARATE_NOTE = """\
+*Reading it.* The stage programs do the same arithmetic as the one program (XLA's optimized
+HLO above: the same dots, the fusions of the same elementwise ops, no copy), so XLA's own
+account of them (TensorFlow's profiler: `CpuExecutable::ExecuteAsyncOnStream` per program,
+summed per step; the sentence under the tables gives this run's ratio) differs from the one
+program's only by what running them apart loses inside XLA: the overlap of independent
+thunks across the cut (XLA:CPU's thunk executor runs a small program's thunks one by one on
+the calling thread, and on 2 cores each dot already uses both threads, so this is little),
+and fusion across the cut. Calling each stage program alone, warm, in blocks (`one at a
+time`) costs what calling them in turn does: switching programs leaves no cold caches or
+threads to speak of. What separate programs add is outside XLA: TensorFlow's eager call
+around each executable (dispatch, the compiled-program cache lookup, wrapping arguments and
+results: the `runtime` row, of the order of the `empty program`'s cost per call) and the
+host's Python between calls (`host`). Both are paid per program called, so they grow with
+the number of stages and shrink, as a share, as stages grow. Returning a stage's input
+(`input copied`) adds a copy of it per stage; running the forward again in the backward
+(`remat`) adds the forward's arithmetic. No XLA flag or thread setting removes the cost
+(each row in its own process, so its ratio is its own; fast math changes results and is
+shown only for reference). On a GPU, a program's launch is asynchronous: the host enqueues
+the next stage's program while the device still runs the current one, so neither the
+per-call runtime nor the host's Python between programs is on the critical path once a
+stage runs longer than it takes to launch (kernel launches cost about 5-10 us each, per
+kernel, in either layout); a program's kernels run in stream order, so the thunk executor's
+one-by-one small programs are no cost there either. Separate programs still lose XLA's
+fusion across the cut (a stage's last op cannot fuse with the next stage's first) and the
+overlap of independent kernels of neighbouring stages."""
+
+
+def figure_separate_programs(quick: bool) -> str:
+    """11. ``tools/xla_separate_programs.py`` in a process of its own. The section's
+    markdown."""
+    import json
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "xla_separate_programs.py")]
+                          + (["--quick"] if quick else []), capture_output=True, text=True,
+                          timeout=3600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        log(f"figure 11 failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return ""
+    text = separate_programs_markdown(json.loads(lines[-1][len("RESULT "):]))
+    log(text)
+    return text
+
+
+def separate_programs_markdown(got: dict) -> str:
+    """Figure 11's tables from ``xla_separate_programs.py``'s ``RESULT``."""
+    c, times = got["config"], got["times"]
+    mono = times["mono"]
+    table = [
+        "\n## 11. Separate XLA programs on XLA:CPU, outside the compiler\n",
+        f"`tools/xla_separate_programs.py`: plain TensorFlow, nothing of this package. The MLP "
+        f"of section 1-2 ({c['layers']} dense ReLU layers {c['width']} wide, biases, batch "
+        f"{c['batch']}, mean squared error, float32), its training step as one "
+        "`tf.function(jit_compile=True)` with the tape, and as stages each a jit-compiled "
+        "forward (returning the activations its backward reads) and a jit-compiled backward "
+        "(the stage's VJP as the tape writes it), called one after the other; every program "
+        "through its concrete function on flat tensors; every side checked against the "
+        "tape; medians of interleaved repeats in one process.\n",
+        "| side | programs per step | time | over one program |", "|---|---:|---:|---:|"]
+    for side, t in times.items():
+        count = got["programs"].get(side, 1)
+        table.append(f"| {_side_label(side)} | {count} | {t * 1e3:.3f} ms | "
+                     f"{t / mono:.3f} |")
+    if got.get("settings"):
+        table += ["", "Process-wide settings, each in a process of its own timing both sides "
+                  "again:\n", "| setting | one program | 4 stages over one program |",
+                  "|---|---:|---:|"]
+        for row in got["settings"]:
+            cells = (f"{row['mono'] * 1e3:.2f} ms | {row['ratio']:.3f}" if row["ratio"]
+                     else "failed | -")
+            table.append(f"| {row['setting']} | {cells} |")
+    steps = got.get("profile", {}).get("steps", {})
+    if steps:
+        sides = list(steps)
+        table += ["", "Where a step's time goes (TensorFlow's profiler, medians over the "
+                  "profiled steps, in a process of its own):\n",
+                  "| | " + " | ".join(map(_side_label, sides)) + " |",
+                  "|---|" + "---:|" * len(sides)]
+        for key, label in (("step", "step"),
+                           ("xla", "XLA executables (`ExecuteAsyncOnStream`)"),
+                           ("runtime", "TensorFlow's call around them (`runtime`)"),
+                           ("host", "host Python between calls (`host`)")):
+            table.append(f"| {label} | " + " | ".join(
+                f"{steps[s][key] * 1e3:.2f} ms" for s in sides) + " |")
+        table.append("| programs called | " + " | ".join(
+            str(steps[s]["calls"]) for s in sides) + " |")
+    hlo = got.get("profile", {}).get("hlo", {})
+    if hlo:
+        table += ["", "XLA's optimized HLO (entry computations, summed over a side's "
+                  "programs):\n", "| programs | count | instructions | fusions | dots | "
+                  "copies |", "|---|---:|---:|---:|---:|---:|"]
+        for kind, label in (("step", "one program"), ("forward", "stage forwards"),
+                            ("backward", "stage backwards")):
+            rows = hlo.get(kind, [])
+            if rows:
+                table.append(f"| {label} | {len(rows)} | " + " | ".join(
+                    str(sum(r[k] for r in rows)) for k in ("instructions", "fusions", "dots",
+                                                            "copies")) + " |")
+    if "mono" in steps and len(steps) > 1:
+        mono_row = steps["mono"]
+        side, row = next((s, r) for s, r in steps.items() if s != "mono")
+        around = (row["runtime"] + row["host"]) - (mono_row["runtime"] + mono_row["host"])
+        table += ["", f"In this run the executables of the {side} took "
+                  f"{row['xla'] / mono_row['xla']:.2f}x the one program's, and TensorFlow's "
+                  f"calls and the host's Python around them {around * 1e3:.2f} ms more per "
+                  f"step than around the one program ({around * 1e3 / max(row['calls'] - 1, 1):.3f}"
+                  " ms per program called beyond the first)."]
+    return "\n".join(table) + "\n\n" + SEPARATE_NOTE + "\n"
+
+
+def _side_label(side: str) -> str:
+    """A row or column name of figure 11 from the script's key for the side."""
+    if side == "mono":
+        return "one program"
+    count, _, rest = side.partition(" stages")
+    if count == "1":
+        return "1 stage (forward program, backward program)" + rest
+    return side
+
+
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 
 
 def main(argv=None) -> int:
@@ -1313,6 +1448,9 @@ def main(argv=None) -> int:
     if 10 in args.only:
         with open(out, "a") as f:
             f.write(figure_grid(args.quick))
+    if 11 in args.only:
+        with open(out, "a") as f:
+            f.write(figure_separate_programs(args.quick))
     if previous is not None and set(args.only) != set(ALL_FIGURES):
         out.write_text(merge_report(previous, out.read_text(), command.strip()))
     log(f"wrote {out}")

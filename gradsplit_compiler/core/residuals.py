@@ -9,7 +9,8 @@ Guarantees about the result:
   constants and shape arithmetic (``Shape``, ``Size``, integer ops on them) those ops read:
   they are recomputed in the backward because XLA needs shapes as compile-time constants
   and they cost nothing. Reads of variables the program never writes are repeated in the
-  backward too (``rereadable``), so weights are not copied out of the forward program.
+  backward too (``rereadable``), so weights are not copied out of the forward program, and
+  so are reshapes and casts of such values (``VIEW_OPS``: a reshaped weight, a float count).
   Every other value the backward reads is a residual: the forward
   is never run again, except for a ``variant`` value that cannot ``travel`` between
   programs (the callback says which can), whose producers are recomputed from plain
@@ -51,10 +52,14 @@ import tensorflow as tf
 
 from gradsplit_compiler import ir
 
-__all__ = ["INTEGER_DTYPES", "SHAPE_OPS", "ForwardBackward", "cut_forward_backward"]
+__all__ = ["INTEGER_DTYPES", "SHAPE_OPS", "VIEW_OPS", "ForwardBackward", "cut_forward_backward"]
 
 SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "BroadcastGradientArgs"}
 INTEGER_DTYPES = {tf.int32, tf.int64, tf.bool, tf.int16, tf.int8, tf.uint8}
+# Ops that only re-view or convert their input: of recomputed values (a weight read again, a
+# count), recomputed too, so a reshaped weight or a float count is not a residual that the
+# forward program must copy out (XLA returns a parameter or a constant only by copying it).
+VIEW_OPS = {"Reshape", "ExpandDims", "Squeeze", "Identity", "Cast"}
 
 
 @dataclass
@@ -166,7 +171,8 @@ def _variant_producers(attrs: dict, data_in: dict, backward: set[str], candidate
 def _recomputable(attrs: dict, data_in: dict, candidates: set[str],
                   rereadable: set[str] = frozenset()) -> set[str]:
     """Constants and shape arithmetic: cheap, and XLA needs them as compile-time constants;
-    and reads of variables nobody writes (the backward reads the variable itself)."""
+    reads of variables nobody writes (the backward reads the variable itself); and views
+    and casts of what is chosen (``VIEW_OPS``)."""
     chosen: set[str] = set()
     for node in _data_order(data_in, candidates):
         op = attrs[node]["op"]
@@ -181,6 +187,8 @@ def _recomputable(attrs: dict, data_in: dict, candidates: set[str],
         elif outputs and all(d in INTEGER_DTYPES for d, _ in outputs) and preds and all(
             p in chosen for p in preds
         ):
+            chosen.add(node)
+        elif op in VIEW_OPS and preds and all(p in chosen for p in preds):
             chosen.add(node)
     return chosen
 

@@ -447,6 +447,17 @@ class Split:
                 res, cots, f"stage{st.index}.backward"),
             variable_zeros=self._variable_zeros(), on_cotangents=on_cotangents)
 
+    def _unit_cotangent(self, outputs: list) -> list:
+        """``[ones_like(outputs[0])]``, the cotangent of a scalar program's gradient, made
+        once per shape and dtype instead of by an eager op per call (in a trace, as an op)."""
+        if not tf.executing_eagerly():
+            return [tf.ones_like(outputs[0])]
+        made = self.__dict__.setdefault("_unit_cotangents", {})
+        key = (outputs[0].dtype, tuple(outputs[0].shape))
+        if key not in made:
+            made[key] = tf.ones_like(outputs[0])
+        return [made[key]]
+
     def _variable_zeros(self) -> list:
         return [lambda v=v: tf.zeros(v.shape, v.dtype) for v in self.variables]
 
@@ -607,7 +618,8 @@ class Split:
         with self._restoring_on_failure(self.written_variables()), \
                 self._explaining_failures(tensors, checked or ()):
             outputs, input_cotangents, var_grads = compose(
-                self.stages, self.arg_names, tensors, self.output_names, checked,
+                self.stages, self.arg_names, tensors, self.output_names,
+                self._unit_cotangent if checked is None else checked,
                 forward=forward, backward=backward, variable_zeros=self._variable_zeros())
         structured = tf.nest.pack_sequence_as(self._program.output_structure, outputs)
         return structured, input_cotangents, var_grads

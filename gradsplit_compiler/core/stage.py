@@ -558,17 +558,24 @@ class Stage:
 
     @functools.cached_property
     def _residual_sources(self) -> list[tuple[str, int | None]]:
-        """Per residual: ``("input", j)``, ``("output", j)`` or ``("made", None)``."""
+        """Per residual: ``("input", j)``, ``("output", j)`` or ``("made", None)``.
+
+        A residual is an input or an output also when one is an ``Identity`` of the other
+        (a cut's mark is an ``Identity`` of the value the backward reads): the same value,
+        which a program would otherwise return twice, one of them copied."""
         vjp = self._vjp
+        base = _identity_base(vjp.forward_graph_def)
+        inputs = [base(n) for n in vjp.input_keys]
+        outputs = [base(n) for n in vjp.output_names]
         sources = []
         for i, name in enumerate(vjp.residual_names):
             if i in vjp.list_residuals or any(
                     as_list.counter == i for as_list in vjp.list_residuals.values()):
                 sources.append(("made", None))
-            elif name in vjp.input_keys:
-                sources.append(("input", vjp.input_keys.index(name)))
-            elif name in vjp.output_names:
-                sources.append(("output", vjp.output_names.index(name)))
+            elif base(name) in inputs:
+                sources.append(("input", inputs.index(base(name))))
+            elif base(name) in outputs:
+                sources.append(("output", outputs.index(base(name))))
             else:
                 sources.append(("made", None))
         return sources
@@ -620,6 +627,22 @@ class Stage:
             return False
         return any(nd.op == "FakeParam" for f in self._vjp.forward_graph_def.library.function
                    for nd in f.node_def)
+
+
+def _identity_base(graph_def):
+    """``base(tensor_name)``: the tensor that ``tensor_name`` is an ``Identity`` chain of in
+    ``graph_def`` (itself if none), as ``"op:index"``."""
+    identities = {nd.name: next(i for i in nd.input if not i.startswith("^"))
+                  for nd in graph_def.node if nd.op == "Identity"}
+
+    def base(name: str) -> str:
+        op, _, index = name.partition(":")
+        index = index or "0"
+        while op in identities and index == "0":
+            op, _, index = identities[op].partition(":")
+            index = index or "0"
+        return f"{op}:{index}"
+    return base
 
 
 def _resolver(got: dict, cotangents: Sequence, residuals: Sequence):

@@ -33,6 +33,7 @@ from models import (
 )
 
 import gradsplit_compiler as gsc
+from gradsplit_compiler.core.residuals import VIEW_OPS
 
 TOL = RTOL[tf.float64]
 ALL_BUILDERS = {**SMALL_BUILDERS, **CONTROL_FLOW_BUILDERS, **KERAS_SMALL_BUILDERS}
@@ -151,15 +152,23 @@ def _forward_work_in_backward(stage):
     written = {id(split_variable.handle) for split_variable in _written_variables(stage)}
     captured = {id(ext): internal.op for ext, internal in concrete.graph.captures}
     written_handles = {op for key, op in captured.items() if key in written}
-    offending = []
+    offending, fetched = [], set()
     for op in graph.get_operations():
         if op.type == "ReadVariableOp" and op.inputs[0].op not in written_handles:
+            fetched.add(op)
             continue
-        if op in reached or op.type in NO_FORWARD_WORK:
+        if op in reached:
+            continue
+        if op.type in NO_FORWARD_WORK:
+            fetched.add(op)
             continue
         if op.outputs and all(not _is_float(t.dtype) for t in op.outputs) and (
                 op.type not in ("While", "StatelessWhile", "If", "StatelessIf")):
+            fetched.add(op)
             continue  # integer index and shape arithmetic
+        if op.type in VIEW_OPS and all(t.op in fetched for t in op.inputs):
+            fetched.add(op)
+            continue  # a reshape or cast of a weight read again or of a count: a fetch
         offending.append(f"{op.name} ({op.type})")
     return offending
 

@@ -90,3 +90,53 @@ def test_section_4_tables_show_each_phase_of_each_split_and_the_compilers_share(
     text = "\n".join(bench.split_time_markdown([row]))
     assert f"| {name} | {row['nodes']} | 1.00 s | 2.00 s |" in text
     assert "| stages: gradients | " in text and "| **the compiler's" in text
+
+
+def _separate_programs():
+    spec = importlib.util.spec_from_file_location(
+        "xla_separate_programs", ROOT / "tools" / "xla_separate_programs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_section_11_times_the_stages_as_plain_programs_and_writes_its_tables(tmp_path):
+    """Figure 11's measurement on a tiny MLP (every stage side checked against the tape
+    before timing), XLA's HLO counted from a dump, and the section's tables."""
+    xsp = _separate_programs()
+    config = {"layers": 4, "width": 8, "batch": 4, "repeats": 1, "stages": [2]}
+    got = xsp.measure(config)  # raises if a side's gradients are not the tape's
+    assert list(got["times"]) == ["mono", "2 stages", "2 stages, input copied",
+                                  "2 stages, remat", "empty program",
+                                  "2 stages, one at a time"]
+    assert got["programs"]["2 stages"] == 4 and all(t > 0 for t in got["times"].values())
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "module_0001.a_inference_forward_12__XlaMustCompile_true.1.cpu_after_optimizations"
+            ".txt").write_text(
+        "HloModule m\n\n%fused (p: f32[2]) -> f32[2] {\n  %p = f32[2]{0} parameter(0)\n}\n\n"
+        "ENTRY %main (a: f32[2,2], b: f32[2]) -> (f32[2,2], f32[2]) {\n"
+        "  %a = f32[2,2]{1,0} parameter(0)\n  %b = f32[2]{0} parameter(1)\n"
+        "  %d = f32[2,2]{1,0} dot(%a, %a), lhs_contracting_dims={1}\n"
+        "  %f = f32[2,2]{1,0} fusion(%d, %b), kind=kLoop, calls=%fused\n"
+        "  %c = f32[2]{0} copy(%b)\n"
+        "  ROOT %t = (f32[2,2]{1,0}, /*index=1*/f32[2]{0}) tuple(%f, %c)\n}\n")
+    counts = xsp.hlo_counts(dump)
+    assert counts == {"forward": [{"instructions": 6, "fusions": 1, "dots": 1, "copies": 1,
+                                   "parameters": 2}]}
+
+    got.update(config=config, settings=[
+        {"setting": "defaults", "mono": 0.01, "stages": 0.011, "ratio": 1.1},
+        {"setting": "broken", "mono": None, "stages": None, "ratio": None}],
+        profile={"steps": {"mono": {"step": 0.01, "xla": 0.009, "runtime": 0.0005,
+                                    "host": 0.0005, "calls": 1},
+                           "4 stages": {"step": 0.011, "xla": 0.009, "runtime": 0.001,
+                                        "host": 0.001, "calls": 8}},
+                 "hlo": {"step": counts["forward"], **counts}})
+    text = _bench().separate_programs_markdown(got)
+    assert text.startswith("\n## 11. Separate XLA programs on XLA:CPU")
+    assert "| 2 stages | 4 |" in text and "| broken | failed | - |" in text
+    assert "| programs called | 1 | 8 |" in text and "| one program | 1 |" in text
+    assert "took 1.00x the one program's" in text and "1.00 ms more per step" in text
+    assert "| stage forwards | 1 | 6 | 1 | 1 | 1 |" in text
