@@ -337,6 +337,8 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
             try:
                 with custom_gradients.names_in_trace(input_map), \
                         phase(f"stage {plan.index}: gradients"):
+                    # As a tape would: no gradient for inputs no x flows into.
+                    _tf_internal.skip_underived_inputs(xs)
                     grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
             except LookupError as exc:
                 raise GradSplitError(
