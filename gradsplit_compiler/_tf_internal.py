@@ -16,6 +16,8 @@ TensorFlow
       ``Graph._is_function``, ``Graph._functions``
     - ``call_flat`` / ``flat_caller``: ``ConcreteFunction._call_flat``
     - ``registered_gradient``: ``ops._gradient_registry``
+    - ``skip_underived_inputs``: ``Operation.skip_input_indices`` (what ``tf.GradientTape``
+      hands the gradient functions), ``ops._gradient_registry``, ``backprop_util.IsTrainable``
     - ``has_control_outputs``: ``Operation._control_outputs``
     - ``shape_dims``: ``TensorShape._dims``
     - ``connected_server_def``: ``context.context()._server_def``
@@ -67,6 +69,7 @@ __all__ = [
     "registered_gradient",
     "scratch_graph",
     "shape_dims",
+    "skip_underived_inputs",
     "sublayers",
     "with_fresh_function_names",
 ]
@@ -224,6 +227,67 @@ def registered_gradient(name: str):
         return ops._gradient_registry.lookup(name)
     except LookupError:
         return None
+
+
+def skip_underived_inputs(xs: list[tf.Tensor]) -> int:
+    """Before ``tf.gradients(ys, xs)``: tell the gradient function of every op that depends on
+    ``xs`` which of its inputs do not (``skip_input_indices``, what ``tf.GradientTape`` hands
+    them as well); returns how many ops were told.
+
+    Why: ``tf.gradients`` builds every input's gradient of every op it visits, also of inputs
+    no ``x`` flows into (a constant factor, the mean that ``tf.nn.moments`` stops the gradient
+    of), and drops them; the gradient functions of broadcasting arithmetic (``Mul``,
+    ``Sub``, ``SquaredDifference``, ``MatMul``...) and of ``While`` (its captures) skip what
+    they are told to, as under a tape. Only inputs whose gradient nobody reads are skipped,
+    so the gradients are the same. A tensor depends on ``xs`` through a trainable dtype and
+    an op with a gradient (``tf.stop_gradient``, ``tf.shape``... stop it). Checked on
+    TensorFlow 2.16 to 2.21.
+    """
+    from tensorflow.python.eager import backprop_util
+    from tensorflow.python.framework import ops
+
+    registry = ops._gradient_registry
+    stops: dict[str, bool] = {}  # op type -> whether it has no gradient
+
+    def stops_gradient(op) -> bool:
+        kind = op.type
+        if kind not in stops:
+            try:
+                stops[kind] = registry.lookup(kind) is None
+            except LookupError:  # a function call or an op with no gradient: not ours
+                stops[kind] = False
+        if not stops[kind]:
+            return False
+        try:  # a custom gradient in place of the type's
+            op.get_attr("_gradient_op_type")
+        except ValueError:
+            return True
+        return False
+
+    derived = {id(x) for x in xs}
+    keep = list(xs)  # the ids above stay valid while the tensors live
+    stack = list(xs)
+    visited: dict[int, tf.Operation] = {}
+    while stack:
+        tensor = stack.pop()
+        for op in tensor.consumers():
+            if id(op) in visited:
+                continue
+            visited[id(op)] = op
+            if stops_gradient(op):
+                continue
+            for out in op.outputs:
+                if id(out) not in derived and backprop_util.IsTrainable(out):
+                    derived.add(id(out))
+                    keep.append(out)
+                    stack.append(out)
+    told = 0
+    for op in visited.values():
+        skip = tuple(i for i, t in enumerate(op.inputs) if id(t) not in derived)
+        if skip:
+            op.skip_input_indices = skip
+            told += 1
+    return told
 
 
 def connected_server_def():

@@ -312,17 +312,16 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
         recorded["ins"] = [t.op.name for t in ins]
         recorded["cots"] = [t.op.name for t in cots]
         input_map = dict(zip(plan.inputs, ins))
-        handles = {}
+        # A placeholder with the handle's dtype and shape, not a capture of the function
+        # graph: tf.gradients in a function graph looks through every capture for each
+        # tensor it visits, quadratic in the stage's variables.
         stand_ins.clear()
+        indices = list(dict.fromkeys(var_placeholders.values()))
+        handles = dict(zip(indices, _resource_placeholders(
+            [(f"gsc.variable.{idx}", program.variables[idx].handle) for idx in indices])))
+        for idx in indices:
+            stand_ins[handles[idx].op.name] = program.variables[idx].handle
         for ph, idx in var_placeholders.items():
-            # A placeholder with the handle's dtype and shape, not a capture of the function
-            # graph: tf.gradients in a function graph looks through every capture for each
-            # tensor it visits, quadratic in the stage's variables.
-            handle = program.variables[idx].handle
-            handles[idx] = tf.compat.v1.placeholder(tf.resource, handle.shape,
-                                                    name=f"gsc.variable.{idx}")
-            _tf_internal.copy_handle_data(handle, handles[idx])
-            stand_ins[handles[idx].op.name] = handle
             input_map[ph + ":0"] = handles[idx]
         for ph in plan.capture_placeholders:
             input_map[ph + ":0"] = _tf_internal.capture_in_current_graph(
@@ -337,6 +336,8 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
             try:
                 with custom_gradients.names_in_trace(input_map), \
                         phase(f"stage {plan.index}: gradients"):
+                    # As a tape would: no gradient for inputs no x flows into.
+                    _tf_internal.skip_underived_inputs(xs)
                     grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
             except LookupError as exc:
                 raise GradSplitError(
@@ -377,6 +378,24 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
     return _Trace(graph=graph, xla_compatible=xla_compatible, input_ops=recorded["ins"],
                   cotangent_ops=recorded["cots"], output_names=recorded["outs"],
                   gradient_names=recorded["grads"], capture_kind=capture_kind)
+
+
+def _resource_placeholders(named_handles: list[tuple[str, tf.Tensor]]) -> list[tf.Tensor]:
+    """One ``Placeholder`` per ``(name, handle)`` in the graph being traced, with the
+    handle's shape and handle data: imported as one GraphDef, which costs a fraction of
+    ``tf.compat.v1.placeholder`` called once per variable (a stage may read thousands)."""
+    if not named_handles:
+        return []
+    gd = graph_pb2.GraphDef()
+    for name, handle in named_handles:
+        nd = gd.node.add(name=name, op="Placeholder")
+        nd.attr["dtype"].type = tf.resource.as_datatype_enum
+        nd.attr["shape"].shape.CopyFrom(handle.shape.as_proto())
+    placeholders = tf.graph_util.import_graph_def(
+        gd, return_elements=[name + ":0" for name, _ in named_handles], name="")
+    for (_, handle), placeholder in zip(named_handles, placeholders):
+        _tf_internal.copy_handle_data(handle, placeholder)
+    return placeholders
 
 
 class _ListAccumulators:

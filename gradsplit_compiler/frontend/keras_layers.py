@@ -22,9 +22,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import networkx as nx
 import tensorflow as tf
 
-from gradsplit_compiler import _tf_internal
+from gradsplit_compiler import _tf_internal, ir
 from gradsplit_compiler.ir import from_networkx
 
 __all__ = ["keras_layer_calls", "keras_layer_outputs", "layer_names", "layer_outputs"]
@@ -44,13 +45,70 @@ def _strip(comp):
 _sublayers = _tf_internal.sublayers
 
 
+class _Tensor:
+    """What the index reads of a ``tf.Tensor``, from the IR."""
+
+    __slots__ = ("_consumers", "dtype", "name", "op")
+
+    def __init__(self, name, dtype, op):
+        self.name, self.dtype, self.op, self._consumers = name, dtype, op, []
+
+    def consumers(self):
+        return self._consumers
+
+
+class _Op:
+    """What the index reads of a ``tf.Operation``, from the IR."""
+
+    __slots__ = ("control_outputs", "inputs", "name", "outputs", "type")
+
+    def __init__(self, name, kind):
+        self.name, self.type = name, kind
+        self.inputs, self.outputs, self.control_outputs = [], [], False
+
+
+def _ops_of(g) -> list[_Op] | None:
+    """The IR ``g`` as ``_Op``s in node order, or ``None`` when a dtype is unknown (then
+    the index imports the graph into TensorFlow instead)."""
+    attrs = ir.node_attributes(g)
+    ops = {}
+    for name, a in attrs.items():
+        op = ops[name] = _Op(name, a["op"])
+        for k, (dtype, _shape) in enumerate(a["outputs"] or ()):
+            if dtype is None:
+                return None
+            op.outputs.append(_Tensor(ir.tensor_name(name, k), dtype, op))
+    for name, preds in ir.predecessor_edges(g).items():
+        op = ops[name]
+        data = []
+        for src, edges in preds.items():
+            for e in edges.values():
+                if e["control"]:
+                    ops[src].control_outputs = True
+                    continue
+                outputs = ops[src].outputs
+                if e["src_output"] >= len(outputs):
+                    return None
+                data.append((e["dst_input"], outputs[e["src_output"]]))
+        data.sort(key=lambda d: d[0])
+        op.inputs = [t for _, t in data]
+        for _, t in data:
+            t._consumers.append(op)
+    return list(ops.values())
+
+
 class _GraphIndex:
-    def __init__(self, graph_def):
-        g = tf.Graph()
-        with g.as_default():
-            tf.graph_util.import_graph_def(graph_def, name="")
-        self.g = g
-        self.ops = g.get_operations()          # creation order
+    def __init__(self, graph):
+        """``graph``: the program's IR (read as it is) or a GraphDef (imported)."""
+        ops = _ops_of(graph) if isinstance(graph, nx.MultiDiGraph) else None
+        if ops is None:
+            if isinstance(graph, nx.MultiDiGraph):
+                graph = from_networkx(graph)
+            g = tf.Graph()
+            with g.as_default():
+                tf.graph_util.import_graph_def(graph, name="")
+            ops = g.get_operations()
+        self.ops = ops                         # creation order
         self.order = {op.name: i for i, op in enumerate(self.ops)}
         self.children = defaultdict(list)      # scope -> child comps (ordered)
         self.scopes = set()
@@ -79,7 +137,8 @@ class _GraphIndex:
             if not outs:
                 continue
             op_consumed = (any(t.consumers() for t in op.outputs)
-                           or _tf_internal.has_control_outputs(op))
+                           or (op.control_outputs if isinstance(op, _Op)
+                               else _tf_internal.has_control_outputs(op)))
             for t in outs:
                 cons = t.consumers()
                 if any(not self.inside(c.name, scope) for c in cons):
@@ -142,8 +201,9 @@ _functional_of = _tf_internal.functional_of
 
 def keras_layer_calls(graph_def, model, root_scope=None):
     """Detailed version: list of dicts
-    {layer, name, scope, parent, outputs, how} -- one per layer call."""
-    gi = _GraphIndex(graph_def)
+    {layer, name, scope, parent, outputs, how} -- one per layer call. ``graph_def``: a
+    GraphDef, the IR of one (``networkx.MultiDiGraph``) or an index of either."""
+    gi = graph_def if isinstance(graph_def, _GraphIndex) else _GraphIndex(graph_def)
     calls = []
     by_layer = defaultdict(list)
 
@@ -263,10 +323,10 @@ def layer_outputs(g, models: list) -> dict[str, list[str]]:
     """``{layer name: [tensor, ...]}`` for every layer of ``models`` called in graph ``g``."""
     if not models:
         return {}
-    graph_def = from_networkx(g)
+    index = _GraphIndex(g)  # read from the IR: no import into TensorFlow
     found: dict[str, list[str]] = {}
     for model in models:
-        for name, tensors in keras_layer_outputs(graph_def, model).items():
+        for name, tensors in keras_layer_outputs(index, model).items():
             found.setdefault(name, [])
             found[name].extend(t for t in tensors if t not in found[name])
     return found

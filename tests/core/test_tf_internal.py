@@ -293,3 +293,49 @@ def test_scratch_graph_captures_eager_tensors_and_differentiates_as_xla_does():
                    if op.type == "ReadVariableOp")
     with _tf_internal.scratch_graph("xla", xla=True):
         assert tf.variant not in build()
+
+
+def test_skip_underived_inputs_tells_what_no_x_flows_into_and_keeps_the_gradient():
+    """The ops that depend on ``x`` learn which inputs do not (a constant factor, what
+    ``tf.stop_gradient`` stops, an integer shape); ``tf.gradients`` then builds fewer ops
+    and gives what a tape gives."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((4, 3))
+    c0 = rng.standard_normal((1, 3))
+
+    def f(x):
+        c = tf.constant(c0)
+        mean = tf.stop_gradient(tf.reduce_mean(x, axis=0, keepdims=True))
+        return tf.reduce_sum(tf.math.squared_difference(x, mean) * c - x * tf.sin(c))
+
+    def trace(skip: bool):
+        with _tf_internal.scratch_graph("skip", xla=False) as graph:
+            x = tf.compat.v1.placeholder(tf.float64, [4, 3], name="x")
+            y = f(x)
+            told = _tf_internal.skip_underived_inputs([x]) if skip else 0
+            before = len(graph.get_operations())
+            g, = tf.gradients(y, [x])
+        return graph, g, told, len(graph.get_operations()) - before
+
+    graph, g, told, built = trace(skip=True)
+    ops = {op.name: op for op in graph.get_operations()}
+    assert told >= 3
+    squared, = [op for op in ops.values() if op.type == "SquaredDifference"]
+    assert squared.skip_input_indices == (1,)  # the mean, behind tf.stop_gradient
+    mul, = [op for op in ops.values() if op.type == "Mul" and op.inputs[0].op is squared]
+    assert mul.skip_input_indices == (1,)  # the constant
+    _, _, _, built_without = trace(skip=False)
+    assert built < built_without
+    x = tf.constant(x0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = f(x)
+    expected = tape.gradient(y, x)
+    graph_def = graph.as_graph_def()
+    got = tf.compat.v1.wrap_function(
+        lambda x: tf.graph_util.import_graph_def(
+            graph_def, input_map={"x:0": x}, return_elements=[g.name])[0],
+        [tf.TensorSpec([4, 3], tf.float64)])(x)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=0)
