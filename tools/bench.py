@@ -521,13 +521,16 @@ monolithic one: the same dots and fusions, no forward op in any backward, and no
 tensor (section 11 counts them). TensorFlow's profiler splits a step into XLA's executables
 running (`CpuExecutable::ExecuteAsyncOnStream`), TensorFlow's eager call around each of them and
 the host's Python between calls; section 11 does so for the same MLP written as separate
-programs in plain TensorFlow, without this package. There, the executables of the stages take
-close to the one program's time (section 11 gives its run's ratio), and calling each stage
-program alone, warm, costs as much as calling them in turn (no cold caches or threads to speak
-of); what separate programs add is mostly a fixed cost per program called (TensorFlow's dispatch
-and XLA's launch, of the order of the `empty program` row, and the Python between calls), so it
-grows with the number of stages and its share shrinks as stages grow (ResNet50 about 1.0); no
-XLA flag or thread setting removes it. What the compiler removed is what it added itself: stages
+programs in plain TensorFlow, without this package. There, separate programs cost two
+things that this package cannot remove: XLA's executables of the stages take longer than the
+one program (they lose the overlap of independent work and the fusion across each cut;
+section 11 gives its run's ratio), and each program called adds a fixed cost (TensorFlow's
+dispatch and XLA's launch, of the order of the `empty program` row, and the Python between
+calls). Calling each stage program alone, warm, costs as much as calling them in turn (no cold
+caches or threads to speak of). Both costs grow with the number of stages and shrink, as a
+share, as stages grow (ResNet50 about 1.0); no XLA flag or thread setting removes them, and the
+plain-TensorFlow stages of section 11 cost at least as much over one program as `run_stages`
+does here. What the compiler removed is what it added itself: stages
 are called through `stage.callers` (a flat call into the concrete function, without
 `tf.function`'s argument binding, 0.3-1 ms for a stage with 40 residuals); a residual that is a
 stage input or output, also through `Identity` ops (a cut's mark), is passed on by the caller
@@ -1256,31 +1259,30 @@ def figure_grid(quick: bool) -> str:
 # -- figure 11: separate XLA programs, outside the compiler ------------------------------------
 
 SEPARATE_NOTE = """\
-*Reading it.* The stage programs do the same arithmetic as the one program (XLA's optimized
-HLO above: the same dots, the fusions of the same elementwise ops, no copy), so XLA's own
-account of them (TensorFlow's profiler: `CpuExecutable::ExecuteAsyncOnStream` per program,
-summed per step; the sentence under the tables gives this run's ratio) differs from the one
-program's only by what running them apart loses inside XLA: the overlap of independent
-thunks across the cut (XLA:CPU's thunk executor runs a small program's thunks one by one on
-the calling thread, and on 2 cores each dot already uses both threads, so this is little),
-and fusion across the cut. Calling each stage program alone, warm, in blocks (`one at a
-time`) costs what calling them in turn does: switching programs leaves no cold caches or
-threads to speak of. What separate programs add is outside XLA: TensorFlow's eager call
-around each executable (dispatch, the compiled-program cache lookup, wrapping arguments and
-results: the `runtime` row, of the order of the `empty program`'s cost per call) and the
-host's Python between calls (`host`). Both are paid per program called, so they grow with
-the number of stages and shrink, as a share, as stages grow. Returning a stage's input
-(`input copied`) adds a copy of it per stage; running the forward again in the backward
-(`remat`) adds the forward's arithmetic. No XLA flag or thread setting removes the cost
-(each row in its own process, so its ratio is its own; fast math changes results and is
-shown only for reference). On a GPU, a program's launch is asynchronous: the host enqueues
-the next stage's program while the device still runs the current one, so neither the
-per-call runtime nor the host's Python between programs is on the critical path once a
-stage runs longer than it takes to launch (kernel launches cost about 5-10 us each, per
-kernel, in either layout); a program's kernels run in stream order, so the thunk executor's
-one-by-one small programs are no cost there either. Separate programs still lose XLA's
-fusion across the cut (a stage's last op cannot fuse with the next stage's first) and the
-overlap of independent kernels of neighbouring stages."""
+*Reading it.* The stage programs do the same arithmetic as the one program (XLA's optimized HLO
+above: the same dots, the fusions of the same elementwise ops, no copy), so XLA's own account
+of them (TensorFlow's profiler: `CpuExecutable::ExecuteAsyncOnStream` per program, summed per
+step; the sentence under the tables gives this run's ratio) differs from the one program's only
+by what running them apart loses inside XLA: the overlap of independent thunks across the cut
+(XLA:CPU's thunk executor runs a small program's thunks one by one on the calling thread) and
+fusion across the cut. On a quiet machine that loss is measurable (the sentence under the
+tables); under load it drowns in the noise. Calling each stage program alone, warm, in blocks
+(`one at a time`) costs what calling them in turn does: switching programs leaves no cold
+caches or threads to speak of. What separate programs add is outside XLA: TensorFlow's eager
+call around each executable (dispatch, the compiled-program cache lookup, wrapping arguments
+and results: the `runtime` row, of the order of the `empty program`'s cost per call) and the
+host's Python between calls (`host`). Both are paid per program called, so they grow with the
+number of stages and shrink, as a share, as stages grow. Returning a stage's input (`input
+copied`) adds a copy of it per stage; running the forward again in the backward (`remat`) adds
+the forward's arithmetic. No XLA flag or thread setting removes the cost (each row in its own
+process, so its ratio is its own; fast math changes results and is shown only for reference).
+On a GPU, a program's launch is asynchronous: the host enqueues the next stage's program while
+the device still runs the current one, so neither the per-call runtime nor the host's Python
+between programs is on the critical path once a stage runs longer than it takes to launch
+(kernel launches cost about 5-10 us each, per kernel, in either layout); a program's kernels
+run in stream order, so the thunk executor's one-by-one small programs are no cost there
+either. Separate programs still lose XLA's fusion across the cut (a stage's last op cannot fuse
+with the next stage's first) and the overlap of independent kernels of neighbouring stages."""
 
 
 def figure_separate_programs(quick: bool) -> str:
