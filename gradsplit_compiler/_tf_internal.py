@@ -21,6 +21,7 @@ TensorFlow
     - ``has_control_outputs``: ``Operation._control_outputs``
     - ``shape_dims``: ``TensorShape._dims``
     - ``connected_server_def``: ``context.context()._server_def``
+    - ``pin_registered_functions``: ``atomic_function.RUNTIME_FUNCTION_REFS``
     - ``op_def``: ``op_def_registry.get``
     - ``eager_function_names``: ``context.context().list_function_names``
     - ``record_variable_read``: ``resource_variable_ops.variable_accessed``
@@ -64,6 +65,7 @@ __all__ = [
     "input_layer_of",
     "nodes_by_depth",
     "op_def",
+    "pin_registered_functions",
     "record_variable_read",
     "register_functions",
     "registered_gradient",
@@ -302,6 +304,28 @@ def connected_server_def():
     TensorFlow 2.21.
     """
     return getattr(_context.context(), "_server_def", None)
+
+
+def pin_registered_functions() -> int:
+    """``atomic_function.RUNTIME_FUNCTION_REFS`` (checked on TF 2.21): one more reference to
+    every function registered in the eager context now, so that none of them is removed
+    from it later; returns how many.
+
+    Why: when the last Python object of a function is collected, TensorFlow removes the
+    function from the eager context, and a context connected to a cluster asks every task
+    of the cluster it is connected to *now* to remove it too. After a reconnect to a
+    restarted cluster, whose tasks never had the functions traced before it, that request
+    fails ("Tried to remove non-existent function") and the failure surfaces in the next
+    remote call, a step of an unrelated pipeline. Pinned before connecting, the functions
+    traced until then (the old split's, the old pipeline's) are never removed; their
+    definitions stay in memory, which a process that reconnects can afford.
+    """
+    from tensorflow.python.eager.polymorphic_function import atomic_function
+
+    refs = atomic_function.RUNTIME_FUNCTION_REFS
+    for key in list(refs):
+        refs[key] += 1
+    return len(refs)
 
 
 def op_def(op_type: str):

@@ -24,6 +24,7 @@ and connect to its ``ClusterSpec`` (see ``connect``).
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import signal
@@ -60,8 +61,16 @@ def connect(cluster_spec: Any = None) -> list[str]:
     environment variable. Each listed task must run a ``tf.distribute.Server`` of that
     spec. The client takes job ``"localhost"`` on a free port of its own, which TensorFlow
     tells the workers when it connects; the workers do not list it.
+
+    Connecting again (to a restarted cluster, after a fault) is safe for what the process
+    traced before: every function registered until then is kept, so that objects collected
+    later (the old split, the old pipeline, your own functions) do not ask the new tasks to
+    remove functions they never had (TensorFlow would fail the next remote call with "Tried
+    to remove non-existent function").
     """
     import tensorflow as tf
+
+    from gradsplit_compiler._tf_internal import pin_registered_functions
 
     if cluster_spec is None:
         config = os.environ.get("TF_CONFIG")
@@ -76,6 +85,11 @@ def connect(cluster_spec: Any = None) -> list[str]:
         cluster_spec = cluster_spec.cluster_spec()
     if not isinstance(cluster_spec, tf.train.ClusterSpec):
         cluster_spec = tf.train.ClusterSpec(dict(cluster_spec))
+    # Garbage first, then pin what is left: a function collected after this connect would
+    # be removed from the new cluster's tasks, which never had it, and that failure would
+    # surface in the next remote call (after a restart: the first step of the new pipeline).
+    gc.collect()
+    pin_registered_functions()
     tf.config.experimental_connect_to_cluster(cluster_spec)
     return task_devices(cluster_spec)
 

@@ -106,6 +106,82 @@ def test_no_orphan_workers_when_the_client_is_killed():
     assert _wait_gone(pids, 5) == []
 
 
+RECONNECT_SCRIPT = """
+import gc, json, sys
+import numpy as np, tensorflow as tf
+import gradsplit_compiler as gsc
+from gradsplit_compiler import _tf_internal
+from gradsplit_compiler.cluster import LocalCluster
+if sys.argv[1] == "unpinned":  # what connecting did before: the check below must fail
+    _tf_internal.pin_registered_functions = lambda: 0
+rng = np.random.default_rng(5)
+w0 = tf.Variable(rng.normal(size=(4, 4)))
+w1 = tf.Variable(rng.normal(size=(4, 1)))
+def loss(x):
+    return tf.reduce_mean(tf.tanh(gsc.mark(tf.tanh(x @ w0), "h") @ w1) ** 2)
+sig = [tf.TensorSpec([None, 4], tf.float64)]
+batch = rng.normal(size=(8, 4))
+x = tf.constant(batch)
+first = LocalCluster(2)
+first.connect()
+old = gsc.split(loss, sig, ["h"])
+old_pipe = gsc.pipeline(old, 2, "1f1b", first.devices, loss_reduction="mean")
+old_pipe.step(x)
+class Evaluation:  # the user's own function, run on the task; a cycle keeps it to the collector
+    def __init__(self):
+        self.me = self
+        self.run = tf.function(loss)
+evaluation = Evaluation()
+with tf.device(first.devices[0]):
+    evaluation.run(x)
+first.kill(1)  # a fault: a task died
+second = LocalCluster(1)  # the restart
+second.connect()
+del old, old_pipe, evaluation  # collected after the reconnect
+gc.collect()
+x = tf.constant(batch)  # a new tensor: TensorFlow keeps the old one's copies on the old tasks
+try:
+    with tf.device(second.devices[0]):  # the first remote call after the restart
+        tf.reduce_sum(x @ tf.transpose(x)).numpy()
+    split = gsc.split(loss, sig, ["h"])
+    pipe = gsc.pipeline(split, 2, "1f1b", second.devices * 2, loss_reduction="mean")
+    value, grads = pipe.step(x)
+except Exception as exc:
+    print("RESULT " + json.dumps({"error": str(exc)[:300]}))
+else:
+    with tf.GradientTape() as tape:
+        ref = loss(x)
+    ref_grads = tape.gradient(ref, [w0, w1])
+    err = max(float(np.max(np.abs(g.numpy() - r.numpy()) / np.max(np.abs(r.numpy()))))
+              for g, r in zip(grads, ref_grads))
+    print("RESULT " + json.dumps({"error": None, "max_rel_error": err}))
+second.stop()
+first.stop()
+"""
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_functions_of_the_old_cluster_collected_after_a_reconnect_break_nothing(pinned):
+    """The restart after a fault: a split, a pipeline and a function of the user's, made on a
+    cluster that is gone, are collected after connecting to the new one. TensorFlow would
+    ask the new tasks to remove their functions, which those tasks never had, and the next
+    remote call would fail ("Tried to remove non-existent function"); ``connect`` pins the
+    functions traced before it. Without the pin (what connecting did before) the failure is
+    seen, so the test can tell."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", RECONNECT_SCRIPT,
+                           "pinned" if pinned else "unpinned"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    if pinned:
+        assert result["error"] is None, result
+        assert result["max_rel_error"] <= TOL, result
+    else:
+        assert "Tried to remove non-existent function" in result["error"], result
+
+
 def test_pipeline_timeout_must_be_positive():
     import tensorflow as tf
 
