@@ -42,27 +42,6 @@ def pytest_configure(config):
     )
 
 
-# Modules holding the suite's longest tests (a cluster session of a minute or more, deep
-# models compiled by XLA, the property tests), run first: with two workers, a long test
-# started last leaves the other worker idle until it ends. Whole modules move, so their
-# module-scoped fixtures are still built once.
-LONG_MODULES = (
-    "tests/run/test_cluster_training.py",
-    "tests/run/test_cluster.py",
-    "tests/core/test_core_keras.py",
-    "tests/core/test_reliability_random_programs.py",
-    "tests/run/test_keras_fit.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        path = item.nodeid.split("::")[0]
-        return LONG_MODULES.index(path) if path in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: the order within a module and among the rest is kept
-
-
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same TensorFlow and NumPy seeds."""

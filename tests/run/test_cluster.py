@@ -161,14 +161,16 @@ first.stop()
 """
 
 
-@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
-def test_functions_of_the_old_cluster_collected_after_a_reconnect_break_nothing(pinned):
+def test_functions_of_the_old_cluster_collected_after_a_reconnect_break_nothing():
     """The restart after a fault: a split, a pipeline and a function of the user's, made on a
     cluster that is gone, are collected after connecting to the new one. TensorFlow would
     ask the new tasks to remove their functions, which those tasks never had, and the next
     remote call would fail ("Tried to remove non-existent function"); ``connect`` pins the
-    functions traced before it. Without the pin (what connecting did before) the failure is
-    seen, so the test can tell."""
+    functions traced before it. Without the pin (the script's ``unpinned`` mode, what
+    connecting did before) the failure was seen in runs of this test alone, but not in every
+    run of the whole suite (TensorFlow sends the removals asynchronously), so that control
+    is not part of the suite."""
+    pinned = True
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run([sys.executable, "-c", RECONNECT_SCRIPT,
                            "pinned" if pinned else "unpinned"],
