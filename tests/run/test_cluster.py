@@ -170,19 +170,14 @@ def test_functions_of_the_old_cluster_collected_after_a_reconnect_break_nothing(
     connecting did before) the failure was seen in runs of this test alone, but not in every
     run of the whole suite (TensorFlow sends the removals asynchronously), so that control
     is not part of the suite."""
-    pinned = True
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-c", RECONNECT_SCRIPT,
-                           "pinned" if pinned else "unpinned"],
+    done = subprocess.run([sys.executable, "-c", RECONNECT_SCRIPT, "pinned"],
                           capture_output=True, text=True, timeout=300, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, done.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    if pinned:
-        assert result["error"] is None, result
-        assert result["max_rel_error"] <= TOL, result
-    else:
-        assert "Tried to remove non-existent function" in result["error"], result
+    assert result["error"] is None, result
+    assert result["max_rel_error"] <= TOL, result
 
 
 def test_pipeline_timeout_must_be_positive():
