@@ -38,6 +38,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[-1].split()[1])
+
+
 def _wait_gone(pids, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -72,6 +77,14 @@ def test_local_cluster_starts_names_and_stops():
         assert all(a.startswith("localhost:") for a in spec["worker"])
         pids = [p.pid for p in cluster.processes]
         assert all(_alive(p) for p in pids)
+        # forked from one starter process (one TensorFlow import), each its own group
+        parents = {_parent(p) for p in pids}
+        assert len(parents) == 1 and parents != {os.getpid()}
+        assert all(os.getpgid(p) == p for p in pids)
+        assert [p.poll() for p in cluster.processes] == [None, None]
+        cluster.kill(1, signal.SIGTERM)
+        assert cluster.processes[1].wait(30) == -signal.SIGTERM
+        assert not cluster.running() and cluster.processes[0].poll() is None
     assert not cluster.running()
     assert _wait_gone(pids, 1) == []
     cluster.stop()  # twice is fine
@@ -218,11 +231,15 @@ def test_bytes_moved_between_logical_devices_match_the_boundary():
 
 
 @pytest.mark.parametrize("workers", [2, 4])
-def test_pipeline_on_cluster_equals_the_tape_at_every_step(workers):
+def test_pipeline_on_cluster_equals_the_tape_at_every_step(request, workers):
     """Three steps per schedule, the weights redrawn before the second and third: every step
     equals ``tf.GradientTape`` on the original function at the weights it ran with (so a task
     computing with a stale copy of a variable fails here), within 1e-12. On two workers also
-    ZB-H1 (B and W programs on the tasks) with stage 0 rematerialised."""
+    ZB-H1 (B and W programs on the tasks) with stage 0 rematerialised. Four workers only
+    with --slow (the suite's time budget): the training sessions of
+    test_cluster_training.py run on four workers in every run."""
+    if workers == 4 and not request.config.getoption("--slow"):
+        pytest.skip("four workers: run with --slow (the training sessions use four)")
     result = _drive("exact", str(workers))
     assert len(result["devices"]) == workers
     assert [r["jit_compile"] for r in result["runs"]] == [True, True] + [False, True] * (

@@ -4,6 +4,8 @@ cluster: the ones that need worker processes are in test_cluster.py."""
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -275,7 +277,7 @@ def test_a_worker_that_exits_before_serving():
 def test_connect_to_a_local_cluster_whose_worker_died():
     with LocalCluster(1, start_timeout=120) as cluster:
         cluster.processes[0].kill()
-        cluster.processes[0].wait()
+        assert cluster.processes[0].wait(30) == -signal.SIGKILL
         with pytest.raises(GradSplitError, match=r"cannot connect: worker tasks \[0\] are not "
                                                  r"running\."):
             cluster.connect()
