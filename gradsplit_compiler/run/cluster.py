@@ -15,12 +15,13 @@ Connecting changes the eager context of the whole process (TensorFlow knows one 
 process): connect from a process of its own (a script, a subprocess), not from one that also
 runs unrelated TensorFlow work.
 
-One starter process imports TensorFlow once and forks every task's process from it: an
-import takes seconds of CPU, which ``n`` workers started apart would pay ``n`` times. The
-tasks run in their own process groups and are stopped by ``stop()``, by leaving the ``with``
-block, and at interpreter exit (``atexit``): SIGTERM, then SIGKILL after a grace period.
-A real cluster needs none of this: start a server per machine and connect to its
-``ClusterSpec`` (see ``connect``).
+A starter process imports TensorFlow once and forks every task's process from it: an import
+takes seconds of CPU, which ``n`` workers started apart would pay ``n`` times, and every
+restart after a fault again. This process keeps one starter (per environment) for all the
+clusters it makes, and it ends with this process. The tasks run in their own process
+groups and are stopped by ``stop()``, by leaving the ``with`` block, and at interpreter exit
+(``atexit``): SIGTERM, then SIGKILL after a grace period. A real cluster needs none of
+this: start a server per machine and connect to its ``ClusterSpec`` (see ``connect``).
 """
 
 from __future__ import annotations
@@ -160,30 +161,15 @@ class WorkerProcess:
 
 
 class _StarterEvents:
-    """What the starter process reports on its stdout, read by a thread of this process:
-    ``ready TASK PID`` once a task serves, ``exit TASK CODE`` once it has exited (the starter
-    reaps its tasks), then end of file when the starter itself is gone."""
+    """What the starter reports of one cluster's tasks: ``ready`` (with the task's pid) once a
+    task serves, ``exit`` (with its code) once it has exited (the starter reaps its tasks),
+    and ``closed`` once the starter itself is gone."""
 
-    def __init__(self, stream):
-        self._cond = threading.Condition()
+    def __init__(self, cond: threading.Condition):
+        self._cond = cond
         self.pids: dict[int, int] = {}
         self.exits: dict[int, int] = {}
         self.closed = False
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            kind, task, value = (line.split() + ["", "", ""])[:3]
-            with self._cond:
-                if kind == "ready":
-                    self.pids[int(task)] = int(value)
-                elif kind == "exit":
-                    self.exits[int(task)] = int(value)
-                self._cond.notify_all()
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
 
     def exit_code(self, task: int) -> int | None:
         with self._cond:
@@ -208,11 +194,86 @@ class _StarterEvents:
             return self._cond.wait_for(lambda: predicate() or self.closed, timeout)
 
 
+class _Starter:
+    """A process that has imported TensorFlow and forks worker tasks on request, shared by
+    every ``LocalCluster`` this process makes with the same environment: the import (seconds
+    of CPU) is paid once, not once per task nor once per cluster (a restart after a fault
+    costs a fork). It reads ``start CLUSTER TASK SPEC`` and ``stop CLUSTER`` lines on its
+    stdin and writes ``ready CLUSTER TASK PID`` and ``exit CLUSTER TASK CODE`` lines; it ends
+    when this process closes its stdin (by exiting, however it exits), and its tasks end with
+    it."""
+
+    _by_env: dict[tuple, _Starter] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gradsplit_compiler.run.cluster"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, start_new_session=True, text=True,
+        )
+        self._cond = threading.Condition()
+        self._sending = threading.Lock()
+        self._clusters: dict[int, _StarterEvents] = {}
+        self._next = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def for_env(cls, env: dict[str, str]) -> _Starter:
+        key = tuple(sorted(env.items()))
+        with cls._lock:
+            starter = cls._by_env.get(key)
+            if starter is None or starter.process.poll() is not None:
+                starter = cls._by_env[key] = cls(env)
+            return starter
+
+    def start(self, spec: dict) -> tuple[int, _StarterEvents]:
+        """Ask for every task of ``spec``; the cluster's number and its events."""
+        with self._cond:
+            number, self._next = self._next, self._next + 1
+            events = self._clusters[number] = _StarterEvents(self._cond)
+            if self.process.poll() is not None:
+                events.closed = True
+                return number, events
+        text = json.dumps(spec)
+        self._send("".join(f"start {number} {task} {text}\n"
+                           for task in range(len(spec[JOB]))))
+        return number, events
+
+    def stop(self, number: int) -> None:
+        """Have the starter kill whatever it started, or will start, for cluster ``number``."""
+        self._send(f"stop {number}\n")
+
+    def _send(self, text: str) -> None:
+        with self._sending:
+            try:
+                self.process.stdin.write(text)
+                self.process.stdin.flush()
+            except (ValueError, OSError):  # the starter is gone: the events say so
+                pass
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            kind, number, task, value = (line.split() + [""] * 4)[:4]
+            with self._cond:
+                events = self._clusters.get(int(number)) if number.isdigit() else None
+                if events is not None and kind == "ready":
+                    events.pids[int(task)] = int(value)
+                elif events is not None and kind == "exit":
+                    events.exits[int(task)] = int(value)
+                self._cond.notify_all()
+        with self._cond:
+            for events in self._clusters.values():
+                events.closed = True
+            self._cond.notify_all()
+
+
 class LocalCluster:
     """``num_workers`` TensorFlow servers in processes of their own, on loopback ports.
 
-    One starter process imports TensorFlow once and forks every task's process from it, so a
-    cluster of ``n`` workers costs one TensorFlow import rather than ``n`` (seconds each).
+    Each task's process is forked from a starter process that has imported TensorFlow (one
+    per environment, shared by every cluster this process makes), so a cluster of ``n``
+    workers costs one TensorFlow import rather than ``n`` (seconds each), and a restart none.
 
     Attributes
     ----------
@@ -238,13 +299,8 @@ class LocalCluster:
         child_env = dict(os.environ if env is None else env)
         child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         child_env.pop("TF_CONFIG", None)
-        self._starter = subprocess.Popen(
-            [sys.executable, "-m", "gradsplit_compiler.run.cluster", json.dumps(self.spec),
-             str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=child_env, start_new_session=True, text=True,
-        )
-        self._events = _StarterEvents(self._starter.stdout)
+        self._starter = _Starter.for_env(child_env)
+        self._number, self._events = self._starter.start(self.spec)
         _LIVE.add(self)
         try:
             self._wait_ready(start_timeout)
@@ -265,7 +321,7 @@ class LocalCluster:
             task = min(events.exits, default=waiting[0])
             code = events.exits.get(task)
             if code is None:
-                code = self._starter.wait()
+                code = self._starter.process.wait()
             raise GradSplitError(
                 f"worker task {task} ({self.addresses[task]}) exited with code "
                 f"{code} before its server started."
@@ -299,8 +355,8 @@ class LocalCluster:
         self.processes[task].send_signal(sig)
 
     def stop(self) -> None:
-        """Stop every worker: SIGTERM to its process group, SIGKILL after ``stop_timeout``;
-        then the starter process. Safe to call twice."""
+        """Stop every worker: SIGTERM to its process group, SIGKILL after ``stop_timeout``.
+        Safe to call twice."""
         for p in self.processes:
             p.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
             p.send_signal(signal.SIGTERM)
@@ -315,16 +371,7 @@ class LocalCluster:
                 os.killpg(p.pid, signal.SIGKILL)  # anything the worker itself started
             except (ProcessLookupError, PermissionError):
                 pass
-        starter = self._starter
-        if starter.poll() is None:
-            _signal_group(starter, signal.SIGTERM)
-            try:
-                starter.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(starter, signal.SIGKILL)
-                starter.wait()
-        if starter.stdout is not None:
-            starter.stdout.close()
+        self._starter.stop(self._number)  # and any task it had not reported yet
         _LIVE.discard(self)
 
     def __enter__(self) -> LocalCluster:
@@ -353,13 +400,6 @@ def _exists(pid: int) -> bool:
         return True
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 @atexit.register
 def _stop_all() -> None:
     for cluster in list(_LIVE):
@@ -376,35 +416,107 @@ def _exit_when_parent_is_not(parent: int) -> None:
     threading.Thread(target=orphaned, daemon=True).start()
 
 
-def _start_tasks(spec_json: str, client: int) -> None:
-    """The starter process: import TensorFlow once, fork one process per task of the spec
-    (each serves its task, in a process group of its own), report ``ready``/``exit`` of each
-    on stdout, and end with the last task, or with ``client`` (so that a client killed with
-    SIGKILL leaves no orphan behind: the tasks end with their starter)."""
-    _exit_when_parent_is_not(client)
+def _serve(spec: dict, task: int, starter: int, ready: int) -> None:
+    """A task's process, just forked from the starter: serve ``task`` of ``spec`` in a process
+    group of its own until killed or the starter is gone; ``ready`` (a pipe to the starter)
+    gets ``ready`` once the server is up."""
     import tensorflow as tf
 
-    spec = json.loads(spec_json)
+    os.setsid()
+    _exit_when_parent_is_not(starter)
+    server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=JOB, task_index=task,
+                                  protocol="grpc", start=True)
+    os.write(ready, b"ready")
+    os.close(ready)
+    server.join()
+
+
+def _run_starter() -> None:
+    """The starter (``_Starter``): one thread, so that forking is safe; commands on stdin,
+    reports on stdout (written with ``os.write``, one line at a time)."""
+    import selectors
+
+    import tensorflow  # noqa: F401  (imported once here, forked into every task)
+
     starter = os.getpid()
-    tasks: dict[int, int] = {}
-    for task in range(len(spec[JOB])):
-        pid = os.fork()
-        if pid == 0:  # the task's process: only this thread was copied
+    tasks: dict[int, tuple[int, int]] = {}  # pid -> (cluster, task)
+    stopped: set[int] = set()
+
+    def report(line: str) -> None:
+        os.write(1, (line + "\n").encode())
+
+    def reap() -> None:
+        while tasks:
             try:
-                os.setsid()
-                _exit_when_parent_is_not(starter)
-                server = tf.distribute.Server(tf.train.ClusterSpec(spec), job_name=JOB,
-                                              task_index=task, protocol="grpc", start=True)
-                print(f"ready {task} {os.getpid()}", flush=True)
-                server.join()
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in tasks:
+                number, task = tasks.pop(pid)
+                report(f"exit {number} {task} {os.waitstatus_to_exitcode(status)}")
+
+    def start(number: int, task: int, spec: dict) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the task: only this thread was copied
+            try:
+                os.close(read)
+                sel.close()
+                quiet = os.open(os.devnull, os.O_RDWR)  # the starter's pipes are not ours
+                os.dup2(quiet, 0)
+                os.dup2(quiet, 1)
+                _serve(spec, task, starter, write)
             finally:
                 os._exit(1)
-        tasks[pid] = task
-    while tasks:
-        pid, status = os.wait()
-        if pid in tasks:
-            print(f"exit {tasks.pop(pid)} {os.waitstatus_to_exitcode(status)}", flush=True)
+        os.close(write)
+        tasks[pid] = (number, task)
+        waiting[read] = (number, task, pid)
+        sel.register(read, selectors.EVENT_READ)
+
+    def command(line: str) -> None:
+        words = line.split(maxsplit=3)
+        if words[0] == "start" and int(words[1]) not in stopped:
+            start(int(words[1]), int(words[2]), json.loads(words[3]))
+        elif words[0] == "stop":
+            stopped.add(int(words[1]))
+            for pid, (number, _) in list(tasks.items()):
+                if number == int(words[1]):
+                    _kill_group(pid)
+
+    waiting: dict[int, tuple[int, int, int]] = {}  # a task's ready pipe -> who it is
+    pending = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(0, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select(0.2):
+                if key.fd == 0:
+                    chunk = os.read(0, 1 << 16)
+                    if not chunk:  # the client is gone: so are we, and our tasks after us
+                        os._exit(0)
+                    pending += chunk
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        command(line.decode())
+                else:
+                    number, task, pid = waiting.pop(key.fd)
+                    sel.unregister(key.fd)
+                    said = os.read(key.fd, 16)
+                    os.close(key.fd)
+                    if said == b"ready":
+                        report(f"ready {number} {task} {pid}")
+            reap()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL to a task's process group, or to the task alone before it made its group."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 if __name__ == "__main__":
-    _start_tasks(sys.argv[1], int(sys.argv[2]))
+    _run_starter()

@@ -88,6 +88,8 @@ def test_local_cluster_starts_names_and_stops():
     assert not cluster.running()
     assert _wait_gone(pids, 1) == []
     cluster.stop()  # twice is fine
+    with LocalCluster(1) as again:  # forked by the same starter: no TensorFlow import again
+        assert again.running() and {_parent(again.processes[0].pid)} == parents
 
 
 def test_task_devices_of_a_cluster_spec():
