@@ -26,7 +26,8 @@ reassociation (measured: ~3e-15).
 
 The big models are built and split once per module (per xdist worker); their XLA tests are
 marked ``heavy`` and run by default, except each one as a single XLA program in training mode
-(about 70 s each): those run with ``--slow``.
+(about 70 s each), MobileNetV2 stage by stage under XLA and ResNet50 with Grappler's
+rewrites: those run with ``--slow``.
 """
 
 import numpy as np
@@ -223,7 +224,12 @@ def test_keras_training_mode_gradients_exact_in_graph_mode_without_grappler_rewr
 @pytest.mark.parametrize("name", SMALL + BIG)
 def test_keras_training_mode_gradients_in_graph_mode_within_grappler_noise(request, name):
     """Grappler's default rewrites on both sides: composed vs reference within
-    ``max(1e-12, 4 * |reference with Grappler - reference without|)`` measured here."""
+    ``max(1e-12, 4 * |reference with Grappler - reference without|)`` measured here.
+    ResNet50 only with --slow (about 20 s, the suite's time budget): it is held exact
+    without Grappler's rewrites in every run, and MobileNetV2 and the small models are
+    checked with them."""
+    if name == "resnet" and not request.config.getoption("--slow"):
+        pytest.skip("ResNet50 with Grappler's rewrites: run with --slow")
     _assert_like_with_like(_get(request, name), "graph")
 
 
