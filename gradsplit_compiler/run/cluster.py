@@ -431,14 +431,25 @@ def _serve(spec: dict, task: int, starter: int, ready: int) -> None:
     server.join()
 
 
+def _forks() -> bool:
+    """Whether the starter forks its tasks: on Linux. Elsewhere (macOS, where a process forked
+    after system frameworks loaded may crash) each task is a new interpreter, as
+    ``multiprocessing`` does by default there; ``GSC_CLUSTER_SPAWN=1`` asks for that on Linux
+    too (the tests use it to run that path)."""
+    return sys.platform.startswith("linux") and os.environ.get("GSC_CLUSTER_SPAWN") != "1"
+
+
 def _run_starter() -> None:
     """The starter (``_Starter``): one thread, so that forking is safe; commands on stdin,
     reports on stdout (written with ``os.write``, one line at a time)."""
     import selectors
 
-    import tensorflow  # noqa: F401  (imported once here, forked into every task)
+    forks = _forks()
+    if forks:
+        import tensorflow  # noqa: F401  (imported once here, forked into every task)
 
     starter = os.getpid()
+    spawned: list[subprocess.Popen] = []  # kept: reaped below, not by their objects
     tasks: dict[int, tuple[int, int]] = {}  # pid -> (cluster, task)
     stopped: set[int] = set()
 
@@ -459,7 +470,14 @@ def _run_starter() -> None:
 
     def start(number: int, task: int, spec: dict) -> None:
         read, write = os.pipe()
-        pid = os.fork()
+        if not forks:
+            spawned.append(subprocess.Popen(
+                [sys.executable, "-m", "gradsplit_compiler.run.cluster", "serve",
+                 json.dumps(spec), str(task), str(starter), str(write)],
+                pass_fds=(write,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+            pid = spawned[-1].pid
+        else:
+            pid = os.fork()
         if pid == 0:  # the task: only this thread was copied
             try:
                 os.close(read)
@@ -519,4 +537,7 @@ def _kill_group(pid: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:  # a task the starter spawned rather than forked
+        _serve(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        os._exit(1)
     _run_starter()

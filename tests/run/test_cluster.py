@@ -92,6 +92,20 @@ def test_local_cluster_starts_names_and_stops():
         assert again.running() and {_parent(again.processes[0].pid)} == parents
 
 
+def test_tasks_spawned_rather_than_forked_where_forking_is_unsafe():
+    """Off Linux (macOS) the starter runs each task as a new interpreter; the same path,
+    asked for with GSC_CLUSTER_SPAWN=1, serves and reports its tasks as the forked ones."""
+    env = dict(os.environ, GSC_CLUSTER_SPAWN="1")
+    with LocalCluster(1, env=env, start_timeout=120) as cluster:
+        task = cluster.processes[0]
+        assert cluster.running() and os.getpgid(task.pid) == task.pid
+        assert _parent(task.pid) != os.getpid()
+        with open(f"/proc/{task.pid}/cmdline") as f:
+            assert "serve" in f.read().split("\0")  # a new interpreter, not a fork
+        cluster.kill(0)
+        assert task.wait(30) == -signal.SIGKILL
+
+
 def test_task_devices_of_a_cluster_spec():
     assert task_devices({"worker": ["a:1", "b:2", "c:3"]})[2] == \
         "/job:worker/replica:0/task:2/device:CPU:0"
