@@ -13,7 +13,9 @@ docs/bench_cut_size.png (figure 5).
 3. Peak memory of the composed step / the monolithic step (each in a fresh process).
 4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250,
    1,000 and 25,000 layers (100,000 graph nodes), with time per graph node, and where the
-   split spends it (``Split.profile``, by phase) beside the first XLA call.
+   split spends it (``Split.profile``, by phase) beside the first XLA call, and what plain
+   TensorFlow charges for exporting the trace and importing it back
+   (``tools/split_floor.py``).
 5. The thread's answers on the demo's program as the cut grows: per-scalar
    ``tf.gradients``, ``GradientTape.jacobian``, and ours, all interleaved in one loop.
 6. The pipeline's ``step`` on a LocalCluster beside the same pipeline in one process.
@@ -380,8 +382,35 @@ chain of 1,000) and 1 (the 100,000-node chain of 25,000 layers, about 4 minutes)
 round the step's trace then the split, so the section stays under 6 minutes."""
 
 
-def split_time_markdown(rows) -> list[str]:
-    """Section 4's tables: the times, then the phases of each split."""
+def figure_split_floor(quick: bool) -> list[dict]:
+    """Section 4's last table: ``tools/split_floor.py`` (plain TensorFlow) in a process of
+    its own."""
+    import json
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "split_floor.py"), "--json"]
+                          + (["--quick"] if quick else []), capture_output=True, text=True,
+                          timeout=3600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[")]
+    if not lines:
+        log(f"split_floor.py failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return []
+    rows = json.loads(lines[-1])
+    for r in rows:
+        log(f"[4] floor, {r['name']}: {r['floor'] / r['step']:.3f}x the step's trace")
+    return rows
+
+
+SPLIT_FLOOR_NOTE = """\
+`tools/split_floor.py` measures, in plain TensorFlow and in a process of its own, what any
+compiler that exports the trace and imports it back pays TensorFlow before doing anything of
+its own: the trace of `fn`, `as_graph_def`, `import_graph_def` of the whole program into a
+new graph, and `tf.gradients` of the loss there (what a split does per stage). Medians of 3
+interleaved rounds with the training step's trace."""
+
+
+def split_time_markdown(rows, floor=()) -> list[str]:
+    """Section 4's tables: the times, the phases of each split, and the floor of exporting
+    and importing in plain TensorFlow."""
     lines = ["## 4. `split()` time", "",
              "| program | nodes | TF trace | TF trace of the training step | split | "
              "split / trace | split / step trace | ms per node, step trace | ms per node, "
@@ -412,6 +441,15 @@ def split_time_markdown(rows) -> list[str]:
                  "split) | " + " | ".join("-" if r["first_call"] is None else
                                           f"{r['first_call']:.2f} s" for r in rows) + " |")
     lines += ["", SPLIT_TIME_NOTE, ""]
+    if floor:
+        lines += ["The floor of exporting and importing back, in plain TensorFlow:", "",
+                  "| program | TF trace of the training step | trace | export | import | "
+                  "tf.gradients | sum / step trace |", "|---|---|---|---|---|---|---|"]
+        for r in floor:
+            lines.append(f"| {r['name']} | {r['step']:.2f} s | {r['trace']:.2f} s | "
+                         f"{r['export']:.2f} s | {r['import']:.2f} s | "
+                         f"{r['gradients']:.2f} s | {r['floor'] / r['step']:.3f} |")
+        lines += ["", SPLIT_FLOOR_NOTE, ""]
     return lines
 
 
@@ -564,7 +602,7 @@ thousand elements on: medians of a quiet run are monotone in the size within 10%
 repeats of about 40 ms and varies more from run to run."""
 
 
-def write_report(path, command, speed, memory, split_rows, cut_rows):
+def write_report(path, command, speed, memory, split_rows, cut_rows, split_floor=()):
     lines = ["# Benchmarks", "", f"Made by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
              f"Machine: {machine()}.", "",
              "Every figure is a ratio measured in the same run: medians of interleaved "
@@ -599,7 +637,7 @@ def write_report(path, command, speed, memory, split_rows, cut_rows):
                          f"{stage_sum / 2**20:.1f} MiB |")
         lines.append("")
     if split_rows:
-        lines += split_time_markdown(split_rows)
+        lines += split_time_markdown(split_rows, split_floor)
     if cut_rows:
         lines += ["## 5. The thread's answers as the cut grows (the demo's program, float32, "
                   "XLA)", "", CUT_SIZE_NOTE, "",
@@ -1423,6 +1461,7 @@ def main(argv=None) -> int:
     memory = figure_memory(["mlp"] if args.quick else ["mlp", "resnet50", "transformer"]) \
         if 3 in args.only else []
     split_rows = figure_split_time(args.quick) if 4 in args.only else []
+    split_floor = figure_split_floor(args.quick) if 4 in args.only else []
     cut_rows = []
     if 5 in args.only:
         sizes = [16, 256, 1024] if args.quick else [16, 64, 256, 1024, 4096, 16384, 65536]
@@ -1434,7 +1473,7 @@ def main(argv=None) -> int:
         plot_cut_size(cut_rows, ROOT / "docs" / "bench_cut_size.png")
     out = Path(args.out)
     previous = out.read_text() if out.exists() else None
-    write_report(out, command.strip(), speed, memory, split_rows, cut_rows)
+    write_report(out, command.strip(), speed, memory, split_rows, cut_rows, split_floor)
     if 6 in args.only:
         with open(out, "a") as f:
             f.write(figure_cluster(args.quick, repeats))

@@ -140,3 +140,21 @@ def test_section_11_times_the_stages_as_plain_programs_and_writes_its_tables(tmp
     assert "| programs called | 1 | 8 |" in text and "| one program | 1 |" in text
     assert "took 1.00x the one program's" in text and "1.00 ms more per step" in text
     assert "| stage forwards | 1 | 6 | 1 | 1 | 1 |" in text
+
+
+def test_section_4s_floor_exports_and_imports_in_plain_tensorflow():
+    """``tools/split_floor.py`` on a small chain: every part measured, the imported loss's
+    gradients built (it checks a variable got one), the table written; and it never imports
+    this package (its floor holds for any design that exports and imports back)."""
+    spec = importlib.util.spec_from_file_location("split_floor",
+                                                  ROOT / "tools" / "split_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    assert "gradsplit_compiler" not in (ROOT / "tools" / "split_floor.py").read_text() \
+        .split('"""', 2)[2]
+    row = floor.measure(lambda: floor.chain(6), rounds=1)
+    assert row["name"] == "chain of 6 layers"
+    assert all(row[p] > 0 for p in ("step", *floor.PARTS))
+    assert abs(row["floor"] - sum(row[p] for p in floor.PARTS)) < 1e-12
+    text = "\n".join(_bench().split_time_markdown([], [row]))
+    assert "| chain of 6 layers |" in text and "tools/split_floor.py" in text
