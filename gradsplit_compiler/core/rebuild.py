@@ -2,7 +2,9 @@
 function (its vector-Jacobian product) that consumes them.
 
 How (the residuals cut): the stage's ops are imported into a scratch trace
-together with ``tf.gradients(outputs, inputs + variables, grad_ys=cotangents)``. That
+together with their vector-Jacobian product, what ``tf.gradients(outputs, inputs +
+variables, grad_ys=cotangents)`` gives, built by a ``tf.GradientTape`` the imported ops are
+recorded on (``_tf_internal.vjp_on_tape``; by ``tf.gradients`` itself where only it can). That
 graph is then cut a second time: ops that depend on the cotangents are backward; the rest
 are forward, and the forward tensors the backward reads are the residuals. Two exceptions
 keep every piece compilable and small: constants and shape arithmetic (``Shape``, ``Size``,
@@ -214,7 +216,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     so that gradient construction sees the branches with the shapes they are called with.
 
     The steps, each a function below: ``_stage_piece`` (the stage's GraphDef),
-    ``_trace_with_gradients`` (one trace of the stage and ``tf.gradients``),
+    ``_trace_with_gradients`` (one trace of the stage and its gradient),
     ``_cut_traced`` (forward, backward and residuals of that trace), ``_residuals`` (their
     order, loop accumulators, specs), ``_gradient_sources`` (where each gradient comes
     from), ``_capture_keys`` (variables and other captures of the pieces) and
@@ -295,8 +297,9 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
                           input_specs: list[tf.TensorSpec], output_specs: list[tf.TensorSpec],
                           diff_outputs: list[int], diff_inputs: list[int]) -> _Trace:
     """Trace the stage's ops and ``tf.gradients(outputs, inputs + variables, cotangents)``
-    in one function, as XLA traces (cond intermediates stay plain tensors, not Optionals,
-    and loop accumulators get a fixed size, so every piece compiles on its own); without
+    (built on a tape, ``_tf_internal.vjp_on_tape``) in one function, as XLA traces (cond
+    intermediates stay plain tensors, not Optionals, and loop accumulators get a fixed size,
+    so every piece compiles on its own); without
     XLA's rules when a loop has no ``maximum_iterations`` (the stage is then not
     ``xla_compatible``)."""
     stage_variables = set(plan.variable_indices)
@@ -336,9 +339,12 @@ def _trace_with_gradients(program: Program, plan: StagePlan, stage_gd: graph_pb2
             try:
                 with custom_gradients.names_in_trace(input_map), \
                         phase(f"stage {plan.index}: gradients"):
-                    # As a tape would: no gradient for inputs no x flows into.
-                    _tf_internal.skip_underived_inputs(xs)
-                    grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
+                    # Built by a tape, as the training step's trace builds it (a
+                    # quarter less than tf.gradients spends on the same gradient
+                    # functions); tf.gradients where only it can (TF1 loops, calls).
+                    grads = _tf_internal.vjp_on_tape(ys, xs, list(cots), name="gsc.vjp")
+                    if grads is None:
+                        grads = tf.gradients(ys, xs, grad_ys=list(cots), name="gsc.vjp")
             except LookupError as exc:
                 raise GradSplitError(
                     f"stage {plan.index} has an op TensorFlow cannot differentiate: {exc}. "

@@ -339,3 +339,58 @@ def test_skip_underived_inputs_tells_what_no_x_flows_into_and_keeps_the_gradient
             graph_def, input_map={"x:0": x}, return_elements=[g.name])[0],
         [tf.TensorSpec([4, 3], tf.float64)])(x)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=0)
+
+
+def test_vjp_on_tape_gives_the_tape_gradient_through_loops_conds_and_custom_gradients():
+    """Recorded after the fact on a tape, ops already in the graph (a variable read, a
+    ``while_loop`` and a ``cond``, a ``tf.custom_gradient``, a stopped mean, an integer
+    shape) give what ``tf.GradientTape`` gives around the function, for a cotangent of
+    each output; a ``tf.function`` called between is left to ``tf.gradients`` (``None``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x0, c0 = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    w0 = rng.standard_normal((3, 3))
+    d0 = rng.standard_normal(())
+    w = tf.Variable(w0)
+
+    @tf.custom_gradient
+    def clipped(t):
+        return tf.identity(t), lambda dy: tf.clip_by_value(dy, -0.5, 0.5)
+
+    def f(x):
+        h = tf.tanh(x @ w)
+        h = tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, tf.sin(h) * 1.5),
+                          (tf.constant(0), h), maximum_iterations=3)[1]
+        h = tf.cond(tf.reduce_sum(h) > 0, lambda: h * h, lambda: h - 1.0)
+        mean = tf.stop_gradient(tf.reduce_mean(h, axis=0))
+        h = clipped(h - mean) * tf.cast(tf.shape(h)[0], tf.float64)
+        return h, tf.reduce_sum(h * x)
+
+    x, c, d = tf.constant(x0), tf.constant(c0), tf.constant(d0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        ys = f(x)
+    expected = tape.gradient(ys, [x, w], output_gradients=[c, d])
+
+    @tf.function(jit_compile=True, autograph=False)
+    def on_tape(x, c, d):
+        ys = f(x)
+        handle = _tf_internal.capture_in_current_graph(w.handle)
+        grads = _tf_internal.vjp_on_tape(list(ys), [x, handle], [c, d], name="vjp")
+        return [tf.convert_to_tensor(g) for g in grads]
+
+    got = on_tape(x, c, d)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-12, atol=1e-15)
+
+    inner = tf.function(lambda t: tf.tanh(t) * 2.0)
+
+    @tf.function(autograph=False)
+    def with_a_call(x, c):
+        y = inner(x)
+        assert _tf_internal.vjp_on_tape([y], [x], [c], name="vjp") is None
+        return tf.gradients(y, x, grad_ys=c)[0]
+
+    np.testing.assert_allclose(with_a_call(x, c).numpy(),
+                               (2.0 * c0 * (1 - np.tanh(x0) ** 2)), rtol=1e-12)
