@@ -139,9 +139,11 @@ def check_program(program: Program) -> list[str]:
     """The IR's invariants; returns a list of violations (empty when the graph is sound)."""
     g = program.graph
     problems: list[str] = []
-    if not nx.is_directed_acyclic_graph(g):
+    pred = ir.predecessor_edges(g)
+    succ = ir.successor_edges(g)
+    if not _acyclic(pred, succ):
         problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
-    for node, preds in ir.predecessor_edges(g).items():
+    for node, preds in pred.items():
         indices = sorted(a["dst_input"] for keyed in preds.values() for a in keyed.values()
                          if not a["control"])
         if indices != list(range(len(indices))):
@@ -153,14 +155,36 @@ def check_program(program: Program) -> list[str]:
         for name in cut:
             if name.rpartition(":")[0] not in g:
                 problems.append(f"cut tensor {name!r} has no producer in the graph")
-    stage = nx.get_node_attributes(g, "stage")
-    if stage:
-        for u, v, a in g.edges(data=True):
-            su, sv = stage.get(u), stage.get(v)
-            if a["control"] or su is None or sv is None:
+    attrs = ir.node_attributes(g)
+    if any("stage" in a for a in attrs.values()):
+        for u, consumers in succ.items():
+            su = attrs[u].get("stage")
+            if su is None or attrs[u].get("replicated"):
                 continue
-            if su > sv and not g.nodes[u].get("replicated"):
-                problems.append(
-                    f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs backwards"
-                )
+            for v, keyed in consumers.items():
+                sv = attrs[v].get("stage")
+                if sv is None or su <= sv:
+                    continue
+                for a in keyed.values():
+                    if not a["control"]:
+                        problems.append(
+                            f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs "
+                            "backwards"
+                        )
     return problems
+
+
+def _acyclic(pred: dict, succ: dict) -> bool:
+    """Whether the graph of ``pred``/``succ`` (``ir.predecessor_edges``/``successor_edges``)
+    has no cycle: Kahn's topological sort over plain dicts (networkx's walks every node
+    through its views, which costs more than the sort)."""
+    waiting = {node: len(preds) for node, preds in pred.items()}
+    ready = [node for node, count in waiting.items() if not count]
+    done = 0
+    while ready:
+        done += 1
+        for other in succ[ready.pop()]:
+            waiting[other] -= 1
+            if not waiting[other]:
+                ready.append(other)
+    return done == len(waiting)
