@@ -139,11 +139,9 @@ def check_program(program: Program) -> list[str]:
     """The IR's invariants; returns a list of violations (empty when the graph is sound)."""
     g = program.graph
     problems: list[str] = []
-    pred = ir.predecessor_edges(g)
-    succ = ir.successor_edges(g)
-    if not _acyclic(pred, succ):
+    if ir.topological_order(g) is None:
         problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
-    for node, preds in pred.items():
+    for node, preds in ir.predecessor_edges(g).items():
         indices = sorted(a["dst_input"] for keyed in preds.values() for a in keyed.values()
                          if not a["control"])
         if indices != list(range(len(indices))):
@@ -157,7 +155,7 @@ def check_program(program: Program) -> list[str]:
                 problems.append(f"cut tensor {name!r} has no producer in the graph")
     attrs = ir.node_attributes(g)
     if any("stage" in a for a in attrs.values()):
-        for u, consumers in succ.items():
+        for u, consumers in ir.successor_edges(g).items():
             su = attrs[u].get("stage")
             if su is None or attrs[u].get("replicated"):
                 continue
@@ -172,19 +170,3 @@ def check_program(program: Program) -> list[str]:
                             "backwards"
                         )
     return problems
-
-
-def _acyclic(pred: dict, succ: dict) -> bool:
-    """Whether the graph of ``pred``/``succ`` (``ir.predecessor_edges``/``successor_edges``)
-    has no cycle: Kahn's topological sort over plain dicts (networkx's walks every node
-    through its views, which costs more than the sort)."""
-    waiting = {node: len(preds) for node, preds in pred.items()}
-    ready = [node for node, count in waiting.items() if not count]
-    done = 0
-    while ready:
-        done += 1
-        for other in succ[ready.pop()]:
-            waiting[other] -= 1
-            if not waiting[other]:
-                ready.append(other)
-    return done == len(waiting)

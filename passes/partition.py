@@ -77,7 +77,9 @@ def partition(program: Program) -> Program:
             stage[node] = k
     main = ir.ancestors(g, {ir.parse_tensor_name(t)[0] for t in program.output_names},
                         data_only=True)
-    order = list(nx.topological_sort(g))
+    order = ir.topological_order(g)
+    if order is None:
+        order = list(nx.topological_sort(g))  # raises networkx's error naming the cycle
     side_only = []
     for node in order:
         if node not in live or stage[node] is not None:

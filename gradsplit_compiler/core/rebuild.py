@@ -269,8 +269,10 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
                                       diff_outputs, diff_inputs)
     with phase(stage + "convert"):
         traced_gd = trace.graph.as_graph_def()
-        h = ir.to_networkx(traced_gd, trace.graph)
-        pieces = _TracedPieces(h, traced_gd)
+        whole = graph_pb2.GraphDef()
+        whole.CopyFrom(traced_gd)  # one copy of the message, not one per node
+        h = ir.to_networkx(traced_gd, trace.graph, consume=True)
+        pieces = _TracedPieces(h, whole)
     with phase(stage + "cut"):
         lists = _ListAccumulators(h, trace.graph)
         cut = _cut_traced(program, plan, stage_gd, trace, h, lists)

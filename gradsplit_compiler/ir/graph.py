@@ -257,6 +257,25 @@ def predecessor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
     return dict(graph.reverse(copy=False).adjacency())
 
 
+def topological_order(graph: nx.MultiDiGraph) -> list[str] | None:
+    """The nodes, each after every node it depends on, or ``None`` when ``graph`` has a
+    cycle: ``networkx.topological_sort``'s answer (not necessarily its order), computed
+    over ``predecessor_edges``/``successor_edges`` in a fraction of its time (it walks
+    networkx's views node by node)."""
+    succ = successor_edges(graph)
+    waiting = {node: len(preds) for node, preds in predecessor_edges(graph).items()}
+    ready = [node for node, count in waiting.items() if not count]
+    order = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for other in succ[node]:
+            waiting[other] -= 1
+            if not waiting[other]:
+                ready.append(other)
+    return order if len(order) == len(waiting) else None
+
+
 # Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
 CONTROL_FLOW_OPS = ("If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase")
 
