@@ -139,7 +139,7 @@ def check_program(program: Program) -> list[str]:
     """The IR's invariants; returns a list of violations (empty when the graph is sound)."""
     g = program.graph
     problems: list[str] = []
-    if not nx.is_directed_acyclic_graph(g):
+    if ir.topological_order(g) is None:
         problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
     for node, preds in ir.predecessor_edges(g).items():
         indices = sorted(a["dst_input"] for keyed in preds.values() for a in keyed.values()
@@ -153,14 +153,20 @@ def check_program(program: Program) -> list[str]:
         for name in cut:
             if name.rpartition(":")[0] not in g:
                 problems.append(f"cut tensor {name!r} has no producer in the graph")
-    stage = nx.get_node_attributes(g, "stage")
-    if stage:
-        for u, v, a in g.edges(data=True):
-            su, sv = stage.get(u), stage.get(v)
-            if a["control"] or su is None or sv is None:
+    attrs = ir.node_attributes(g)
+    if any("stage" in a for a in attrs.values()):
+        for u, consumers in ir.successor_edges(g).items():
+            su = attrs[u].get("stage")
+            if su is None or attrs[u].get("replicated"):
                 continue
-            if su > sv and not g.nodes[u].get("replicated"):
-                problems.append(
-                    f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs backwards"
-                )
+            for v, keyed in consumers.items():
+                sv = attrs[v].get("stage")
+                if sv is None or su <= sv:
+                    continue
+                for a in keyed.values():
+                    if not a["control"]:
+                        problems.append(
+                            f"data edge {u!r} (stage {su}) -> {v!r} (stage {sv}) runs "
+                            "backwards"
+                        )
     return problems

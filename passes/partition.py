@@ -77,7 +77,9 @@ def partition(program: Program) -> Program:
             stage[node] = k
     main = ir.ancestors(g, {ir.parse_tensor_name(t)[0] for t in program.output_names},
                         data_only=True)
-    order = list(nx.topological_sort(g))
+    order = ir.topological_order(g)
+    if order is None:
+        order = list(nx.topological_sort(g))  # raises networkx's error naming the cycle
     side_only = []
     for node in order:
         if node not in live or stage[node] is not None:
@@ -158,41 +160,52 @@ def _check_order(program: Program, producers, needed) -> None:
                 )
 
 
-def _replicable(program: Program, node: str, written: set[str]) -> bool:
-    g = program.graph
-    op = g.nodes[node]["op"]
-    data_preds = [u for u, _, a in g.in_edges(node, data=True) if not a["control"]]
+def _replicable(program: Program, node: str, written: set[str], attrs: dict,
+                pred: dict) -> bool:
+    """Whether ``node`` may be copied into every stage that reads it: a constant, or a read
+    of a variable nobody writes (``attrs``, ``pred``: ``ir.node_attributes``,
+    ``ir.predecessor_edges`` of the graph)."""
+    op = attrs[node]["op"]
+    if op != "Const" and op != "ReadVariableOp":
+        return False
+    data_preds = [u for u, keyed in pred[node].items() for a in keyed.values()
+                  if not a["control"]]
     if op == "Const":
         return not data_preds
-    if op == "ReadVariableOp":
-        return len(data_preds) == 1 and data_preds[0] in program.variable_placeholders and (
-            data_preds[0] not in written
-        )
-    return False
+    return len(data_preds) == 1 and data_preds[0] in program.variable_placeholders and (
+        data_preds[0] not in written
+    )
 
 
 def _replicate(program: Program, stage: dict) -> None:
     g = program.graph
     written = program.written_resources()
-    for node in g.nodes:
+    attrs = ir.node_attributes(g)
+    pred, succ = ir.predecessor_edges(g), ir.successor_edges(g)
+    replicated, stages = {}, {}
+    for node in attrs:
         own = stage.get(node)
         if own is None:
             continue
         copies = {own}
-        if _replicable(program, node, written):
-            users = {stage[v] for _, v, a in g.out_edges(node, data=True) if not a["control"]}
+        if _replicable(program, node, written, attrs, pred):
+            out = [(v, a) for v, keyed in succ[node].items() for a in keyed.values()]
+            users = {stage[v] for v, a in out if not a["control"]}
             users.discard(None)
-            has_control_users = any(a["control"] for _, _, a in g.out_edges(node, data=True))
+            has_control_users = any(a["control"] for _, a in out)
             copies = users | ({own} if has_control_users or not users else set())
-            g.nodes[node]["replicated"] = len(copies) > 1 or copies != {own}
-        g.nodes[node]["stages"] = sorted(copies)
+            replicated[node] = len(copies) > 1 or copies != {own}
+        stages[node] = sorted(copies)
+    nx.set_node_attributes(g, replicated, "replicated")
+    nx.set_node_attributes(g, stages, "stages")
 
 
 def _check_not_empty(program: Program, stage: dict, num_stages: int) -> None:
     g = program.graph
     busy = [False] * num_stages
+    attrs = ir.node_attributes(g)
     for node, k in stage.items():
-        if k is not None and g.nodes[node]["op"] not in TRIVIAL_OPS:
+        if k is not None and attrs[node]["op"] not in TRIVIAL_OPS:
             busy[k] = True
     for k, is_busy in enumerate(busy):
         if is_busy:
@@ -216,21 +229,26 @@ def _plan(program: Program, k: int, nodes: list[str]) -> StagePlan:
     """Stage ``k``'s plan; ``nodes`` are its ops (those whose ``stages`` hold ``k``), in
     graph order."""
     g = program.graph
+    attrs = ir.node_attributes(g)
+    pred, succ = ir.predecessor_edges(g), ir.successor_edges(g)
     members = set(nodes)
-    inputs: dict[str, None] = {}  # ordered sets
+    inputs: dict[str, None] = {}  # ordered sets (sorted below)
     variable_indices: set[int] = set()
     captures: set[str] = set()
     for node in nodes:
-        for src, src_output in ir.data_inputs(g, node):
+        for src, keyed in pred[node].items():
             if src in members:
                 continue
-            if src in program.variable_placeholders:
-                variable_indices.add(program.variable_placeholders[src])
-            elif src in program.other_captures:
-                captures.add(src)
-            else:
-                inputs[ir.tensor_name(src, src_output)] = None
-    order = {n: i for i, n in enumerate(g.nodes)}
+            for a in keyed.values():
+                if a["control"]:
+                    continue
+                if src in program.variable_placeholders:
+                    variable_indices.add(program.variable_placeholders[src])
+                elif src in program.other_captures:
+                    captures.add(src)
+                else:
+                    inputs[ir.tensor_name(src, a["src_output"])] = None
+    order = {n: i for i, n in enumerate(attrs)}
 
     def in_graph_order(names) -> list[str]:
         return sorted(names, key=lambda t: (order[ir.parse_tensor_name(t)[0]],
@@ -239,12 +257,17 @@ def _plan(program: Program, k: int, nodes: list[str]) -> StagePlan:
     outputs: dict[str, None] = {}
     wanted = set(program.output_names)
     for node in nodes:
-        if g.nodes[node].get("stage") != k:
+        node_attrs = attrs[node]
+        if node_attrs.get("stage") != k:
             continue
-        for dst, src_output, _ in sorted(ir.data_consumers(g, node), key=lambda c: c[1]):
-            if k not in g.nodes[dst].get("stages", ()) and g.nodes[dst].get("stage") is not None:
-                outputs[ir.tensor_name(node, src_output)] = None
-        n_out = len(g.nodes[node].get("outputs") or []) or 1
+        for dst, keyed in succ[node].items():
+            dst_attrs = attrs[dst]
+            if k in dst_attrs.get("stages", ()) or dst_attrs.get("stage") is None:
+                continue
+            for a in keyed.values():
+                if not a["control"]:
+                    outputs[ir.tensor_name(node, a["src_output"])] = None
+        n_out = len(node_attrs.get("outputs") or []) or 1
         for i in range(n_out):
             name = ir.tensor_name(node, i)
             if name in wanted:
@@ -261,13 +284,13 @@ def _plan(program: Program, k: int, nodes: list[str]) -> StagePlan:
 
 
 def _boundaries(program: Program, num_stages: int) -> list[list[str]]:
-    g = program.graph
+    attrs = ir.node_attributes(program.graph)
     boundaries = []
     for cut in range(num_stages - 1):
         crossing: dict[str, None] = {}  # an ordered set
         for plan in program.stages[cut + 1:]:
             for name in plan.inputs:
-                producer_stage = g.nodes[ir.parse_tensor_name(name)[0]].get("stage")
+                producer_stage = attrs[ir.parse_tensor_name(name)[0]].get("stage")
                 if producer_stage is None or producer_stage <= cut:
                     crossing[name] = None
         boundaries.append(list(crossing))
@@ -285,7 +308,9 @@ def check(program: Program) -> list[str]:
     written = program.written_resources()
     members: list[set[str]] = [set() for _ in range(last + 1)]
     busy = [False] * (last + 1)
-    for node, attrs in g.nodes(data=True):
+    nodes = ir.node_attributes(g)
+    pred, succ = ir.predecessor_edges(g), ir.successor_edges(g)
+    for node, attrs in nodes.items():
         own = attrs.get("stage")
         if node not in live:
             if own is not None:
@@ -300,7 +325,7 @@ def check(program: Program) -> list[str]:
             continue
         copies = attrs.get("stages")
         if attrs.get("replicated"):
-            if not _replicable(program, node, written):
+            if not _replicable(program, node, written, nodes, pred):
                 problems.append(
                     f"node {node!r} ({attrs['op']}) runs in stages {copies!r}, but only "
                     "constants and reads of unwritten variables may be copied"
@@ -315,8 +340,8 @@ def check(program: Program) -> list[str]:
                 problems.append(f"node {node!r} runs in stage {k!r}, not one of 0..{last}")
         if attrs["op"] not in TRIVIAL_OPS:
             busy[own] = True
-    nodes = g.nodes
-    for u, v, a in g.edges(data=True):
+    for u, v, a in ((u, v, a) for u, consumers in succ.items()
+                    for v, keyed in consumers.items() for a in keyed.values()):
         if a["control"]:
             continue
         su, sv = nodes[u].get("stage"), nodes[v].get("stage")

@@ -75,24 +75,28 @@ def check(program: Program) -> list[str]:
     g = program.graph
     problems = []
     listed: dict[str, int] = {}
-    for node, attrs in g.nodes(data=True):
+    dtype_type, shape_type = tf.DType, tf.TensorShape
+    for node, attrs in ir.node_attributes(g).items():
         outputs = attrs.get("outputs")
         if not isinstance(outputs, list):
             problems.append(f"node {node!r} has no outputs list (dtypes and shapes)")
             continue
         listed[node] = len(outputs)
-        for i, entry in enumerate(outputs):
-            dtype, shape = entry
-            if not isinstance(dtype, tf.DType):
+        for i, (dtype, shape) in enumerate(outputs):
+            if not isinstance(dtype, dtype_type):
                 problems.append(f"output {i} of node {node!r} has no known dtype ({dtype!r})")
-            if not isinstance(shape, tf.TensorShape):
+            if not isinstance(shape, shape_type):
                 problems.append(f"output {i} of node {node!r} has no TensorShape ({shape!r})")
-    for src, dst, a in g.edges(data=True):
-        if not a["control"] and src in listed and a["src_output"] >= listed[src]:
-            problems.append(
-                f"node {dst!r} reads output {a['src_output']} of node {src!r}, which lists "
-                f"{listed[src]} outputs"
-            )
+    for src, consumers in ir.successor_edges(g).items():
+        if src not in listed:
+            continue
+        for dst, keyed in consumers.items():
+            for a in keyed.values():
+                if not a["control"] and a["src_output"] >= listed[src]:
+                    problems.append(
+                        f"node {dst!r} reads output {a['src_output']} of node {src!r}, which "
+                        f"lists {listed[src]} outputs"
+                    )
     return problems
 
 

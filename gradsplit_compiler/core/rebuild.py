@@ -78,18 +78,55 @@ def _piece_graph_def(g: nx.MultiDiGraph, nodes: list[str]) -> graph_pb2.GraphDef
         nd.input.extend(inp for inp in ir.inputs_from_edges(pred[name].items())
                         # a control input from outside: ordered by the stage order already
                         if not (inp.startswith("^") and inp[1:] not in members))
-        if "_class" in nd.attr:
-            keep = [
-                s for s in nd.attr["_class"].list.s
-                if s.decode().removeprefix("loc:@") in members
-            ]
-            if keep:
-                del nd.attr["_class"].list.s[:]
-                nd.attr["_class"].list.s.extend(keep)
-            else:
-                del nd.attr["_class"]
+        _keep_colocation_within(nd, members)
     _copy_used_functions(g.graph["library"], gd)
     return gd
+
+
+def _keep_colocation_within(nd, members: set[str]) -> None:
+    """Drop from ``nd``'s ``_class`` (colocation) the ops that are not ``members``."""
+    if "_class" in nd.attr:
+        listed = nd.attr["_class"].list.s
+        keep = [s for s in listed if s.decode().removeprefix("loc:@") in members]
+        if not keep:
+            del nd.attr["_class"]
+        elif len(keep) != len(listed):
+            del listed[:]
+            listed.extend(keep)
+
+
+class _TracedPieces:
+    """Pieces (GraphDefs of some of its ops) of a traced graph exported whole: each op's
+    ``NodeDef`` is taken as exported, inputs included, in one ``extend`` per piece; only
+    the ops with control inputs or colocations are edited (``_piece_graph_def`` does the
+    same from the IR, rebuilding every op's inputs from its edges)."""
+
+    def __init__(self, h: nx.MultiDiGraph, graph_def: graph_pb2.GraphDef):
+        self.h = h
+        self.node_defs = {nd.name: nd for nd in graph_def.node}
+        self.edited = {name for name, nd in self.node_defs.items()
+                       if "_class" in nd.attr or (nd.input and nd.input[-1].startswith("^"))}
+
+    def __call__(self, nodes: list[str]) -> graph_pb2.GraphDef:
+        members = set(nodes)
+        gd = graph_pb2.GraphDef()
+        gd.versions.CopyFrom(self.h.graph["versions"])
+        node_defs = self.node_defs
+        gd.node.extend([node_defs[name] for name in nodes])
+        for i, name in enumerate(nodes):
+            if name not in self.edited:
+                continue
+            nd = gd.node[i]
+            if nd.input and nd.input[-1].startswith("^"):
+                # a control input from outside: ordered by the stage order already
+                kept = [inp for inp in nd.input
+                        if not (inp.startswith("^") and inp[1:] not in members)]
+                if len(kept) != len(nd.input):
+                    del nd.input[:]
+                    nd.input.extend(kept)
+            _keep_colocation_within(nd, members)
+        _copy_used_functions(self.h.graph["library"], gd)
+        return gd
 
 
 def _copy_used_functions(library, gd: graph_pb2.GraphDef) -> None:
@@ -233,7 +270,11 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         trace = _trace_with_gradients(program, plan, stage_gd, input_specs, output_specs,
                                       diff_outputs, diff_inputs)
     with phase(stage + "convert"):
-        h = ir.to_networkx(trace.graph.as_graph_def(), trace.graph, consume=True)
+        traced_gd = trace.graph.as_graph_def()
+        whole = graph_pb2.GraphDef()
+        whole.CopyFrom(traced_gd)  # one copy of the message, not one per node
+        h = ir.to_networkx(traced_gd, trace.graph, consume=True)
+        pieces = _TracedPieces(h, whole)
     with phase(stage + "cut"):
         lists = _ListAccumulators(h, trace.graph)
         cut = _cut_traced(program, plan, stage_gd, trace, h, lists)
@@ -246,10 +287,10 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     with phase(stage + "split backward"):
         split_backward = _split_backward(h, trace, cut.backward, residual_names,
                                          list_residuals, input_gradients, variable_gradients,
-                                         diff_outputs)
+                                         diff_outputs, pieces)
     with phase(stage + "pieces"):
-        forward_graph_def = _piece_graph_def(h, cut.forward)
-        backward_graph_def = _piece_graph_def(h, cut.backward)
+        forward_graph_def = pieces(cut.forward)
+        backward_graph_def = pieces(cut.backward)
     return StageVJP(
         split_backward=split_backward,
         xla_compatible=trace.xla_compatible,
@@ -525,7 +566,7 @@ def _gradient_sources(plan: StagePlan, trace: _Trace, residual_names: list[str],
 def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
                     residual_names: list[str], list_residuals: dict[int, ListResidual],
                     input_gradients: list, variable_gradients: list,
-                    diff_outputs: list[int]) -> SplitBackward:
+                    diff_outputs: list[int], pieces: _TracedPieces) -> SplitBackward:
     """The fused backward cut into B (what the input cotangents need) and W (the rest of
     what the variable gradients need); see ``SplitBackward``."""
     backward = set(backward_ops)
@@ -563,8 +604,11 @@ def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
         else:
             add(("residual", residual_index[name]), name)
 
+    pred = ir.predecessor_edges(h)
     for node in sorted(w_ops, key=order.__getitem__):
-        for src, index in ir.data_inputs(h, node):
+        edges = sorted((a["dst_input"], src, a["src_output"]) for src, keyed in pred[node].items()
+                       for a in keyed.values() if not a["control"])
+        for _, src, index in edges:
             read(ir.tensor_name(src, index))
     for source in variable_gradients:  # a gradient W only passes on
         if isinstance(source, str):
@@ -588,8 +632,8 @@ def _split_backward(h: nx.MultiDiGraph, trace: _Trace, backward_ops: list[str],
             shape = tf.TensorShape([None] * shape.rank)  # as for residuals: rank only
         carried_specs.append(tf.TensorSpec(shape, t.dtype))
     return SplitBackward(
-        input_graph_def=_piece_graph_def(h, sorted(b_ops, key=order.__getitem__)),
-        weight_graph_def=_piece_graph_def(h, sorted(w_ops, key=order.__getitem__)),
+        input_graph_def=pieces(sorted(b_ops, key=order.__getitem__)),
+        weight_graph_def=pieces(sorted(w_ops, key=order.__getitem__)),
         carried_names=carried, carried_specs=carried_specs, weight_inputs=weight_inputs,
         weight_keys=weight_keys)
 

@@ -34,6 +34,7 @@ GRAPH_NAMES = (
     "predecessor_edges",
     "successor_edges",
     "to_networkx",
+    "topological_order",
 )
 __all__ = ["parse_tensor_name", "tensor_name", *GRAPH_NAMES]
 _GRAPH = frozenset(GRAPH_NAMES)

@@ -39,7 +39,7 @@ from typing import Any
 import networkx as nx
 import tensorflow as tf
 
-from gradsplit_compiler.ir.graph import parse_tensor_name
+from gradsplit_compiler.ir.graph import node_attributes, parse_tensor_name, successor_edges
 
 __all__ = ["READ_ONLY_RESOURCE_OPS", "Program", "StagePlan"]
 
@@ -136,14 +136,11 @@ class Program:
 
     def written_resources(self) -> set[str]:
         """Placeholder op names of the resources some op of the program writes."""
-        written = set()
-        for ph in list(self.variable_placeholders) + list(self.other_captures):
-            if ph not in self.graph:
-                continue
-            for _, dst in self.graph.out_edges(ph):
-                if self.graph.nodes[dst]["op"] not in READ_ONLY_RESOURCE_OPS:
-                    written.add(ph)
-        return written
+        attrs = node_attributes(self.graph)
+        succ = successor_edges(self.graph)
+        return {ph for ph in list(self.variable_placeholders) + list(self.other_captures)
+                if ph in succ
+                and any(attrs[dst]["op"] not in READ_ONLY_RESOURCE_OPS for dst in succ[ph])}
 
     def written_variables(self) -> list[int]:
         written = self.written_resources()

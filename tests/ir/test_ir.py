@@ -1,5 +1,6 @@
 """The networkx IR: lossless both ways, parallel edges and control edges kept."""
 
+import pytest
 import tensorflow as tf
 
 import gradsplit_compiler as gsc
@@ -49,3 +50,40 @@ def test_multi_source_ancestors_match_networkx():
     sinks = [n for n in g if g.out_degree(n) == 0]
     expected = set(sinks).union(*(nx.ancestors(g, s) for s in sinks))
     assert ir.ancestors(g, sinks) == expected
+
+
+def test_reach_within_and_data_only_match_networkx():
+    import networkx as nx
+
+    g = gsc.to_networkx(_graph_def())
+    sinks = [n for n in g if g.out_degree(n) == 0]
+    sources = [n for n in g if g.in_degree(n) == 0]
+    data = nx.subgraph_view(g, filter_edge=lambda u, v, k: not g.edges[u, v, k]["control"])
+    assert ir.ancestors(g, sinks, data_only=True) == set(sinks).union(
+        *(nx.ancestors(data, s) for s in sinks))
+    assert ir.descendants(g, sources) == set(sources).union(
+        *(nx.descendants(g, s) for s in sources))
+    within = {n for n in g if g.nodes[n]["op"] != "Split"}
+    inside = g.subgraph(within)
+    assert ir.descendants(g, sources, within=within) == {
+        s for s in sources if s in within}.union(
+        *(nx.descendants(inside, s) for s in sources if s in within))
+    assert "split" not in ir.descendants(g, sources, within=within)
+
+
+def test_topological_order_puts_every_node_after_its_inputs_and_finds_cycles():
+    g = gsc.to_networkx(_graph_def())
+    order = ir.topological_order(g)
+    position = {n: i for i, n in enumerate(order)}
+    assert sorted(order) == sorted(g)
+    assert all(position[u] < position[v] for u, v in g.edges())
+    mul = next(n for n in g if g.nodes[n]["op"] == "Mul")
+    ir.add_control_edge(g, mul, "split")
+    assert ir.topological_order(g) is None
+
+
+def test_a_dangling_input_is_named():
+    gd = _graph_def()
+    gd.node[-1].input.append("nowhere:1")
+    with pytest.raises(ValueError, match=r"reads 'nowhere:1', which is not a node"):
+        gsc.to_networkx(gd)
