@@ -258,22 +258,13 @@ def predecessor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
 
 
 def topological_order(graph: nx.MultiDiGraph) -> list[str] | None:
-    """The nodes, each after every node it depends on, or ``None`` when ``graph`` has a
-    cycle: ``networkx.topological_sort``'s answer (not necessarily its order), computed
-    over ``predecessor_edges``/``successor_edges`` in a fraction of its time (it walks
-    networkx's views node by node)."""
-    succ = successor_edges(graph)
-    waiting = {node: len(preds) for node, preds in predecessor_edges(graph).items()}
-    ready = [node for node, count in waiting.items() if not count]
-    order = []
-    while ready:
-        node = ready.pop()
-        order.append(node)
-        for other in succ[node]:
-            waiting[other] -= 1
-            if not waiting[other]:
-                ready.append(other)
-    return order if len(order) == len(waiting) else None
+    """The nodes, each after every node it depends on (``networkx.topological_sort``), or
+    ``None`` when ``graph`` has a cycle: one walk answers both the IR check's cycle test
+    and partition's order."""
+    try:
+        return list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        return None
 
 
 # Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.
