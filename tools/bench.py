@@ -404,8 +404,11 @@ SPLIT_FLOOR_NOTE = """\
 `tools/split_floor.py` measures, in plain TensorFlow and in a process of its own, what any
 compiler that exports the trace and imports it back pays TensorFlow before doing anything of
 its own: the trace of `fn`, `as_graph_def`, `import_graph_def` of the whole program into a
-new graph, and `tf.gradients` of the loss there (what a split does per stage). Medians of 3
-interleaved rounds with the training step's trace."""
+new graph, and `tf.gradients` of the loss there. Medians of 3 interleaved rounds with the
+training step's trace. A split builds each stage's gradient on a `tf.GradientTape` the
+imported ops are recorded on (`_tf_internal.vjp_on_tape`), not with `tf.gradients`: the
+table shows why (the same gradient functions, a quarter more of TensorFlow's own work per op
+around them)."""
 
 
 def split_time_markdown(rows, floor=()) -> list[str]:

@@ -13,8 +13,8 @@ compiler (no networkx, no passes, no cutting), on the same programs as BENCHMARK
 - ``import``: ``tf.graph_util.import_graph_def`` of the whole GraphDef into a new function
   graph, arguments and variable handles mapped to placeholders of their own;
 - ``gradients``: ``tf.gradients`` of the imported loss with respect to the arguments and the
-  variable handles, in that graph (what ``split()`` does per stage, here for the whole
-  program at once).
+  variable handles, in that graph (the public way to build it; ``split()`` records the
+  imported ops on a ``tf.GradientTape`` instead, per stage, which costs less).
 
 It does not import gradsplit_compiler: the floor it shows holds for any design that exports
 the trace and imports it back. Run: ``python tools/split_floor.py [--quick] [--json]``.
