@@ -39,6 +39,7 @@ docs/bench_cut_size.png (figure 5).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import re
@@ -318,7 +319,8 @@ def figure_split_time(quick):
     its ``trace`` phase is TF's trace of ``fn``, the table's TF trace), and for the smallest
     program the first ``value_and_gradients`` call (trace of the composed program and XLA's
     compile). Rounds: the 100,000-node chain one (about 4 minutes on 2 cores), the others
-    two or three, so that the section stays under 6 minutes."""
+    two or three, so that the section stays under 6 minutes. Each timed side starts from a
+    collected heap and includes collecting its own garbage (``gc.collect()``)."""
     rows = []
     rng = np.random.default_rng(0)
     cases = [(chain(250, rng), 2 if quick else 3, True),
@@ -335,11 +337,19 @@ def figure_split_time(quick):
                     value = body(*a)
                 return tape.gradient(value, tape.watched_variables())
 
+            # Each side starts from a collected heap and pays for collecting its own
+            # garbage (what it keeps stays alive meanwhile): split() pauses the collector,
+            # so without this its garbage would be collected inside the next step's trace.
+            gc.collect()
             t = time.perf_counter()
-            tf.function(step).get_concrete_function(*sig)
+            concrete = tf.function(step).get_concrete_function(*sig)
+            gc.collect()
             step_times.append(time.perf_counter() - t)
+            del concrete
+            gc.collect()
             t = time.perf_counter()
             split = gsc.split(tf.function(body), sig, cuts)
+            gc.collect()
             splits.append((time.perf_counter() - t, split))
             del split
         splits.sort(key=lambda s: s[0])
@@ -379,7 +389,11 @@ traced). The split's `profile` holds these (`Split.profile`). The first
 is not part of `split()`; it is shown for the smallest program only (minutes for the
 larger ones). Medians (the lower of two) of 3 rounds (chain of 250 layers), 2 (ResNet50,
 chain of 1,000) and 1 (the 100,000-node chain of 25,000 layers, about 4 minutes), each
-round the step's trace then the split, so the section stays under 6 minutes."""
+round the step's trace then the split, so the section stays under 6 minutes. Each side
+starts from a collected heap and its time includes collecting its own garbage
+(`gc.collect()` after it): `split()` pauses Python's collector while it runs, and
+without this its garbage was collected inside the next measurement (the split's
+profile leaves that collection out: it comes after the last phase)."""
 
 
 def figure_split_floor(quick: bool) -> list[dict]:
@@ -404,11 +418,11 @@ SPLIT_FLOOR_NOTE = """\
 `tools/split_floor.py` measures, in plain TensorFlow and in a process of its own, what any
 compiler that exports the trace and imports it back pays TensorFlow before doing anything of
 its own: the trace of `fn`, `as_graph_def`, `import_graph_def` of the whole program into a
-new graph, and `tf.gradients` of the loss there. Medians of 3 interleaved rounds with the
-training step's trace. A split builds each stage's gradient on a `tf.GradientTape` the
-imported ops are recorded on (`_tf_internal.vjp_on_tape`), not with `tf.gradients`: the
-table shows why (the same gradient functions, a quarter more of TensorFlow's own work per op
-around them)."""
+new graph, `tf.gradients` of the loss there, and collecting the garbage of it all. Medians
+of 3 interleaved rounds with the training step's trace (which includes collecting its own).
+A split builds each stage's gradient on a `tf.GradientTape` the imported ops are recorded on
+(`_tf_internal.vjp_on_tape`), not with `tf.gradients`: the table shows why (the same
+gradient functions, a quarter more of TensorFlow's own work per op around them)."""
 
 
 def split_time_markdown(rows, floor=()) -> list[str]:
@@ -447,11 +461,13 @@ def split_time_markdown(rows, floor=()) -> list[str]:
     if floor:
         lines += ["The floor of exporting and importing back, in plain TensorFlow:", "",
                   "| program | TF trace of the training step | trace | export | import | "
-                  "tf.gradients | sum / step trace |", "|---|---|---|---|---|---|---|"]
+                  "tf.gradients | collect | sum / step trace |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in floor:
             lines.append(f"| {r['name']} | {r['step']:.2f} s | {r['trace']:.2f} s | "
                          f"{r['export']:.2f} s | {r['import']:.2f} s | "
-                         f"{r['gradients']:.2f} s | {r['floor'] / r['step']:.3f} |")
+                         f"{r['gradients']:.2f} s | {r['collect']:.2f} s | "
+                         f"{r['floor'] / r['step']:.3f} |")
         lines += ["", SPLIT_FLOOR_NOTE, ""]
     return lines
 

@@ -14,7 +14,9 @@ compiler (no networkx, no passes, no cutting), on the same programs as BENCHMARK
   graph, arguments and variable handles mapped to placeholders of their own;
 - ``gradients``: ``tf.gradients`` of the imported loss with respect to the arguments and the
   variable handles, in that graph (the public way to build it; ``split()`` records the
-  imported ops on a ``tf.GradientTape`` instead, per stage, which costs less).
+  imported ops on a ``tf.GradientTape`` instead, per stage, which costs less);
+- ``collect``: ``gc.collect()`` of what they left (each side starts from a collected heap
+  and pays for its own garbage).
 
 It does not import gradsplit_compiler: the floor it shows holds for any design that exports
 the trace and imports it back. Run: ``python tools/split_floor.py [--quick] [--json]``.
@@ -23,6 +25,7 @@ the trace and imports it back. Run: ``python tools/split_floor.py [--quick] [--j
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
-PARTS = ("trace", "export", "import", "gradients")
+PARTS = ("trace", "export", "import", "gradients", "collect")
 
 
 def resnet50(batch: int = 16):
@@ -67,19 +70,25 @@ def chain(layers: int, width: int = 16, batch: int = 8):
 
 
 def step_trace(loss, sig) -> float:
+    """From a collected heap, the training step's trace and the collection of its garbage."""
     def step(*args):
         with tf.GradientTape() as tape:
             value = loss(*args)
         return tape.gradient(value, tape.watched_variables())
 
+    gc.collect()
     t = time.perf_counter()
-    tf.function(step).get_concrete_function(*sig)
-    return time.perf_counter() - t
+    concrete = tf.function(step).get_concrete_function(*sig)
+    gc.collect()
+    seconds = time.perf_counter() - t
+    del concrete
+    return seconds
 
 
 def export_import(loss, sig) -> dict[str, float]:
     """The four parts of the data flow, in seconds."""
     times = {}
+    gc.collect()
     t = time.perf_counter()
     concrete = tf.function(loss).get_concrete_function(*sig)
     times["trace"] = time.perf_counter() - t
@@ -113,6 +122,9 @@ def export_import(loss, sig) -> dict[str, float]:
         t = time.perf_counter()
         grads = tf.gradients(value, args + placeholders)
         times["gradients"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gc.collect()  # the garbage of it all, as the step's side pays for its own
+    times["collect"] = time.perf_counter() - t
     # the variables the loss reads get gradients (a batch norm's moving statistics do not)
     assert any(g is not None for g in grads[len(args):]), "no variable got a gradient"
     return times
@@ -147,7 +159,8 @@ def main() -> None:
         rows.append(row)
         print(f"{row['name']}: step trace {row['step']:.2f} s; trace {row['trace']:.2f}, "
               f"export {row['export']:.2f}, import {row['import']:.2f}, gradients "
-              f"{row['gradients']:.2f}: {row['floor'] / row['step']:.3f}x the step trace",
+              f"{row['gradients']:.2f}, collect {row['collect']:.2f}: "
+              f"{row['floor'] / row['step']:.3f}x the step trace",
               file=sys.stderr, flush=True)
     if opts.json:
         print(json.dumps(rows))
