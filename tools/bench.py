@@ -377,7 +377,8 @@ def figure_split_time(quick):
 
 SPLIT_TIME_NOTE = """\
 A split traces `fn` (TensorFlow's `trace`, the TF trace column), then traces each stage's
-gradient (`stages: gradients`, TensorFlow's `tf.gradients`): together what the training
+gradient (`stages: gradients`: TensorFlow's gradient functions, called by a
+`tf.GradientTape` the stage's imported ops are recorded on): together what the training
 step's own trace does, which is the floor. Everything else is the compiler's: `convert`
 (the trace to the networkx IR), the passes and their `checks`, and per stage (summed over
 the stages) `piece` (the stage's GraphDef), `import` (into the scratch graph its gradient
@@ -451,6 +452,9 @@ def split_time_markdown(rows, floor=()) -> list[str]:
     for p in phases:
         lines.append(f"| {p} | " + " | ".join(cell(r, r["phases"].get(p, 0.0))
                                               for r in rows) + " |")
+    lines.append("| garbage collection after the split (outside `Split.profile`) | "
+                 + " | ".join(cell(r, r["split"] - sum(r["phases"].values())) for r in rows)
+                 + " |")
     ours = [r["split"] - sum(r["phases"].get(p, 0.0) for p in TF_PHASES) for r in rows]
     lines.append("| **the compiler's (all but `trace` and `stages: gradients`)** | "
                  + " | ".join(cell(r, o) for r, o in zip(rows, ours)) + " |")
