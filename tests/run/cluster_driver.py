@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -277,19 +276,11 @@ def killed_step(pipe, args, variables, fault: KillDuring) -> dict:
 
 
 def clusters(count: int):
-    """``count`` clusters of 2 workers, one after the other; each is started while the one
-    before it is in use (starting TensorFlow in the workers is most of a cluster's start),
-    and stopped when the next is taken."""
-    with ThreadPoolExecutor(1) as pool:
-        upcoming = pool.submit(LocalCluster, 2)
-        for i in range(count):
-            cluster = upcoming.result()
-            if i + 1 < count:
-                upcoming = pool.submit(LocalCluster, 2)
-            try:
-                yield cluster
-            finally:
-                cluster.stop()
+    """``count`` clusters of 2 workers, one after the other, each stopped when the next is
+    taken (LocalCluster forks them from one starter: no TensorFlow import per cluster)."""
+    for _ in range(count):
+        with LocalCluster(2) as cluster:
+            yield cluster
 
 
 def warm_step(pipe, model) -> dict:
