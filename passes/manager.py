@@ -11,6 +11,13 @@ after each pass the manager checks the guarantees of every pass that has run so 
 own included, and names both the pass that broke one and the pass whose guarantee it was.
 The order of the passes, in phases, is declared in ``passes/__init__.py``.
 
+A pass of ``passes/`` that never adds or removes a node or an edge says so with a
+``preserves_edges = True`` attribute (LLVM's "preserves the CFG"): after it the manager skips
+the structural half of the IR check (no cycle, data inputs numbered 0..n-1), which held
+before the pass and which only a change of nodes or edges can break; on a 100,000-op program
+each cycle test is a topological sort of the whole graph. The rest of the check still runs.
+A pass of the caller's own gets the whole check whatever it declares.
+
 A pass of the caller's own (any pass not defined in ``passes/``) is checked harder: after
 it, ``gradsplit_compiler.ir.edit.problems`` must find nothing TensorFlow would refuse
 (dangling inputs, cycles, unknown ops, missing attributes, dtype mismatches...), and every
@@ -99,7 +106,8 @@ def run_passes(program: Program, passes: Sequence[Pass], *,
                         "Program; a pass returns the program it was given (or a new one).")
         program = result
         with phase("checks"):
-            problems = check_program(program)
+            problems = check_program(
+                program, structure=users or not getattr(p, "preserves_edges", False))
         if problems:
             raise error(
                 f"The graph is invalid after the {name!r} pass (after {done}): "
@@ -135,17 +143,21 @@ def _establish(in_force: list[tuple[str, Check]], p: Pass) -> None:
         in_force.append((pass_name(p), ensures))
 
 
-def check_program(program: Program) -> list[str]:
-    """The IR's invariants; returns a list of violations (empty when the graph is sound)."""
+def check_program(program: Program, structure: bool = True) -> list[str]:
+    """The IR's invariants; returns a list of violations (empty when the graph is sound).
+
+    ``structure=False`` leaves out what only adding or removing nodes and edges can break
+    (a cycle, data inputs not numbered 0..n-1): after a pass that ``preserves_edges``."""
     g = program.graph
     problems: list[str] = []
-    if ir.topological_order(g) is None:
-        problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
-    for node, preds in ir.predecessor_edges(g).items():
-        indices = sorted(a["dst_input"] for keyed in preds.values() for a in keyed.values()
-                         if not a["control"])
-        if indices != list(range(len(indices))):
-            problems.append(f"node {node!r} has data inputs {indices}, not 0..n-1")
+    if structure:
+        if ir.topological_order(g) is None:
+            problems.append(f"the graph has a cycle: {nx.find_cycle(g)[:4]}")
+        for node, preds in ir.predecessor_edges(g).items():
+            indices = sorted(a["dst_input"] for keyed in preds.values()
+                             for a in keyed.values() if not a["control"])
+            if indices != list(range(len(indices))):
+                problems.append(f"node {node!r} has data inputs {indices}, not 0..n-1")
     for name in list(program.arg_names) + list(program.output_names):
         if name.rpartition(":")[0] not in g:
             problems.append(f"tensor {name!r} has no producer in the graph")

@@ -418,3 +418,4 @@ def _check_plans(program: Program, members: list[set[str]]) -> list[str]:
 
 
 partition.ensures = check
+partition.preserves_edges = True  # sets attributes only: see passes/manager.py

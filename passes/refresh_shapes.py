@@ -101,3 +101,4 @@ def check(program: Program) -> list[str]:
 
 
 refresh_shapes.ensures = check
+refresh_shapes.preserves_edges = True  # sets attributes only: see passes/manager.py

@@ -218,3 +218,4 @@ def check(program: Program) -> list[str]:
 
 
 resolve_cuts.ensures = check
+resolve_cuts.preserves_edges = True  # sets attributes only: see passes/manager.py

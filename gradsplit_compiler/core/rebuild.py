@@ -273,7 +273,7 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
         traced_gd = trace.graph.as_graph_def()
         whole = graph_pb2.GraphDef()
         whole.CopyFrom(traced_gd)  # one copy of the message, not one per node
-        h = ir.to_networkx(traced_gd, trace.graph, consume=True)
+        h = ir.to_networkx(traced_gd, trace.graph, consume=True, shapes=False)
         pieces = _TracedPieces(h, whole)
     with phase(stage + "cut"):
         lists = _ListAccumulators(h, trace.graph)
@@ -291,6 +291,10 @@ def build_stage_vjp(program: Program, plan: StagePlan, input_specs: list[tf.Tens
     with phase(stage + "pieces"):
         forward_graph_def = pieces(cut.forward)
         backward_graph_def = pieces(cut.backward)
+        # networkx's cached views (``h.pred``...) refer back to ``h``, so ``h`` would be
+        # left for Python's cycle collector with every node and edge dict in it: emptied
+        # here, they are freed now instead of walked by the next collection.
+        h.clear()
     return StageVJP(
         split_backward=split_backward,
         xla_compatible=trace.xla_compatible,

@@ -45,7 +45,7 @@ def _input_string(op: str, index: int) -> str:
 
 
 def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
-                consume: bool = False) -> nx.MultiDiGraph:
+                consume: bool = False, shapes: bool = True) -> nx.MultiDiGraph:
     """Convert a ``GraphDef`` to the IR. ``graph``, when given, supplies dtypes and shapes.
 
     Parameters
@@ -59,6 +59,9 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
     consume : bool
         ``graph_def`` is the caller's to give away (exported for this call alone): its
         node defs become the nodes' (their inputs cleared) instead of being copied.
+    shapes : bool
+        With ``graph``: record each output's static shape (else ``None``: a graph read only
+        for its dtypes and edges saves asking TensorFlow for every shape).
 
     Returns
     -------
@@ -87,7 +90,7 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
             stored.CopyFrom(nd)
             del stored.input[:]
         nodes.append((name, {"node_def": stored, "op": nd.op,
-                             "outputs": _outputs_of(nd, ops.get(name))}))
+                             "outputs": _outputs_of(nd, ops.get(name), shapes)}))
         data_index = 0
         control_index = 0
         for inp in inputs:
@@ -112,10 +115,13 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
     return g
 
 
-def _outputs_of(nd: node_def_pb2.NodeDef, op: tf.Operation | None) -> list:
+def _outputs_of(nd: node_def_pb2.NodeDef, op: tf.Operation | None,
+                shapes: bool = True) -> list:
     """``(dtype, shape)`` of each output of ``nd``: from ``op`` (its operation in the graph
     it was exported from) when there is one, else shapes from ``_output_shapes``."""
     if op is not None:
+        if not shapes:
+            return [(t.dtype, None) for t in op.outputs]
         return [(t.dtype, t.shape) for t in op.outputs]
     if "_output_shapes" in nd.attr:
         return [(None, tf.TensorShape(s)) for s in nd.attr["_output_shapes"].list.shape]

@@ -132,6 +132,46 @@ def test_every_guarantee_holds_after_the_whole_pipeline(make):
         assert p.ensures(program) == [], pass_name(p)
 
 
+def _edges(program):
+    return sorted((u, v, k, tuple(sorted(a.items())))
+                  for u, v, k, a in program.graph.edges(keys=True, data=True))
+
+
+@pytest.mark.parametrize("make", [models.mlp, models.nested_functions, models.cond_between_cuts,
+                                  models.while_between_cuts, models.keras_small_functional],
+                         ids=lambda m: m.__name__)
+def test_the_passes_that_declare_preserves_edges_keep_every_node_and_edge(make):
+    """The pass manager skips the structural check (cycles, input numbering) after a pass of
+    ``passes/`` that declares ``preserves_edges``; the declaration must be true."""
+    case = make()
+    program = capture(case.fn, case.input_signature)
+    program.cut_specs = list(case.cuts)
+    declared = [p for p in passes.pipeline() if getattr(p, "preserves_edges", False)]
+    assert _names(declared) == ["refresh_shapes", "resolve_cuts", "partition"]
+    for p in passes.pipeline():
+        nodes, edges = list(program.graph.nodes), _edges(program)
+        program = p(program)
+        if p in declared:
+            assert list(program.graph.nodes) == nodes, pass_name(p)
+            assert _edges(program) == edges, pass_name(p)
+
+
+def test_a_user_pass_that_declares_preserves_edges_is_still_checked_for_cycles():
+    def add_cycle(program):
+        g = program.graph
+        tanh = next(n for n in g if g.nodes[n]["op"] == "Tanh")
+        sin = next(n for n in g if g.nodes[n]["op"] == "Sin")
+        ir.add_control_edge(g, tanh, sin)  # Sin feeds Tanh already
+        return program
+
+    add_cycle.preserves_edges = True  # not true, and not taken from a caller's pass
+    program = _nested()
+    program.cut_specs = ["y"]
+    with pytest.raises(PassError, match=r"The graph is invalid after the 'add_cycle' pass "
+                                        r".*the graph has a cycle"):
+        run_passes(program, passes.pipeline(after={"analysis": [add_cycle]}))
+
+
 # -- broken passes, caught by the check of the right pass --------------------------------------
 
 
