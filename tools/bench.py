@@ -323,14 +323,14 @@ def figure_split_time(quick):
     collected heap and includes collecting its own garbage (``gc.collect()``)."""
     rows = []
     rng = np.random.default_rng(0)
-    cases = [(chain(250, rng), 2 if quick else 3, True),
-             (chain(1000, rng), 1 if quick else 2, False)]
+    cases = [(chain(250, rng), 3 if quick else 5, True),
+             (chain(1000, rng), 1 if quick else 3, False)]
     if not quick:
         name, loss, sig, cuts, args = resnet50(rng)
-        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 2, False))
+        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 3, False))
         cases.append((chain(25000, rng), 1, False))
     for (name, body, sig, cuts, args), repeats, first_call_too in cases:
-        step_times, splits = [], []
+        steps, splits = [], []
         for _ in range(repeats):
             def step(*a, body=body):
                 with tf.GradientTape() as tape:
@@ -343,20 +343,24 @@ def figure_split_time(quick):
             gc.collect()
             t = time.perf_counter()
             concrete = tf.function(step).get_concrete_function(*sig)
+            t1 = time.perf_counter()
             gc.collect()
-            step_times.append(time.perf_counter() - t)
+            t2 = time.perf_counter()
+            steps.append((t2 - t, t2 - t1))
             del concrete
             gc.collect()
             t = time.perf_counter()
             split = gsc.split(tf.function(body), sig, cuts)
+            t1 = time.perf_counter()
             gc.collect()
-            splits.append((time.perf_counter() - t, split))
+            t2 = time.perf_counter()
+            splits.append((t2 - t, t2 - t1, split))
             del split
         splits.sort(key=lambda s: s[0])
-        sp, split = splits[(len(splits) - 1) // 2]
+        sp, split_collect, split = splits[(len(splits) - 1) // 2]
         del splits
         phases = profile_phases(split.profile)
-        st = sorted(step_times)[(len(step_times) - 1) // 2]  # as the split: lower median
+        st, step_collect = sorted(steps)[(len(steps) - 1) // 2]  # as the split: lower median
         tr = phases["trace"]
         first_call = None
         if first_call_too:
@@ -365,7 +369,8 @@ def figure_split_time(quick):
             first_call = time.perf_counter() - t
         nodes = split.graph.number_of_nodes()
         rows.append({"name": name, "nodes": nodes, "trace": tr, "step": st, "split": sp,
-                     "phases": phases, "first_call": first_call})
+                     "phases": phases, "first_call": first_call,
+                     "split_collect": split_collect, "step_collect": step_collect})
         tf_work = sum(phases.get(p, 0.0) for p in TF_PHASES)
         log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
             f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
@@ -388,13 +393,15 @@ schedules), `pieces` (their GraphDefs), `functions` (the stage's `tf.function`s,
 traced). The split's `profile` holds these (`Split.profile`). The first
 `value_and_gradients` call, which traces the composed program and compiles it with XLA,
 is not part of `split()`; it is shown for the smallest program only (minutes for the
-larger ones). Medians (the lower of two) of 3 rounds (chain of 250 layers), 2 (ResNet50,
-chain of 1,000) and 1 (the 100,000-node chain of 25,000 layers, about 4 minutes), each
-round the step's trace then the split, so the section stays under 6 minutes. Each side
-starts from a collected heap and its time includes collecting its own garbage
-(`gc.collect()` after it): `split()` pauses Python's collector while it runs, and
-without this its garbage was collected inside the next measurement (the split's
-profile leaves that collection out: it comes after the last phase)."""
+larger ones). Medians of 5 rounds (chain of 250 layers), 3 (ResNet50, chain of 1,000) and 1
+(the 100,000-node chain of 25,000 layers, about 5 minutes), each round the step's trace then
+the split, so the section stays under 8 minutes. Each side starts from a collected heap and
+its time includes collecting its own garbage (`gc.collect()` after it, which walks every
+object of the process whichever side it follows: the step's is in parentheses): `split()`
+pauses Python's collector while it runs, and without this its garbage was collected inside
+the next measurement. When `split()` resumes the collector, Python collects the young objects
+it made (the scratch graphs each stage's gradient was traced in are cyclic garbage), inside
+`split()` but after its profile's last phase."""
 
 
 def figure_split_floor(quick: bool) -> list[dict]:
@@ -452,11 +459,18 @@ def split_time_markdown(rows, floor=()) -> list[str]:
     for p in phases:
         lines.append(f"| {p} | " + " | ".join(cell(r, r["phases"].get(p, 0.0))
                                               for r in rows) + " |")
-    lines.append("| garbage collection after the split (outside `Split.profile`) | "
-                 + " | ".join(cell(r, r["split"] - sum(r["phases"].values())) for r in rows)
-                 + " |")
-    ours = [r["split"] - sum(r["phases"].get(p, 0.0) for p in TF_PHASES) for r in rows]
-    lines.append("| **the compiler's (all but `trace` and `stages: gradients`)** | "
+    lines.append("| Python's collection when `split()` resumes its collector (outside "
+                 "`Split.profile`) | "
+                 + " | ".join(cell(r, r["split"] - r["split_collect"]
+                                   - sum(r["phases"].values())) for r in rows) + " |")
+    lines.append("| `gc.collect()` after the split (after the step's trace, in the step's "
+                 "time: in parentheses) | "
+                 + " | ".join(cell(r, r["split_collect"]) + f" ({r['step_collect']:.2f} s)"
+                              for r in rows) + " |")
+    ours = [r["split"] - r["split_collect"] - sum(r["phases"].get(p, 0.0) for p in TF_PHASES)
+            for r in rows]
+    lines.append("| **the compiler's (all but `trace`, `stages: gradients` and "
+                 "`gc.collect()`)** | "
                  + " | ".join(cell(r, o) for r, o in zip(rows, ours)) + " |")
     lines.append("| first `value_and_gradients` call (trace and XLA compile; not in "
                  "split) | " + " | ".join("-" if r["first_call"] is None else
