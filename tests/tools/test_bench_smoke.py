@@ -26,7 +26,7 @@ def test_the_benchmark_measures_and_writes_its_report(tmp_path):
     out = tmp_path / "BENCH.md"
     bench.write_report(out, "smoke", speed, [], [], cuts)
     text = out.read_text()
-    (name, stages, times), = speed
+    (name, stages, times, profile), = speed
     assert stages == 2 and all(t > 0 for t in times.values())
     assert set(cuts[0][1]) == {"mono", "ours", "jacobian", "per_scalar"}
     assert np.isclose(cuts[0][1]["mono"], 1.0)
