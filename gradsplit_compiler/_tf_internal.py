@@ -242,7 +242,8 @@ def flat_caller(function, *trace_args):
     def fast(*flat):
         if not tf.executing_eagerly() or _record.could_possibly_record():
             return call(*flat)
-        return pack(iter(inference.call_flat(*flat, *captured)))
+        outputs = inference.call_flat(*flat, *captured)  # None when there are none
+        return pack(iter(outputs or ()))
 
     return fast
 

@@ -126,6 +126,13 @@ def test_flat_caller_keeps_none_outputs_dict_order_and_is_recorded_under_a_tape(
     dx, dv = tape.gradient(y, [x, v])
     assert np.array_equal(dx.numpy(), v.numpy()) and np.array_equal(dv.numpy(), x.numpy())
 
+    @tf.function(input_signature=[tf.TensorSpec([3], tf.float64)], autograph=False)
+    def no_outputs(x):
+        v.assign(x)
+        return []
+
+    assert _tf_internal.flat_caller(no_outputs)(x) == [] and np.array_equal(v.numpy(), x.numpy())
+
 
 def test_registered_gradient_finds_a_custom_gradient_by_its_op_type_name():
     @tf.custom_gradient
