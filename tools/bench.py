@@ -9,7 +9,9 @@ docs/bench_cut_size.png (figure 5).
    original function: MLP (8x512, batch 128, 4 stages), ResNet50 at 64x64 (4 stages), a
    small transformer (4 stages).
 2. The stages driven one by one (``run_stages``), each forward and backward its own XLA
-   program, / the monolithic step.
+   program, / the monolithic step; for the MLP, beside section 11's plain-TensorFlow stages
+   of the same model in the same loop (their ratio, and TensorFlow's profiler's split of
+   each step into XLA, TensorFlow's call and host Python).
 3. Peak memory of the composed step / the monolithic step (each in a fresh process).
 4. ``split()`` time / TF's own trace of the training step, on ResNet50 and chains of 250,
    1,000 and 25,000 layers (100,000 graph nodes), with time per graph node, and where the
@@ -79,11 +81,10 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 def flat(fn, *args):
     """``fn(*args)`` as our stages are called: the traced program on flat tensors, without
-    ``tf.function``'s per-call argument binding (the same ``_call_flat`` that
+    ``tf.function``'s per-call argument binding (the same ``flat_caller`` that
     ``stage.callers`` and ``value_and_gradients`` use), so every side pays the same Python."""
-    concrete = fn.get_concrete_function(*args)
-    args = list(args)
-    return lambda: _tf_internal.call_flat(concrete, args)
+    call = _tf_internal.flat_caller(fn, *args)
+    return lambda: call(*args)
 
 
 def _block(result) -> None:
@@ -103,12 +104,41 @@ def mlp(rng, layers=8, width=512, batch=128, stages=4):
     args = case.args(rng)
     ws, bs = case.extras["weights"], case.extras["biases"]
     _HAND_WRITTEN[id(case.fn)] = lambda: hand_staged_mlp(ws, bs, stages, args)
+    _PLAIN_STAGES[id(case.fn)] = lambda: plain_staged_mlp(ws, bs, stages, args)
     return (f"MLP {layers}x{width}, batch {batch}", case.fn, case.input_signature, case.cuts,
             args)
 
 
 # loss function id -> builder of a hand-written per-stage step of the same model
 _HAND_WRITTEN: dict = {}
+# loss function id -> builder of section 11's plain-TensorFlow stages of the same model
+_PLAIN_STAGES: dict = {}
+
+
+def separate_programs_module():
+    """``tools/xla_separate_programs.py`` (section 11), imported also when this file is
+    loaded by its path (tools/ not on ``sys.path``)."""
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import xla_separate_programs
+
+    return xla_separate_programs
+
+
+def plain_staged_mlp(ws, bs, stages, args):
+    """Section 11's program (``xla_separate_programs.MLP.staged``: a jit-compiled forward
+    and backward per stage, called through their concrete functions on flat tensors) on
+    this MLP's weights and data. Returns ``(step, order)``: ``step() -> [loss, dW0, db0,
+    dW1, ...]`` and the variables those gradients belong to."""
+    x, y = args
+    batch, width = x.shape
+    model = separate_programs_module().MLP(len(ws), width, batch)
+    for mine, theirs in zip(model.variables, [v for pair in zip(ws, bs) for v in pair]):
+        mine.assign(theirs)
+    model.x, model.y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    step, _ = model.staged(stages)
+    return step, [None, *(v for pair in zip(ws, bs) for v in pair)]
 
 
 def hand_staged_mlp(ws, bs, stages, args):
@@ -202,7 +232,23 @@ def figure_speed(models, repeats):
     return [_speed_of(build, repeats) for build in models]
 
 
+def _check_against_tape(label, got, order, want, variables, tolerance):
+    """Each gradient in ``got`` (of ``order``'s variable; ``None``: not a gradient) against
+    the monolithic tape's ``want`` (aligned with ``variables``), relative to its largest
+    entry."""
+    for g, v in zip(got, order):
+        if v is None:
+            continue
+        ref = want[next(i for i, w in enumerate(variables) if w is v)]
+        err = float(tf.reduce_max(tf.abs(g - ref)) / tf.reduce_max(tf.abs(ref)))
+        assert err < tolerance, f"{label} differs from the tape by {err:.1e}"
+
+
 def _speed_of(build, repeats):
+    """``(name, stages, times, profile)``: the sides' median step times, and for a model
+    with section 11's plain stages (the MLP) TensorFlow's profiler breakdown of the
+    monolithic step, ``run_stages`` and the plain stages in this process (``{}``
+    otherwise)."""
     name, loss, sig, cuts, args = build(np.random.default_rng(0))
     log(f"[1,2] {name}: split at {len(cuts)} cuts ...")
     split = gsc.split(loss, sig, cuts)
@@ -212,24 +258,50 @@ def _speed_of(build, repeats):
     sides = {
         "mono": flat(mono, *args),
         "composed": lambda: split.value_and_gradients(*args),
-        "stages": lambda: split.run_stages(args),
+        # run_stages also returns the arguments' cotangents; every side is blocked on (copied
+        # to the host as) the loss and the variables' gradients only: eager XLA calls on the
+        # CPU return when their program has run, so nothing of the step goes untimed
+        "stages": lambda: split.run_stages(args)[::2],
     }
+    want = mono(*args)[1] if id(loss) in _HAND_WRITTEN or id(loss) in _PLAIN_STAGES else None
     if id(loss) in _HAND_WRITTEN:
         hand, order = _HAND_WRITTEN[id(loss)]()
-        _, want = mono(*args)
-        for got, v in zip(hand(), order):  # the hand-written chain computes the same gradient
-            ref = want[next(i for i, w in enumerate(split.variables) if w is v)]
-            err = float(tf.reduce_max(tf.abs(got - ref)) / tf.reduce_max(tf.abs(ref)))
-            assert err < 1e-4, f"hand-written chain differs from the tape by {err:.1e}"
+        # the hand-written chain computes the same gradient
+        _check_against_tape("hand-written chain", hand(), order, want, split.variables, 1e-4)
         sides["hand"] = hand
+    if id(loss) in _PLAIN_STAGES:
+        plain, order = _PLAIN_STAGES[id(loss)]()
+        _check_against_tape("section 11's plain stages", plain(), order, want,
+                            split.variables, 1e-5)
+        sides["plain"] = plain
     times = interleaved(sides, repeats)
+    profile = {}
+    if "plain" in sides:
+        profile = profile_stages({"mono": sides["mono"], "run_stages": sides["stages"],
+                                  "plain": sides["plain"]}, max(repeats, 3))
     for v, value in zip(written, start):
         v.assign(value)
     log(f"      monolithic {times['mono'] * 1e3:.2f} ms, composed "
         f"{times['composed'] / times['mono']:.3f}x, by stage "
         f"{times['stages'] / times['mono']:.3f}x"
-        + (f", by hand {times['hand'] / times['mono']:.3f}x" if "hand" in times else ""))
-    return name, len(split.stages), times
+        + (f", by hand {times['hand'] / times['mono']:.3f}x" if "hand" in times else "")
+        + (f", plain stages {times['plain'] / times['mono']:.3f}x (run_stages / plain "
+           f"{times['stages'] / times['plain']:.3f})" if "plain" in times else ""))
+    for side, row in profile.items():
+        log(f"      profile {side}: " + ", ".join(
+            f"{k} {v * 1e3:.3f} ms" if k != "calls" else f"{v} calls"
+            for k, v in row.items()))
+    return name, len(split.stages), times, profile
+
+
+def profile_stages(sides: dict, repeats: int) -> dict:
+    """Section 11's ``trace_steps`` of ``sides`` in this process: per side, medians of
+    ``step``, ``xla`` (XLA's executables), ``runtime`` (TensorFlow's call around them),
+    ``host`` (Python between calls) and ``calls``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return separate_programs_module().trace_steps(sides, Path(tmp) / "trace", repeats)
 
 
 # -- figure 3: memory, each side in a fresh process ------------------------------------------
@@ -590,36 +662,44 @@ def machine() -> str:
 
 
 STAGES_NOTE = """\
-*Why `run_stages` costs more than one program, and what the compiler does about it.* XLA's
-optimized HLO of each program shows the stage programs doing the same arithmetic as the
-monolithic one: the same dots and fusions, no forward op in any backward, and no copy of a large
-tensor (section 11 counts them). TensorFlow's profiler splits a step into XLA's executables
-running (`CpuExecutable::ExecuteAsyncOnStream`), TensorFlow's eager call around each of them and
-the host's Python between calls; section 11 does so for the same MLP written as separate
-programs in plain TensorFlow, without this package. There, separate programs cost two
-things that this package cannot remove: XLA's executables of the stages take longer than the
-one program (they lose the overlap of independent work and the fusion across each cut;
-section 11 gives its run's ratio), and each program called adds a fixed cost (TensorFlow's
-dispatch and XLA's launch, of the order of the `empty program` row, and the Python between
-calls). Calling each stage program alone, warm, costs as much as calling them in turn (no cold
-caches or threads to speak of). Both costs grow with the number of stages and shrink, as a
-share, as stages grow (ResNet50 about 1.0); no XLA flag or thread setting removes them. The
-MLP's 4 plain-TensorFlow stages of section 11 and `run_stages` here are of the same size over
-one program, and each moves by about 0.15 between quiet runs (plain: 1.44x, then 1.35x;
-`run_stages`: 1.37x, then 1.52x, with the same residuals and backward ops); compare them
-within a run of both sections. What the compiler removed is what it added itself: stages
-are called through `stage.callers` (a flat call into the concrete function, without
-`tf.function`'s argument binding, 0.3-1 ms for a stage with 40 residuals); a residual that is a
-stage input or output, also through `Identity` ops (a cut's mark), is passed on by the caller
-instead of being returned and copied by the program (XLA:CPU returns a parameter or a second
-alias of an output only by copying it); and the backward reads again the variables the program
-never writes, and reshapes or casts of them and of counts, instead of receiving them as
-residuals copied out of the forward (a transformer block's reshaped attention kernels were).
-Left: shapes with static values still travel as small residuals (a few bytes each). The last
-column is the baseline a user has without this tool: the same MLP stages written by hand (each
-forward returning its activations, each backward an explicit VJP, called as concrete functions),
-checked against the tape before timing. Single programs vary by up to 2x from call to call on
-this shared 2-core machine; the medians of interleaved repeats are stable to about 0.05."""
+*How `run_stages` is compared, and why it costs more than one program.* The MLP's row also
+times section 11's program (`tools/xla_separate_programs.py`, plain TensorFlow, nothing of this
+package): the same stages as jit-compiled forward and backward programs, called through their
+concrete functions on flat tensors, on this model's weights and data and checked against the
+tape, in the same interleaved loop as `run_stages`, so the sentence under the table gives
+`run_stages` over the plain stages of one run (each moves by about 0.15 over one program
+between quiet runs, both the same way). Every side is blocked on the loss and the variables'
+gradients only (`run_stages` also returns the arguments' cotangents, computed but not copied
+to the host; an eager XLA call on the CPU returns when its program has run). The profile table
+(TensorFlow's profiler, section 11's `trace_steps` in this process) splits a step into XLA's
+executables running (`CpuExecutable::ExecuteAsyncOnStream`), TensorFlow's eager call around
+each of them (`runtime`) and the host's Python between calls (`host`). XLA's optimized HLO of
+the stage programs does the same arithmetic as the monolithic one: the same dots and fusions,
+no forward op in any backward, no copy of a large tensor (section 11 counts them). Separate
+programs cost two things that no driver removes (section 11): XLA's executables of the stages
+take longer than the one program (they lose the overlap of independent work and the fusion
+across each cut), and each program called adds a fixed cost (TensorFlow's dispatch and XLA's
+launch, of the order of section 11's `empty program`, and the Python between calls). Both grow
+with the number of stages and shrink, as a share, as stages grow (ResNet50 about 1.0); no XLA
+flag or thread setting removes them. What `run_stages` adds over the plain stages is its own:
+the Python of the compose loop (arguments checked, cotangents summed by name, about 15-25 us
+per program called on this machine), and on the last stage the cotangent of every argument it
+reads (the target's too: `run_stages` returns them) and a few shapes that travel as small
+residuals. What the compiler removed is what it added itself: stages are called through
+`stage.callers` (a flat call into the concrete function, without `tf.function`'s argument
+binding, 0.3-1 ms for a stage with 40 residuals, and without TensorFlow's own per-call
+re-flattening of the captured variables and rebuilding of the outputs' structure, about
+40 us per program); a residual that is a stage input or output, also through `Identity` ops
+(a cut's mark), is passed on by the caller instead of being returned and copied by the program
+(XLA:CPU returns a parameter or a second alias of an output only by copying it); and the
+backward reads again the variables the program never writes, and reshapes or casts of them and
+of counts, instead of receiving them as residuals copied out of the forward (a transformer
+block's reshaped attention kernels were). The column before the plain stages is the baseline
+a user has without this tool: the same MLP stages by hand (each forward returning its
+activations, each backward an explicit VJP, called as concrete functions with TensorFlow's
+per-call argument binding), checked against the tape before timing. Single programs vary by
+up to 2x from call to call on this shared 2-core machine; the medians of interleaved repeats
+are stable to about 0.05."""
 
 
 CUT_SIZE_NOTE = """\
@@ -641,6 +721,55 @@ thousand elements on: medians of a quiet run are monotone in the size within 10%
 repeats of about 40 ms and varies more from run to run."""
 
 
+def speed_markdown(speed) -> list[str]:
+    """Section 1-2: the table, this run's ratio of ``run_stages`` over section 11's plain
+    stages and where their steps' time goes (TensorFlow's profiler), and the note."""
+    lines = ["## 1-2. Time per training step, over the monolithic XLA step", "",
+             "| model | stages | monolithic | composed `value_and_gradients` (target "
+             "1.02, at most 1.10) | stages one by one, `run_stages` (target 1.10) | "
+             "the same stages written by hand | the same stages in plain TensorFlow "
+             "(section 11's program) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, k, t, _ in speed:
+        hand = f"{t['hand'] / t['mono']:.3f}" if "hand" in t else "-"
+        plain = f"{t['plain'] / t['mono']:.3f}" if "plain" in t else "-"
+        lines.append(f"| {name} | {k} | {t['mono'] * 1e3:.2f} ms | "
+                     f"{t['composed'] / t['mono']:.3f} | {t['stages'] / t['mono']:.3f} | "
+                     f"{hand} | {plain} |")
+    for name, k, t, profile in speed:
+        if "plain" not in t:
+            continue
+        lines += ["", f"In this run, on the {name} ({k} stages), `run_stages` took "
+                  f"**{t['stages'] / t['plain']:.3f}x** the same stages in plain TensorFlow "
+                  "(both timed in the same interleaved loop)."]
+        if profile:
+            sides = [s for s in ("mono", "run_stages", "plain") if s in profile]
+            label = {"mono": "monolithic", "run_stages": "`run_stages`",
+                     "plain": "plain stages (section 11)"}
+            lines += ["", "Where a step's time goes, the same sides in the same process "
+                      "(TensorFlow's profiler, as in section 11; medians over the profiled "
+                      "steps):", "",
+                      "| | " + " | ".join(label[s] for s in sides) + " |",
+                      "|---|" + "---:|" * len(sides)]
+            for key, row in (("step", "step"),
+                             ("xla", "XLA executables (`ExecuteAsyncOnStream`)"),
+                             ("runtime", "TensorFlow's call around them (`runtime`)"),
+                             ("host", "host Python between calls (`host`)")):
+                lines.append(f"| {row} | " + " | ".join(
+                    f"{profile[s][key] * 1e3:.3f} ms" for s in sides) + " |")
+            lines.append("| programs called | " + " | ".join(
+                str(profile[s]["calls"]) for s in sides) + " |")
+            if "run_stages" in profile and "plain" in profile:
+                ours, theirs = profile["run_stages"], profile["plain"]
+                per = {key: (ours[key] / max(ours["calls"], 1)
+                             - theirs[key] / max(theirs["calls"], 1)) * 1e6
+                       for key in ("runtime", "host")}
+                lines += ["", f"Per program called, `run_stages` spent {per['runtime']:+.1f} "
+                          f"us in TensorFlow's call and {per['host']:+.1f} us of host Python "
+                          "beside the plain stages."]
+    return lines + ["", STAGES_NOTE, ""]
+
+
 def write_report(path, command, speed, memory, split_rows, cut_rows, split_floor=()):
     lines = ["# Benchmarks", "", f"Made by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
              f"Machine: {machine()}.", "",
@@ -651,17 +780,7 @@ def write_report(path, command, speed, memory, split_rows, cut_rows, split_floor
              "`tf.function`'s per-call argument binding, so the ratios compare programs "
              "and drivers, not Python call paths.", ""]
     if speed:
-        lines += ["## 1-2. Time per training step, over the monolithic XLA step", "",
-                  "| model | stages | monolithic | composed `value_and_gradients` (target "
-                  "1.02, at most 1.10) | stages one by one, `run_stages` (target 1.10) | "
-                  "the same stages written by hand |",
-                  "|---|---|---|---|---|---|"]
-        for name, k, t in speed:
-            hand = f"{t['hand'] / t['mono']:.3f}" if "hand" in t else "-"
-            lines.append(f"| {name} | {k} | {t['mono'] * 1e3:.2f} ms | "
-                         f"{t['composed'] / t['mono']:.3f} | {t['stages'] / t['mono']:.3f} | "
-                         f"{hand} |")
-        lines += ["", STAGES_NOTE, ""]
+        lines += speed_markdown(speed)
     if memory:
         lines += ["## 3. Peak memory, composed over monolithic (target 1.10)", "",
                   "XLA's buffer assignment of each compiled program ('Total bytes used': "

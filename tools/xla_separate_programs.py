@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 __all__ = ["FLAG_SETTINGS", "MLP", "flat_call", "hlo_counts", "interleaved", "main", "measure",
-           "per_setting", "profile", "step_breakdown"]
+           "per_setting", "profile", "step_breakdown", "trace_steps"]
 
 # Settings measured each in a process of its own: (label, XLA_FLAGS added, threads), threads
 # as (intra_op, inter_op) for tf.config.threading or None for TensorFlow's defaults.
@@ -358,17 +358,9 @@ config, logdir = {config!r}, Path({logdir!r})
 model = x.MLP(config["layers"], config["width"], config["batch"])
 sides = {{"mono": model.mono(), **{{f"{{m}} stages": model.staged(m)[0]
                                  for m in config["profiled"]}}}}
-for fn in sides.values():
-    for _ in range(3):
-        x._block(fn())
-tf.profiler.experimental.start(str(logdir / "trace"))
-for _ in range(config["profile_repeats"]):
-    for name, fn in sides.items():
-        with tf.profiler.experimental.Trace("step " + name):
-            x._block(fn())
-tf.profiler.experimental.stop()
-print("RESULT " + json.dumps({{"steps": x.step_breakdown(logdir / "trace"),
-                              "hlo": x.hlo_counts(logdir / "dump")}}), flush=True)
+steps = x.trace_steps(sides, logdir / "trace", config["profile_repeats"])
+print("RESULT " + json.dumps({{"steps": steps, "hlo": x.hlo_counts(logdir / "dump")}}),
+      flush=True)
 """
 
 # The host thread's trace events of one call of an XLA program, outermost first.
@@ -407,6 +399,25 @@ def step_breakdown(trace: Path) -> dict:
                                     "runtime": med[2] * 1e-12, "host": med[3] * 1e-12,
                                     "calls": int(med[4])}
     return out
+
+
+def trace_steps(sides: dict, trace: Path, repeats: int, warmup: int = 3) -> dict:
+    """``step_breakdown`` of ``sides`` (name -> ``step()``): each warmed up, then ``repeats``
+    rounds of one step of each, interleaved, under TensorFlow's profiler, each step annotated
+    ``step <name>``; the trace is written under ``trace``. Any step function works (this
+    file's stages, or a driver of one's own called in the same process)."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            _block(fn())
+    tf.profiler.experimental.start(str(trace))
+    try:
+        for _ in range(repeats):
+            for name, fn in sides.items():
+                with tf.profiler.experimental.Trace("step " + name):
+                    _block(fn())
+    finally:
+        tf.profiler.experimental.stop()
+    return step_breakdown(Path(trace))
 
 
 def profile(config: dict) -> dict:

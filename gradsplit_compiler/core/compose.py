@@ -91,7 +91,9 @@ class Cotangents:
 
     def get(self, name: Hashable) -> Any:
         parts = self._parts.get(name)
-        return None if parts is None else sum_in_order(parts)
+        if parts is None:
+            return None
+        return parts[0] if len(parts) == 1 else sum_in_order(parts)
 
 
 class GradientTotals:

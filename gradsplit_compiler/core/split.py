@@ -327,8 +327,8 @@ class Split:
             )
         tensors = []
         for label, spec, arg in zip(self._arg_labels(), self.arg_specs, args):
-            try:
-                t = tf.convert_to_tensor(arg)
+            try:  # a tensor already is one (converting it again costs a few us per call)
+                t = arg if isinstance(arg, tf.Tensor) else tf.convert_to_tensor(arg)
             except (TypeError, ValueError) as exc:
                 raise GradSplitError(f"argument {label} cannot be a tensor: {exc}") from None
             if t.dtype != spec.dtype:
@@ -345,7 +345,9 @@ class Split:
         return tensors
 
     def _arg_labels(self) -> list[str]:
-        return [repr(ir.parse_tensor_name(n)[0]) for n in self.arg_names]
+        if "_labels" not in self.__dict__:  # the arguments are fixed once split
+            self._labels = [repr(ir.parse_tensor_name(n)[0]) for n in self.arg_names]
+        return self._labels
 
     def _check_xla(self, jit_compile: bool) -> None:
         for stage in self.stages:
@@ -459,7 +461,9 @@ class Split:
         return [made[key]]
 
     def _variable_zeros(self) -> list:
-        return [lambda v=v: tf.zeros(v.shape, v.dtype) for v in self.variables]
+        if "_zeros" not in self.__dict__:  # made when called: a variable's zero gradient
+            self._zeros = [lambda v=v: tf.zeros(v.shape, v.dtype) for v in self.variables]
+        return self._zeros
 
     def value_and_gradients(self, *args, jit_compile: bool = True):
         """Run the stages forward and their VJPs back: ``(value, grads)``.
@@ -609,11 +613,14 @@ class Split:
             output_cotangents)
 
         def forward(stage, inputs):
-            return run_reporting_xla_errors(stage.callers(jit_compile)[0], *inputs)
+            # the stage's backward travels with its residuals: one lookup per stage
+            program, backward_program = stage.callers(jit_compile)
+            outputs, residuals = run_reporting_xla_errors(program, *inputs)
+            return outputs, (backward_program, residuals)
 
-        def backward(stage, residuals, cotangents):
-            return run_reporting_xla_errors(stage.callers(jit_compile)[1], *residuals,
-                                            *cotangents)
+        def backward(stage, saved, cotangents):
+            program, residuals = saved
+            return run_reporting_xla_errors(program, *residuals, *cotangents)
         # A stage that fails after earlier ones ran must not leave their updates.
         with self._restoring_on_failure(self.written_variables()), \
                 self._explaining_failures(tensors, checked or ()):

@@ -1,5 +1,6 @@
 """Pins the private TensorFlow behaviour gradsplit_compiler relies on (_tf_internal.py)."""
 
+import numpy as np
 import tensorflow as tf
 
 from gradsplit_compiler import _tf_internal
@@ -98,6 +99,39 @@ def test_flat_caller_runs_the_signature_function_on_flat_tensors():
         assert (a.numpy() == b.numpy()).all()
     v.assign([3.0, 4.0])  # captured variables are read at call time
     assert call(x, y)[0]["sum"].numpy()[0].tolist() == [3.5, 3.5]
+
+
+def test_flat_caller_keeps_none_outputs_dict_order_and_is_recorded_under_a_tape():
+    """The lean eager path packs the outputs as the function's own call does (``None``
+    entries, a dict's values by key); under a ``tf.GradientTape`` the call is recorded, so
+    gradients flow through it."""
+    rng = np.random.default_rng(3)
+    v = tf.Variable(rng.normal(size=3))
+
+    @tf.function(input_signature=[tf.TensorSpec([3], tf.float64)], autograph=False)
+    def f(x):
+        return x * v, None, {"b": tf.reduce_sum(x), "a": [x + 1.0, x * x]}
+
+    call = _tf_internal.flat_caller(f)
+    x = tf.constant(rng.normal(size=3))
+    got, want = call(x), f(x)
+    assert got[1] is None and list(got[2]) == ["b", "a"]
+    assert tf.nest.map_structure(lambda t: None, got) == \
+        tf.nest.map_structure(lambda t: None, want)
+    for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
+        assert a is b is None or (a.numpy() == b.numpy()).all()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = call(x)[0]
+    dx, dv = tape.gradient(y, [x, v])
+    assert np.array_equal(dx.numpy(), v.numpy()) and np.array_equal(dv.numpy(), x.numpy())
+
+    @tf.function(input_signature=[tf.TensorSpec([3], tf.float64)], autograph=False)
+    def no_outputs(x):
+        v.assign(x)
+        return []
+
+    assert _tf_internal.flat_caller(no_outputs)(x) == [] and np.array_equal(v.numpy(), x.numpy())
 
 
 def test_registered_gradient_finds_a_custom_gradient_by_its_op_type_name():

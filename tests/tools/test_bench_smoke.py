@@ -26,8 +26,16 @@ def test_the_benchmark_measures_and_writes_its_report(tmp_path):
     out = tmp_path / "BENCH.md"
     bench.write_report(out, "smoke", speed, [], [], cuts)
     text = out.read_text()
-    (name, stages, times), = speed
+    (name, stages, times, profile), = speed
     assert stages == 2 and all(t > 0 for t in times.values())
+    # section 11's plain stages, checked against the tape, timed in the same loop
+    assert set(times) == {"mono", "composed", "stages", "hand", "plain"}
+    assert {side: row["calls"] for side, row in profile.items()} == {
+        "mono": 1, "run_stages": 4, "plain": 4}
+    assert all(row["xla"] > 0 and row["step"] >= row["xla"] for row in profile.values())
+    assert "the same stages in plain TensorFlow (section 11's program) |" in text
+    assert f"`run_stages` took **{times['stages'] / times['plain']:.3f}x**" in text
+    assert "| programs called | 1 | 4 | 4 |" in text
     assert set(cuts[0][1]) == {"mono", "ours", "jacobian", "per_scalar"}
     assert np.isclose(cuts[0][1]["mono"], 1.0)
     assert "| 16 |" in text and "MLP" in text
