@@ -134,6 +134,26 @@ def test_flat_caller_keeps_none_outputs_dict_order_and_is_recorded_under_a_tape(
     assert _tf_internal.flat_caller(no_outputs)(x) == [] and np.array_equal(v.numpy(), x.numpy())
 
 
+def test_flat_caller_is_seen_by_a_forward_accumulator():
+    """Forward-mode autodiff (``tf.autodiff.ForwardAccumulator``) sees the call: the lean
+    path (taken with no gradient tape) runs the same call op, whose JVP TensorFlow builds."""
+    rng = np.random.default_rng(4)
+    w = tf.constant(rng.normal(size=(3, 3)))
+
+    @tf.function(input_signature=[tf.TensorSpec([3], tf.float64)], autograph=False)
+    def f(x):
+        return [tf.linalg.matvec(w, tf.sin(x))]
+
+    call = _tf_internal.flat_caller(f)
+    x, t = tf.constant(rng.normal(size=3)), tf.constant(rng.normal(size=3))
+    with tf.autodiff.ForwardAccumulator(x, t) as acc:
+        y = call(x)[0]
+    jvp = acc.jvp(y)
+    assert jvp is not None
+    np.testing.assert_allclose(jvp.numpy(), w.numpy() @ (np.cos(x.numpy()) * t.numpy()),
+                               rtol=1e-12)
+
+
 def test_registered_gradient_finds_a_custom_gradient_by_its_op_type_name():
     @tf.custom_gradient
     def f(x):
