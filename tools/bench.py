@@ -390,16 +390,16 @@ def figure_split_time(quick):
     the training step and ``split``, ``split.profile`` of the median split (stages summed;
     its ``trace`` phase is TF's trace of ``fn``, the table's TF trace), and for the smallest
     program the first ``value_and_gradients`` call (trace of the composed program and XLA's
-    compile). Rounds: the 100,000-node chain one (about 4 minutes on 2 cores), the others
-    two or three, so that the section stays under 6 minutes. Each timed side starts from a
+    compile). Rounds: the 100,000-node chain one (about 5 minutes on 2 cores), the others
+    five or seven; each row keeps every round's ratio. Each timed side starts from a
     collected heap and includes collecting its own garbage (``gc.collect()``)."""
     rows = []
     rng = np.random.default_rng(0)
     cases = [(chain(250, rng), 3 if quick else 5, True),
-             (chain(1000, rng), 1 if quick else 3, False)]
+             (chain(1000, rng), 1 if quick else 7, False)]
     if not quick:
         name, loss, sig, cuts, args = resnet50(rng)
-        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 3, False))
+        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 7, False))
         cases.append((chain(25000, rng), 1, False))
     for (name, body, sig, cuts, args), repeats, first_call_too in cases:
         steps, splits = [], []
@@ -428,6 +428,7 @@ def figure_split_time(quick):
             t2 = time.perf_counter()
             splits.append((t2 - t, t2 - t1, split))
             del split
+        ratios = [b[0] / a[0] for a, b in zip(steps, splits)]  # round by round
         splits.sort(key=lambda s: s[0])
         sp, split_collect, split = splits[(len(splits) - 1) // 2]
         del splits
@@ -442,12 +443,14 @@ def figure_split_time(quick):
         nodes = split.graph.number_of_nodes()
         rows.append({"name": name, "nodes": nodes, "trace": tr, "step": st, "split": sp,
                      "phases": phases, "first_call": first_call,
-                     "split_collect": split_collect, "step_collect": step_collect})
+                     "split_collect": split_collect, "step_collect": step_collect,
+                     "ratios": ratios})
         tf_work = sum(phases.get(p, 0.0) for p in TF_PHASES)
         log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
             f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
             f"step's trace, {sp / nodes * 1e3:.2f} ms per node; TensorFlow's trace and "
-            f"gradients {tf_work:.2f} s, the compiler's phases {sp - tf_work:.2f} s)")
+            f"gradients {tf_work:.2f} s, the compiler's phases {sp - tf_work:.2f} s; round "
+            f"by round {', '.join(f'{x:.2f}' for x in ratios)})")
         del split
     return rows
 
@@ -465,9 +468,10 @@ schedules), `pieces` (their GraphDefs), `functions` (the stage's `tf.function`s,
 traced). The split's `profile` holds these (`Split.profile`). The first
 `value_and_gradients` call, which traces the composed program and compiles it with XLA,
 is not part of `split()`; it is shown for the smallest program only (minutes for the
-larger ones). Medians of 5 rounds (chain of 250 layers), 3 (ResNet50, chain of 1,000) and 1
-(the 100,000-node chain of 25,000 layers, about 5 minutes), each round the step's trace then
-the split, so the section stays under 8 minutes. Each side starts from a collected heap and
+larger ones). Medians of 5 rounds (chain of 250 layers), 7 (ResNet50, chain of 1,000: a
+single round's ratio moves by up to 0.1 on this shared machine) and 1 (the 100,000-node chain
+of 25,000 layers, about 5 minutes), each round the step's trace then the split; the section
+takes about 10 minutes. Each side starts from a collected heap and
 its time includes collecting its own garbage (`gc.collect()` after it, which walks every
 object of the process whichever side it follows: the step's is in parentheses): `split()`
 pauses Python's collector while it runs, and without this its garbage was collected inside
@@ -517,6 +521,10 @@ def split_time_markdown(rows, floor=()) -> list[str]:
         lines.append(f"| {r['name']} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s "
                      f"| {sp / tr:.2f} | {sp / st:.2f} | {st / nodes * 1e3:.3f} | "
                      f"{sp / nodes * 1e3:.3f} |")
+    rounds = [f"{r['name']} {', '.join(f'{x:.2f}' for x in r['ratios'])}" for r in rows
+              if len(r.get("ratios", ())) > 1]
+    if rounds:
+        lines += ["", "Split / step trace, round by round: " + "; ".join(rounds) + "."]
     phases: list[str] = []
     for r in rows:
         phases += [p for p in r["phases"] if p not in phases]

@@ -95,13 +95,14 @@ def test_section_4_tables_show_each_phase_of_each_split_and_the_compilers_share(
     assert abs(sum(phases.values()) - split.profile.total) < 1e-9
     row = {"name": name, "nodes": split.graph.number_of_nodes(), "trace": 1.0, "step": 2.0,
            "split": split.profile.total + 0.35, "phases": phases, "first_call": None,
-           "split_collect": 0.25, "step_collect": 0.5}
+           "split_collect": 0.25, "step_collect": 0.5, "ratios": [1.25, 1.0]}
     text = "\n".join(bench.split_time_markdown([row]))
     assert f"| {name} | {row['nodes']} | 1.00 s | 2.00 s |" in text
     assert "| stages: gradients | " in text and "| **the compiler's" in text
     # the collection on resuming is what is left of the split; gc.collect() beside the step's
     assert "resumes its collector (outside `Split.profile`) | 0.10 s (" in text
     assert "| 0.25 s (" in text and "(0.50 s) |" in text
+    assert f"round by round: {name} 1.25, 1.00." in text
 
 
 def _separate_programs():
