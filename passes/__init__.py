@@ -33,7 +33,9 @@ Each pass module's docstring says what holds after it ("Guarantees afterwards:")
 strongest property that is cheap to test, as the docstring says). A pass may assume the
 guarantees of every pass before it and must keep them: after each pass the pass manager
 checks the IR's invariants and the guarantees of every pass that has run, and names the
-pass that broke one. So a pass of one's own that adds ops after ``analysis`` must give them
+pass that broke one (after a pass of this package that declares ``preserves_edges``, the
+invariants only a change of nodes or edges can break are not tested again; a caller's pass
+always gets them all). So a pass of one's own that adds ops after ``analysis`` must give them
 dtypes before it returns (calling ``refresh_shapes(program)`` at its end does: it looks only
 at nodes without), and nothing after ``partition`` may leave a live op without a stage.
 

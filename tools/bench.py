@@ -1678,9 +1678,17 @@ def merge_report(previous: str, new: str, command: str) -> str:
     _, fresh = report_sections(new)
     note = (f"Section {', '.join(fresh)} made again by `{command}` on "
             f"{time.strftime('%Y-%m-%d')}.")
-    lines = [ln for ln in head.rstrip("\n").split("\n")
-             if not (ln.startswith("Section ") and "made again by" in ln)]
-    head = "\n".join(lines[:3] + [note] + lines[3:]) + "\n\n"
+    lines, notes = [], []
+    for ln in head.rstrip("\n").split("\n"):
+        said = re.match(r"Section (.+?) made again by (.*)$", ln)
+        if not said:
+            lines.append(ln)
+            continue
+        # an earlier run's note keeps the sections this run did not make again
+        kept = [k for k in said.group(1).split(", ") if k not in fresh]
+        if kept:
+            notes.append(f"Section {', '.join(kept)} made again by {said.group(2)}")
+    head = "\n".join(lines[:3] + notes + [note] + lines[3:]) + "\n\n"
     merged = {**old, **fresh}
     return head + "\n\n".join(part.strip("\n") for part in merged.values()) + "\n"
 

@@ -54,6 +54,14 @@ def test_a_run_of_some_figures_replaces_only_their_sections():
     assert "Made by `python tools/bench.py` on 2026-01-01." in merged
     assert "Section 5 made again by `python tools/bench.py --only 5`" in merged
     assert bench.merge_report(merged, new, "python tools/bench.py --only 5") == merged
+    # a later run of other sections keeps the note of the sections it did not make again
+    newer = "# Benchmarks\n\nMade by `x` on 2026-02-03.\n\n## 6. Cluster\n\nnew cluster\n"
+    again = bench.merge_report(merged, newer, "python tools/bench.py --only 6")
+    assert "Section 5 made again by `python tools/bench.py --only 5`" in again
+    assert "Section 6 made again by `python tools/bench.py --only 6`" in again
+    both = "# Benchmarks\n\nMade by `x` on 2026-02-04.\n\n## 5. Cut size\n\nnewest\n"
+    last = bench.merge_report(again, both, "python tools/bench.py --only 5 6")
+    assert last.count("Section 5 made again") == 1 and "--only 5`" not in last
 
 
 def test_each_schedules_simulated_idle_share_is_its_papers_formula():
