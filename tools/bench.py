@@ -294,6 +294,22 @@ def _speed_of(build, repeats):
     return name, len(split.stages), times, profile
 
 
+def profile_table(steps: dict, sides: list, labels: list[str], digits: int) -> list[str]:
+    """The markdown rows of a profiler table (sections 1-2 and 11): one column per side of
+    ``steps`` (``trace_steps``' medians), its header and the rows step, XLA, runtime, host
+    and programs called."""
+    lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(sides)]
+    for key, row in (("step", "step"),
+                     ("xla", "XLA executables (`ExecuteAsyncOnStream`)"),
+                     ("runtime", "TensorFlow's call around them (`runtime`)"),
+                     ("host", "host Python between calls (`host`)")):
+        lines.append(f"| {row} | " + " | ".join(
+            f"{steps[s][key] * 1e3:.{digits}f} ms" for s in sides) + " |")
+    lines.append("| programs called | " + " | ".join(
+        str(steps[s]["calls"]) for s in sides) + " |")
+    return lines
+
+
 def profile_stages(sides: dict, repeats: int) -> dict:
     """Section 11's ``trace_steps`` of ``sides`` in this process: per side, medians of
     ``step``, ``xla`` (XLA's executables), ``runtime`` (TensorFlow's call around them),
@@ -757,16 +773,7 @@ def speed_markdown(speed) -> list[str]:
             lines += ["", "Where a step's time goes, the same sides in the same process "
                       "(TensorFlow's profiler, as in section 11; medians over the profiled "
                       "steps):", "",
-                      "| | " + " | ".join(label[s] for s in sides) + " |",
-                      "|---|" + "---:|" * len(sides)]
-            for key, row in (("step", "step"),
-                             ("xla", "XLA executables (`ExecuteAsyncOnStream`)"),
-                             ("runtime", "TensorFlow's call around them (`runtime`)"),
-                             ("host", "host Python between calls (`host`)")):
-                lines.append(f"| {row} | " + " | ".join(
-                    f"{profile[s][key] * 1e3:.3f} ms" for s in sides) + " |")
-            lines.append("| programs called | " + " | ".join(
-                str(profile[s]["calls"]) for s in sides) + " |")
+                      *profile_table(profile, sides, [label[s] for s in sides], 3)]
             if "run_stages" in profile and "plain" in profile:
                 ours, theirs = profile["run_stages"], profile["plain"]
                 per = {key: (ours[key] / max(ours["calls"], 1)
@@ -1538,16 +1545,7 @@ def separate_programs_markdown(got: dict) -> str:
         sides = list(steps)
         table += ["", "Where a step's time goes (TensorFlow's profiler, medians over the "
                   "profiled steps, in a process of its own):\n",
-                  "| | " + " | ".join(map(_side_label, sides)) + " |",
-                  "|---|" + "---:|" * len(sides)]
-        for key, label in (("step", "step"),
-                           ("xla", "XLA executables (`ExecuteAsyncOnStream`)"),
-                           ("runtime", "TensorFlow's call around them (`runtime`)"),
-                           ("host", "host Python between calls (`host`)")):
-            table.append(f"| {label} | " + " | ".join(
-                f"{steps[s][key] * 1e3:.2f} ms" for s in sides) + " |")
-        table.append("| programs called | " + " | ".join(
-            str(steps[s]["calls"]) for s in sides) + " |")
+                  *profile_table(steps, sides, list(map(_side_label, sides)), 2)]
     hlo = got.get("profile", {}).get("hlo", {})
     if hlo:
         table += ["", "XLA's optimized HLO (entry computations, summed over a side's "
