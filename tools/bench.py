@@ -65,8 +65,10 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+def interleaved(fns: dict, repeats: int, warmup: int = 2, samples: dict | None = None
+                ) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin; every
+    round's times go to ``samples`` (one list per function) when given."""
     for fn in fns.values():
         for _ in range(warmup):
             _block(fn())
@@ -76,6 +78,8 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
             t = time.perf_counter()
             _block(fn())
             times[k].append(time.perf_counter() - t)
+    if samples is not None:
+        samples.update(times)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -245,10 +249,11 @@ def _check_against_tape(label, got, order, want, variables, tolerance):
 
 
 def _speed_of(build, repeats):
-    """``(name, stages, times, profile)``: the sides' median step times, and for a model
-    with section 11's plain stages (the MLP) TensorFlow's profiler breakdown of the
+    """``(name, stages, times, profile, paired)``: the sides' median step times, and for a
+    model with section 11's plain stages (the MLP) TensorFlow's profiler breakdown of the
     monolithic step, ``run_stages`` and the plain stages in this process (``{}``
-    otherwise)."""
+    otherwise) and ``run_stages`` over the plain stages as the median of the rounds' own
+    ratios with their quartiles (``None`` otherwise)."""
     name, loss, sig, cuts, args = build(np.random.default_rng(0))
     log(f"[1,2] {name}: split at {len(cuts)} cuts ...")
     split = gsc.split(loss, sig, cuts)
@@ -274,7 +279,15 @@ def _speed_of(build, repeats):
         _check_against_tape("section 11's plain stages", plain(), order, want,
                             split.variables, 1e-5)
         sides["plain"] = plain
-    times = interleaved(sides, repeats)
+    # run_stages against the plain stages: the median of each round's own ratio (both
+    # sides called within milliseconds of each other), over ten times the rounds
+    samples: dict = {}
+    times = interleaved(sides, repeats * 10 if "plain" in sides else repeats,
+                        samples=samples)
+    paired = None
+    if "plain" in sides:
+        paired = median_and_quartiles([a / b for a, b in zip(samples["stages"],
+                                                              samples["plain"])])
     profile = {}
     if "plain" in sides:
         profile = profile_stages({"mono": sides["mono"], "run_stages": sides["stages"],
@@ -285,13 +298,14 @@ def _speed_of(build, repeats):
         f"{times['composed'] / times['mono']:.3f}x, by stage "
         f"{times['stages'] / times['mono']:.3f}x"
         + (f", by hand {times['hand'] / times['mono']:.3f}x" if "hand" in times else "")
-        + (f", plain stages {times['plain'] / times['mono']:.3f}x (run_stages / plain "
-           f"{times['stages'] / times['plain']:.3f})" if "plain" in times else ""))
+        + (f", plain stages {times['plain'] / times['mono']:.3f}x (run_stages / plain: "
+           f"median of rounds {paired[0]:.3f}, quartiles {paired[1]:.2f}-{paired[2]:.2f})"
+           if paired else ""))
     for side, row in profile.items():
         log(f"      profile {side}: " + ", ".join(
             f"{k} {v * 1e3:.3f} ms" if k != "calls" else f"{v} calls"
             for k, v in row.items()))
-    return name, len(split.stages), times, profile
+    return name, len(split.stages), times, profile, paired
 
 
 def profile_table(steps: dict, sides: list, labels: list[str], digits: int) -> list[str]:
@@ -402,27 +416,35 @@ TF_PHASES = ("trace", "stages: gradients")
 
 
 def figure_split_time(quick):
-    """One row per program: the medians of ``repeats`` interleaved rounds of TF's trace of
-    the training step and ``split``, ``split.profile`` of the median split (stages summed;
-    its ``trace`` phase is TF's trace of ``fn``, the table's TF trace), and for the smallest
-    program the first ``value_and_gradients`` call (trace of the composed program and XLA's
-    compile). Rounds: the 100,000-node chain one (about 5 minutes on 2 cores), the others
-    five or seven; each row keeps every round's ratio. Each timed side starts from a
-    collected heap and includes collecting its own garbage (``gc.collect()``)."""
+    """One row per program: TF's trace of the training step and ``split``, timed in rounds,
+    ``split.profile`` of the median split (stages summed; its ``trace`` phase is TF's trace
+    of ``fn``, the table's TF trace), and for the smallest program the first
+    ``value_and_gradients`` call (trace of the composed program and XLA's compile).
+
+    A round times both sides back to back, the step's trace first in even rounds and the
+    split first in odd ones; an untimed round comes first (TensorFlow's one-time work in a
+    process: op registrations, gradient lookups, Keras imports). The row's ratio is the
+    median of the rounds' ratios (each round's two sides ran within seconds of each other,
+    whatever the host's speed did between rounds), with their quartiles; the times are each
+    side's median. Rounds: the 100,000-node chain one (about 5 minutes on 2 cores), the
+    others 9 to 15. Each timed side starts from a collected heap and includes collecting its
+    own garbage (``gc.collect()``)."""
     rows = []
     rng = np.random.default_rng(0)
-    cases = [(chain(250, rng), 3 if quick else 5, True),
-             (chain(1000, rng), 1 if quick else 7, False)]
+    cases = [(chain(250, rng), 3 if quick else 9, True),
+             (chain(1000, rng), 1 if quick else 11, False)]
     if not quick:
         name, loss, sig, cuts, args = resnet50(rng)
-        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 7, False))
+        cases.insert(0, ((name, loss.python_function, sig, cuts, args), 15, False))
         cases.append((chain(25000, rng), 1, False))
     for (name, body, sig, cuts, args), repeats, first_call_too in cases:
         steps, splits = [], []
-        for _ in range(repeats):
-            def step(*a, body=body):
+        warm = repeats > 1  # an untimed first round, but not for the 5-minute program
+
+        def time_step(body=body, sig=sig):
+            def step(*inputs):
                 with tf.GradientTape() as tape:
-                    value = body(*a)
+                    value = body(*inputs)
                 return tape.gradient(value, tape.watched_variables())
 
             # Each side starts from a collected heap and pays for collecting its own
@@ -434,16 +456,29 @@ def figure_split_time(quick):
             t1 = time.perf_counter()
             gc.collect()
             t2 = time.perf_counter()
-            steps.append((t2 - t, t2 - t1))
             del concrete
+            return t2 - t, t2 - t1
+
+        def time_split(body=body, sig=sig, cuts=cuts):
             gc.collect()
             t = time.perf_counter()
             split = gsc.split(tf.function(body), sig, cuts)
             t1 = time.perf_counter()
             gc.collect()
             t2 = time.perf_counter()
-            splits.append((t2 - t, t2 - t1, split))
-            del split
+            return t2 - t, t2 - t1, split
+
+        for r in range(repeats + warm):
+            if r % 2 == 0:
+                step_time = time_step()
+                split_time = time_split()
+            else:
+                split_time = time_split()
+                step_time = time_step()
+            if r or not warm:
+                steps.append(step_time)
+                splits.append(split_time)
+            del split_time
         ratios = [b[0] / a[0] for a, b in zip(steps, splits)]  # round by round
         splits.sort(key=lambda s: s[0])
         sp, split_collect, split = splits[(len(splits) - 1) // 2]
@@ -457,18 +492,27 @@ def figure_split_time(quick):
             _block(split.value_and_gradients(*args))
             first_call = time.perf_counter() - t
         nodes = split.graph.number_of_nodes()
+        ratio, low, high = median_and_quartiles(ratios)
         rows.append({"name": name, "nodes": nodes, "trace": tr, "step": st, "split": sp,
                      "phases": phases, "first_call": first_call,
                      "split_collect": split_collect, "step_collect": step_collect,
                      "ratios": ratios})
         tf_work = sum(phases.get(p, 0.0) for p in TF_PHASES)
         log(f"[4] {name}: {nodes} nodes, trace {tr:.2f} s, trace of the training step "
-            f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {sp / st:.2f}x the "
-            f"step's trace, {sp / nodes * 1e3:.2f} ms per node; TensorFlow's trace and "
+            f"{st:.2f} s, split {sp:.2f} s ({sp / tr:.2f}x the trace, {ratio:.3f}x the "
+            f"step's trace (median of rounds, quartiles {low:.2f}-{high:.2f}), "
+            f"{sp / nodes * 1e3:.2f} ms per node; TensorFlow's trace and "
             f"gradients {tf_work:.2f} s, the compiler's phases {sp - tf_work:.2f} s; round "
             f"by round {', '.join(f'{x:.2f}' for x in ratios)})")
         del split
     return rows
+
+
+def median_and_quartiles(values) -> tuple[float, float, float]:
+    """The median of ``values`` and their first and third quartiles (numpy's linear
+    interpolation)."""
+    low, median, high = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(median), float(low), float(high)
 
 
 SPLIT_TIME_NOTE = """\
@@ -484,10 +528,14 @@ schedules), `pieces` (their GraphDefs), `functions` (the stage's `tf.function`s,
 traced). The split's `profile` holds these (`Split.profile`). The first
 `value_and_gradients` call, which traces the composed program and compiles it with XLA,
 is not part of `split()`; it is shown for the smallest program only (minutes for the
-larger ones). Medians of 5 rounds (chain of 250 layers), 7 (ResNet50, chain of 1,000: a
-single round's ratio moves by up to 0.1 on this shared machine) and 1 (the 100,000-node chain
-of 25,000 layers, about 5 minutes), each round the step's trace then the split; the section
-takes about 10 minutes. Each side starts from a collected heap and
+larger ones). Each round times the step's trace and the split back to back (the step's
+first in even rounds, the split's first in odd ones), after an untimed round. The ratio is
+the median of the rounds' own ratios, with their quartiles: the host's speed moves by up to a
+third between rounds on this shared machine (the same step's trace took 4.1 to 5.9 s in one
+process), and within a round both sides see about the same host. The times are each side's
+median. Rounds: 15 (ResNet50), 11 (chain of 1,000), 9 (chain of 250) and 1 (the
+100,000-node chain of 25,000 layers, about 5 minutes); the section takes about 15 minutes.
+Each side starts from a collected heap and
 its time includes collecting its own garbage (`gc.collect()` after it, which walks every
 object of the process whichever side it follows: the step's is in parentheses): `split()`
 pauses Python's collector while it runs, and without this its garbage was collected inside
@@ -530,12 +578,18 @@ def split_time_markdown(rows, floor=()) -> list[str]:
     and importing in plain TensorFlow."""
     lines = ["## 4. `split()` time", "",
              "| program | nodes | TF trace | TF trace of the training step | split | "
-             "split / trace | split / step trace | ms per node, step trace | ms per node, "
-             "split |", "|---|---|---|---|---|---|---|---|---|"]
+             "split / trace | split / step trace (median of the rounds' ratios; quartiles) | "
+             "ms per node, step trace | ms per node, split |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr, st, sp, nodes = r["trace"], r["step"], r["split"], r["nodes"]
+        if len(r.get("ratios", ())) > 1:
+            ratio, low, high = median_and_quartiles(r["ratios"])
+            paired = f"**{ratio:.3f}** ({low:.2f}-{high:.2f})"
+        else:
+            paired = f"{sp / st:.3f} (1 round)"
         lines.append(f"| {r['name']} | {nodes} | {tr:.2f} s | {st:.2f} s | {sp:.2f} s "
-                     f"| {sp / tr:.2f} | {sp / st:.2f} | {st / nodes * 1e3:.3f} | "
+                     f"| {sp / tr:.2f} | {paired} | {st / nodes * 1e3:.3f} | "
                      f"{sp / nodes * 1e3:.3f} |")
     rounds = [f"{r['name']} {', '.join(f'{x:.2f}' for x in r['ratios'])}" for r in rows
               if len(r.get("ratios", ())) > 1]
@@ -754,18 +808,21 @@ def speed_markdown(speed) -> list[str]:
              "the same stages written by hand | the same stages in plain TensorFlow "
              "(section 11's program) |",
              "|---|---|---|---|---|---|---|"]
-    for name, k, t, _ in speed:
+    for name, k, t, *_ in speed:
         hand = f"{t['hand'] / t['mono']:.3f}" if "hand" in t else "-"
         plain = f"{t['plain'] / t['mono']:.3f}" if "plain" in t else "-"
         lines.append(f"| {name} | {k} | {t['mono'] * 1e3:.2f} ms | "
                      f"{t['composed'] / t['mono']:.3f} | {t['stages'] / t['mono']:.3f} | "
                      f"{hand} | {plain} |")
-    for name, k, t, profile in speed:
-        if "plain" not in t:
+    for name, k, t, profile, paired in speed:
+        if not paired:
             continue
+        ratio, low, high = paired
         lines += ["", f"In this run, on the {name} ({k} stages), `run_stages` took "
-                  f"**{t['stages'] / t['plain']:.3f}x** the same stages in plain TensorFlow "
-                  "(both timed in the same interleaved loop)."]
+                  f"**{ratio:.3f}x** the same stages in plain TensorFlow: the median of the "
+                  "ratios of the two sides' calls in each round of the interleaved loop "
+                  f"(quartiles {low:.3f}-{high:.3f}; their medians' ratio "
+                  f"{t['stages'] / t['plain']:.3f})."]
         if profile:
             sides = [s for s in ("mono", "run_stages", "plain") if s in profile]
             label = {"mono": "monolithic", "run_stages": "`run_stages`",

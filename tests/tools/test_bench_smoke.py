@@ -26,7 +26,7 @@ def test_the_benchmark_measures_and_writes_its_report(tmp_path):
     out = tmp_path / "BENCH.md"
     bench.write_report(out, "smoke", speed, [], [], cuts)
     text = out.read_text()
-    (name, stages, times, profile), = speed
+    (name, stages, times, profile, paired), = speed
     assert stages == 2 and all(t > 0 for t in times.values())
     # section 11's plain stages, checked against the tape, timed in the same loop
     assert set(times) == {"mono", "composed", "stages", "hand", "plain"}
@@ -34,7 +34,11 @@ def test_the_benchmark_measures_and_writes_its_report(tmp_path):
         "mono": 1, "run_stages": 4, "plain": 4}
     assert all(row["xla"] > 0 and row["step"] >= row["xla"] for row in profile.values())
     assert "the same stages in plain TensorFlow (section 11's program) |" in text
-    assert f"`run_stages` took **{times['stages'] / times['plain']:.3f}x**" in text
+    # run_stages over the plain stages: the median of each round's ratio, with quartiles
+    ratio, low, high = paired
+    assert low <= ratio <= high
+    assert f"`run_stages` took **{ratio:.3f}x**" in text
+    assert f"(quartiles {low:.3f}-{high:.3f}; their medians' ratio " in text
     assert "| programs called | 1 | 4 | 4 |" in text
     assert set(cuts[0][1]) == {"mono", "ours", "jacobian", "per_scalar"}
     assert np.isclose(cuts[0][1]["mono"], 1.0)
@@ -111,6 +115,11 @@ def test_section_4_tables_show_each_phase_of_each_split_and_the_compilers_share(
     assert "resumes its collector (outside `Split.profile`) | 0.10 s (" in text
     assert "| 0.25 s (" in text and "(0.50 s) |" in text
     assert f"round by round: {name} 1.25, 1.00." in text
+    # the ratio is the median of the rounds' own ratios, with their quartiles
+    assert "| **1.125** (1.06-1.19) |" in text
+    one_round = dict(row, ratios=[1.25])
+    one_text = "\n".join(bench.split_time_markdown([one_round]))
+    assert f"| {row['split'] / 2.0:.3f} (1 round) |" in one_text
 
 
 def _separate_programs():
