@@ -744,9 +744,11 @@ STAGES_NOTE = """\
 times section 11's program (`tools/xla_separate_programs.py`, plain TensorFlow, nothing of this
 package): the same stages as jit-compiled forward and backward programs, called through their
 concrete functions on flat tensors, on this model's weights and data and checked against the
-tape, in the same interleaved loop as `run_stages`, so the sentence under the table gives
-`run_stages` over the plain stages of one run (each moves by about 0.15 over one program
-between quiet runs, both the same way). Every side is blocked on the loss and the variables'
+tape, in the same interleaved loop as `run_stages` (ten times the rounds of the other
+models), so the sentence under the table gives `run_stages` over the plain stages of one run
+as the median of the rounds' own ratios, each round calling both within milliseconds of each
+other (each side moves by about 0.15 over one program between quiet runs, both the same way,
+and a single call by up to 2x). Every side is blocked on the loss and the variables'
 gradients only (`run_stages` also returns the arguments' cotangents, computed but not copied
 to the host; an eager XLA call on the CPU returns when its program has run). The profile table
 (TensorFlow's profiler, section 11's `trace_steps` in this process) splits a step into XLA's
