@@ -451,13 +451,16 @@ class Split:
 
     def _unit_cotangent(self, outputs: list) -> list:
         """``[ones_like(outputs[0])]``, the cotangent of a scalar program's gradient, made
-        once per shape and dtype instead of by an eager op per call (in a trace, as an op)."""
+        once per shape, dtype and device (on the value's device) instead of by an eager op
+        per call (in a trace, as an op)."""
         if not tf.executing_eagerly():
             return [tf.ones_like(outputs[0])]
         made = self.__dict__.setdefault("_unit_cotangents", {})
-        key = (outputs[0].dtype, tuple(outputs[0].shape))
+        value = outputs[0]
+        key = (value.dtype, tuple(value.shape), value.device)
         if key not in made:
-            made[key] = tf.ones_like(outputs[0])
+            with tf.device(value.device):
+                made[key] = tf.ones_like(value)
         return [made[key]]
 
     def _variable_zeros(self) -> list:

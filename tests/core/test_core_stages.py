@@ -434,6 +434,25 @@ def test_run_stages_gives_the_tape_gradient_of_the_original_function(jit_compile
         assert_matches(outputs, grads, reference, TOL, f"step {step}")
 
 
+def test_run_stages_makes_the_unit_cotangent_on_the_values_device():
+    """The unit cotangent of a scalar program, made once and kept, is kept per device: run
+    under one device and then another, each run's seed cotangent is on that run's device
+    (not copied from the first's), and both runs give the tape's gradient."""
+    case = skip_net("mean", replicated=True, batch=6, seed=5)
+    split = gsc.split(case.fn, case.input_signature, case.cuts)
+    args = case.args(np.random.default_rng(7))
+    reference = tape_value_and_gradients(case.fn, split.variables, args)
+    for device in ("/CPU:0", "/CPU:1"):
+        with tf.device(device):
+            outputs, _, grads = split.run_stages(args, jit_compile=False)
+        assert_matches(outputs, grads, reference, TOL, device)
+    made = split._unit_cotangents
+    assert sorted(key[2].rsplit("/", 1)[-1] for key in made) == ["device:CPU:0",
+                                                                  "device:CPU:1"]
+    for (_, _, device), unit in made.items():
+        assert unit.device == device and float(unit) == 1.0
+
+
 # -- names line up -----------------------------------------------------------------------------
 
 
