@@ -165,8 +165,9 @@ class _StarterEvents:
     task serves, ``exit`` (with its code) once it has exited (the starter reaps its tasks),
     and ``closed`` once the starter itself is gone."""
 
-    def __init__(self, cond: threading.Condition):
+    def __init__(self, cond: threading.Condition, tasks: int):
         self._cond = cond
+        self.tasks = tasks
         self.pids: dict[int, int] = {}
         self.exits: dict[int, int] = {}
         self.closed = False
@@ -231,7 +232,7 @@ class _Starter:
         """Ask for every task of ``spec``; the cluster's number and its events."""
         with self._cond:
             number, self._next = self._next, self._next + 1
-            events = self._clusters[number] = _StarterEvents(self._cond)
+            events = self._clusters[number] = _StarterEvents(self._cond, len(spec[JOB]))
             if self.process.poll() is not None:
                 events.closed = True
                 return number, events
@@ -261,6 +262,9 @@ class _Starter:
                     events.pids[int(task)] = int(value)
                 elif events is not None and kind == "exit":
                     events.exits[int(task)] = int(value)
+                    if len(events.exits) == events.tasks:
+                        # every task of that cluster is gone: nothing more will come for it
+                        del self._clusters[int(number)]
                 self._cond.notify_all()
         with self._cond:
             for events in self._clusters.values():

@@ -87,6 +87,15 @@ def test_local_cluster_starts_names_and_stops():
         assert not cluster.running() and cluster.processes[0].poll() is None
     assert not cluster.running()
     assert _wait_gone(pids, 1) == []
+    # once every task has exited, the starter keeps nothing of the cluster; its processes
+    # still report how they ended
+    starter = cluster._starter
+    deadline = time.monotonic() + 30
+    while cluster._number in starter._clusters and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster._number not in starter._clusters
+    assert cluster.processes[1].poll() == -signal.SIGTERM
+    assert cluster.processes[0].poll() is not None
     cluster.stop()  # twice is fine
     with LocalCluster(1) as again:  # forked by the same starter: no TensorFlow import again
         assert again.running() and {_parent(again.processes[0].pid)} == parents
