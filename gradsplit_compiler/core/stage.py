@@ -618,6 +618,14 @@ class Stage:
             f"{[tuple(r.shape) for r in residuals]}. Run its forward first."
         )
 
+    @property
+    def compiles_per_shape(self) -> bool:
+        """Whether XLA compiles this stage per input shape, from its forward's trace: it
+        holds a ``tf.cond`` whose gradient reads branch intermediates and an input has a
+        ``None`` dimension. Under XLA such a stage's backward can neither be split into B
+        and W nor run the forward again (remat)."""
+        return self._static_shapes_needed
+
     @functools.cached_property
     def _static_shapes_needed(self) -> bool:
         return self._needs_static_shapes()

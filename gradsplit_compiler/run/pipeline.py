@@ -276,7 +276,7 @@ class Pipeline:
         self._schedule_name = schedule.lower() if isinstance(schedule, str) else None
         if isinstance(schedule, str) and self._schedule_name not in BUILTIN_SCHEDULES:
             builtin_schedule(schedule, 1, 1)  # an unknown name, before anything else
-        self.remat = _remat_flags(remat, split)
+        self.remat = _remat_flags(remat, split, self.jit_compile)
         if shares_state_with is not None:
             _check_shared_state(shares_state_with, optimizer)
             if devices is None:
@@ -914,12 +914,15 @@ def _durations_for(durations: Any, measured_split: bool, target_split: bool) -> 
     return adjusted
 
 
-def _remat_flags(remat: Any, split: Split) -> list[bool]:
-    """``remat=`` as one bool per stage; refuses a stage whose forward cannot run twice.
-    ``None``: the plan's choice (``split.plan.remat``), or no remat."""
+def _remat_flags(remat: Any, split: Split, jit_compile: bool = True) -> list[bool]:
+    """``remat=`` as one bool per stage; refuses a stage whose forward cannot run twice
+    (or, under XLA, cannot run again inside its backward's program). ``None``: the plan's
+    choice (``split.plan.remat``), or no remat."""
     k = len(split.stages)
+    from_plan = False
     if remat is None:
         planned = getattr(split.plan, "remat", None)
+        from_plan = bool(planned) and len(planned) == k and any(planned)
         remat = list(planned) if planned and len(planned) == k else False
     if isinstance(remat, bool):
         flags = [remat] * k
@@ -959,6 +962,24 @@ def _remat_flags(remat: Any, split: Split) -> list[bool]:
                 "run its forward again, repeating that. Leave this stage out of remat= "
                 "(give the indices of the others), or cut so that it sits in a stage of "
                 "its own.")
+    per_shape = [stage.index for stage, flag in zip(split.stages, flags)
+                 if flag and jit_compile and stage.compiles_per_shape]
+    if per_shape:
+        k_bad = per_shape[0]
+        why = (f"stage {k_bad} holds a tf.cond whose gradient reads branch intermediates, which "
+               "XLA compiles per input shape from the forward's trace; its backward cannot run "
+               "the forward again (remat).")
+        if from_plan:
+            others = [i for i, flag in enumerate(flags) if flag and i not in per_shape]
+            raise GradSplitError(
+                f"remat for stage {k_bad} is the plan's choice (auto_split's memory_limit), "
+                f"but {why} Give split's input_signature a fixed batch size, pass "
+                f"remat={others} (the plan's other stages) and more memory, plan with a "
+                "larger memory_limit, or use jit_compile=False.")
+        raise GradSplitError(
+            f"remat for stage {k_bad}: {why} Leave this stage out of remat= (give the "
+            "indices of the others), give split's input_signature a fixed batch size, or "
+            "use jit_compile=False.")
     return flags
 
 

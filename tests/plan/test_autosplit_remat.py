@@ -174,6 +174,49 @@ def test_a_stage_that_draws_random_numbers_is_never_rematerialised():
         chain.auto_split(14_000)  # the stage drawing them would need remat
 
 
+def test_a_planned_remat_of_a_stage_xla_compiles_per_shape_is_refused_under_xla_and_runs_without(
+        ):
+    """A tf.cond in the first wide block (its gradient reads branch intermediates): the plan
+    rematerialises that stage, which XLA compiles per input shape, so its backward cannot run
+    the forward again inside one XLA program. The pipeline says so when it is made, naming the
+    plan as the reason and what would work; without XLA the same plan runs and equals the
+    tape."""
+    rng = np.random.default_rng(5)
+    Ws = [tf.Variable(normal(rng, (a, b), tf.float64, 0.4), name=f"W{i}")
+          for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:]))]
+
+    def loss(x, flag):
+        h = x
+        for i, W in enumerate(Ws):
+            h = tf.tanh(h @ W)
+            if i == 1:
+                h = tf.cond(flag, lambda h=h: tf.tanh(h), lambda h=h: tf.sin(h) * h)
+        return tf.reduce_mean(tf.reduce_sum(h ** 2, axis=1))
+
+    split = gsc.auto_split(loss, [tf.TensorSpec([None, WIDTHS[0]], tf.float64),
+                                  tf.TensorSpec([], tf.bool)], K, batch_size=MICRO,
+                           microbatches=M, memory_limit=16_000)
+    assert split.plan.remat == [True, False, False]
+    assert [stage.compiles_per_shape for stage in split.stages] == [True, False, False]
+    with pytest.raises(GradSplitError, match=r"remat for stage 0 is the plan's choice "
+                                             r"\(auto_split's memory_limit\), but stage 0 holds "
+                                             r"a tf\.cond whose gradient reads branch "
+                                             r"intermediates.* Give split's input_signature a "
+                                             r"fixed batch size, pass remat=\[\] \(the plan's "
+                                             r"other stages\) and more memory, plan with a "
+                                             r"larger memory_limit, or use jit_compile=False"):
+        gsc.pipeline(split, M, "1f1b", cpu_devices(K), loss_reduction="mean")
+    pipe = gsc.pipeline(split, M, "1f1b", cpu_devices(K), loss_reduction="mean",
+                        jit_compile=False)
+    assert pipe.remat == [True, False, False]
+    x = tf.constant(normal(rng, (M * MICRO, WIDTHS[0]), tf.float64))
+    for flag in (True, False):
+        args = [x, tf.constant(flag)]
+        value, grads = pipe.step(*args)
+        assert_matches(value, grads, tape_value_and_gradients(loss, split.variables, args),
+                       TOL, f"flag {flag}")
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_interval_min_matches_brute_force(seed):
     rng = np.random.default_rng(seed)

@@ -337,9 +337,13 @@ def test_a_stage_xla_compiles_per_shape_runs_neither_b_and_w_nor_remat():
                                              r"reads branch intermediates: XLA compiles it per "
                                              r"input shape"):
         gsc.pipeline(split, 1, "zb-h1", loss_reduction="mean")
-    with pytest.raises(GradSplitError, match=r"which XLA compiles per input shape from the "
+    with pytest.raises(GradSplitError, match=r"remat for stage 1: stage 1 holds a tf\.cond "
+                                             r".*which XLA compiles per input shape from the "
                                              r"forward's trace; its backward cannot run the "
-                                             r"forward again \(remat\)"):
+                                             r"forward again \(remat\)\. Leave this stage out "
+                                             r"of remat= \(give the indices of the others\), "
+                                             r"give split's input_signature a fixed batch "
+                                             r"size, or use jit_compile=False"):
         gsc.pipeline(split, 1, "1f1b", loss_reduction="mean", remat=[1])
     gsc.pipeline(split, 1, "zb-h1", loss_reduction="mean", jit_compile=False)
 
