@@ -114,14 +114,13 @@ class _GraphIndex:
         self.scopes = set()
         self.ops_in = defaultdict(list)        # scope -> ops under it (recursive)
         for op in self.ops:
-            parts = op.name.split("/")
-            for i in range(1, len(parts)):
-                s = "/".join(parts[:i])
-                parent = "/".join(parts[:i - 1])
-                if s not in self.scopes:
-                    self.scopes.add(s)
-                    self.children[parent].append(parts[i - 1])
-                self.ops_in[s].append(op)
+            scope = ""  # each enclosing scope of the op, outermost first
+            for part in op.name.split("/")[:-1]:
+                parent, scope = scope, f"{scope}/{part}" if scope else part
+                if scope not in self.scopes:
+                    self.scopes.add(scope)
+                    self.children[parent].append(part)
+                self.ops_in[scope].append(op)
 
     def release(self) -> None:
         """Drop what the index holds and unlink its ops and tensors (each refers to the
