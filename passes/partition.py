@@ -77,17 +77,21 @@ def partition(program: Program) -> Program:
             stage[node] = k
     main = ir.ancestors(g, {ir.parse_tensor_name(t)[0] for t in program.output_names},
                         data_only=True)
-    order = ir.topological_order(g)
-    if order is None:
-        order = list(nx.topological_sort(g))  # raises networkx's error naming the cycle
-    side_only = []
-    for node in order:
-        if node not in live or stage[node] is not None:
-            continue
-        if node in main:
-            stage[node] = num_stages - 1
-        else:
-            side_only.append(node)
+    side = set()
+    for node in live:
+        if stage[node] is None:
+            if node in main:
+                stage[node] = num_stages - 1
+            else:
+                side.add(node)
+    # Where a side-effect op goes depends on its own inputs' and users' stages only, so
+    # an order of these ops among themselves is enough (not one of the whole graph; and
+    # of a graph of their own: networkx's subgraph views cost more than the whole sort).
+    successors = ir.successor_edges(g)
+    among = nx.DiGraph()
+    among.add_nodes_from(side)
+    among.add_edges_from((u, v) for u in side for v in successors[u] if v in side)
+    side_only = list(nx.topological_sort(among))
     # An op that only feeds side effects runs as early as its placed inputs allow, so a
     # statistics update stays in the stage of the layer it belongs to ...
     floating = set()

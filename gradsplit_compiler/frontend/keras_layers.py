@@ -114,14 +114,24 @@ class _GraphIndex:
         self.scopes = set()
         self.ops_in = defaultdict(list)        # scope -> ops under it (recursive)
         for op in self.ops:
-            parts = op.name.split("/")
-            for i in range(1, len(parts)):
-                s = "/".join(parts[:i])
-                parent = "/".join(parts[:i - 1])
-                if s not in self.scopes:
-                    self.scopes.add(s)
-                    self.children[parent].append(parts[i - 1])
-                self.ops_in[s].append(op)
+            scope = ""  # each enclosing scope of the op, outermost first
+            for part in op.name.split("/")[:-1]:
+                parent, scope = scope, f"{scope}/{part}" if scope else part
+                if scope not in self.scopes:
+                    self.scopes.add(scope)
+                    self.children[parent].append(part)
+                self.ops_in[scope].append(op)
+
+    def release(self) -> None:
+        """Drop what the index holds and unlink its ops and tensors (each refers to the
+        other), so that they are freed now instead of being left to the cycle collector,
+        which ``gsc.split`` runs once at its end over everything the split made."""
+        for op in self.ops:
+            if isinstance(op, _Op):
+                op.inputs = op.outputs = ()
+        self.ops = []
+        for table in (self.order, self.children, self.scopes, self.ops_in):
+            table.clear()
 
     @staticmethod
     def inside(name, scope):
@@ -203,7 +213,16 @@ def keras_layer_calls(graph_def, model, root_scope=None):
     """Detailed version: list of dicts
     {layer, name, scope, parent, outputs, how} -- one per layer call. ``graph_def``: a
     GraphDef, the IR of one (``networkx.MultiDiGraph``) or an index of either."""
-    gi = graph_def if isinstance(graph_def, _GraphIndex) else _GraphIndex(graph_def)
+    if isinstance(graph_def, _GraphIndex):
+        return _layer_calls(graph_def, model, root_scope)
+    gi = _GraphIndex(graph_def)
+    try:
+        return _layer_calls(gi, model, root_scope)
+    finally:
+        gi.release()
+
+
+def _layer_calls(gi, model, root_scope):
     calls = []
     by_layer = defaultdict(list)
 
@@ -325,8 +344,11 @@ def layer_outputs(g, models: list) -> dict[str, list[str]]:
         return {}
     index = _GraphIndex(g)  # read from the IR: no import into TensorFlow
     found: dict[str, list[str]] = {}
-    for model in models:
-        for name, tensors in keras_layer_outputs(index, model).items():
-            found.setdefault(name, [])
-            found[name].extend(t for t in tensors if t not in found[name])
+    try:
+        for model in models:
+            for name, tensors in keras_layer_outputs(index, model).items():
+                found.setdefault(name, [])
+                found[name].extend(t for t in tensors if t not in found[name])
+    finally:
+        index.release()
     return found

@@ -111,7 +111,11 @@ def to_networkx(graph_def: graph_pb2.GraphDef, graph: tf.Graph | None = None, *,
             if src not in g:
                 inp = "^" + src if a["control"] else _input_string(src, a["src_output"])
                 raise ValueError(f"GraphDef node {dst!r} reads {inp!r}, which is not a node")
-    g.add_edges_from(edges)
+    # ``add_edge`` itself: ``add_edges_from`` calls it too, then copies each edge's
+    # attributes in again through a view (``g[u][v][key].update``).
+    add_edge = g.add_edge
+    for src, dst, key, a in edges:
+        add_edge(src, dst, key, **a)
     return g
 
 
