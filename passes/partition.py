@@ -77,13 +77,13 @@ def partition(program: Program) -> Program:
             stage[node] = k
     main = ir.ancestors(g, {ir.parse_tensor_name(t)[0] for t in program.output_names},
                         data_only=True)
-    side = set()
-    for node in live:
-        if stage[node] is None:
+    side = {}  # an ordered set, in the graph's order: the same order in every process
+    for node, placed in stage.items():
+        if placed is None and node in live:
             if node in main:
                 stage[node] = num_stages - 1
             else:
-                side.add(node)
+                side[node] = None
     # Where a side-effect op goes depends on its own inputs' and users' stages only, so
     # an order of these ops among themselves is enough (not one of the whole graph; and
     # of a graph of their own: networkx's subgraph views cost more than the whole sort).
