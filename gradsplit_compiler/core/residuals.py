@@ -194,26 +194,14 @@ def _recomputable(attrs: dict, data_in: dict, candidates: set[str],
 
 
 def _data_order(data_in: dict, nodes: set[str]) -> list[str]:
-    """``nodes`` ordered so that each comes after its data inputs among them (a depth-first
-    walk over ``data_in``, without a networkx subgraph view)."""
-    order: list[str] = []
-    done: set[str] = set()
-    for start in nodes:
-        if start in done:
-            continue
-        done.add(start)
-        stack = [(start, iter(data_in[start]))]
-        while stack:
-            node, preds = stack[-1]
-            for src, _ in preds:
-                if src in nodes and src not in done:
-                    done.add(src)
-                    stack.append((src, iter(data_in[src])))
-                    break
-            else:
-                stack.pop()
-                order.append(node)
-    return order
+    """``nodes`` ordered so that each comes after its data inputs among them: networkx's
+    topological sort of a ``DiGraph`` of their data edges alone (a subgraph view of the
+    stage's graph would carry its control edges and cost more)."""
+    among = nx.DiGraph()
+    among.add_nodes_from(nodes)
+    among.add_edges_from((src, node) for node in nodes for src, _ in data_in[node]
+                         if src in nodes)
+    return list(nx.topological_sort(among))
 
 
 def _shape_only_readers(h: nx.MultiDiGraph, attrs: dict, data_in: dict,
