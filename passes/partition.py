@@ -85,13 +85,10 @@ def partition(program: Program) -> Program:
             else:
                 side[node] = None
     # Where a side-effect op goes depends on its own inputs' and users' stages only, so
-    # an order of these ops among themselves is enough (not one of the whole graph; and
-    # of a graph of their own: networkx's subgraph views cost more than the whole sort).
+    # an order of these ops among themselves is enough, not one of the whole graph.
     successors = ir.successor_edges(g)
-    among = nx.DiGraph()
-    among.add_nodes_from(side)
-    among.add_edges_from((u, v) for u in side for v in successors[u] if v in side)
-    side_only = list(nx.topological_sort(among))
+    side_only = ir.order_among(side, ((u, v) for u in side for v in successors[u]
+                                      if v in side))
     # An op that only feeds side effects runs as early as its placed inputs allow, so a
     # statistics update stays in the stage of the layer it belongs to ...
     floating = set()

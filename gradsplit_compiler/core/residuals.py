@@ -194,14 +194,10 @@ def _recomputable(attrs: dict, data_in: dict, candidates: set[str],
 
 
 def _data_order(data_in: dict, nodes: set[str]) -> list[str]:
-    """``nodes`` ordered so that each comes after its data inputs among them: networkx's
-    topological sort of a ``DiGraph`` of their data edges alone (a subgraph view of the
-    stage's graph would carry its control edges and cost more)."""
-    among = nx.DiGraph()
-    among.add_nodes_from(nodes)
-    among.add_edges_from((src, node) for node in nodes for src, _ in data_in[node]
-                         if src in nodes)
-    return list(nx.topological_sort(among))
+    """``nodes`` ordered so that each comes after its data inputs among them (their data
+    edges alone: a subgraph of the stage's graph would carry its control edges)."""
+    return ir.order_among(nodes, ((src, node) for node in nodes for src, _ in data_in[node]
+                                  if src in nodes))
 
 
 def _shape_only_readers(h: nx.MultiDiGraph, attrs: dict, data_in: dict,

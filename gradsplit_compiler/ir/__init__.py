@@ -31,6 +31,7 @@ GRAPH_NAMES = (
     "inputs_from_edges",
     "node_attributes",
     "node_inputs",
+    "order_among",
     "predecessor_edges",
     "successor_edges",
     "to_networkx",

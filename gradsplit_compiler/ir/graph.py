@@ -269,12 +269,22 @@ def predecessor_edges(graph: nx.MultiDiGraph) -> dict[str, dict[str, dict]]:
 
 def topological_order(graph: nx.MultiDiGraph) -> list[str] | None:
     """The nodes, each after every node it depends on (``networkx.topological_sort``), or
-    ``None`` when ``graph`` has a cycle: one walk answers both the IR check's cycle test
-    and partition's order."""
+    ``None`` when ``graph`` has a cycle (the IR check's cycle test)."""
     try:
         return list(nx.topological_sort(graph))
     except nx.NetworkXUnfeasible:
         return None
+
+
+def order_among(nodes, edges) -> list[str]:
+    """``nodes``, each after those of them it depends on through ``edges`` (``(src, dst)``
+    pairs between them): ``networkx.topological_sort`` of a ``DiGraph`` of these alone, for
+    a few nodes of a large graph (a subgraph view of the whole graph costs more than
+    sorting it whole). Raises networkx's ``NetworkXUnfeasible`` on a cycle."""
+    among = nx.DiGraph()
+    among.add_nodes_from(nodes)
+    among.add_edges_from(edges)
+    return list(nx.topological_sort(among))
 
 
 # Ops whose bodies (tf.cond branches, tf.while_loop cond and body) are library functions.

@@ -1,5 +1,6 @@
 """The networkx IR: lossless both ways, parallel edges and control edges kept."""
 
+import networkx as nx
 import pytest
 import tensorflow as tf
 
@@ -80,6 +81,18 @@ def test_topological_order_puts_every_node_after_its_inputs_and_finds_cycles():
     mul = next(n for n in g if g.nodes[n]["op"] == "Mul")
     ir.add_control_edge(g, mul, "split")
     assert ir.topological_order(g) is None
+
+
+def test_order_among_orders_some_nodes_by_the_edges_between_them_and_finds_cycles():
+    g = gsc.to_networkx(_graph_def())
+    some = [n for n in g if g.nodes[n]["op"] != "Const"]
+    edges = [(u, v) for u, v in g.edges() if u in some and v in some]
+    order = ir.order_among(some, edges)
+    position = {n: i for i, n in enumerate(order)}
+    assert sorted(order) == sorted(some) and edges
+    assert all(position[u] < position[v] for u, v in edges)
+    with pytest.raises(nx.NetworkXUnfeasible):
+        ir.order_among(some, edges + [edges[-1][::-1]])
 
 
 def test_a_dangling_input_is_named():
